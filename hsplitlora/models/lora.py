@@ -1,0 +1,210 @@
+"""Attach LoRA (HF peft) with per-module ranks, and move adapter state as plain tensors.
+
+Adapters always cross a role boundary under the *unsplit* model's module names
+(``model.layers.3.self_attn.q_proj.lora_A.weight``), whatever segment holds them, so
+clients, servers, aggregators and the PEFT export agree on what each tensor is. A segment
+translates with its ``full_name``/``local_name``; a whole model uses names as they are.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import peft
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from hsplitlora.models.split import arch_spec
+
+__all__ = [
+    "LoraSettings",
+    "attach_lora",
+    "lora_parameters",
+    "lora_state",
+    "load_lora_state",
+    "save_peft_adapter",
+    "target_module_names",
+]
+
+_ADAPTER = "default"
+_LORA_KEY = re.compile(rf"^(?P<module>.+)\.(?P<part>lora_[AB])\.{_ADAPTER}\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Which matrices get LoRA and at what rank.
+
+    ``ranks`` overrides the default rank per module, keyed by the unsplit model's module
+    name; a rank of 0 means that module gets no adapter (HSplitLoRA plans use it).
+    """
+
+    r: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | None = None  # block-relative suffixes; None = the arch default
+    ranks: Mapping[str, int] = field(default_factory=dict)
+
+    def rank_of(self, module: str) -> int:
+        return int(self.ranks.get(module, self.r))
+
+
+def _identity(name: str) -> str:
+    return name
+
+
+def _namer(module: nn.Module) -> Callable[[str], str]:
+    return getattr(module, "full_name", _identity)
+
+
+def _blocks_prefix(module: nn.Module) -> str:
+    """Name prefix of the block list: ``model.layers.`` on a model, ``backbone.layers.``
+    on a segment."""
+    spec = module.spec if hasattr(module, "spec") else arch_spec(module.config)
+    root = "backbone" if hasattr(module, "full_name") else spec.backbone
+    return f"{root}.{spec.blocks}."
+
+
+def target_module_names(module: nn.Module, targets: tuple[str, ...] | None = None) -> list[str]:
+    """Local names of the block-level linear layers that ``targets`` selects.
+
+    ``targets`` are block-relative suffixes (``q_proj`` or ``attn.c_proj``); only modules
+    inside the block list qualify, so GPT-2's ``mlp.c_proj`` never catches the LM head.
+    """
+    spec = module.spec if hasattr(module, "spec") else arch_spec(module.config)
+    wanted = spec.default_targets if targets is None else targets
+    unknown = [t for t in wanted if not any(t == s or s.endswith("." + t) for s in spec.targets)]
+    if unknown:
+        raise ValueError(
+            f"unknown LoRA target(s) {unknown}: this architecture's targetable matrices are "
+            f"{list(spec.targets)}"
+        )
+    prefix = _blocks_prefix(module)
+    names = []
+    for name, _ in module.named_modules():
+        if name.startswith(prefix) and any(name.endswith("." + t) for t in wanted):
+            names.append(name)
+    return names
+
+
+def attach_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Inject LoRA into ``module`` in place and freeze everything else.
+
+    Works on a whole causal LM or on a :mod:`~hsplitlora.models.split` segment. Ranks may
+    differ per module (peft's ``rank_pattern``); the scale is ``alpha / r`` for each.
+    """
+    spec = module.spec if hasattr(module, "spec") else arch_spec(module.config)
+    full = _namer(module)
+    chosen = [n for n in target_module_names(module, settings.targets)
+              if settings.rank_of(full(n)) > 0]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if not chosen:
+        return module
+    config = peft.LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=chosen,
+        rank_pattern={
+            re.escape(n): settings.rank_of(full(n))
+            for n in chosen
+            if settings.rank_of(full(n)) != settings.r
+        },
+        fan_in_fan_out=spec.fan_in_fan_out,
+        bias="none",
+    )
+    peft.inject_adapter_in_model(config, module, adapter_name=_ADAPTER)
+    for name, p in module.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    return module
+
+
+def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The trainable LoRA parameters, in a stable order."""
+    return [p for n, p in module.named_parameters() if ".lora_" in n]
+
+
+def lora_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors under the unsplit model's names (``<module>.lora_A.weight``).
+
+    Returned tensors are detached copies: what a party sends must not alias what it
+    keeps training.
+    """
+    full = _namer(module)
+    state = {}
+    for name, p in module.named_parameters():
+        m = _LORA_KEY.match(name)
+        if m:
+            state[f"{full(m['module'])}.{m['part']}.weight"] = p.detach().clone()
+    return state
+
+
+def load_lora_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy adapter tensors (unsplit names) into ``module``; every adapter must be given.
+
+    Shapes must match exactly: a rank change needs a new :func:`attach_lora`, not a
+    silent resize.
+    """
+    full = _namer(module)
+    own = {}
+    for name, p in module.named_parameters():
+        m = _LORA_KEY.match(name)
+        if m:
+            own[f"{full(m['module'])}.{m['part']}.weight"] = p
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise KeyError(
+            f"adapter state does not fit this module: missing {missing[:4]}"
+            f"{'...' if len(missing) > 4 else ''}, unexpected {extra[:4]}"
+            f"{'...' if len(extra) > 4 else ''}"
+        )
+    with torch.no_grad():
+        for key, p in own.items():
+            value = state[key]
+            if value.shape != p.shape:
+                raise ValueError(f"{key}: expected shape {tuple(p.shape)}, got {tuple(value.shape)}")
+            p.copy_(value.to(dtype=p.dtype, device=p.device))
+
+
+def save_peft_adapter(
+    state: Mapping[str, torch.Tensor],
+    settings: LoraSettings,
+    out_dir: Path,
+    *,
+    base_model: str | None = None,
+    fan_in_fan_out: bool = False,
+) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's layout.
+
+    ``state`` holds unsplit-model names (client and server halves merged), so
+    ``peft.PeftModel.from_pretrained(base, out_dir)`` loads it onto the unsplit model.
+    Target modules are listed by full name, with per-module ranks, because a
+    heterogeneous plan may adapt a matrix in one block and not in the next.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranks: dict[str, int] = {}
+    for key, tensor in state.items():
+        if key.endswith(".lora_A.weight"):
+            ranks[key[: -len(".lora_A.weight")]] = int(tensor.shape[0])
+    modules = sorted(ranks)
+    config = peft.LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=modules,
+        rank_pattern={re.escape(m): r for m, r in ranks.items() if r != settings.r},
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        base_model_name_or_path=base_model,
+    )
+    config.save_pretrained(str(out_dir))
+    tensors = {
+        f"base_model.model.{k}": v.detach().to("cpu").contiguous() for k, v in state.items()
+    }
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out_dir

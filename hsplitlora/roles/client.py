@@ -1,0 +1,75 @@
+"""The client role: private data, the client segment, its adapters and optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from hsplitlora.models.lora import lora_parameters, lora_state, load_lora_state
+from hsplitlora.models.split import ClientSegment
+from hsplitlora.roles.messages import Activations
+from hsplitlora.train.optim import Optimizer, OptimSettings, autocast
+
+__all__ = ["Client"]
+
+
+class Client:
+    """Runs embeddings + blocks ``[0, k)`` on its own shard and trains their adapters.
+
+    The raw tokens never leave this object: :meth:`forward` returns only activations,
+    mask and labels; :meth:`backward` takes only the activation gradient.
+    """
+
+    def __init__(
+        self,
+        client_id: int,
+        segment: ClientSegment,
+        batches: Iterator[dict[str, torch.Tensor]],
+        num_samples: int,
+        optim: OptimSettings,
+        *,
+        precision: str = "bf16",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.client_id = client_id
+        self.device = torch.device(device)
+        self.segment = segment.to(self.device)
+        self.batches = batches
+        self.num_samples = num_samples
+        self.precision = precision
+        self.optimizer = Optimizer(lora_parameters(self.segment), optim)
+        self._pending: torch.Tensor | None = None
+
+    @property
+    def cut(self) -> int:
+        return len(self.segment.blocks)
+
+    def forward(self) -> Activations:
+        """Draw the next local batch and run it through the client segment."""
+        if self._pending is not None:
+            raise RuntimeError(f"client {self.client_id}: forward called twice without backward")
+        batch = {k: v.to(self.device) for k, v in next(self.batches).items()}
+        self.segment.train()
+        with autocast(self.precision, self.device):
+            hidden = self.segment(batch["input_ids"], batch["attention_mask"])
+        self._pending = hidden
+        return Activations(hidden.detach(), batch["attention_mask"], batch["labels"])
+
+    def backward(self, grad: torch.Tensor) -> None:
+        """Finish back-propagation with the server's activation gradient, then step."""
+        hidden, self._pending = self._pending, None
+        if hidden is None:
+            raise RuntimeError(f"client {self.client_id}: backward called before forward")
+        if grad.shape != hidden.shape:
+            raise ValueError(f"client {self.client_id}: gradient shape {tuple(grad.shape)} does "
+                             f"not match activations {tuple(hidden.shape)}")
+        if hidden.requires_grad:  # a cut of 0 leaves nothing trainable on the client
+            hidden.backward(grad.to(device=hidden.device, dtype=hidden.dtype))
+        self.optimizer.step()
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return lora_state(self.segment)
+
+    def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        load_lora_state(self.segment, state)

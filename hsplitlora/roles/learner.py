@@ -1,0 +1,45 @@
+"""The centralized baseline as a role: one party, the whole model, all the data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from hsplitlora.models.lora import lora_parameters, lora_state
+from hsplitlora.train.optim import Optimizer, OptimSettings, autocast, causal_lm_loss
+
+__all__ = ["Learner"]
+
+
+class Learner:
+    """Centralized LoRA (CenLoRA): forward, loss, backward and step in one place."""
+
+    def __init__(self, model: nn.Module, batches: Iterator[dict[str, torch.Tensor]],
+                 optim: OptimSettings, *, precision: str = "bf16",
+                 device: torch.device | str = "cpu", label_smoothing: float = 0.0) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.batches = batches
+        self.precision = precision
+        self.label_smoothing = label_smoothing
+        self.optimizer = Optimizer(lora_parameters(model), optim)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.lr
+
+    def step(self) -> tuple[float, int]:
+        batch = {k: v.to(self.device) for k, v in next(self.batches).items()}
+        self.model.train()
+        with autocast(self.precision, self.device):
+            logits = self.model(input_ids=batch["input_ids"],
+                                attention_mask=batch["attention_mask"], use_cache=False).logits
+        loss, tokens = causal_lm_loss(logits, batch["labels"], self.label_smoothing)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach()), tokens
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return lora_state(self.model)

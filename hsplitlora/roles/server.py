@@ -1,0 +1,86 @@
+"""The main server role: the server segment(s), their adapters and optimizers."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from hsplitlora.models.lora import lora_parameters, lora_state, load_lora_state
+from hsplitlora.models.split import ServerSegment
+from hsplitlora.roles.messages import Activations, ServerReply
+from hsplitlora.train.optim import Optimizer, OptimSettings, autocast, causal_lm_loss
+
+__all__ = ["MainServer"]
+
+
+class MainServer:
+    """Finishes each client's forward pass, computes the loss, returns dL/d(activations).
+
+    ``per_client=False`` is SplitLoRA (SFL-V2): one server-side adapter, updated on every
+    client's batch in turn. ``per_client=True`` is SplitFed (SFL-V1): one copy per client,
+    trained in parallel and averaged by the fed server like the client side.
+    """
+
+    def __init__(
+        self,
+        segment: ServerSegment,
+        client_ids: Iterable[int],
+        optim: OptimSettings,
+        *,
+        per_client: bool = False,
+        precision: str = "bf16",
+        device: torch.device | str = "cpu",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.precision = precision
+        self.label_smoothing = label_smoothing
+        self.per_client = per_client
+        segment = segment.to(self.device)
+        ids = list(client_ids)
+        if per_client:
+            self.segments = {cid: copy.deepcopy(segment) for cid in ids}
+            self.optimizers = {cid: Optimizer(lora_parameters(s), optim)
+                               for cid, s in self.segments.items()}
+        else:
+            shared = Optimizer(lora_parameters(segment), optim)
+            self.segments = {cid: segment for cid in ids}
+            self.optimizers = {cid: shared for cid in ids}
+
+    def _segment(self, client_id: int) -> ServerSegment:
+        try:
+            return self.segments[client_id]
+        except KeyError:
+            raise KeyError(f"main server: unknown client {client_id}") from None
+
+    def step(self, client_id: int, acts: Activations) -> ServerReply:
+        """Forward the server blocks on ``acts``, back-propagate, update, reply."""
+        segment = self._segment(client_id)
+        segment.train()
+        hidden = acts.hidden.to(self.device).detach().requires_grad_(True)
+        mask = acts.attention_mask.to(self.device)
+        labels = acts.labels.to(self.device)
+        with autocast(self.precision, self.device):
+            logits = segment(hidden, mask)
+        loss, tokens = causal_lm_loss(logits, labels, self.label_smoothing)
+        loss.backward()
+        self.optimizers[client_id].step()
+        assert hidden.grad is not None
+        return ServerReply(float(loss.detach()), tokens, hidden.grad)
+
+    @property
+    def lr(self) -> float:
+        return next(iter(self.optimizers.values())).lr
+
+    def adapter_state(self, client_id: int | None = None) -> dict[str, torch.Tensor]:
+        """The server-side adapter (of one client's copy under SFL-V1)."""
+        if client_id is None:
+            client_id = next(iter(self.segments))
+        return lora_state(self._segment(client_id))
+
+    def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load an (aggregated) server-side adapter into every copy."""
+        for segment in {id(s): s for s in self.segments.values()}.values():
+            load_lora_state(segment, state)

@@ -1,0 +1,119 @@
+"""The training schedules: who computes what, in which order, and when adapters move.
+
+Each mode only calls role methods and passes tensors, so any role can sit behind a
+transport. Every mode returns the final adapter under the unsplit model's names (client
+and server halves together), ready for PEFT export.
+
+* ``centralized``: one party, whole model, all data (the CenLoRA baseline).
+* ``split``: vanilla split learning: clients take turns; the one client-side adapter is
+  handed from client to client every ``I`` steps; one server-side adapter.
+* ``splitfed``: SFL-V1: clients in parallel, one server-side copy per client; both sides
+  FedAvg'd every ``I`` local steps.
+* ``splitlora``: SplitLoRA as its paper and code do it (SFL-V2): clients in parallel,
+  one shared server-side adapter updated on each client's batch in turn, client-side
+  adapters FedAvg'd by the fed server every ``I`` local steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hsplitlora.roles.client import Client
+from hsplitlora.roles.fedserver import FedServer
+from hsplitlora.roles.learner import Learner
+from hsplitlora.roles.messages import nbytes
+from hsplitlora.roles.server import MainServer
+from hsplitlora.train.recorder import Recorder
+
+__all__ = ["MODES", "run_centralized", "run_split", "run_splitfed", "run_splitlora"]
+
+State = dict[str, torch.Tensor]
+
+
+def _client_step(client: Client, server: MainServer, rec: Recorder, round: int) -> None:
+    acts = client.forward()
+    reply = server.step(client.client_id, acts)
+    client.backward(reply.grad)
+    rec.train_step(round=round, client=client.client_id, loss=reply.loss, tokens=reply.tokens,
+                   bytes_up=acts.nbytes, bytes_down=reply.nbytes, lr=server.lr)
+
+
+def _fedavg_clients(clients: Sequence[Client], fed: FedServer, rec: Recorder,
+                    round: int) -> State:
+    states = [c.adapter_state() for c in clients]
+    merged = fed.aggregate(states, [c.num_samples for c in clients])
+    for c in clients:
+        c.load_adapter_state(merged)
+    rec.event("aggregate", round=round, side="client", bytes_up=sum(nbytes(s) for s in states),
+              bytes_down=nbytes(merged) * len(clients))
+    return merged
+
+
+def run_centralized(learner: Learner, steps: int, rec: Recorder) -> State:
+    for t in range(steps):
+        loss, tokens = learner.step()
+        rec.train_step(round=t, client=None, loss=loss, tokens=tokens, lr=learner.lr)
+        rec.end_round(t)
+    return learner.adapter_state()
+
+
+def run_split(clients: Sequence[Client], server: MainServer, steps: int, handoff: int,
+              rec: Recorder) -> State:
+    """Sequential split learning: each client trains ``handoff`` steps, then relays."""
+    done = [0] * len(clients)
+    holder = 0
+    rnd = 0
+    while any(d < steps for d in done):
+        client = clients[holder]
+        for _ in range(min(handoff, steps - done[holder])):
+            _client_step(client, server, rec, rnd)
+            done[holder] += 1
+        rec.end_round(rnd)
+        rnd += 1
+        nxt = (holder + 1) % len(clients)
+        if nxt != holder:
+            state = client.adapter_state()
+            clients[nxt].load_adapter_state(state)
+            rec.event("handoff", round=rnd, source=client.client_id,
+                      target=clients[nxt].client_id, bytes_up=nbytes(state),
+                      bytes_down=nbytes(state))
+        holder = nxt
+    final = clients[(holder - 1) % len(clients)].adapter_state()
+    return {**final, **server.adapter_state()}
+
+
+def run_splitlora(clients: Sequence[Client], server: MainServer, fed: FedServer, steps: int,
+                  interval: int, rec: Recorder) -> State:
+    merged: State = {}
+    for t in range(steps):
+        for client in clients:
+            _client_step(client, server, rec, t)
+        if (t + 1) % interval == 0 or t + 1 == steps:
+            merged = _fedavg_clients(clients, fed, rec, t)
+        rec.end_round(t)
+    return {**merged, **server.adapter_state()}
+
+
+def run_splitfed(clients: Sequence[Client], server: MainServer, fed: FedServer, steps: int,
+                 interval: int, rec: Recorder) -> State:
+    if not server.per_client:
+        raise ValueError("splitfed needs a MainServer with per_client=True (SFL-V1)")
+    merged: State = {}
+    weights = [c.num_samples for c in clients]
+    for t in range(steps):
+        for client in clients:
+            _client_step(client, server, rec, t)
+        if (t + 1) % interval == 0 or t + 1 == steps:
+            client_side = _fedavg_clients(clients, fed, rec, t)
+            server_states = [server.adapter_state(c.client_id) for c in clients]
+            server_side = fed.aggregate(server_states, weights)
+            server.load_adapter_state(server_side)
+            rec.event("aggregate", round=t, side="server", bytes_up=0, bytes_down=0)
+            merged = {**client_side, **server_side}
+        rec.end_round(t)
+    return merged
+
+
+MODES = ("centralized", "split", "splitfed", "splitlora")

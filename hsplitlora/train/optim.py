@@ -1,0 +1,108 @@
+"""What every training party shares: its optimizer, LR schedule, precision and loss.
+
+Each party (centralized learner, client, main server) owns an AdamW over its own LoRA
+parameters. AdamW is per-parameter, so split optimizers step exactly like one optimizer
+over the union of parameters: that is what lets SplitLoRA with one client reproduce
+centralized LoRA step for step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["OptimSettings", "Optimizer", "autocast", "causal_lm_loss"]
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    eps: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    total_steps: int = 1
+    schedule: str = "linear"  # "linear" decays to 0 after warm-up; "constant" holds
+    grad_clip: float = 0.0
+
+
+class Optimizer:
+    """AdamW + warm-up/decay schedule + optional clipping over one party's parameters."""
+
+    def __init__(self, params: Sequence[nn.Parameter], settings: OptimSettings) -> None:
+        self.params = list(params)
+        self.settings = settings
+        self.opt = torch.optim.AdamW(
+            self.params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
+            weight_decay=settings.weight_decay,
+        ) if self.params else None
+        self.sched = (
+            torch.optim.lr_scheduler.LambdaLR(self.opt, self._factor) if self.opt else None
+        )
+
+    def _factor(self, step: int) -> float:
+        s = self.settings
+        if step < s.warmup_steps:
+            return (step + 1) / (s.warmup_steps + 1)
+        if s.schedule == "constant":
+            return 1.0
+        remaining = max(s.total_steps - step, 0)
+        return remaining / max(s.total_steps - s.warmup_steps, 1)
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"] if self.opt else 0.0
+
+    def step(self) -> None:
+        if self.opt is None:
+            return
+        if self.settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        if self.opt is None:
+            return {}
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.opt is not None and state:
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device) -> Iterator[None]:
+    """bf16 autocast (CPU and CUDA) or nothing for fp32."""
+    if precision == "bf16":
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over target tokens (labels != -100).
+
+    Returns the loss and the number of target tokens, which weights it in any average
+    across batches (perplexity is exp of the token-weighted mean).
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    n_tokens = int((shift_labels != -100).sum())
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+    )
+    return loss, n_tokens

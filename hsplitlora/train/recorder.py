@@ -1,0 +1,82 @@
+"""Metrics (JSONL) and the progress bar, fed by the training modes.
+
+One JSON object per line: training steps carry ``step, round, client, loss, tokens,
+wall, bytes_up, bytes_down, lr``; aggregations carry ``event: "aggregate"`` and the
+adapter bytes that moved. Appending line by line means a killed run keeps its history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+__all__ = ["Recorder"]
+
+
+class Recorder:
+    """Writes metrics and drives a per-round progress bar with the running loss."""
+
+    def __init__(self, path: Path | None, total_rounds: int, *, show_progress: bool = True,
+                 description: str = "train") -> None:
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
+        self.start = time.perf_counter()
+        self.step = 0
+        self.records: list[dict[str, Any]] = []
+        self._running: float | None = None
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
+            disable=not show_progress,
+        )
+        self._task = self._progress.add_task(description, total=total_rounds, loss="-")
+
+    def __enter__(self) -> Recorder:
+        self._progress.start()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._progress.stop()
+        if self._file:
+            self._file.close()
+
+    @property
+    def wall(self) -> float:
+        return time.perf_counter() - self.start
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self._file:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def train_step(self, *, round: int, client: int | None, loss: float, tokens: int,
+                   bytes_up: int = 0, bytes_down: int = 0, lr: float = 0.0) -> None:
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss} at round {round} (client {client}): lower train.lr or use "
+                "train.precision fp32")
+        self.step += 1
+        self._write({"step": self.step, "round": round, "client": client, "loss": loss,
+                     "tokens": tokens, "wall": round_(self.wall), "bytes_up": bytes_up,
+                     "bytes_down": bytes_down, "lr": lr})
+        # Exponential moving average, so the bar shows a trend rather than batch noise.
+        self._running = loss if self._running is None else 0.9 * self._running + 0.1 * loss
+
+    def event(self, name: str, **fields: Any) -> None:
+        self._write({"event": name, "wall": round_(self.wall), **fields})
+
+    def end_round(self, round: int) -> None:
+        loss = "-" if self._running is None else f"{self._running:.3f}"
+        self._progress.update(self._task, completed=round + 1, loss=loss)
+
+
+def round_(x: float) -> float:
+    return round(x, 4)

@@ -1,0 +1,286 @@
+"""One training run from a validated config: build the parties, train, write the run folder.
+
+The run folder holds everything a reader needs: ``config.yaml`` (resolved), ``metrics.jsonl``,
+``adapter/`` (PEFT layout, loads onto the unsplit base model), ``loss.png`` and
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hsplitlora.config import RunConfig
+from hsplitlora.data.e2e import format_prompt, load_e2e
+from hsplitlora.data.example import Example
+from hsplitlora.data.jsonl import load_jsonl
+from hsplitlora.data.partition import partition
+from hsplitlora.data.tokenize import TokenizedDataset, pad_id_for
+from hsplitlora.eval.generate import GenerationSettings, generate
+from hsplitlora.eval.perplexity import perplexity
+from hsplitlora.models.lora import LoraSettings, attach_lora, load_lora_state, save_peft_adapter
+from hsplitlora.models.split import arch_spec, split_model
+from hsplitlora.report import plot_loss
+from hsplitlora.roles.client import Client
+from hsplitlora.roles.fedserver import FedServer
+from hsplitlora.roles.learner import Learner
+from hsplitlora.roles.server import MainServer
+from hsplitlora.train import modes
+from hsplitlora.train.batches import batch_stream
+from hsplitlora.train.optim import OptimSettings
+from hsplitlora.train.recorder import Recorder
+
+__all__ = ["RunResult", "load_examples", "party_seed", "prepare", "resolve_device", "train"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path | None
+    adapter: dict[str, torch.Tensor]
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    model: nn.Module  # the unsplit model carrying the final adapters
+    samples: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use 'auto'")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_threads(threads: int | None) -> int:
+    """One torch thread per available core: more only oversubscribes a small machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = threads or cores or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def party_seed(seed: int, client_id: int) -> int:
+    """Data-order seed of one party; the centralized learner uses client 0's, so a
+    one-client split run draws the very same batches."""
+    return seed * 1009 + client_id
+
+
+def load_examples(cfg: RunConfig, files: list[Path]) -> list[Example]:
+    if cfg.data.dataset == "e2e":
+        return load_e2e(files)
+    out: list[Example] = []
+    for f in files:
+        out.extend(load_jsonl(f))
+    return out
+
+
+@dataclass
+class Prepared:
+    """Everything a mode needs, built once from the config."""
+
+    cfg: RunConfig
+    model: nn.Module  # unsplit, LoRA attached, initial adapters
+    tokenizer: Any
+    shards: list[TokenizedDataset]
+    eval_features: TokenizedDataset | None
+    lora: LoraSettings
+    device: torch.device
+
+
+def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = None) -> Prepared:
+    """Load (or take) the model, load and partition the data, attach the initial LoRA."""
+    set_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    if model is None or tokenizer is None:
+        from hsplitlora.models.load import load_model
+
+        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+        model, tokenizer = load_model(cfg.model.name, dtype=dtype)
+    spec = arch_spec(model.config)  # fail early on an unsupported architecture
+    del spec
+    examples = load_examples(cfg, list(cfg.data.train_files))
+    if cfg.data.max_train_examples and cfg.data.max_train_examples < len(examples):
+        rng = random.Random(cfg.train.seed)
+        examples = [examples[i] for i in sorted(rng.sample(range(len(examples)),
+                                                           cfg.data.max_train_examples))]
+    shards_idx = partition(examples, cfg.train.num_clients, cfg.data.partition, cfg.train.seed,
+                           alpha=cfg.data.dirichlet_alpha, label_key=cfg.data.label_key)
+    shards = [TokenizedDataset([examples[i] for i in idx], tokenizer, cfg.data.max_length)
+              for idx in shards_idx]
+    eval_features = None
+    if cfg.data.eval_file is not None and cfg.eval.max_examples > 0:
+        ev = load_examples(cfg, [cfg.data.eval_file])
+        ev = [e for e in ev if e.target]
+        rng = random.Random(cfg.train.seed + 1)
+        if len(ev) > cfg.eval.max_examples:
+            ev = [ev[i] for i in sorted(rng.sample(range(len(ev)), cfg.eval.max_examples))]
+        eval_features = TokenizedDataset(ev, tokenizer, cfg.data.max_length)
+    lora = LoraSettings(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                        targets=tuple(cfg.lora.targets) if cfg.lora.targets else None)
+    seed_everything(cfg.train.seed)
+    attach_lora(model, lora)
+    for name, p in model.named_parameters():
+        if ".lora_" in name:  # optimizer state and updates in fp32 even on a bf16 base
+            p.data = p.data.float()
+    model.to(device)
+    return Prepared(cfg, model, tokenizer, shards, eval_features, lora, device)
+
+
+def _optim(cfg: RunConfig, total_steps: int) -> OptimSettings:
+    t = cfg.train
+    return OptimSettings(lr=t.lr, weight_decay=t.weight_decay, eps=t.adam_eps,
+                         warmup_steps=t.warmup_steps, total_steps=total_steps,
+                         schedule=t.schedule, grad_clip=t.grad_clip)
+
+
+def _streams(p: Prepared) -> list[Any]:
+    pad = pad_id_for(p.tokenizer)
+    return [batch_stream(shard.features, p.cfg.train.batch_size,
+                         party_seed(p.cfg.train.seed, cid), pad)
+            for cid, shard in enumerate(p.shards)]
+
+
+def _total_rounds(cfg: RunConfig) -> int:
+    t = cfg.train
+    if t.mode == "centralized":
+        return t.steps * t.num_clients
+    if t.mode == "split":
+        return t.num_clients * -(-t.steps // t.agg_interval)
+    return t.steps
+
+
+def run_mode(p: Prepared, rec: Recorder) -> dict[str, torch.Tensor]:
+    """Build the roles for the configured mode and train; returns the final adapter."""
+    cfg, t = p.cfg, p.cfg.train
+    precision, device = t.precision, p.device
+    if t.mode == "centralized":
+        pad = pad_id_for(p.tokenizer)
+        union = [f for shard in p.shards for f in shard.features]
+        learner = Learner(p.model, batch_stream(union, t.batch_size, party_seed(t.seed, 0), pad),
+                          _optim(cfg, t.steps * t.num_clients), precision=precision,
+                          device=device, label_smoothing=t.label_smoothing)
+        return modes.run_centralized(learner, t.steps * t.num_clients, rec)
+    client_seg, server_seg = split_model(p.model, t.cut)
+    clients = [
+        Client(cid, copy.deepcopy(client_seg), stream, len(p.shards[cid]), _optim(cfg, t.steps),
+               precision=precision, device=device)
+        for cid, stream in enumerate(_streams(p))
+    ]
+    per_client = t.mode == "splitfed"
+    server = MainServer(server_seg, range(t.num_clients),
+                        _optim(cfg, t.steps if per_client else t.steps * t.num_clients),
+                        per_client=per_client, precision=precision, device=device,
+                        label_smoothing=t.label_smoothing)
+    if t.mode == "split":
+        return modes.run_split(clients, server, t.steps, t.agg_interval, rec)
+    fed = FedServer(weighting=t.agg_weighting, alpha=p.lora.alpha)
+    runner = modes.run_splitfed if per_client else modes.run_splitlora
+    return runner(clients, server, fed, t.steps, t.agg_interval, rec)
+
+
+def _run_dir(cfg: RunConfig) -> Path:
+    name = cfg.output.name or f"{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(cfg.output.dir) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _sample(p: Prepared) -> str | None:
+    if not p.cfg.output.sample_prompt:
+        return None
+    settings = GenerationSettings(num_beams=1, max_new_tokens=48)
+    return generate(p.model, p.tokenizer, [format_prompt(p.cfg.output.sample_prompt)],
+                    settings, device=p.device)[0]
+
+
+def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = None,
+          write: bool = True, show_progress: bool = True) -> RunResult:
+    """Run one configured training job end to end (the Python API behind ``hsplitlora train``)."""
+    p = prepare(cfg, model, tokenizer)
+    run_dir = _run_dir(cfg) if write else None
+    if run_dir:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    samples: dict[str, str] = {}
+    before = _sample(p)
+    if before is not None:
+        samples["before"] = before
+        log.info("before fine-tuning: %s", before)
+    start = time.perf_counter()
+    with Recorder(run_dir / "metrics.jsonl" if run_dir else None, _total_rounds(cfg),
+                  show_progress=show_progress, description=cfg.train.mode) as rec:
+        adapter = run_mode(p, rec)
+        wall = time.perf_counter() - start
+        load_lora_state(p.model, adapter)
+        summary = _summary(p, rec, wall)
+        if p.eval_features is not None:
+            loss, ppl = perplexity(p.model, p.eval_features, pad_id=pad_id_for(p.tokenizer),
+                                   batch_size=cfg.eval.batch_size,
+                                   precision=cfg.train.precision, device=p.device)
+            summary.update(eval_loss=loss, eval_ppl=ppl)
+            rec.event("eval", round=_total_rounds(cfg) - 1, loss=loss, ppl=ppl)
+    after = _sample(p)
+    if after is not None:
+        samples["after"] = after
+        log.info("after fine-tuning: %s", after)
+    summary["samples"] = samples
+    if run_dir:
+        save_peft_adapter(adapter, p.lora, run_dir / "adapter",
+                          base_model=cfg.model.name,
+                          fan_in_fan_out=arch_spec(p.model.config).fan_in_fan_out)
+        plot_loss(rec.records, run_dir / "loss.png", title=f"{cfg.train.mode} ({cfg.model.name})")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return RunResult(run_dir, adapter, rec.records, summary, p.model, samples)
+
+
+def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
+    steps = [r for r in rec.records if "event" not in r]
+    last_round = max(r["round"] for r in steps)
+    last = [r for r in steps if r["round"] == last_round]
+    first = [r for r in steps if r["round"] == 0]
+    cut = p.cfg.train.cut
+    spec = arch_spec(p.model.config)
+    prefix = f"{spec.backbone}.{spec.blocks}."
+    client_params = sum(
+        p_.numel() for n, p_ in p.model.named_parameters()
+        if ".lora_" in n and int(n[len(prefix):].split(".")[0]) < cut
+    ) if p.cfg.train.mode != "centralized" else 0
+    return {
+        "mode": p.cfg.train.mode,
+        "model": p.cfg.model.name,
+        "clients": p.cfg.train.num_clients,
+        "cut": cut,
+        "rank": p.cfg.lora.r,
+        "steps": len(steps),
+        "first_loss": sum(r["loss"] for r in first) / len(first),
+        "final_loss": sum(r["loss"] for r in last) / len(last),
+        "tokens": sum(r["tokens"] for r in steps),
+        "wall_s": wall,
+        "seconds_per_step": wall / max(len(steps), 1),
+        "bytes_up": sum(r.get("bytes_up", 0) for r in rec.records),
+        "bytes_down": sum(r.get("bytes_down", 0) for r in rec.records),
+        "trainable_params": sum(p_.numel() for n, p_ in p.model.named_parameters()
+                                if ".lora_" in n),
+        "client_trainable_params": client_params,
+        "shard_sizes": [len(s) for s in p.shards],
+    }
+
