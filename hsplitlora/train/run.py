@@ -86,7 +86,7 @@ def party_seed(seed: int, client_id: int) -> int:
 
 def load_examples(cfg: RunConfig, files: list[Path]) -> list[Example]:
     if cfg.data.dataset == "e2e":
-        return load_e2e(files)
+        return load_e2e(files, require_refs=True)
     out: list[Example] = []
     for f in files:
         out.extend(load_jsonl(f))

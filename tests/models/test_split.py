@@ -1,0 +1,88 @@
+import pytest
+import torch
+import transformers
+
+from hsplitlora.models.lora import LoraSettings, attach_lora, lora_parameters
+from hsplitlora.models.split import SplitError, num_blocks, split_model
+from tests.conftest import tiny_model
+
+ARCHS = ["gpt2", "llama", "qwen2", "mistral"]
+
+
+def _batch(vocab: int = 320):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0  # right padding
+    mask[2, 5:] = 0
+    return ids, mask
+
+
+def _lora_model(arch: str):
+    model = tiny_model(arch).eval()
+    attach_lora(model, LoraSettings(r=4, alpha=8, targets=None))
+    with torch.no_grad():  # B starts at zero; make the adapters matter for the gradients
+        for p in lora_parameters(model):
+            p.normal_(std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_cut_gives_the_unsplit_logits_and_lora_gradients(arch):
+    model = _lora_model(arch)
+    ids, mask = _batch()
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    (ref * torch.linspace(-1, 1, ref.shape[-1])).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert ref_grads and all(g.abs().sum() > 0 for g in ref_grads.values())
+    for cut in range(num_blocks(model.config) + 1):
+        client, server = split_model(model, cut)
+        hidden = client(ids, mask)
+        received = hidden.detach().requires_grad_(True)
+        logits = server(received, mask)
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        if hidden.requires_grad:
+            hidden.backward(received.grad)
+        grads = {n: p.grad for seg in (client, server) for n, p in seg.named_full_parameters()
+                 if p.requires_grad}
+        assert set(grads) == set(ref_grads), cut
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4,
+                                       msg=f"{arch} cut {cut}: {name}")
+
+
+def test_segments_hold_only_their_blocks_and_leave_the_model_alone():
+    model = tiny_model("llama")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    client, server = split_model(model, 1)
+    assert len(client.blocks) == 1 and len(server.blocks) == 3
+    assert list(server.block_range) == [1, 2, 3]
+    assert server.full_name("backbone.layers.0.mlp.up_proj.weight") == \
+        "model.layers.1.mlp.up_proj.weight"
+    assert server.local_name("model.layers.3.mlp.up_proj") == "backbone.layers.2.mlp.up_proj"
+    with pytest.raises(KeyError):
+        server.local_name("model.layers.0.mlp.up_proj")
+    assert len(model.model.layers) == 4
+    for n, p in model.state_dict().items():
+        assert torch.equal(p, before[n])
+
+
+def test_tied_embeddings_stay_tied_on_the_server():
+    model = tiny_model("gpt2")
+    _, server = split_model(model, 2)
+    assert server.lm_head.weight.data_ptr() == server.backbone.wte.weight.data_ptr()
+
+
+def test_unknown_architecture_is_a_clear_error():
+    opt = transformers.OPTForCausalLM(transformers.OPTConfig(
+        num_hidden_layers=1, hidden_size=16, ffn_dim=32, num_attention_heads=2, vocab_size=50,
+        word_embed_proj_dim=16))
+    with pytest.raises(SplitError, match=r"cannot split architecture 'opt'.*supported are.*llama"):
+        split_model(opt, 1)
+
+
+@pytest.mark.parametrize("cut", [-1, 5, 2.0, True])
+def test_out_of_range_cut_is_a_clear_error(cut):
+    with pytest.raises(SplitError, match=r"cut .* out of range: this model has 4 blocks.*\[0, 4\]"):
+        split_model(tiny_model("llama"), cut)
