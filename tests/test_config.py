@@ -1,0 +1,75 @@
+import pytest
+
+from hsplitlora.config import ConfigError, RunConfig, load_config
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_validate_and_round_trip(tmp_path):
+    cfg = load_config(None)
+    assert cfg.train.mode == "splitlora" and cfg.model.name == "smollm2-135m"
+    again = load_config(_write(tmp_path, cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_unknown_field_names_path_and_suggests(tmp_path):
+    path = _write(tmp_path, "train:\n  stpes: 10\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert str(path) in msg
+    assert "train.stpes: unknown field 'stpes' (did you mean 'steps'?)" in msg
+    assert "allowed here:" in msg and "agg_interval" in msg
+
+
+def test_bad_choice_lists_allowed_values(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, "train:\n  mode: fedsplit\n"))
+    msg = str(e.value)
+    assert "train.mode" in msg
+    for allowed in ("'centralized'", "'split'", "'splitfed'", "'splitlora'"):
+        assert allowed in msg
+    assert "got 'fedsplit'" in msg
+
+
+def test_out_of_range_value_and_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"lora\.r: Input should be greater than or equal to 1"):
+        load_config(None, ["lora.r=0"])
+    with pytest.raises(ConfigError, match=r"train\.steps: .*integer"):
+        load_config(None, ["train.steps=many"])
+
+
+def test_missing_data_file_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"data file .*nope.csv does not exist.*data.train_files"):
+        load_config(_write(tmp_path, "data:\n  train_files: [nope.csv]\n"))
+
+
+def test_not_a_mapping_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "train: [\n"))
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_overrides_and_cross_field_check():
+    cfg = load_config(None, ["train.steps=7", "lora.targets=[q_proj]"])
+    assert cfg.train.steps == 7 and cfg.lora.targets == ["q_proj"]
+    with pytest.raises(ConfigError, match="override 'train.steps' must look like"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(ConfigError, match="bfloat16' needs train.precision 'bf16'"):
+        load_config(None, ["model.dtype=bfloat16", "train.precision=fp32"])
+
+
+def test_shipped_configs_validate():
+    from tests.conftest import REPO
+
+    configs = sorted((REPO / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        assert isinstance(load_config(path), RunConfig)
