@@ -73,3 +73,24 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
     result = CliRunner().invoke(app, ["train", "--config", str(cfg)])
     assert result.exit_code == 2
     assert "train.mode" in result.output and "splitlora" in result.output
+
+
+def test_load_trained_rebuilds_the_fine_tuned_model(tmp_path, tiny_llama_dir, tiny_tokenizer):
+    from hsplitlora.train.run import load_trained
+
+    cfg = RunConfig.model_validate({
+        "model": {"name": str(tiny_llama_dir)},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train_files": [str(E2E / "original" / "devset.csv")], "eval_file": None,
+                 "max_train_examples": 40, "max_length": 160},
+        "train": {"mode": "federated", "num_clients": 2, "steps": 2, "batch_size": 2,
+                  "lr": 0.01, "precision": "fp32"},
+        "eval": {"max_examples": 0},
+        "output": {"dir": str(tmp_path), "name": "fed", "sample_prompt": None},
+    })
+    result = train(cfg, show_progress=False)
+    model, _, loaded_cfg = load_trained(tmp_path / "fed")
+    assert loaded_cfg == cfg
+    ids = torch.randint(0, 300, (2, 10))
+    torch.testing.assert_close(model(input_ids=ids).logits,
+                               result.model.eval()(input_ids=ids).logits, atol=1e-5, rtol=0)

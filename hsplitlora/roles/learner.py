@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
-from hsplitlora.models.lora import lora_parameters, lora_state
+from hsplitlora.models.lora import load_lora_state, lora_parameters, lora_state
 from hsplitlora.train.optim import Optimizer, OptimSettings, autocast, causal_lm_loss
 
 __all__ = ["Learner"]
 
 
 class Learner:
-    """Centralized LoRA (CenLoRA): forward, loss, backward and step in one place."""
+    """A party that holds the whole model: forward, loss, backward and step in one place.
+
+    Alone it is centralized LoRA (CenLoRA); one per client, averaged by a fed server, it
+    is federated LoRA (FedLoRA).
+    """
 
     def __init__(self, model: nn.Module, batches: Iterator[dict[str, torch.Tensor]],
                  optim: OptimSettings, *, precision: str = "bf16",
-                 device: torch.device | str = "cpu", label_smoothing: float = 0.0) -> None:
+                 device: torch.device | str = "cpu", label_smoothing: float = 0.0,
+                 client_id: int | None = None, num_samples: int = 0) -> None:
+        self.client_id = client_id
+        self.num_samples = num_samples
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.batches = batches
@@ -43,3 +50,6 @@ class Learner:
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return lora_state(self.model)
+
+    def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        load_lora_state(self.model, state)

@@ -5,6 +5,8 @@ transport. Every mode returns the final adapter under the unsplit model's names 
 and server halves together), ready for PEFT export.
 
 * ``centralized``: one party, whole model, all data (the CenLoRA baseline).
+* ``federated``: every client holds the whole model and trains it on its shard; adapters
+  FedAvg'd every ``I`` local steps (the FedLoRA baseline; no split).
 * ``split``: vanilla split learning: clients take turns; the one client-side adapter is
   handed from client to client every ``I`` steps; one server-side adapter.
 * ``splitfed``: SFL-V1: clients in parallel, one server-side copy per client; both sides
@@ -27,7 +29,8 @@ from hsplitlora.roles.messages import nbytes
 from hsplitlora.roles.server import MainServer
 from hsplitlora.train.recorder import Recorder
 
-__all__ = ["MODES", "run_centralized", "run_split", "run_splitfed", "run_splitlora"]
+__all__ = ["MODES", "run_centralized", "run_federated", "run_split", "run_splitfed",
+           "run_splitlora"]
 
 State = dict[str, torch.Tensor]
 
@@ -40,7 +43,7 @@ def _client_step(client: Client, server: MainServer, rec: Recorder, round: int) 
                    bytes_up=acts.nbytes, bytes_down=reply.nbytes, lr=server.lr)
 
 
-def _fedavg_clients(clients: Sequence[Client], fed: FedServer, rec: Recorder,
+def _fedavg_clients(clients: Sequence[Client | Learner], fed: FedServer, rec: Recorder,
                     round: int) -> State:
     states = [c.adapter_state() for c in clients]
     merged = fed.aggregate(states, [c.num_samples for c in clients])
@@ -57,6 +60,20 @@ def run_centralized(learner: Learner, steps: int, rec: Recorder) -> State:
         rec.train_step(round=t, client=None, loss=loss, tokens=tokens, lr=learner.lr)
         rec.end_round(t)
     return learner.adapter_state()
+
+
+def run_federated(learners: Sequence[Learner], fed: FedServer, steps: int, interval: int,
+                  rec: Recorder) -> State:
+    merged: State = {}
+    for t in range(steps):
+        for learner in learners:
+            loss, tokens = learner.step()
+            rec.train_step(round=t, client=learner.client_id, loss=loss, tokens=tokens,
+                           lr=learner.lr)
+        if (t + 1) % interval == 0 or t + 1 == steps:
+            merged = _fedavg_clients(learners, fed, rec, t)
+        rec.end_round(t)
+    return merged
 
 
 def run_split(clients: Sequence[Client], server: MainServer, steps: int, handoff: int,
@@ -116,4 +133,4 @@ def run_splitfed(clients: Sequence[Client], server: MainServer, fed: FedServer, 
     return merged
 
 
-MODES = ("centralized", "split", "splitfed", "splitlora")
+MODES = ("centralized", "federated", "split", "splitfed", "splitlora")

@@ -41,7 +41,8 @@ from hsplitlora.train.batches import batch_stream
 from hsplitlora.train.optim import OptimSettings
 from hsplitlora.train.recorder import Recorder
 
-__all__ = ["RunResult", "load_examples", "party_seed", "prepare", "resolve_device", "train"]
+__all__ = ["RunResult", "load_examples", "load_trained", "party_seed", "prepare",
+           "resolve_device", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
     if model is None or tokenizer is None:
         from hsplitlora.models.load import load_model
 
-        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+        dtype = getattr(torch, cfg.model.torch_dtype(cfg.train.precision))
         model, tokenizer = load_model(cfg.model.name, dtype=dtype)
     spec = arch_spec(model.config)  # fail early on an unsupported architecture
     del spec
@@ -179,6 +180,15 @@ def run_mode(p: Prepared, rec: Recorder) -> dict[str, torch.Tensor]:
                           _optim(cfg, t.steps * t.num_clients), precision=precision,
                           device=device, label_smoothing=t.label_smoothing)
         return modes.run_centralized(learner, t.steps * t.num_clients, rec)
+    if t.mode == "federated":
+        learners = [
+            Learner(copy.deepcopy(p.model), stream, _optim(cfg, t.steps), precision=precision,
+                    device=device, label_smoothing=t.label_smoothing, client_id=cid,
+                    num_samples=len(p.shards[cid]))
+            for cid, stream in enumerate(_streams(p))
+        ]
+        fed = FedServer(weighting=t.agg_weighting, alpha=p.lora.alpha)
+        return modes.run_federated(learners, fed, t.steps, t.agg_interval, rec)
     client_seg, server_seg = split_model(p.model, t.cut)
     clients = [
         Client(cid, copy.deepcopy(client_seg), stream, len(p.shards[cid]), _optim(cfg, t.steps),
@@ -258,12 +268,13 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
     last = [r for r in steps if r["round"] == last_round]
     first = [r for r in steps if r["round"] == 0]
     cut = p.cfg.train.cut
+    total = sum(p_.numel() for n, p_ in p.model.named_parameters() if ".lora_" in n)
     spec = arch_spec(p.model.config)
     prefix = f"{spec.backbone}.{spec.blocks}."
     client_params = sum(
         p_.numel() for n, p_ in p.model.named_parameters()
         if ".lora_" in n and int(n[len(prefix):].split(".")[0]) < cut
-    ) if p.cfg.train.mode != "centralized" else 0
+    ) if p.cfg.train.mode not in ("centralized", "federated") else total  # one party holds all
     return {
         "mode": p.cfg.train.mode,
         "model": p.cfg.model.name,
@@ -278,9 +289,41 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
         "seconds_per_step": wall / max(len(steps), 1),
         "bytes_up": sum(r.get("bytes_up", 0) for r in rec.records),
         "bytes_down": sum(r.get("bytes_down", 0) for r in rec.records),
-        "trainable_params": sum(p_.numel() for n, p_ in p.model.named_parameters()
-                                if ".lora_" in n),
+        "trainable_params": total,
         "client_trainable_params": client_params,
         "shard_sizes": [len(s) for s in p.shards],
     }
 
+
+
+def load_trained(run_dir: Path, *, device: str = "cpu") -> tuple[nn.Module, Any, RunConfig]:
+    """The fine-tuned unsplit model of a finished run (base + its adapters), its tokenizer
+    and its resolved config: what evaluation and export start from."""
+    from safetensors.torch import load_file
+
+    from hsplitlora.config import load_config
+    from hsplitlora.models.load import load_model
+
+    run_dir = Path(run_dir)
+    adapter = run_dir / "adapter" / "adapter_model.safetensors"
+    if not adapter.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no adapter ({adapter} is missing): is it a "
+                                "finished run folder written by `hsplitlora train`?")
+    cfg = load_config(run_dir / "config.yaml")
+    model, tokenizer = load_model(cfg.model.name,
+                                  dtype=getattr(torch, cfg.model.torch_dtype(cfg.train.precision)))
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(adapter).items()}
+    ranks = {k[: -len(".lora_A.weight")]: int(v.shape[0])
+             for k, v in state.items() if k.endswith(".lora_A.weight")}
+    settings = LoraSettings(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                            targets=tuple(cfg.lora.targets) if cfg.lora.targets else None,
+                            ranks={**{m: 0 for m in _all_targets(model, cfg)}, **ranks})
+    attach_lora(model, settings)
+    load_lora_state(model, state)
+    return model.to(device).eval(), tokenizer, cfg
+
+
+def _all_targets(model: nn.Module, cfg: RunConfig) -> list[str]:
+    from hsplitlora.models.lora import target_module_names
+
+    return target_module_names(model, tuple(cfg.lora.targets) if cfg.lora.targets else None)
