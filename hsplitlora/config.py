@@ -122,7 +122,8 @@ class TrainConfig(_Strict):
     precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast, or fp32")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present")
     threads: int | None = Field(None, ge=1, description="torch threads; null = CPU cores")
-    log_every: int = Field(1, ge=1, description="rounds between progress-bar loss updates")
+    log_every: int = Field(0, ge=0, description="rounds between logged loss lines when there is "
+                           "no terminal for the progress bar; 0 = about 20 lines per run")
 
 
 class EvalConfig(_Strict):

@@ -8,6 +8,7 @@ adapter bytes that moved. Appending line by line means a killed run keeps its hi
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -18,12 +19,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 __all__ = ["Recorder"]
 
+log = logging.getLogger(__name__)
+
 
 class Recorder:
     """Writes metrics and drives a per-round progress bar with the running loss."""
 
     def __init__(self, path: Path | None, total_rounds: int, *, show_progress: bool = True,
-                 description: str = "train") -> None:
+                 description: str = "train", log_every: int = 0) -> None:
         self.path = path
         self._file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
         self.start = time.perf_counter()
@@ -36,6 +39,10 @@ class Recorder:
             disable=not show_progress,
         )
         self._task = self._progress.add_task(description, total=total_rounds, loss="-")
+        # Without a terminal (CI, a log file) the bar cannot redraw: log the loss instead.
+        self.log_every = log_every or (0 if self._progress.console.is_terminal
+                                       else max(total_rounds // 20, 1))
+        self.total_rounds = total_rounds
 
     def __enter__(self) -> Recorder:
         self._progress.start()
@@ -76,6 +83,9 @@ class Recorder:
     def end_round(self, round: int) -> None:
         loss = "-" if self._running is None else f"{self._running:.3f}"
         self._progress.update(self._task, completed=round + 1, loss=loss)
+        if self.log_every and ((round + 1) % self.log_every == 0 or round == 0):
+            log.info("round %d/%d  running loss %s  (%.0f s)", round + 1, self.total_rounds,
+                     loss, self.wall)
 
 
 def round_(x: float) -> float:

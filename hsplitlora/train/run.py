@@ -237,7 +237,8 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         log.info("before fine-tuning: %s", before)
     start = time.perf_counter()
     with Recorder(run_dir / "metrics.jsonl" if run_dir else None, _total_rounds(cfg),
-                  show_progress=show_progress, description=cfg.train.mode) as rec:
+                  show_progress=show_progress, description=cfg.train.mode,
+                  log_every=cfg.train.log_every) as rec:
         adapter = run_mode(p, rec)
         wall = time.perf_counter() - start
         load_lora_state(p.model, adapter)

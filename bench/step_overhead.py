@@ -1,0 +1,121 @@
+"""Centralized LoRA vs SplitLoRA (4 clients) in one process: same model, batches, steps.
+
+Prints seconds per step for each mode and their ratio (target <= 1.05: both do the same
+arithmetic, the split only adds a detach and a hand-over), bytes per step of activations
+and gradients, and model-FLOPs utilisation: FLOPs of one training step (counted by
+torch's FlopCounterMode) / step time, against a bf16 matmul peak measured in this run.
+
+    python bench/step_overhead.py [--model smollm2-135m] [--steps 12] [--batch 4] [--seq 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hsplitlora.models.load import load_model
+from hsplitlora.models.lora import LoraSettings, attach_lora
+from hsplitlora.models.split import split_model
+from hsplitlora.roles.client import Client
+from hsplitlora.roles.learner import Learner
+from hsplitlora.roles.server import MainServer
+from hsplitlora.train.optim import OptimSettings
+
+
+def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def batches(vocab: int, count: int, batch: int, seq: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        labels = ids.clone()
+        labels[:, : seq // 2] = -100  # loss on the second half, like a prompt/target split
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--cut", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=12, help="total mini-batches per mode")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--base-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    args = ap.parse_args()
+    model, _ = load_model(args.model, dtype=getattr(torch, args.base_dtype))
+    torch.manual_seed(0)
+    attach_lora(model, LoraSettings(r=8, alpha=32))
+    for n, p in model.named_parameters():
+        if ".lora_" in n:
+            p.data = p.data.float()
+    data = batches(model.config.vocab_size, args.steps + 2, args.batch, args.seq)
+    assert args.steps % args.clients == 0, "--steps must be a multiple of --clients"
+    optim = OptimSettings(lr=1e-4, total_steps=args.steps + 2)
+
+    # Centralized: one party, whole model.
+    learner = Learner(copy.deepcopy(model), iter(data), optim, precision="bf16")
+    learner.step()  # warm-up
+    with FlopCounterMode(display=False) as counter:
+        learner.step()
+    flops = counter.get_total_flops()
+    learner.batches = iter(data[2:])
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        learner.step()
+    central = (time.perf_counter() - t) / args.steps
+
+    # SplitLoRA: the same timed batches, dealt round-robin over the clients; each client
+    # first warms up on the warm-up batch.
+    client_seg, server_seg = split_model(model, args.cut)
+    timed = data[2:]
+    clients = [Client(i, copy.deepcopy(client_seg), iter([data[0], *timed[i :: args.clients]]),
+                      1, optim, precision="bf16") for i in range(args.clients)]
+    server = MainServer(server_seg, range(args.clients), optim, precision="bf16")
+    up = down = 0
+
+    def one(client: Client) -> None:
+        nonlocal up, down
+        acts = client.forward()
+        reply = server.step(client.client_id, acts)
+        client.backward(reply.grad)
+        up, down = acts.nbytes, reply.nbytes
+
+    for c in clients:
+        one(c)
+    t = time.perf_counter()
+    for c in itertools.islice(itertools.cycle(clients), args.steps):
+        one(c)
+    split = (time.perf_counter() - t) / args.steps
+
+    peak = matmul_peak()
+    tokens = args.batch * args.seq
+    print(f"model {args.model}  base {args.base_dtype}  batch {args.batch} x seq {args.seq} "
+          f"({tokens} tokens)  threads {torch.get_num_threads()}")
+    print(f"centralized LoRA : {central:.3f} s/step")
+    print(f"SplitLoRA ({args.clients} clients, cut {args.cut}): {split:.3f} s/step")
+    print(f"ratio split/centralized: {split / central:.3f}  (target <= 1.05)")
+    print(f"bytes per step: activations up {up:,} B, gradients down {down:,} B")
+    print(f"FLOPs per step (FlopCounterMode): {flops / 1e9:.1f} GFLOP")
+    print(f"bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s")
+    for name, s in (("centralized", central), ("split", split)):
+        print(f"MFU {name}: {flops / s / 1e9:.0f} GFLOP/s = {flops / s / peak:.0%} of peak "
+              "(goal >= 60 %)")
+
+
+if __name__ == "__main__":
+    main()
