@@ -60,9 +60,6 @@ def main() -> None:
     model, _ = load_model(args.model, dtype=getattr(torch, args.base_dtype))
     torch.manual_seed(0)
     attach_lora(model, LoraSettings(r=8, alpha=32))
-    for n, p in model.named_parameters():
-        if ".lora_" in n:
-            p.data = p.data.float()
     data = batches(model.config.vocab_size, args.steps + 2, args.batch, args.seq)
     assert args.steps % args.clients == 0, "--steps must be a multiple of --clients"
     optim = OptimSettings(lr=1e-4, total_steps=args.steps + 2)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import peft
 import torch
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
@@ -26,7 +27,9 @@ __all__ = [
     "lora_parameters",
     "lora_state",
     "load_lora_state",
+    "merge_base_update",
     "save_peft_adapter",
+    "strip_lora",
     "target_module_names",
 ]
 
@@ -120,6 +123,8 @@ def attach_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
     peft.inject_adapter_in_model(config, module, adapter_name=_ADAPTER)
     for name, p in module.named_parameters():
         p.requires_grad_(".lora_" in name)
+        if ".lora_" in name:  # updates and optimizer state in fp32 even on a bf16 base
+            p.data = p.data.float()
     return module
 
 
@@ -208,3 +213,50 @@ def save_peft_adapter(
     }
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+def strip_lora(module: nn.Module) -> nn.Module:
+    """Remove every LoRA layer in place, putting its (unmerged) base layer back.
+
+    Used to re-plan: after a noise-free merge the learned update lives in the base
+    weights, so the old adapters can go and new ones, at new ranks, be attached.
+    """
+    for name, child in list(module.named_modules()):
+        if isinstance(child, LoraLayer):
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, child.get_base_layer())
+    return module
+
+
+def merge_base_update(
+    module: nn.Module,
+    updates: Mapping[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    *,
+    fan_in_fan_out: bool = False,
+) -> list[str]:
+    """Add each update (dense ``[d_out, n_in]`` or factors ``(U, V)``) to the base weight of
+    the matching module this ``module`` holds, whether or not that module carries LoRA.
+
+    ``updates`` is keyed by the unsplit model's module names; names held elsewhere are
+    skipped. Returns the names merged here. Every holder of a weight applies the same
+    arithmetic to the same tensors, so all copies stay bit-identical.
+    """
+    from hsplitlora.aggregate import Factors, merge_update
+
+    local_of = getattr(module, "local_name", _identity)
+    merged = []
+    with torch.no_grad():
+        for full, update in updates.items():
+            try:
+                target = module.get_submodule(local_of(full))
+            except (KeyError, AttributeError):
+                continue
+            if isinstance(target, LoraLayer):
+                target = target.get_base_layer()
+            if isinstance(update, tuple):
+                update = Factors(*update)
+            weight = target.weight
+            weight.copy_(merge_update(weight, update, fan_in_fan_out=fan_in_fan_out))
+            merged.append(full)
+    return merged

@@ -6,12 +6,22 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from hsplitlora.models.lora import lora_parameters, lora_state, load_lora_state
+from hsplitlora.models.lora import (
+    LoraSettings,
+    attach_lora,
+    load_lora_state,
+    lora_parameters,
+    lora_state,
+    merge_base_update,
+    strip_lora,
+)
 from hsplitlora.models.split import ClientSegment
 from hsplitlora.roles.messages import Activations
 from hsplitlora.train.optim import Optimizer, OptimSettings, autocast
 
-__all__ = ["Client"]
+__all__ = ["Client", "Update"]
+
+Update = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # dense [d_out, n_in] or (U, V)
 
 
 class Client:
@@ -73,3 +83,15 @@ class Client:
 
     def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
         load_lora_state(self.segment, state)
+
+    def apply_update(self, updates: Mapping[str, Update], settings: LoraSettings) -> None:
+        """Merge an aggregated update (noise-free aggregation) into this client's base
+        weights, then restart its adapters at the ranks ``settings`` plans for it."""
+        merge_base_update(self.segment, updates, fan_in_fan_out=self.segment.spec.fan_in_fan_out)
+        self.reset_adapters(settings)
+
+    def reset_adapters(self, settings: LoraSettings) -> None:
+        """Fresh adapters (A random, B zero) at the planned ranks, and a fresh AdamW."""
+        strip_lora(self.segment)
+        attach_lora(self.segment, settings)
+        self.optimizer.reset(lora_parameters(self.segment))

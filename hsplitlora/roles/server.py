@@ -7,8 +7,17 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from hsplitlora.models.lora import lora_parameters, lora_state, load_lora_state
+from hsplitlora.models.lora import (
+    LoraSettings,
+    attach_lora,
+    load_lora_state,
+    lora_parameters,
+    lora_state,
+    merge_base_update,
+    strip_lora,
+)
 from hsplitlora.models.split import ServerSegment
+from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.train.optim import Optimizer, OptimSettings, autocast, causal_lm_loss
 
@@ -49,6 +58,37 @@ class MainServer:
             self.segments = {cid: segment for cid in ids}
             self.optimizers = {cid: shared for cid in ids}
 
+    @classmethod
+    def heterogeneous(
+        cls, segments: Mapping[int, ServerSegment], optim: OptimSettings, **kwargs: object
+    ) -> MainServer:
+        """One server-side copy per client, each starting at that client's own cut
+        (HSplitLoRA): client ``i`` is served by blocks ``[k_i, L)``."""
+        first = next(iter(segments.values()))
+        server = cls(first, [], optim, per_client=True, **kwargs)  # type: ignore[arg-type]
+        server.segments = {cid: s.to(server.device) for cid, s in segments.items()}
+        server.optimizers = {cid: Optimizer(lora_parameters(s), optim)
+                             for cid, s in server.segments.items()}
+        return server
+
+    def cut(self, client_id: int) -> int:
+        return self._segment(client_id).first_block
+
+    def replace_segment(self, client_id: int, segment: ServerSegment) -> None:
+        """Serve ``client_id`` from a new copy (its cut changed at a re-plan)."""
+        self.segments[client_id] = segment.to(self.device)
+        self.optimizers[client_id].reset(lora_parameters(segment))
+
+    def apply_update(self, updates: Mapping[str, Update],
+                     settings: Mapping[int, LoraSettings]) -> None:
+        """Merge an aggregated update into every server-side copy's base weights and
+        restart each copy's adapters at the ranks planned for its client."""
+        for cid, segment in self.segments.items():
+            merge_base_update(segment, updates, fan_in_fan_out=segment.spec.fan_in_fan_out)
+            strip_lora(segment)
+            attach_lora(segment, settings[cid])
+            self.optimizers[cid].reset(lora_parameters(segment))
+
     def _segment(self, client_id: int) -> ServerSegment:
         try:
             return self.segments[client_id]
@@ -80,7 +120,11 @@ class MainServer:
             client_id = next(iter(self.segments))
         return lora_state(self._segment(client_id))
 
-    def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Load an (aggregated) server-side adapter into every copy."""
+    def load_adapter_state(self, state: Mapping[str, torch.Tensor],
+                           client_id: int | None = None) -> None:
+        """Load an (aggregated) server-side adapter into every copy, or into one client's."""
+        if client_id is not None:
+            load_lora_state(self._segment(client_id), state)
+            return
         for segment in {id(s): s for s in self.segments.values()}.values():
             load_lora_state(segment, state)

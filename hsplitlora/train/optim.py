@@ -35,14 +35,23 @@ class Optimizer:
     """AdamW + warm-up/decay schedule + optional clipping over one party's parameters."""
 
     def __init__(self, params: Sequence[nn.Parameter], settings: OptimSettings) -> None:
-        self.params = list(params)
         self.settings = settings
+        self.steps_done = 0
+        self.reset(params)
+
+    def reset(self, params: Sequence[nn.Parameter]) -> None:
+        """Start AdamW afresh on new parameters (re-initialised or re-planned adapters),
+        continuing the LR schedule where it was: moments of old adapters mean nothing for
+        new ones, but the run's warm-up and decay should not restart."""
+        self.params = list(params)
+        s = self.settings
         self.opt = torch.optim.AdamW(
-            self.params, lr=settings.lr, betas=settings.betas, eps=settings.eps,
-            weight_decay=settings.weight_decay,
+            self.params, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay
         ) if self.params else None
+        offset = self.steps_done
         self.sched = (
-            torch.optim.lr_scheduler.LambdaLR(self.opt, self._factor) if self.opt else None
+            torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: self._factor(step + offset))
+            if self.opt else None
         )
 
     def _factor(self, step: int) -> float:
@@ -66,16 +75,19 @@ class Optimizer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        self.steps_done += 1
 
     def state_dict(self) -> dict:
         if self.opt is None:
             return {}
-        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "steps_done": self.steps_done}
 
     def load_state_dict(self, state: dict) -> None:
         if self.opt is not None and state:
             self.opt.load_state_dict(state["opt"])
             self.sched.load_state_dict(state["sched"])
+            self.steps_done = state["steps_done"]
 
 
 @contextlib.contextmanager

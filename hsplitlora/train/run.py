@@ -139,9 +139,6 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
                         targets=tuple(cfg.lora.targets) if cfg.lora.targets else None)
     seed_everything(cfg.train.seed)
     attach_lora(model, lora)
-    for name, p in model.named_parameters():
-        if ".lora_" in name:  # optimizer state and updates in fp32 even on a bf16 base
-            p.data = p.data.float()
     model.to(device)
     return Prepared(cfg, model, tokenizer, shards, eval_features, lora, device)
 

@@ -1,0 +1,251 @@
+"""Heterogeneous split federated training: HSplitLoRA and the heterogeneous-LoRA baselines.
+
+Every client ``i`` has its own plan: a cut ``k_i`` and a rank per candidate matrix (0 = no
+adapter). The main server keeps one server-side copy per client, holding blocks
+``[k_i, L)`` (SFL-V1 style: with different cuts there is no single server-side model to
+share). Client ``i`` together with its server-side copy is one *participant* whose
+adapters cover every block, so a block that is client-side for some clients and
+server-side for others is trained in both places and aggregated as one weight.
+
+Aggregation, every ``I`` local steps, over the participants' adapters (weights: shard sizes):
+
+* merging methods, ``noisefree`` (HSplitLoRA) and ``stack`` (FLoRA): the exact weighted sum
+  of every participant's ``scale * B A`` is merged into the base weight of *every copy*
+  (each client and each server-side copy merges locally, so all copies stay
+  bit-identical), and adapters restart at each participant's planned rank. Only the
+  stacked factors travel (or the dense update, when it is smaller).
+* ``svd`` (FlexLoRA), ``zeropad`` (HetLoRA), ``fedavg`` (homogeneous ranks only): the
+  method's per-participant adapters are loaded back; base weights never change.
+
+A re-plan (new cuts or ranks) is only possible right after a merging aggregation, when the
+learned update lives in the base weights and the adapters are fresh anyway.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hsplitlora import aggregate as agg
+from hsplitlora.models.lora import (
+    LoraSettings,
+    attach_lora,
+    merge_base_update,
+    target_module_names,
+)
+from hsplitlora.models.split import arch_spec, split_model
+from hsplitlora.roles.client import Client, Update
+from hsplitlora.roles.messages import nbytes
+from hsplitlora.roles.server import MainServer
+from hsplitlora.train.optim import OptimSettings
+from hsplitlora.train.recorder import Recorder
+
+__all__ = ["AGGREGATORS", "MERGING", "PartyPlan", "HeteroSystem", "run_hetero"]
+
+log = logging.getLogger(__name__)
+
+AGGREGATORS = ("noisefree", "stack", "svd", "zeropad", "fedavg")
+MERGING = frozenset({"noisefree", "stack"})
+
+
+@dataclass(frozen=True)
+class PartyPlan:
+    """One participant's configuration: its cut and the rank of each adapted matrix."""
+
+    cut: int
+    ranks: Mapping[str, int] = field(default_factory=dict)  # full module name -> rank (>0)
+
+    def settings(self, targets: tuple[str, ...], candidates: Sequence[str], alpha: float,
+                 dropout: float) -> LoraSettings:
+        ranks = {m: int(self.ranks.get(m, 0)) for m in candidates}
+        top = max(ranks.values(), default=0)
+        return LoraSettings(r=max(top, 1), alpha=alpha, dropout=dropout,
+                            targets=targets, ranks=ranks)
+
+
+class HeteroSystem:
+    """Builds and holds the clients and the heterogeneous main server for a set of plans."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        plans: Sequence[PartyPlan],
+        streams: Sequence[Any],
+        num_samples: Sequence[int],
+        *,
+        client_optim: OptimSettings,
+        server_optim: OptimSettings,
+        alpha: float,
+        dropout: float = 0.0,
+        aggregator: str = "noisefree",
+        precision: str = "bf16",
+        device: torch.device | str = "cpu",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        if aggregator not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")
+        self.spec = arch_spec(base.config)
+        self.base = base  # unsplit, no LoRA: the fed-level view of the merged base weights
+        self.candidates = target_module_names(base, self.spec.targets)
+        wanted = {f"{m}.weight" for m in self.candidates}
+        self.original = {n: p.detach().clone() for n, p in base.named_parameters() if n in wanted}
+        self.alpha, self.dropout, self.aggregator = alpha, dropout, aggregator
+        self.plans = list(plans)
+        self.client_optim = client_optim
+        clients, segments = [], {}
+        for cid, (plan, stream) in enumerate(zip(self.plans, streams, strict=True)):
+            client_seg, server_seg = self._segments(plan)
+            clients.append(Client(cid, client_seg, stream, num_samples[cid], client_optim,
+                                  precision=precision, device=device))
+            segments[cid] = server_seg
+        self.clients = clients
+        self.server = MainServer.heterogeneous(segments, server_optim, precision=precision,
+                                               device=device, label_smoothing=label_smoothing)
+
+    def settings(self, cid: int) -> LoraSettings:
+        return self.plans[cid].settings(self.spec.targets, self.candidates, self.alpha,
+                                        self.dropout)
+
+    def _segments(self, plan: PartyPlan) -> tuple[Any, Any]:
+        model = attach_lora(copy.deepcopy(self.base), plan.settings(
+            self.spec.targets, self.candidates, self.alpha, self.dropout))
+        return split_model(model, plan.cut)
+
+    def participant_states(self) -> list[dict[str, agg.LoraPair]]:
+        """Each client's adapters joined with its server-side copy's: one full adapter."""
+        return [
+            agg.from_peft_state_dict(
+                {**c.adapter_state(), **self.server.adapter_state(c.client_id)}, self.alpha)
+            for c in self.clients
+        ]
+
+    def replan(self, plans: Sequence[PartyPlan]) -> None:
+        """Adopt new plans; only valid right after a merging aggregation."""
+        for cid, plan in enumerate(plans):
+            if plan.cut != self.plans[cid].cut:
+                client_seg, server_seg = self._segments(plan)
+                client = self.clients[cid]
+                client.segment = client_seg.to(client.device)
+                self.server.replace_segment(cid, server_seg)
+            self.plans[cid] = plan
+        for cid, client in enumerate(self.clients):
+            client.reset_adapters(self.settings(cid))
+        self.server.apply_update({}, {cid: self.settings(cid) for cid in range(len(plans))})
+
+    def aggregate(self) -> tuple[int, int]:
+        """Aggregate every participant's adapters; returns bytes up and down."""
+        states = self.participant_states()
+        weights = [c.num_samples for c in self.clients]
+        up = sum(nbytes(agg.to_peft_state_dict(s)) for s in states)
+        if self.aggregator in MERGING:
+            updates = self._merged_updates(states, weights)
+            merge_base_update(self.base, updates, fan_in_fan_out=self.spec.fan_in_fan_out)
+            for cid, client in enumerate(self.clients):
+                client.apply_update(updates, self.settings(cid))
+            self.server.apply_update(updates, {c: self.settings(c) for c in range(len(states))})
+            # Each client downloads the update of the blocks it holds; the main server
+            # downloads everything once and applies it to all of its copies.
+            down = _update_bytes(updates, set(updates)) + sum(
+                _update_bytes(updates, self._client_modules(cid)) for cid in range(len(states)))
+            return up, down
+        outs = self._per_participant(states, weights)
+        down = 0
+        for client, out in zip(self.clients, outs, strict=True):
+            flat = agg.to_peft_state_dict(out)
+            own = client.adapter_state()
+            client.load_adapter_state({k: flat[k] for k in own})
+            server_keys = self.server.adapter_state(client.client_id)
+            self.server.load_adapter_state({k: flat[k] for k in server_keys}, client.client_id)
+            down += nbytes(flat)
+        return up, down
+
+    def _client_modules(self, cid: int) -> set[str]:
+        """Candidate modules in the blocks client ``cid`` runs itself."""
+        prefix = f"{self.spec.backbone}.{self.spec.blocks}."
+        cut = self.plans[cid].cut
+        return {m for m in self.candidates if int(m[len(prefix):].split(".")[0]) < cut}
+
+    def _merged_updates(self, states: Sequence[Mapping[str, agg.LoraPair]],
+                        weights: Sequence[float]) -> dict[str, Update]:
+        if self.aggregator == "noisefree":
+            return {m: _as_update(agg.dense_or_factors(f))
+                    for m, f in agg.noisefree(states, weights).items()}
+        # FLoRA ships the stacked adapter itself (rank sum_k r_k, scale 1).
+        return {m: (pair.B, pair.A) for m, pair in agg.stack(states, weights).items()}
+
+    def _per_participant(self, states: Sequence[Mapping[str, agg.LoraPair]],
+                         weights: Sequence[float]) -> list[dict[str, agg.LoraPair]]:
+        if self.aggregator == "svd":
+            return agg.svd(states, weights)[0]
+        if self.aggregator == "zeropad":
+            return agg.zeropad(states, weights)
+        merged = agg.fedavg(states, weights)
+        return [merged for _ in states]
+
+    def global_update(self) -> dict[str, torch.Tensor]:
+        """The global model's total update to each adapted base weight (dense, fp32).
+
+        Merging methods: what has been merged into the base so far (after the final
+        aggregation the adapters are fresh, B = 0, and add nothing). Other methods: the
+        exact weighted sum of the participants' current updates.
+        """
+        if self.aggregator in MERGING:
+            out = {}
+            for name, p in self.base.named_parameters():
+                if name in self.original:
+                    module = name.removesuffix(".weight")
+                    delta = p.detach().float() - self.original[name].float()
+                    if self.spec.fan_in_fan_out:
+                        delta = delta.T
+                    if delta.abs().max() > 0:
+                        out[module] = delta
+            return out
+        states = self.participant_states()
+        return agg.weighted_delta(states, [c.num_samples for c in self.clients])
+
+
+def _as_update(x: agg.Factors | torch.Tensor) -> Update:
+    return x if isinstance(x, torch.Tensor) else (x.U, x.V)
+
+
+def _update_bytes(updates: Mapping[str, Update], held: set[str]) -> int:
+    total = 0
+    for m, u in updates.items():
+        if m in held:
+            total += nbytes(u) if isinstance(u, torch.Tensor) else nbytes(list(u))
+    return total
+
+
+def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
+               replan: Callable[[int], Sequence[PartyPlan] | None] | None = None) -> None:
+    """Train all participants for ``steps`` local steps, aggregating every ``interval``.
+
+    ``replan(round)`` is asked after each merging aggregation; a non-None answer becomes
+    the new plans (it logs its own reasons).
+    """
+    server = system.server
+    for t in range(steps):
+        for client in system.clients:
+            acts = client.forward()
+            reply = server.step(client.client_id, acts)
+            client.backward(reply.grad)
+            rec.train_step(round=t, client=client.client_id, loss=reply.loss,
+                           tokens=reply.tokens, bytes_up=acts.nbytes, bytes_down=reply.nbytes,
+                           lr=server.lr)
+        if (t + 1) % interval == 0 or t + 1 == steps:
+            up, down = system.aggregate()
+            rec.event("aggregate", round=t, side="all", method=system.aggregator,
+                      bytes_up=up, bytes_down=down)
+            if replan is not None and system.aggregator in MERGING and t + 1 < steps:
+                plans = replan(t)
+                if plans is not None:
+                    system.replan(plans)
+                    rec.event("replan", round=t,
+                              plans=[{"cut": p.cut, "adapted": len(p.ranks)} for p in plans])
+        rec.end_round(t)
