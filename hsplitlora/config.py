@@ -13,10 +13,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hsplitlora.hetero.profiles import ScenarioConfig
+
 __all__ = [
     "ConfigError",
     "DataConfig",
     "EvalConfig",
+    "HeteroConfig",
     "LoraConfig",
     "ModelConfig",
     "OutputConfig",
@@ -26,7 +29,9 @@ __all__ = [
     "load_config",
 ]
 
-Mode = Literal["centralized", "federated", "split", "splitfed", "splitlora"]
+Mode = Literal["centralized", "federated", "split", "splitfed", "splitlora",
+               "hsplitlora", "hetlora", "flexlora", "flora"]
+HETERO_MODES = ("hsplitlora", "hetlora", "flexlora", "flora")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 E2E_DIR = REPO_ROOT / "data" / "e2e"
 
@@ -126,10 +131,43 @@ class TrainConfig(_Strict):
                            "no terminal for the progress bar; 0 = about 20 lines per run")
 
 
+class HeteroConfig(_Strict):
+    """Heterogeneous clients (HSplitLoRA): device budgets and the three switchable parts."""
+
+    scenario: ScenarioConfig = Field(default_factory=ScenarioConfig,
+                                     description="client devices (memory, compute, links)")
+    importance: bool = Field(True, description="IWI: place adapters by measured importance; "
+                             "false = every candidate matrix equally important")
+    adaptive: bool = Field(True, description="ARMSC: per-client cut and ranks from its budget; "
+                           "false = every client at train.cut with rank lora.r")
+    aggregator: Literal["noisefree", "stack", "svd", "zeropad", "fedavg"] = Field(
+        "noisefree", description="hsplitlora's aggregation (the baselines fix their own)")
+    rank_set: list[int] = Field([0, 2, 4, 8, 16], description="candidate ranks Q (0 = none)")
+    server_rank: int = Field(8, ge=0, description="rank of the server-side adapters")
+    cuts: list[int] | None = Field(None, description="cuts the planner may choose; "
+                                   "null = 1 .. L-1")
+    time_budget_s: float | None = Field(None, gt=0, description="per-step time budget of a "
+                                        "client (cost model); null = memory only")
+    probe_batches: int = Field(2, ge=1, description="batches per importance estimate")
+    ema_beta: float = Field(0.8, ge=0, lt=1, description="importance smoothing over rounds")
+    replan_threshold: float = Field(0.2, ge=0, le=2, description="re-plan when the importance "
+                                    "ranking moved by more than this (1 - Kendall tau)")
+
+    @model_validator(mode="after")
+    def _ranks(self) -> HeteroConfig:
+        if any(r < 0 for r in self.rank_set) or not any(r > 0 for r in self.rank_set):
+            raise ValueError("hetero.rank_set needs non-negative ranks and at least one > 0")
+        return self
+
+
 class EvalConfig(_Strict):
     max_examples: int = Field(256, ge=0, description="held-out examples for loss/perplexity "
                               "at the end of training; 0 = skip")
     batch_size: int = Field(8, ge=1, description="evaluation batch size")
+    num_beams: int = Field(10, ge=1, description="beam width for `hsplitlora evaluate` "
+                           "(SplitLoRA's E2E decoding uses 10); 1 = greedy")
+    max_mrs: int | None = Field(None, ge=1, description="distinct test MRs that "
+                                "`hsplitlora evaluate` generates for; null = all")
 
 
 class OutputConfig(_Strict):
@@ -147,6 +185,7 @@ class RunConfig(_Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    hetero: HeteroConfig = Field(default_factory=HeteroConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 

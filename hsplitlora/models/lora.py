@@ -31,6 +31,7 @@ __all__ = [
     "save_peft_adapter",
     "strip_lora",
     "target_module_names",
+    "updates_as_adapter",
 ]
 
 _ADAPTER = "default"
@@ -183,13 +184,15 @@ def save_peft_adapter(
     *,
     base_model: str | None = None,
     fan_in_fan_out: bool = False,
+    alphas: Mapping[str, float] | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's layout.
 
     ``state`` holds unsplit-model names (client and server halves merged), so
     ``peft.PeftModel.from_pretrained(base, out_dir)`` loads it onto the unsplit model.
     Target modules are listed by full name, with per-module ranks, because a
-    heterogeneous plan may adapt a matrix in one block and not in the next.
+    heterogeneous plan may adapt a matrix in one block and not in the next. ``alphas``
+    overrides ``settings.alpha`` per module (peft's ``alpha_pattern``).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks: dict[str, int] = {}
@@ -203,6 +206,7 @@ def save_peft_adapter(
         lora_dropout=settings.dropout,
         target_modules=modules,
         rank_pattern={re.escape(m): r for m, r in ranks.items() if r != settings.r},
+        alpha_pattern={re.escape(m): a for m, a in (alphas or {}).items() if a != settings.alpha},
         fan_in_fan_out=fan_in_fan_out,
         bias="none",
         base_model_name_or_path=base_model,
@@ -260,3 +264,25 @@ def merge_base_update(
             weight.copy_(merge_update(weight, update, fan_in_fan_out=fan_in_fan_out))
             merged.append(full)
     return merged
+
+
+def updates_as_adapter(
+    updates: Mapping[str, torch.Tensor], rtol: float = 1e-6
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Express dense weight updates ``[d_out, n_in]`` as LoRA factors PEFT can load.
+
+    A merged run (noise-free aggregation) keeps what it learned in the base weights; to
+    hand it over as an adapter, each update is factorised by SVD at its numerical rank
+    (singular values above ``rtol`` x the largest), which loses nothing beyond float
+    rounding: ``B = U S``, ``A = V^T``, with ``alpha = rank`` so the scale is 1.
+    Returns the flat adapter state and the per-module alphas.
+    """
+    state: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
+    for module, delta in updates.items():
+        u, sv, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        rank = max(int((sv > rtol * sv[0]).sum()), 1) if sv.numel() else 1
+        state[f"{module}.lora_B.weight"] = (u[:, :rank] * sv[:rank]).float().contiguous()
+        state[f"{module}.lora_A.weight"] = vh[:rank].float().contiguous()
+        alphas[module] = float(rank)
+    return state, alphas

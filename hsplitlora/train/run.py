@@ -240,6 +240,9 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         wall = time.perf_counter() - start
         load_lora_state(p.model, adapter)
         summary = _summary(p, rec, wall)
+        sim = simulated_times(p, rec.records, adapter)
+        summary["simulated_s"] = sim[-1] if sim else 0.0
+        summary["simulated_round_s"] = sim
         if p.eval_features is not None:
             loss, ppl = perplexity(p.model, p.eval_features, pad_id=pad_id_for(p.tokenizer),
                                    batch_size=cfg.eval.batch_size,
@@ -258,6 +261,34 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         plot_loss(rec.records, run_dir / "loss.png", title=f"{cfg.train.mode} ({cfg.model.name})")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return RunResult(run_dir, adapter, rec.records, summary, p.model, samples)
+
+
+def simulated_times(p: Prepared, records: list[dict[str, Any]],
+                    adapter: dict[str, torch.Tensor],
+                    plans: dict[int, tuple[int, dict[str, int]]] | None = None) -> list[float]:
+    """Cumulative simulated seconds per round on the scenario's devices (train/clock.py).
+
+    ``plans`` maps each client to its (cut, ranks); by default every client has
+    ``train.cut`` and the run's adapter ranks.
+    """
+    from hsplitlora.hetero.costmodel import ModelDims
+    from hsplitlora.train.clock import simulate
+
+    cfg = p.cfg
+    dims = ModelDims.from_config(p.model.config)
+    params = sum(x.numel() for n, x in p.model.named_parameters() if ".lora_" not in n)
+    profiles = cfg.hetero.scenario.profiles(cfg.train.num_clients, params)
+    if plans is None:
+        ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0])
+                 for k, v in adapter.items() if k.endswith(".lora_A.weight")}
+        plans = {cid: (cfg.train.cut, ranks) for cid in range(cfg.train.num_clients)}
+    lengths = [len(f["input_ids"]) for shard in p.shards for f in shard.features]
+    return simulate(records, mode=cfg.train.mode, dims=dims,
+                    cuts={c: cut for c, (cut, _) in plans.items()},
+                    ranks={c: r for c, (_, r) in plans.items()},
+                    clients=profiles, server=cfg.hetero.scenario.server_profile(),
+                    batch=cfg.train.batch_size, seq=round(sum(lengths) / len(lengths)),
+                    precision=cfg.train.precision)
 
 
 def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
@@ -295,33 +326,23 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
 
 
 def load_trained(run_dir: Path, *, device: str = "cpu") -> tuple[nn.Module, Any, RunConfig]:
-    """The fine-tuned unsplit model of a finished run (base + its adapters), its tokenizer
-    and its resolved config: what evaluation and export start from."""
-    from safetensors.torch import load_file
+    """The fine-tuned unsplit model of a finished run (base + its adapters, merged), its
+    tokenizer and its resolved config: what evaluation and export start from.
+
+    The adapter is read with PEFT itself, exactly as a user would load it.
+    """
+    from peft import PeftModel
 
     from hsplitlora.config import load_config
     from hsplitlora.models.load import load_model
 
     run_dir = Path(run_dir)
-    adapter = run_dir / "adapter" / "adapter_model.safetensors"
-    if not adapter.is_file():
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{run_dir} holds no adapter ({adapter} is missing): is it a "
                                 "finished run folder written by `hsplitlora train`?")
     cfg = load_config(run_dir / "config.yaml")
     model, tokenizer = load_model(cfg.model.name,
                                   dtype=getattr(torch, cfg.model.torch_dtype(cfg.train.precision)))
-    state = {k.removeprefix("base_model.model."): v for k, v in load_file(adapter).items()}
-    ranks = {k[: -len(".lora_A.weight")]: int(v.shape[0])
-             for k, v in state.items() if k.endswith(".lora_A.weight")}
-    settings = LoraSettings(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                            targets=tuple(cfg.lora.targets) if cfg.lora.targets else None,
-                            ranks={**{m: 0 for m in _all_targets(model, cfg)}, **ranks})
-    attach_lora(model, settings)
-    load_lora_state(model, state)
+    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return model.to(device).eval(), tokenizer, cfg
-
-
-def _all_targets(model: nn.Module, cfg: RunConfig) -> list[str]:
-    from hsplitlora.models.lora import target_module_names
-
-    return target_module_names(model, tuple(cfg.lora.targets) if cfg.lora.targets else None)

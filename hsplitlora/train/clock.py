@@ -1,0 +1,102 @@
+"""Simulated wall-clock: how long a run would take on the configured devices.
+
+A one-process simulation runs every party on the same CPU, so its wall time says nothing
+about a deployment. This module replays a run's metrics (tokens and bytes of every step,
+bytes of every aggregation) against device profiles and the cost model:
+
+* split modes: within a round, clients compute their forward in parallel on their own
+  devices, upload, and queue at the main server, which serves one client at a time in
+  arrival order (SplitLoRA's server is one device); each client then downloads its
+  gradient and runs its backward. The round ends when the last client finishes.
+* ``split`` (vanilla SL): one client at a time, so steps add up.
+* ``federated``: each client runs the whole model on its own device; rounds take the
+  slowest client.
+* ``centralized``: one client-class device does everything (the CenLoRA baseline of the
+  papers: no parallelism).
+* every aggregation adds the slowest client's adapter upload + download.
+
+Compute time is cost-model FLOPs over the device's sustained FLOP/s; a transfer runs at
+the slower end of the link. Latency and queueing on the network are not modelled.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from hsplitlora.hetero.costmodel import ModelDims, Workload, client_flops, server_flops
+from hsplitlora.hetero.profiles import DeviceProfile
+
+__all__ = ["simulate"]
+
+
+def simulate(
+    records: Sequence[Mapping[str, Any]],
+    *,
+    mode: str,
+    dims: ModelDims,
+    cuts: Mapping[int, int],
+    ranks: Mapping[int, Mapping[str, int]],
+    clients: Sequence[DeviceProfile],
+    server: DeviceProfile,
+    batch: int,
+    seq: int,
+    precision: str,
+) -> list[float]:
+    """Simulated seconds at the end of each round (cumulative)."""
+    steps: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    aggs: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        if "event" not in r:
+            steps[r["round"]].append(r)
+        elif r["event"] in ("aggregate", "handoff"):
+            aggs[r["round"]].append(r)
+    work = Workload.for_precision(precision, batch=batch, seq=seq)
+    n_layers = dims.n_layers
+    clock, out = 0.0, []
+    for rnd in sorted(steps):
+        if mode in ("centralized", "federated"):
+            per = []
+            for s in steps[rnd]:
+                device = clients[s["client"] or 0]
+                f = client_flops(dims, n_layers, ranks.get(s["client"] or 0, {}), work)
+                per.append(f.total / device.flops)
+            clock += sum(per) if mode == "centralized" else max(per)
+        else:
+            clock += _split_round(steps[rnd], mode, dims, cuts, ranks, clients, server, work)
+        for a in aggs.get(rnd, []):
+            n = max(len(clients), 1)
+            slowest = min(clients, key=lambda p: min(p.uplink_bps, p.downlink_bps))
+            clock += (a.get("bytes_up", 0) / n) / slowest.uplink_bps
+            clock += (a.get("bytes_down", 0) / n) / slowest.downlink_bps
+        out.append(clock)
+    return out
+
+
+def _split_round(steps: Sequence[Mapping[str, Any]], mode: str, dims: ModelDims,
+                 cuts: Mapping[int, int], ranks: Mapping[int, Mapping[str, int]],
+                 clients: Sequence[DeviceProfile], server: DeviceProfile,
+                 work: Workload) -> float:
+    timings = []
+    for s in steps:
+        cid = s["client"]
+        dev, cut, plan = clients[cid], cuts[cid], ranks.get(cid, {})
+        cf = client_flops(dims, cut, plan, work)
+        sf = server_flops(dims, cut, plan, work)
+        timings.append((
+            cf.forward / dev.flops,
+            s["bytes_up"] / min(dev.uplink_bps, server.downlink_bps),
+            sf.total / server.flops,
+            s["bytes_down"] / min(server.uplink_bps, dev.downlink_bps),
+            cf.backward / dev.flops,
+        ))
+    if mode == "split":  # sequential: one client at a time
+        return sum(sum(t) for t in timings)
+    arrivals = sorted((fwd + up, i) for i, (fwd, up, _, _, _) in enumerate(timings))
+    server_free, end = 0.0, 0.0
+    for arrival, i in arrivals:
+        start = max(arrival, server_free)
+        server_free = start + timings[i][2]
+        end = max(end, server_free + timings[i][3] + timings[i][4])
+    return end
