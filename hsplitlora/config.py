@@ -75,7 +75,8 @@ class LoraConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    dataset: Literal["e2e", "jsonl"] = Field("e2e", description="E2E NLG CSV or prompt/completion JSONL")
+    dataset: Literal["e2e", "jsonl"] = Field(
+        "e2e", description="E2E NLG CSV or prompt/completion JSONL")
     train_files: list[Path] = Field(
         default_factory=lambda: [
             E2E_DIR / "original" / "devset.csv",

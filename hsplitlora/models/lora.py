@@ -51,9 +51,13 @@ class LoraSettings:
     dropout: float = 0.0
     targets: tuple[str, ...] | None = None  # block-relative suffixes; None = the arch default
     ranks: Mapping[str, int] = field(default_factory=dict)
+    alphas: Mapping[str, float] = field(default_factory=dict)  # per-module alpha overrides
 
     def rank_of(self, module: str) -> int:
         return int(self.ranks.get(module, self.r))
+
+    def alpha_of(self, module: str) -> float:
+        return float(self.alphas.get(module, self.alpha))
 
 
 def _identity(name: str) -> str:
@@ -118,6 +122,11 @@ def attach_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
             for n in chosen
             if settings.rank_of(full(n)) != settings.r
         },
+        alpha_pattern={
+            re.escape(n): settings.alpha_of(full(n))
+            for n in chosen
+            if settings.alpha_of(full(n)) != settings.alpha
+        },
         fan_in_fan_out=spec.fan_in_fan_out,
         bias="none",
     )
@@ -173,7 +182,8 @@ def load_lora_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> Non
         for key, p in own.items():
             value = state[key]
             if value.shape != p.shape:
-                raise ValueError(f"{key}: expected shape {tuple(p.shape)}, got {tuple(value.shape)}")
+                raise ValueError(
+                    f"{key}: expected shape {tuple(p.shape)}, got {tuple(value.shape)}")
             p.copy_(value.to(dtype=p.dtype, device=p.device))
 
 
@@ -184,15 +194,14 @@ def save_peft_adapter(
     *,
     base_model: str | None = None,
     fan_in_fan_out: bool = False,
-    alphas: Mapping[str, float] | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's layout.
 
     ``state`` holds unsplit-model names (client and server halves merged), so
     ``peft.PeftModel.from_pretrained(base, out_dir)`` loads it onto the unsplit model.
     Target modules are listed by full name, with per-module ranks, because a
-    heterogeneous plan may adapt a matrix in one block and not in the next. ``alphas``
-    overrides ``settings.alpha`` per module (peft's ``alpha_pattern``).
+    heterogeneous plan may adapt a matrix in one block and not in the next; per-module
+    alphas (``settings.alphas``) become peft's ``alpha_pattern``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks: dict[str, int] = {}
@@ -206,7 +215,8 @@ def save_peft_adapter(
         lora_dropout=settings.dropout,
         target_modules=modules,
         rank_pattern={re.escape(m): r for m, r in ranks.items() if r != settings.r},
-        alpha_pattern={re.escape(m): a for m, a in (alphas or {}).items() if a != settings.alpha},
+        alpha_pattern={re.escape(m): settings.alpha_of(m) for m in modules
+                       if settings.alpha_of(m) != settings.alpha},
         fan_in_fan_out=fan_in_fan_out,
         bias="none",
         base_model_name_or_path=base_model,
@@ -230,6 +240,8 @@ def strip_lora(module: nn.Module) -> nn.Module:
             parent_name, _, attr = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             setattr(parent, attr, child.get_base_layer())
+    if "peft_config" in vars(module):  # inject_adapter_in_model's record of what it added
+        del module.peft_config
     return module
 
 

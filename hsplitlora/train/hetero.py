@@ -188,6 +188,14 @@ class HeteroSystem:
         merged = agg.fedavg(states, weights)
         return [merged for _ in states]
 
+    def restore_base(self) -> None:
+        """Put the original base weights back into ``base`` (undo the merges), so the run's
+        result can be expressed as base + adapter, as PEFT users will load it."""
+        with torch.no_grad():
+            for name, p in self.base.named_parameters():
+                if name in self.original:
+                    p.copy_(self.original[name])
+
     def global_update(self) -> dict[str, torch.Tensor]:
         """The global model's total update to each adapted base weight (dense, fp32).
 

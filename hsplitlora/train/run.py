@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hsplitlora.config import RunConfig
+from hsplitlora.config import HETERO_MODES, RunConfig
 from hsplitlora.data.e2e import format_prompt, load_e2e
 from hsplitlora.data.example import Example
 from hsplitlora.data.jsonl import load_jsonl
@@ -105,6 +105,7 @@ class Prepared:
     eval_features: TokenizedDataset | None
     lora: LoraSettings
     device: torch.device
+    plans: dict[int, tuple[int, dict[str, int]]] | None = None  # heterogeneous: (cut, ranks)
 
 
 def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = None) -> Prepared:
@@ -114,8 +115,7 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
     if model is None or tokenizer is None:
         from hsplitlora.models.load import load_model
 
-        dtype = getattr(torch, cfg.model.torch_dtype(cfg.train.precision))
-        model, tokenizer = load_model(cfg.model.name, dtype=dtype)
+        model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, base_dtype(cfg)))
     spec = arch_spec(model.config)  # fail early on an unsupported architecture
     del spec
     examples = load_examples(cfg, list(cfg.data.train_files))
@@ -135,12 +135,38 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
         if len(ev) > cfg.eval.max_examples:
             ev = [ev[i] for i in sorted(rng.sample(range(len(ev)), cfg.eval.max_examples))]
         eval_features = TokenizedDataset(ev, tokenizer, cfg.data.max_length)
-    lora = LoraSettings(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+    rank = cfg.lora.r
+    if cfg.train.mode == "splitlora" and cfg.hetero.scenario.kind != "homogeneous":
+        rank = _weakest_rank(cfg, model, shards)
+    lora = LoraSettings(r=rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                         targets=tuple(cfg.lora.targets) if cfg.lora.targets else None)
     seed_everything(cfg.train.seed)
-    attach_lora(model, lora)
+    if cfg.train.mode not in HETERO_MODES:  # heterogeneous runs attach per client plan
+        attach_lora(model, lora)
     model.to(device)
     return Prepared(cfg, model, tokenizer, shards, eval_features, lora, device)
+
+
+def _weakest_rank(cfg: RunConfig, model: nn.Module, shards: list[TokenizedDataset]) -> int:
+    """SplitLoRA on heterogeneous devices: one rank for all, the largest the weakest fits."""
+    from hsplitlora.hetero.scheme import Planner
+
+    params = sum(x.numel() for x in model.parameters())
+    lengths = [len(f["input_ids"]) for shard in shards for f in shard.features]
+    planner = Planner(cfg, model, cfg.hetero.scenario.profiles(cfg.train.num_clients, params),
+                      cfg.hetero.scenario.server_profile(), round(sum(lengths) / len(lengths)))
+    rank = planner.weakest_rank()
+    log.info("heterogeneous devices: SplitLoRA uses the weakest client's rank %d "
+             "(lora.r %d ignored)", rank, cfg.lora.r)
+    return rank
+
+
+def base_dtype(cfg: RunConfig) -> str:
+    """Storage dtype of the base weights. Heterogeneous modes merge aggregated updates into
+    them, and a bf16 weight would round a small update away, so ``auto`` is fp32 there."""
+    if cfg.model.dtype == "auto" and cfg.train.mode in HETERO_MODES:
+        return "float32"
+    return cfg.model.torch_dtype(cfg.train.precision)
 
 
 def _optim(cfg: RunConfig, total_steps: int) -> OptimSettings:
@@ -166,10 +192,59 @@ def _total_rounds(cfg: RunConfig) -> int:
     return t.steps
 
 
+def _run_hetero(p: Prepared, rec: Recorder) -> tuple[dict[str, torch.Tensor], LoraSettings]:
+    """HSplitLoRA / HetLoRA / FlexLoRA / FLoRA: plan per client, train, export the update."""
+    from hsplitlora.hetero.scheme import Planner, probe_importance
+    from hsplitlora.models.lora import updates_as_adapter
+    from hsplitlora.train.hetero import HeteroSystem, run_hetero
+
+    cfg, t = p.cfg, p.cfg.train
+    params = sum(x.numel() for x in p.model.parameters())
+    profiles = cfg.hetero.scenario.profiles(t.num_clients, params)
+    planner = Planner(cfg, p.model, profiles, cfg.hetero.scenario.server_profile(),
+                      _mean_length(p))
+    pad = pad_id_for(p.tokenizer)
+    probes = [batch_stream(shard.features, t.batch_size, party_seed(t.seed, cid) + 7919, pad)
+              for cid, shard in enumerate(p.shards)]
+    initial = planner.provisional() if planner.uses_importance else planner.plans(None)
+    system = HeteroSystem(
+        p.model, initial, _streams(p), [len(s) for s in p.shards],
+        client_optim=_optim(cfg, t.steps), server_optim=_optim(cfg, t.steps),
+        alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, aggregator=planner.aggregator,
+        precision=t.precision, device=p.device, label_smoothing=t.label_smoothing)
+    if planner.uses_importance:
+        scores = planner.observe(probe_importance(system, probes, cfg.hetero.probe_batches,
+                                                  t.precision))
+        system.replan(planner.plans(scores))
+    rec.event("plan", round=0, plans=[{"cut": pl.cut, "ranks": dict(pl.ranks)}
+                                      for pl in system.plans])
+    p.plans = {cid: (pl.cut, dict(pl.ranks)) for cid, pl in enumerate(system.plans)}
+    run_hetero(system, t.steps, t.agg_interval, rec,
+               replan=lambda rnd: planner.replan(system, probes, rnd))
+    state, alphas = updates_as_adapter(system.global_update())
+    system.restore_base()
+    ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0])
+             for k, v in state.items() if k.endswith(".lora_A.weight")}
+    settings = LoraSettings(r=max(ranks.values(), default=1), alpha=cfg.lora.alpha,
+                            dropout=0.0, targets=arch_spec(p.model.config).targets,
+                            ranks={**{m: 0 for m in planner.candidates}, **ranks},
+                            alphas=alphas)
+    attach_lora(p.model, settings)
+    return state, settings
+
+
+def _mean_length(p: Prepared) -> int:
+    lengths = [len(f["input_ids"]) for shard in p.shards for f in shard.features]
+    return round(sum(lengths) / len(lengths))
+
+
 def run_mode(p: Prepared, rec: Recorder) -> dict[str, torch.Tensor]:
     """Build the roles for the configured mode and train; returns the final adapter."""
     cfg, t = p.cfg, p.cfg.train
     precision, device = t.precision, p.device
+    if t.mode in HETERO_MODES:
+        state, p.lora = _run_hetero(p, rec)
+        return state
     if t.mode == "centralized":
         pad = pad_id_for(p.tokenizer)
         union = [f for shard in p.shards for f in shard.features]
@@ -240,7 +315,7 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         wall = time.perf_counter() - start
         load_lora_state(p.model, adapter)
         summary = _summary(p, rec, wall)
-        sim = simulated_times(p, rec.records, adapter)
+        sim = simulated_times(p, rec.records, adapter, p.plans)
         summary["simulated_s"] = sim[-1] if sim else 0.0
         summary["simulated_round_s"] = sim
         if p.eval_features is not None:
@@ -282,12 +357,11 @@ def simulated_times(p: Prepared, records: list[dict[str, Any]],
         ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0])
                  for k, v in adapter.items() if k.endswith(".lora_A.weight")}
         plans = {cid: (cfg.train.cut, ranks) for cid in range(cfg.train.num_clients)}
-    lengths = [len(f["input_ids"]) for shard in p.shards for f in shard.features]
     return simulate(records, mode=cfg.train.mode, dims=dims,
                     cuts={c: cut for c, (cut, _) in plans.items()},
                     ranks={c: r for c, (_, r) in plans.items()},
                     clients=profiles, server=cfg.hetero.scenario.server_profile(),
-                    batch=cfg.train.batch_size, seq=round(sum(lengths) / len(lengths)),
+                    batch=cfg.train.batch_size, seq=_mean_length(p),
                     precision=cfg.train.precision)
 
 
@@ -300,10 +374,23 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
     total = sum(p_.numel() for n, p_ in p.model.named_parameters() if ".lora_" in n)
     spec = arch_spec(p.model.config)
     prefix = f"{spec.backbone}.{spec.blocks}."
-    client_params = sum(
-        p_.numel() for n, p_ in p.model.named_parameters()
-        if ".lora_" in n and int(n[len(prefix):].split(".")[0]) < cut
-    ) if p.cfg.train.mode not in ("centralized", "federated") else total  # one party holds all
+    if p.plans:  # heterogeneous: the mean client's own adapters, from its plan
+        from hsplitlora.hetero.costmodel import ModelDims
+
+        dims = ModelDims.from_config(p.model.config)
+        per_client = []
+        for pcut, ranks in p.plans.values():
+            own = 0
+            for m, r in ranks.items():
+                block, matrix = dims.locate(m)
+                own += matrix.lora_params(r) if block < pcut else 0
+            per_client.append(own)
+        client_params = round(sum(per_client) / len(per_client))
+    elif p.cfg.train.mode in ("centralized", "federated"):
+        client_params = total  # one party holds everything
+    else:
+        client_params = sum(p_.numel() for n, p_ in p.model.named_parameters()
+                            if ".lora_" in n and int(n[len(prefix):].split(".")[0]) < cut)
     return {
         "mode": p.cfg.train.mode,
         "model": p.cfg.model.name,

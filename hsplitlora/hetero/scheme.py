@@ -1,0 +1,186 @@
+"""From a run configuration to per-client plans: HSplitLoRA, its ablations, the baselines.
+
+* ``hsplitlora``: important weight identification (IWI, ``hetero.importance``) scores every
+  candidate matrix by split probing; adaptive rank and split-point configuration (ARMSC,
+  ``hetero.adaptive``) plans each client's cut and ranks under its budget; aggregation is
+  ``hetero.aggregator`` (noise-free by default). Switching a part off:
+  IWI off = every candidate equally important; ARMSC off = every client at ``train.cut``
+  with rank ``lora.r`` on as many matrices as the default targets cover, chosen by
+  importance when IWI is on (the default targets when off); aggregator = any of
+  ``stack``, ``svd``, ``zeropad``.
+* ``hetlora``, ``flexlora``, ``flora``: every client at ``train.cut``; each gets the largest
+  rank of Q whose adapters on the default targets (client and server side) fit its memory;
+  aggregation by zero-padding, SVD, or stacking respectively.
+* ``splitlora`` on heterogeneous devices: every client forced to the weakest client's rank
+  (the largest rank that *every* client fits), as a homogeneous system must.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from hsplitlora.hetero.costmodel import ModelDims, Workload, client_memory
+from hsplitlora.hetero.importance import (
+    ImportanceTracker,
+    ServerScorer,
+    candidates,
+    importance,
+    ranking,
+    score_client,
+)
+from hsplitlora.hetero.planner import PlanError, PlannerSettings, plan_clients, should_replan
+from hsplitlora.hetero.profiles import DeviceProfile, format_bytes
+from hsplitlora.models.lora import target_module_names
+from hsplitlora.models.split import arch_spec
+from hsplitlora.train.hetero import HeteroSystem, PartyPlan
+
+__all__ = ["BASELINE_AGGREGATOR", "Planner", "probe_importance", "uniform_rank"]
+
+log = logging.getLogger(__name__)
+
+BASELINE_AGGREGATOR = {"hetlora": "zeropad", "flexlora": "svd", "flora": "stack"}
+
+
+def probe_importance(system: HeteroSystem, probes: Sequence[Any], n_batches: int,
+                     precision: str) -> dict[str, float]:
+    """Every participant scores its own blocks on its own probe batches (the client its
+    client side, its server-side copy the rest, from the activations it receives);
+    importances are averaged over participants, weighted by shard size."""
+    total: dict[str, float] = {}
+    weights = [c.num_samples for c in system.clients]
+    norm = sum(weights)
+    for client, probe, w in zip(system.clients, probes, weights, strict=True):
+        batches = [next(probe) for _ in range(n_batches)]
+        server_seg = system.server.segments[client.client_id]
+        with ServerScorer(server_seg, precision=precision) as scorer:
+            scores = score_client(client.segment, batches, scorer.reply, precision=precision)
+            scores.update(scorer.scores())
+        cands = candidates(client.segment) + candidates(server_seg)
+        for name, value in importance(scores, cands).items():
+            total[name] = total.get(name, 0.0) + value * w / norm
+    return total
+
+
+def uniform_rank(dims: ModelDims, profile: DeviceProfile, cut: int, modules: Sequence[str],
+                 rank_set: Sequence[int], work: Workload) -> int:
+    """Largest rank of Q whose adapters on ``modules`` (client side) fit ``profile``."""
+    prefix_blocks = {m for m in modules if _block(m) < cut}
+    best = 0
+    for r in sorted(x for x in rank_set if x > 0):
+        mem = client_memory(dims, cut, {m: r for m in prefix_blocks}, work).total
+        if mem <= profile.memory_bytes:
+            best = r
+    if best == 0:
+        need = client_memory(dims, cut, {m: min(x for x in rank_set if x > 0)
+                                         for m in prefix_blocks}, work).total
+        raise PlanError(f"client '{profile.name}' cannot hold cut {cut} with the smallest rank: "
+                        f"it needs {format_bytes(need)} but its budget is "
+                        f"{format_bytes(profile.memory_bytes)} (short by "
+                        f"{format_bytes(need - profile.memory_bytes)}); lower train.cut, "
+                        "batch size or max_length, or give it more memory")
+    return best
+
+
+def _block(module: str) -> int:
+    for part in module.split("."):
+        if part.isdigit():
+            return int(part)
+    raise ValueError(f"{module} names no block")
+
+
+class Planner:
+    """Holds the run's devices, cost model and importance history; makes the plans."""
+
+    def __init__(self, cfg: Any, model: nn.Module, profiles: Sequence[DeviceProfile],
+                 server: DeviceProfile, seq: int) -> None:
+        self.cfg = cfg
+        self.hc = cfg.hetero
+        self.mode = cfg.train.mode
+        self.dims = ModelDims.from_config(model.config)
+        self.spec = arch_spec(model.config)
+        self.profiles, self.server = list(profiles), server
+        self.work = Workload.for_precision(cfg.train.precision, batch=cfg.train.batch_size,
+                                           seq=seq, lora_dropout=cfg.lora.dropout)
+        self.default_modules = target_module_names(
+            model, tuple(cfg.lora.targets) if cfg.lora.targets else None)
+        self.candidates = target_module_names(model, self.spec.targets)
+        self.tracker = ImportanceTracker(beta=self.hc.ema_beta)
+        self.planned_on: dict[str, float] | None = None
+        n = self.dims.n_layers
+        cuts = self.hc.cuts or list(range(1, n))
+        self.settings = PlannerSettings(
+            ranks=tuple(sorted(set([0, *self.hc.rank_set]))), min_cut=min(cuts),
+            max_cut=max(cuts), server_rank=self.hc.server_rank,
+            time_budget_s=self.hc.time_budget_s)
+
+    @property
+    def uses_importance(self) -> bool:
+        return self.mode == "hsplitlora" and self.hc.importance
+
+    @property
+    def aggregator(self) -> str:
+        return BASELINE_AGGREGATOR.get(self.mode, self.hc.aggregator)
+
+    def provisional(self) -> list[PartyPlan]:
+        """The plan importance is first measured under: the shallowest allowed cut, no
+        adapters (nothing trained yet, so the base weights are all there is to score)."""
+        return [PartyPlan(self.settings.min_cut) for _ in self.profiles]
+
+    def observe(self, scores: dict[str, float]) -> dict[str, float]:
+        smoothed = self.tracker.update(scores)
+        top = ranking(smoothed)[:5]
+        log.info("importance (smoothed), top 5: %s", ", ".join(
+            f"{m.split('.', 2)[-1]}={smoothed[m]:.3g}" for m in top))
+        return smoothed
+
+    def plans(self, importance_scores: dict[str, float] | None) -> list[PartyPlan]:
+        """Per-client plans for this run's mode."""
+        if self.mode in BASELINE_AGGREGATOR or not self.hc.adaptive:
+            return self._fixed_cut_plans(importance_scores)
+        plan = plan_clients(self.profiles, self.server, self.dims,
+                            importance_scores if self.uses_importance else None, self.work,
+                            self.settings)
+        self.planned_on = importance_scores
+        for c in plan.clients:
+            log.info("client %d (%s): cut %d, %d client-side adapters, memory %s / %s, "
+                     "est. %.3g s/step", c.client_id, c.profile.name, c.cut, len(c.ranks),
+                     format_bytes(c.memory.total), format_bytes(c.budget_bytes),
+                     c.step_seconds)
+        return [PartyPlan(c.cut, {**c.ranks, **c.server_ranks}) for c in plan.clients]
+
+    def _fixed_cut_plans(self, scores: dict[str, float] | None) -> list[PartyPlan]:
+        cut = self.cfg.train.cut
+        if self.mode == "hsplitlora":  # ARMSC off: lora.r everywhere, placed by IWI if on
+            modules = self.default_modules
+            if scores is not None and self.uses_importance:
+                modules = ranking({m: scores.get(m, 0.0) for m in self.candidates})[
+                    : len(self.default_modules)]
+            return [PartyPlan(cut, {m: self.cfg.lora.r for m in modules}) for _ in self.profiles]
+        ranks = [uniform_rank(self.dims, p, cut, self.default_modules, self.hc.rank_set,
+                              self.work) for p in self.profiles]
+        for cid, r in enumerate(ranks):
+            log.info("client %d (%s): cut %d, rank %d", cid, self.profiles[cid].name, cut, r)
+        return [PartyPlan(cut, {m: r for m in self.default_modules}) for r in ranks]
+
+    def replan(self, system: HeteroSystem, probes: Sequence[Any],
+               round: int) -> list[PartyPlan] | None:
+        """At an aggregation boundary: re-measure importance; re-plan if its ranking moved
+        by more than ``hetero.replan_threshold``."""
+        if not self.uses_importance:
+            return None
+        smoothed = self.observe(probe_importance(system, probes, self.hc.probe_batches,
+                                                 self.cfg.train.precision))
+        if not should_replan(self.planned_on, smoothed, self.hc.replan_threshold):
+            return None
+        log.info("round %d: importance ranking moved past %.2f: re-planning", round + 1,
+                 self.hc.replan_threshold)
+        return self.plans(smoothed)
+
+    def weakest_rank(self) -> int:
+        """SplitLoRA on heterogeneous devices: the largest rank every client fits."""
+        return min(uniform_rank(self.dims, p, self.cfg.train.cut, self.default_modules,
+                                self.hc.rank_set, self.work) for p in self.profiles)
