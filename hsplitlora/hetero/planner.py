@@ -414,7 +414,7 @@ def format_plan_table(plan: Plan, dims: ModelDims) -> Table:
     kinds = list(dict.fromkeys(m.kind for m in dims.candidates))
     server = sorted(set(plan.server_ranks.values()))
     table = Table(
-        title="HSplitLoRA plan",
+        title="per-client plan",
         caption="ranks: rank×blocks on the client; the server adapts every candidate of "
         "blocks >= cut " + (f"at rank {'/'.join(map(str, server))}" if server else
                             "with no adapters"),

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from hsplitlora.hetero.costmodel import ModelDims, Workload, client_memory
+from hsplitlora.hetero.costmodel import ModelDims, Workload, client_memory, step_time
 from hsplitlora.hetero.importance import (
     ImportanceTracker,
     ServerScorer,
@@ -32,13 +32,20 @@ from hsplitlora.hetero.importance import (
     ranking,
     score_client,
 )
-from hsplitlora.hetero.planner import PlanError, PlannerSettings, plan_clients, should_replan
+from hsplitlora.hetero.planner import (
+    ClientPlan,
+    Plan,
+    PlanError,
+    PlannerSettings,
+    plan_clients,
+    should_replan,
+)
 from hsplitlora.hetero.profiles import DeviceProfile, format_bytes
 from hsplitlora.models.lora import target_module_names
 from hsplitlora.models.split import arch_spec
 from hsplitlora.train.hetero import HeteroSystem, PartyPlan
 
-__all__ = ["BASELINE_AGGREGATOR", "Planner", "probe_importance", "uniform_rank"]
+__all__ = ["BASELINE_AGGREGATOR", "Planner", "plan_run", "probe_importance", "uniform_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +145,20 @@ class Planner:
         return smoothed
 
     def plans(self, importance_scores: dict[str, float] | None) -> list[PartyPlan]:
-        """Per-client plans for this run's mode."""
+        """Per-client plans (cut and ranks of client and server side) for this run's mode."""
+        return [PartyPlan(c.cut, {**c.ranks, **c.server_ranks})
+                for c in self.client_plans(importance_scores).clients]
+
+    def client_plans(self, importance_scores: dict[str, float] | None) -> Plan:
+        """The plans with the cost model's figures (memory, step time, utility)."""
+        if self.mode not in ("hsplitlora", *BASELINE_AGGREGATOR):  # homogeneous modes
+            rank = (self.cfg.lora.r if self.hc.scenario.kind == "homogeneous"
+                    else self.weakest_rank())
+            return self.describe([PartyPlan(self.cfg.train.cut,
+                                            dict.fromkeys(self.default_modules, rank))
+                                  for _ in self.profiles])
         if self.mode in BASELINE_AGGREGATOR or not self.hc.adaptive:
-            return self._fixed_cut_plans(importance_scores)
+            return self.describe(self._fixed_cut_plans(importance_scores))
         plan = plan_clients(self.profiles, self.server, self.dims,
                             importance_scores if self.uses_importance else None, self.work,
                             self.settings)
@@ -150,7 +168,7 @@ class Planner:
                      "est. %.3g s/step", c.client_id, c.profile.name, c.cut, len(c.ranks),
                      format_bytes(c.memory.total), format_bytes(c.budget_bytes),
                      c.step_seconds)
-        return [PartyPlan(c.cut, {**c.ranks, **c.server_ranks}) for c in plan.clients]
+        return plan
 
     def _fixed_cut_plans(self, scores: dict[str, float] | None) -> list[PartyPlan]:
         cut = self.cfg.train.cut
@@ -180,7 +198,46 @@ class Planner:
                  self.hc.replan_threshold)
         return self.plans(smoothed)
 
+    def describe(self, plans: Sequence[PartyPlan]) -> Plan:
+        """The cost model's view of some plans (memory, step time), for the plan table."""
+        out = []
+        for cid, (plan, profile) in enumerate(zip(plans, self.profiles, strict=True)):
+            client = {m: r for m, r in plan.ranks.items() if _block(m) < plan.cut}
+            server = {m: r for m, r in plan.ranks.items() if _block(m) >= plan.cut}
+            memory = client_memory(self.dims, plan.cut, client, self.work)
+            seconds = step_time(profile, self.server, self.dims, plan.cut, client, server,
+                                self.work).total
+            out.append(ClientPlan(cid, profile, plan.cut, client, server, memory,
+                                  profile.memory_bytes, seconds, float("nan")))
+        return Plan(out)
+
     def weakest_rank(self) -> int:
         """SplitLoRA on heterogeneous devices: the largest rank every client fits."""
         return min(uniform_rank(self.dims, p, self.cfg.train.cut, self.default_modules,
                                 self.hc.rank_set, self.work) for p in self.profiles)
+
+
+def plan_run(cfg: Any) -> tuple[Plan, ModelDims]:
+    """What ``hsplitlora plan`` shows: the per-client plans of a config, without training
+    (importance, when used, is measured by split probing on each client's shard)."""
+    from hsplitlora.data.tokenize import pad_id_for
+    from hsplitlora.train.batches import batch_stream
+    from hsplitlora.train.run import _mean_length, _optim, _streams, party_seed, prepare
+
+    p = prepare(cfg)
+    t = cfg.train
+    params = sum(x.numel() for x in p.model.parameters())
+    planner = Planner(cfg, p.model, cfg.hetero.scenario.profiles(t.num_clients, params),
+                      cfg.hetero.scenario.server_profile(), _mean_length(p))
+    scores = None
+    if planner.uses_importance:
+        pad = pad_id_for(p.tokenizer)
+        probes = [batch_stream(s.features, t.batch_size, party_seed(t.seed, c) + 7919, pad)
+                  for c, s in enumerate(p.shards)]
+        system = HeteroSystem(p.model, planner.provisional(), _streams(p),
+                              [len(s) for s in p.shards], client_optim=_optim(cfg, t.steps),
+                              server_optim=_optim(cfg, t.steps), alpha=cfg.lora.alpha,
+                              precision=t.precision, device=p.device)
+        scores = planner.observe(probe_importance(system, probes, cfg.hetero.probe_batches,
+                                                  t.precision))
+    return planner.client_plans(scores), planner.dims

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import peft
 import pytest
 import torch
@@ -105,3 +107,28 @@ def test_a_client_that_cannot_fit_gets_a_clear_error(tmp_path, tiny_tokenizer):
          "downlink_bps": 1e5}] * 3}
     with pytest.raises(PlanError, match=r"watch.*KiB"):
         _run(tmp_path, tiny_tokenizer, "hetlora", scenario=tiny)
+
+
+def test_plan_cli_prints_the_table_without_training(tmp_path, tiny_llama_dir):
+    from typer.testing import CliRunner
+
+    from hsplitlora.cli import app
+
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text(f"""
+model: {{name: {tiny_llama_dir}}}
+data: {{train_files: [{E2E / 'original' / 'devset.csv'}], max_train_examples: 60,
+        max_length: 160}}
+train: {{mode: hsplitlora, num_clients: 3, batch_size: 2, precision: fp32}}
+hetero: {{scenario: {{kind: heterogeneous, memory_range: ["1.2 MiB", "3 MiB"], seed: 1}},
+          probe_batches: 1}}
+output: {{dir: {tmp_path / 'runs'}}}
+""")
+    result = CliRunner().invoke(app, ["plan", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert "per-client plan" in result.output and "memory / budget" in result.output
+    assert len(re.findall(r"│ laptop-\d", result.output)) == 3  # one table row per client
+    assert not (tmp_path / "runs").exists()  # nothing trained, no run folder
+    tiny = CliRunner().invoke(app, ["plan", "--config", str(cfg), "--set",
+                                    'hetero.scenario.memory_range=["1 KiB", "2 KiB"]'])
+    assert tiny.exit_code == 2 and "budget" in tiny.output
