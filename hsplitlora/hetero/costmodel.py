@@ -20,7 +20,7 @@ parameters excluded). With N = batch x seq tokens and ``a`` = activation bytes:
 
 * each norm whose input needs a gradient: its input in fp32 (RMSNorm computes in fp32;
   so does LayerNorm under CUDA autocast, while CPU autocast keeps it in bf16, which makes
-  GPT-2 under bf16 on CPU an over-estimate by 5-10 %) plus per-token statistics;
+  GPT-2 under bf16 on CPU an over-estimate by 4-9 %) plus per-token statistics;
 * attention: q, k, v after rotary (with padding, transformers repeats GQA keys/values to
   all heads before SDPA, so k and v count at ``n_heads``; without padding at
   ``n_kv_heads``), the output, the fp32 log-sum-exp per head and, with padding, a
@@ -35,9 +35,9 @@ parameters excluded). With N = batch x seq tokens and ``a`` = activation bytes:
   gate/up the second's, o the attention output that SDPA keeps anyway, down the MLP
   product). Under autocast (activations narrower than the fp32 adapters) peft casts the
   input to fp32 and autocast back, so each adapter keeps its own copy, plus bf16 copies
-  of A and B. With LoRA dropout each adapter keeps its dropped-out copy and, when its
-  input needs a gradient, the mask (in the adapters' dtype: the cast comes before
-  dropout);
+  of B and (where its input needs a gradient) A. With LoRA dropout each adapter keeps
+  its dropped-out copy and, when its input needs a gradient, the mask (in the adapters'
+  dtype: the cast comes before dropout);
 * once per segment: the rotary cos/sin tables ``[1, 1, s, head_dim]``.
 
 A frozen linear layer keeps nothing (its weight is a parameter). The gradient starts at
@@ -51,9 +51,12 @@ client with no adapter keeps nothing at all. The server's input always needs a g
 log-probabilities ``[b, s-1, vocab]`` of the cross-entropy and the int64 targets.
 
 Measured on tiny Llama/Qwen2/Mistral/GPT-2 models (CPU, fp32 and bf16 autocast, with and
-without LoRA dropout): the server side matches exactly except GPT-2 under bf16 (LayerNorm,
-above); the client side is exact in fp32 without dropout and otherwise over-estimates by
-up to ~10 % (the first block's dropout masks and partial stages).
+without LoRA dropout, tests/hetero/test_costmodel.py) and on SmolLM2-135M
+(bench/costmodel_check.py): exact for the Llama family and for GPT-2 in fp32, never an
+under-estimate; GPT-2 under bf16 on CPU over-estimates by 4-9 % (LayerNorm, above), and
+a first adapted block with only part of a stage adapted by up to ~15 %. Gemma, Gemma 2
+and Qwen3 follow the same rules from their configs but only their parameter counts are
+tested (Gemma 2 defaults to eager attention, which keeps the s x s probabilities too).
 
 Not modelled: transient peaks (logits, the fp32 copy of the logits, gradient buffers
 during backward), allocator fragmentation, CUDA context and workspace, attention
@@ -136,6 +139,11 @@ class Workload:
     adam_states: int = 2  # AdamW's exp_avg and exp_avg_sq, in the adapters' dtype
     lora_dropout: float = 0.0  # > 0: every adapter keeps its own dropped-out input
     padded: bool = True  # batches carry padding, so attention gets an explicit mask
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.seq < 2:
+            raise ValueError(f"a step needs batch >= 1 and seq >= 2 (the loss shifts by one "
+                             f"token); got batch {self.batch}, seq {self.seq}")
 
     @classmethod
     def for_precision(cls, precision: str, batch: int, seq: int, **kw: Any) -> Workload:
@@ -428,23 +436,29 @@ def _lora_saved(
     planner's reservation); their A outputs are not.
     """
     n, a = work.tokens, work.act_bytes
-    a_outputs = sum(n * r * a for r in adapted.values())
+    kept = sum(n * r * a for r in adapted.values())  # A outputs
     if _autocast(work):  # autocast's copies of B, and of A where its input needs a gradient
-        a_outputs += sum(r * (m.d_out + (m.d_in if _STAGES.index(m.reads) > grad_from else 0))
-                         * a for m, r in adapted.items())
+        kept += sum(r * (m.d_out + (m.d_in if _input_grad(m, grad_from) else 0)) * a
+                    for m, r in adapted.items())
     readers = set(adapted) | set(reserve)
     if work.lora_dropout > 0:
         # peft casts the input to the adapters' dtype before dropout: the mask is in that
         # dtype (kept only if the input needs a gradient), the copy A reads in the
         # activation dtype
-        inputs = sum(n * m.d_in * (a + (work.lora_bytes if _STAGES.index(m.reads) > grad_from
-                                        else 0)) for m in readers)
+        kept += sum(n * m.d_in * (a + (work.lora_bytes if _input_grad(m, grad_from) else 0))
+                    for m in readers)
     elif _autocast(work):
-        inputs = sum(n * m.d_in * a for m in readers)  # each adapter's own cast copy
+        kept += sum(n * m.d_in * a for m in readers)  # each adapter's own cast copy
     else:
-        inputs = sum(_read_bytes(dims, work, reads, grad_from)
-                     for reads in {m.reads for m in readers})
-    return a_outputs + inputs
+        kept += sum(_read_bytes(dims, work, reads, grad_from)
+                    for reads in {m.reads for m in readers})
+    return kept
+
+
+def _input_grad(matrix: Matrix, grad_from: int) -> bool:
+    """Whether the activation ``matrix`` reads needs a gradient in a block whose gradient
+    starts at stage ``grad_from``."""
+    return _STAGES.index(matrix.reads) > grad_from
 
 
 def _autocast(work: Workload) -> bool:
@@ -490,7 +504,8 @@ def activation_bytes(
 
 def lora_memory_per_rank(matrix: Matrix, work: Workload) -> int:
     """Bytes one rank of an adapter on ``matrix`` costs in a step: its weights, gradients
-    and AdamW moments, plus its A output kept for backward (the input is not included)."""
+    and AdamW moments, its A output kept for backward and, under autocast, its
+    low-precision copies of A and B (the input it reads is not included)."""
     state = matrix.lora_params(1) * work.lora_bytes * (2 + work.adam_states)
     copies = matrix.lora_params(1) * work.act_bytes if _autocast(work) else 0
     return state + copies + work.tokens * work.act_bytes
@@ -517,8 +532,9 @@ def block_flops(dims: ModelDims, work: Workload) -> Flops:
     return Flops(linear + attention, linear + 2 * attention)
 
 
-def _lora_state(dims: ModelDims, adapted: Mapping[int, Mapping[Matrix, int]], work: Workload
-                ) -> tuple[int, int, int]:
+def _lora_state(
+    adapted: Mapping[int, Mapping[Matrix, int]], work: Workload
+) -> tuple[int, int, int]:
     params = sum(m.lora_params(r) for block in adapted.values() for m, r in block.items())
     weights = params * work.lora_bytes
     return weights, weights, weights * work.adam_states
@@ -541,7 +557,7 @@ def client_memory(
     _check_cut(dims, cut)
     adapted = _adapted(dims, ranks, range(cut))
     first = _first_adapted(adapted, cut)
-    weights, grads, optimizer = _lora_state(dims, adapted, work)
+    weights, grads, optimizer = _lora_state(adapted, work)
     return MemoryBreakdown(
         frozen_weights=(dims.embedding_params + cut * dims.block_params) * work.weight_bytes,
         activations=activation_bytes(dims, range(first, cut), ranks, work, input_grad=False),
@@ -557,7 +573,7 @@ def server_memory(
     """Memory of the server segment (blocks ``[cut, L)``, final norm, LM head, loss)."""
     _check_cut(dims, cut)
     adapted = _adapted(dims, ranks, range(cut, dims.n_layers))
-    weights, grads, optimizer = _lora_state(dims, adapted, work)
+    weights, grads, optimizer = _lora_state(adapted, work)
     n, targets = work.tokens, work.batch * (work.seq - 1)
     saved = (
         activation_bytes(dims, range(cut, dims.n_layers), ranks, work, input_grad=True)
@@ -629,7 +645,7 @@ def bytes_down(batch: int, seq: int, hidden: int, act_bytes: int) -> int:
 def adapter_bytes(dims: ModelDims, ranks: Mapping[str, int], work: Workload) -> int:
     """Bytes of the A and B matrices of a plan, as they travel to aggregation."""
     adapted = _adapted(dims, ranks, range(dims.n_layers))
-    return _lora_state(dims, adapted, work)[0]
+    return _lora_state(adapted, work)[0]
 
 
 def step_time(

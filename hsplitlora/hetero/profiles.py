@@ -198,7 +198,7 @@ def heterogeneous(
 class ScenarioConfig(BaseModel):
     """The client population of a run, as the YAML config writes it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     kind: Literal["homogeneous", "heterogeneous", "explicit"] = Field(
         default="homogeneous",

@@ -178,26 +178,30 @@ def test_client_backward_starts_at_the_earliest_adapter():
     assert client_flops(dims, 3, {}, Workload(BATCH, SEQ)).backward == 0
 
 
-CASES = [  # arch, precision, lora dropout, targets, plan (None = rank 4 everywhere)
-    ("llama", "fp32", 0.0, None, None),
-    ("llama", "fp32", 0.0, LLAMA_ALL, None),
-    ("qwen2", "fp32", 0.0, LLAMA_ALL, None),
-    ("gpt2", "fp32", 0.0, GPT2_ALL, None),
+UP_ONLY = {"model.layers.0.mlp.up_proj": 4, "model.layers.2.mlp.down_proj": 4}
+CASES = [  # arch, precision, LoRA dropout, targets, plan (None: rank 4 everywhere), exact?
+    ("llama", "fp32", 0.0, None, None, True),
+    ("llama", "fp32", 0.0, LLAMA_ALL, None, True),
+    ("qwen2", "fp32", 0.0, LLAMA_ALL, None, True),
+    ("gpt2", "fp32", 0.0, GPT2_ALL, None, True),
     ("llama", "fp32", 0.0, LLAMA_ALL, {"model.layers.1.self_attn.o_proj": 2,
-                                        "model.layers.2.self_attn.q_proj": 8}),
-    ("llama", "fp32", 0.1, LLAMA_ALL, None),
-    ("llama", "bf16", 0.0, None, None),
-    ("llama", "bf16", 0.1, LLAMA_ALL, None),
-    ("mistral", "bf16", 0.0, LLAMA_ALL, None),
-    ("gpt2", "bf16", 0.0, None, None),
-    ("gpt2", "bf16", 0.1, GPT2_ALL, None),
-    ("llama", "fp32", 0.0, LLAMA_ALL, {"model.layers.0.mlp.up_proj": 4,
-                                        "model.layers.2.mlp.down_proj": 4}),
+                                        "model.layers.2.self_attn.q_proj": 8}, True),
+    ("llama", "fp32", 0.1, LLAMA_ALL, None, True),
+    ("gpt2", "fp32", 0.1, None, None, True),
+    ("llama", "bf16", 0.0, None, None, True),
+    ("llama", "bf16", 0.1, LLAMA_ALL, None, True),
+    ("mistral", "bf16", 0.0, LLAMA_ALL, None, True),
+    # CPU autocast keeps GPT-2's LayerNorm in bf16; the model assumes fp32 as on CUDA.
+    ("gpt2", "bf16", 0.0, None, None, False),
+    ("gpt2", "bf16", 0.1, GPT2_ALL, None, False),
+    # Block 0 adapts only up_proj: the model counts the whole MLP stage as kept.
+    ("llama", "fp32", 0.0, LLAMA_ALL, UP_ONLY, False),
 ]
 
 
-@pytest.mark.parametrize("arch, precision, dropout, targets, ranks", CASES)
-def test_activation_memory_matches_saved_tensors(arch, precision, dropout, targets, ranks):
+@pytest.mark.parametrize("arch, precision, dropout, targets, ranks, exact", CASES)
+def test_activation_memory_matches_saved_tensors(arch, precision, dropout, targets, ranks,
+                                                 exact):
     bf16 = precision == "bf16"
     model = _model(arch, dtype=torch.bfloat16 if bf16 else torch.float32)
     plan = _lora(model, targets, ranks, dropout)
@@ -216,15 +220,12 @@ def test_activation_memory_matches_saved_tensors(arch, precision, dropout, targe
     predicted_server = server_memory(dims, 3, plan, work).activations
     assert predicted_client == pytest.approx(client_kept, rel=0.25)
     assert predicted_server == pytest.approx(server_kept, rel=0.25)
-    # Documented exact cases: fp32 without LoRA dropout (the client only when its first
-    # adapted block adapts whole stages), and every Llama-family server.
-    fp32_plain = not bf16 and dropout == 0
-    if ranks is None and (fp32_plain or arch != "gpt2"):
-        assert predicted_server == server_kept
-    if ranks is None and fp32_plain:
-        assert predicted_client == client_kept
-    # The cost model never under-estimates these cases.
+    # Never an under-estimate, and exact where the module docstring says so.
     assert predicted_client >= client_kept and predicted_server >= server_kept
+    if exact:
+        assert (predicted_client, predicted_server) == (client_kept, server_kept)
+    if arch != "gpt2":
+        assert predicted_server == server_kept
 
 
 def test_gpt2_residual_dropout_masks_are_counted():

@@ -129,8 +129,9 @@ def test_more_memory_never_lowers_utility_for_any_importance(seed, low, extra):
 @given(seed=st.integers(0, 10_000), fraction=st.floats(0, 1))
 def test_a_more_important_matrix_never_gets_less_rank_than_one_of_its_shape(seed, fraction):
     importance = _importance(seed)
-    plan = plan_client(0, _device(int(FLOOR + fraction * (ROOMY - FLOOR))), SERVER, DIMS,
-                       importance, WORK)
+    budget = int(FLOOR + fraction * (ROOMY - FLOOR))
+    plan = plan_client(0, _device(budget), SERVER, DIMS, importance, WORK)
+    assert plan.memory.total <= budget
     if not plan.ranks:
         return
     first = min(DIMS.locate(n)[0] for n in plan.ranks)
@@ -228,3 +229,19 @@ def test_plan_table_shows_cut_ranks_memory_and_time():
     assert f"{format_bytes(plan.clients[0].memory.total)} / {format_bytes(FLOOR)} (100%)" \
         in rows[0]
     assert "at rank 8" in text
+
+
+def test_gpt2_plans_use_its_fused_matrices():
+    dims = ModelDims.from_config(transformers.GPT2Config(
+        n_layer=3, n_embd=64, n_head=4, vocab_size=320, n_positions=64, bos_token_id=0,
+        eos_token_id=0))
+    work = Workload.for_precision("fp32", 2, 16, lora_dropout=0.1)
+    plan = plan_clients([_device(10 * ROOMY)], SERVER, dims, None, work)
+    assert plan.clients[0].cut == 2
+    assert set(plan.clients[0].ranks) == {f"transformer.h.{b}.{m}" for b in range(2) for m in
+                                          ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                           "mlp.c_proj")}
+    console = Console(record=True, width=200)
+    console.print(format_plan_table(plan, dims))
+    text = console.export_text()
+    assert all(k in text for k in ("qkv", "up", "down", "16×2"))

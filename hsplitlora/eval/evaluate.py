@@ -1,0 +1,152 @@
+"""Score a finished run: generate once per distinct test MR, the five E2E metrics, and the
+held-out perplexity, written into the run folder in the official scorer's file formats."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hsplitlora.config import ConfigError, RunConfig, load_config
+from hsplitlora.data.e2e import group_references
+from hsplitlora.data.tokenize import TokenizedDataset, pad_id_for
+from hsplitlora.eval.generate import GenerationSettings, generate
+from hsplitlora.eval.metrics import score
+from hsplitlora.eval.perplexity import perplexity
+from hsplitlora.train.run import load_examples, load_trained, resolve_device, set_threads
+
+__all__ = [
+    "PREDICTIONS_FILE",
+    "REFERENCES_FILE",
+    "SCORES_FILE",
+    "RunDirError",
+    "check_run_dir",
+    "evaluate_run",
+    "spread_subset",
+    "write_references",
+]
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.txt"
+REFERENCES_FILE = "references.txt"
+SCORES_FILE = "scores.json"
+
+
+class RunDirError(ValueError):
+    """A path is not a finished run folder; the message says what is missing."""
+
+
+def check_run_dir(run_dir: Path) -> Path:
+    """The run folder, if it holds what evaluation needs (config and adapter)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run folder {run_dir} does not exist; pass a folder written by "
+                          "`hsplitlora train` (output.dir/output.name of its config)")
+    for needed in ("config.yaml", "adapter/adapter_model.safetensors"):
+        if not (run_dir / needed).is_file():
+            raise RunDirError(f"{run_dir} is not a finished run: {needed} is missing (a run "
+                              "writes its adapter when training ends; re-run it if it stopped)")
+    return run_dir
+
+
+def spread_subset(n_items: int, limit: int | None) -> list[int]:
+    """``limit`` indices evenly spread over ``range(n_items)`` (all when ``limit`` is None).
+
+    The E2E test set is sorted by restaurant name, so its first 50 MRs would cover three
+    restaurants; evenly spaced ones cover them all, and every run of a grid gets the same.
+    """
+    if limit is None or limit >= n_items:
+        return list(range(n_items))
+    return [i * n_items // limit for i in range(limit)]
+
+
+def write_references(path: Path, references: Sequence[Sequence[str]]) -> None:
+    """The E2E scorer's multi-reference format: one reference per line, one blank line
+    between the groups of consecutive hypotheses."""
+    path.write_text("\n\n".join("\n".join(group) for group in references) + "\n",
+                    encoding="utf-8")
+
+
+def _perplexity_features(cfg: RunConfig, tokenizer: Any) -> TokenizedDataset | None:
+    """The held-out examples training evaluated on: the same sample of the same file."""
+    if cfg.data.eval_file is None or cfg.eval.max_examples == 0:
+        return None
+    examples = [e for e in load_examples(cfg, [cfg.data.eval_file]) if e.target]
+    if len(examples) > cfg.eval.max_examples:
+        rng = random.Random(cfg.train.seed + 1)  # as hsplitlora.train.run.prepare draws it
+        picked = sorted(rng.sample(range(len(examples)), cfg.eval.max_examples))
+        examples = [examples[i] for i in picked]
+    return TokenizedDataset(examples, tokenizer, cfg.data.max_length)
+
+
+def evaluate_run(
+    run_dir: Path,
+    *,
+    max_mrs: int | None = None,
+    settings: GenerationSettings | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Generate, score and write ``predictions.txt``, ``references.txt``, ``scores.json``.
+
+    Unset arguments come from the run's own config: ``eval.max_mrs``, ``eval.num_beams``
+    (with the other E2E decoding defaults), ``eval.batch_size``, ``train.device``.
+    ``scores.json`` is written last, so its presence means the evaluation completed.
+    Returns what ``scores.json`` holds: the five metrics by the scorer's names, ``eval_loss``
+    / ``eval_ppl`` (None when ``eval.max_examples`` is 0), the settings and timings.
+    """
+    run_dir = check_run_dir(run_dir)
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except ConfigError as e:
+        raise RunDirError(f"{run_dir}/config.yaml no longer validates: {e}") from None
+    eval_file = cfg.data.eval_file
+    if eval_file is None:
+        raise RunDirError(f"{run_dir}/config.yaml has no data.eval_file: evaluation needs a "
+                          "held-out file with references")
+    settings = settings or GenerationSettings(num_beams=cfg.eval.num_beams)
+    max_mrs = max_mrs if max_mrs is not None else cfg.eval.max_mrs
+    batch_size = batch_size or cfg.eval.batch_size
+    set_threads(cfg.train.threads)
+    dev = resolve_device(device or cfg.train.device)
+    model, tokenizer, _ = load_trained(run_dir, device=str(dev))
+
+    prompts, refs = group_references(load_examples(cfg, [eval_file]))
+    keep = [i for i in spread_subset(len(prompts), max_mrs) if refs[i]]
+    prompts, refs = [prompts[i] for i in keep], [refs[i] for i in keep]
+    log.info("generating for %d MRs (beam %d) from %s", len(prompts), settings.num_beams, run_dir)
+    start = time.perf_counter()
+    predictions = generate(model, tokenizer, prompts, settings, batch_size=batch_size,
+                           device=dev, show_progress=show_progress)
+    generate_s = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = score(predictions, refs)
+    score_s = time.perf_counter() - start
+
+    loss = ppl = None
+    features = _perplexity_features(cfg, tokenizer)
+    if features is not None:
+        loss, ppl = perplexity(model, features.features, pad_id=pad_id_for(tokenizer),
+                               batch_size=batch_size, precision=cfg.train.precision, device=dev)
+
+    result: dict[str, Any] = {
+        **scores.as_dict(),
+        "eval_loss": loss,
+        "eval_ppl": ppl,
+        "eval_examples": len(features) if features is not None else 0,
+        "num_mrs": len(prompts),
+        "max_mrs": max_mrs,
+        "settings": settings.as_dict(),
+        "generate_s": generate_s,
+        "score_s": score_s,
+    }
+    (run_dir / PREDICTIONS_FILE).write_text("\n".join(predictions) + "\n", encoding="utf-8")
+    write_references(run_dir / REFERENCES_FILE, refs)
+    (run_dir / SCORES_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result

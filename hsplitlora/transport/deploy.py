@@ -1,0 +1,198 @@
+"""The three processes of a deployment, each from one config: main server, client, fed server.
+
+These are what ``hsplitlora serve``, ``join`` and ``fedserver`` run. Each builds its party
+from the same config (see :mod:`hsplitlora.transport.parties`), so starting a run on one
+machine over loopback and on many machines differs only in addresses.
+
+The main server's run folder is ``output.dir/output.name`` (``<mode>-serve`` when no name
+is set, so ``serve --resume`` finds it again) and holds ``config.yaml``, ``metrics.jsonl``
+(wire bytes per step), ``checkpoint/server.pt`` and, at the end, ``adapter/`` (PEFT layout)
+and ``summary.json``. With a separate fed server the main server never holds the
+client-side adapter, so it writes ``server_adapter.safetensors`` and the fed server writes
+``client_adapter.safetensors`` into its own folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from safetensors.torch import save_file
+
+from hsplitlora.config import RunConfig
+from hsplitlora.models.lora import save_peft_adapter
+from hsplitlora.models.split import arch_spec
+from hsplitlora.train.recorder import Recorder
+from hsplitlora.train.run import prepare
+from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
+from hsplitlora.transport.checkpoint import load_checkpoint, load_server_state
+from hsplitlora.transport.client import ClientRunner
+from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.fed import FederationServicer, FedService, RemoteFed
+from hsplitlora.transport.parties import (
+    build_client,
+    build_fed,
+    build_server,
+    client_adapter_layout,
+)
+from hsplitlora.transport.security import Authenticator, bind, load_tokens, options
+from hsplitlora.transport.server import Coordinator, listen
+
+__all__ = ["join", "run_folder", "serve", "serve_fed"]
+
+log = logging.getLogger(__name__)
+
+_GRACE_S = 5.0  # let in-flight calls (a last aggregate download) finish on shutdown
+
+
+def run_folder(cfg: RunConfig, role: str = "serve") -> Path:
+    """``output.dir/output.name`` for the main server, ``<name>-fed`` for a fed server
+    (a fixed name either way, so ``--resume`` finds it again)."""
+    name = cfg.output.name or f"{cfg.train.mode}-serve"
+    path = Path(cfg.output.dir) / (name if role == "serve" else f"{name}-{role}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_port(port_file: Path | None, port: int) -> None:
+    """Publish the bound port (``net.port: 0`` picks a free one) for scripts and tests."""
+    if port_file is None:
+        return
+    tmp = port_file.with_name(f".{port_file.name}.tmp")
+    tmp.write_text(str(port), encoding="utf-8")
+    os.replace(tmp, port_file)
+
+
+def _tokens(net: NetConfig) -> dict[str, str] | None:
+    return load_tokens(net.tokens_file) if net.tokens_file is not None else None
+
+
+def _keep_rounds_upto(metrics: Path, last: int) -> None:
+    """Drop the records of rounds after the checkpoint: they will be run again."""
+    if not metrics.is_file():
+        return
+    kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+            if line and json.loads(line).get("round", -1) <= last]
+    tmp = metrics.with_name(f".{metrics.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, metrics)
+
+
+def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
+          port_file: Path | None = None, show_progress: bool = False) -> Path:
+    """Run the main server (and, unless ``net.fed_address`` is set, the fed server) until
+    the last round; returns the run folder."""
+    start = time.perf_counter()
+    p = prepare(cfg)
+    server, plan = build_server(p)
+    run_dir = run_folder(cfg)
+    checkpoint = run_dir / "checkpoint" / "server.pt"
+    metrics = run_dir / "metrics.jsonl"
+    tokens = _tokens(net)
+    fed: FedService | RemoteFed
+    if net.fed_address is None:
+        fed = FedService(build_fed(p), client_adapter_layout(p), net.step_timeout_s)
+    else:
+        fed = RemoteFed(net.fed_address, net, "server", (tokens or {}).get("server"))
+    first_round, step = 0, 0
+    if resume:
+        state = load_checkpoint(checkpoint)
+        load_server_state(server, state["server"])
+        if isinstance(fed, FedService) and state["fed"] is not None:
+            fed.load_state_dict(state["fed"])
+        torch.set_rng_state(state["rng"])
+        first_round, step = state["round"] + 1, state["step"]
+        _keep_rounds_upto(metrics, state["round"])
+        log.info("resuming from the checkpoint of round %d", state["round"])
+    else:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        metrics.unlink(missing_ok=True)
+        checkpoint.unlink(missing_ok=True)
+    with Recorder(metrics, plan.steps, show_progress=show_progress,
+                  description=f"serve {plan.mode}") as rec:
+        rec.step = step
+        coordinator = Coordinator(server, plan, net, fed, rec, start_round=first_round,
+                                  checkpoint=checkpoint,
+                                  server_fed=build_fed(p) if plan.mode == "splitfed" else None)
+        grpc_server, port = listen(coordinator, net, tokens)
+        _write_port(port_file, port)
+        log.info("main server listening on %s:%d for %d clients", net.host, port,
+                 plan.num_clients)
+        try:
+            coordinator.run()
+        finally:
+            grpc_server.stop(_GRACE_S).wait()
+            if isinstance(fed, RemoteFed):
+                fed.close()
+        records = rec.records
+    final = server.adapter_state()
+    client_side = fed.latest_state() if isinstance(fed, FedService) else None
+    if client_side is not None:
+        save_peft_adapter({**client_side, **final}, p.lora, run_dir / "adapter",
+                          base_model=cfg.model.name,
+                          fan_in_fan_out=arch_spec(p.model.config).fan_in_fan_out)
+    else:
+        save_file({k: v.contiguous() for k, v in final.items()},
+                  str(run_dir / "server_adapter.safetensors"))
+    _write_summary(run_dir, records, time.perf_counter() - start, net)
+    return run_dir
+
+
+def _write_summary(run_dir: Path, records: list[dict[str, Any]], wall: float,
+                   net: NetConfig) -> None:
+    steps = [r for r in records if "event" not in r]
+    summary = {
+        "steps": len(steps), "wall_s": wall, "codec": net.codec,
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "bytes_up_per_step": sum(r["bytes_up"] for r in steps) / max(len(steps), 1),
+        "bytes_down_per_step": sum(r["bytes_down"] for r in steps) / max(len(steps), 1),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+
+def join(cfg: RunConfig, net: NetConfig, client_id: int, server: str, *,
+         token: str | None = None, checkpoint: Path | None = None,
+         resume: bool = False) -> dict[str, torch.Tensor]:
+    """Run client ``client_id`` against the main server at ``server`` (HOST:PORT) until the
+    run is over; returns its final adapter (the last aggregate)."""
+    party = build_client(prepare(cfg), client_id)
+    runner = ClientRunner(party, net, server, fed=net.fed_address, token=token,
+                          checkpoint=checkpoint, resume=resume)
+    return runner.run()
+
+
+def serve_fed(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
+              port_file: Path | None = None) -> Path:
+    """Run the fed server in its own process until the last round is aggregated."""
+    p = prepare(cfg)  # for the adapter layout it must accept; it never sees activations
+    run_dir = run_folder(cfg, "fed")
+    checkpoint = run_dir / "checkpoint" / "fed.pt"
+    fed = FedService(build_fed(p), client_adapter_layout(p), net.step_timeout_s,
+                     checkpoint=checkpoint)
+    if resume:
+        fed.load_state_dict(load_checkpoint(checkpoint))
+    n = cfg.train.num_clients
+    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=2 * n + 8), options=options(net))
+    auth = Authenticator(_tokens(net), {*(str(i) for i in range(n)), "server"})
+    pb_grpc.add_FederationServicer_to_server(FederationServicer(fed, auth, net), grpc_server)
+    port = bind(grpc_server, f"{net.host}:{net.fed_port}", net)
+    grpc_server.start()
+    _write_port(port_file, port)
+    log.info("fed server listening on %s:%d", net.host, port)
+    try:
+        while fed.latest(cfg.train.steps - 1, 60.0) is None:
+            pass
+    finally:
+        grpc_server.stop(_GRACE_S).wait()
+    state = fed.latest_state()
+    assert state is not None
+    save_file({k: v.contiguous() for k, v in state.items()},
+              str(run_dir / "client_adapter.safetensors"))
+    return run_dir

@@ -1,0 +1,302 @@
+"""The fed server behind gRPC: a per-round rendezvous around the :class:`FedServer` role.
+
+Clients upload their adapter after an aggregation round and block until the round's
+aggregate exists. The main server says which clients finished the round (``open``), and
+says it again with fewer when one leaves, so a departed client never holds the others
+up; one that is expected but silent past ``timeout_s`` is left out. Either way FedAvg's
+weights renormalise over the clients present, and states are always combined in client-id
+order, which is what makes a networked run bit-identical to the in-process one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from hsplitlora.roles.fedserver import FedServer
+from hsplitlora.transport import hsplitlora_pb2 as pb
+from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
+from hsplitlora.transport.checkpoint import atomic_save
+from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.security import Authenticator, call_metadata, explain, open_channel
+from hsplitlora.transport.validate import Layout, check_finite, check_header
+from hsplitlora.transport.wire import Reassembler, WireError, frames, pack, read_header, unpack
+
+__all__ = ["FedService", "FederationServicer", "RemoteFed", "adapter_layout"]
+
+log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+
+
+def adapter_layout(state: Mapping[str, torch.Tensor]) -> Layout:
+    """The exact names, dtypes and shapes an adapter upload must have."""
+    return {k: ("F32", tuple(v.shape)) for k, v in state.items()}
+
+
+def _decode_adapter(data: bytes, layout: Layout, what: str) -> tuple[State, dict[str, str]]:
+    header = read_header(data)
+    check_header(header, layout, {}, what)
+    tensors = unpack(data)
+    check_finite(tensors, what)
+    return tensors, header.meta
+
+
+@dataclass
+class _Round:
+    expected: set[int]
+    opened: float
+    received: dict[int, tuple[State, int]] = field(default_factory=dict)
+    done: bool = False
+    blob: bytes | None = None  # the packed aggregate, sent to every client of the round
+
+
+class FedService:
+    """Thread-safe aggregation rounds over a :class:`FedServer` (one per process)."""
+
+    def __init__(self, fed: FedServer, layout: Layout, timeout_s: float, *,
+                 checkpoint: Path | None = None) -> None:
+        self.fed = fed
+        self.layout = layout
+        self.timeout_s = timeout_s
+        self.checkpoint = checkpoint  # a fed server in its own process saves itself
+        self.latest_round = -1
+        self._blob: bytes | None = None
+        self._rounds: dict[int, _Round] = {}
+        self._cond = threading.Condition()
+
+    def open(self, round: int, client_ids: Sequence[int]) -> None:
+        """Declare (or shrink) the clients that take part in ``round``'s aggregation."""
+        with self._cond:
+            r = self._rounds.get(round)
+            if r is None:
+                self._rounds[round] = _Round(set(client_ids), time.monotonic())
+            elif not r.done:
+                r.expected &= set(client_ids)
+                self._maybe_finish(round, r, force=False)
+            self._cond.notify_all()
+
+    def submit(self, round: int, client_id: int, state: State, num_samples: int) -> bytes:
+        """Add one client's adapter; block until the round's aggregate exists; return it
+        packed. Raises ``LookupError`` when the client has no part in this round."""
+        deadline = time.monotonic() + self.timeout_s
+        with self._cond:
+            while round not in self._rounds:
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    raise LookupError(f"aggregation round {round} was never opened by the "
+                                      f"main server within {self.timeout_s:g} s")
+            r = self._rounds[round]
+            if r.done or client_id not in r.expected:
+                raise LookupError(f"client {client_id} has no part in aggregation round {round}"
+                                  " (it did not finish that round, or the round is over)")
+            r.received[client_id] = (state, num_samples)
+            self._maybe_finish(round, r, force=False)
+            self._wait_done(round, r)
+            if r.blob is None:
+                raise LookupError(f"aggregation round {round} ended without an aggregate")
+            return r.blob
+
+    def wait(self, round: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` for ``round`` to finish (forcing it once overdue)."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            r = self._rounds.get(round)
+            while r is not None and not r.done and time.monotonic() < end:
+                if time.monotonic() >= r.opened + self.timeout_s:
+                    self._maybe_finish(round, r, force=True)
+                    break
+                self._cond.wait(min(end, r.opened + self.timeout_s) - time.monotonic())
+            return r is not None and r.done
+
+    def latest(self, min_round: int, wait_s: float) -> tuple[int, bytes] | None:
+        """The newest aggregate if its round is at least ``min_round`` (waiting for it)."""
+        end = time.monotonic() + wait_s
+        with self._cond:
+            while self.latest_round < min_round and time.monotonic() < end:
+                self._cond.wait(end - time.monotonic())
+            if self._blob is None or self.latest_round < min_round:
+                return None
+            return self.latest_round, self._blob
+
+    def _wait_done(self, round: int, r: _Round) -> None:
+        while not r.done:
+            remaining = r.opened + self.timeout_s - time.monotonic()
+            if remaining <= 0:
+                self._maybe_finish(round, r, force=True)
+            else:
+                self._cond.wait(remaining)
+
+    def _maybe_finish(self, round: int, r: _Round, *, force: bool) -> None:
+        if r.done or not (force or set(r.received) >= r.expected):
+            return
+        r.done = True
+        ids = sorted(r.received)
+        late = sorted(r.expected - set(r.received))
+        if late:
+            log.warning("aggregation round %d: no adapter from client(s) %s within %g s; "
+                        "aggregating the %d present", round, late, self.timeout_s, len(ids))
+        if ids:
+            states = [r.received[i][0] for i in ids]
+            merged = self.fed.aggregate(states, [r.received[i][1] for i in ids])
+            r.blob = pack(merged, {"round": str(round), "clients": ",".join(map(str, ids))})
+            self._blob, self.latest_round = r.blob, round
+            log.info("aggregation round %d: clients %s", round, ids)
+            if self.checkpoint is not None:
+                atomic_save(self.state_dict(), self.checkpoint)
+        r.received.clear()  # the states are no longer needed; keep memory flat
+        for old in [k for k in self._rounds if k < round - 2]:
+            del self._rounds[old]
+        self._cond.notify_all()
+
+    def state_dict(self) -> dict[str, Any]:
+        with self._cond:
+            return {"latest_round": self.latest_round, "blob": self._blob,
+                    "rounds": self.fed.rounds}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        with self._cond:
+            self.latest_round = int(state["latest_round"])
+            self._blob = state["blob"]
+            self.fed.rounds = int(state["rounds"])
+            if self._blob is not None:
+                self.fed.latest = unpack(self._blob)
+
+    def latest_state(self) -> State | None:
+        with self._cond:
+            return unpack(self._blob) if self._blob is not None else None
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    """gRPC face of a :class:`FedService`; clients aggregate, the main server opens rounds."""
+
+    def __init__(self, service: FedService, auth: Authenticator, net: NetConfig) -> None:
+        self.service = service
+        self.auth = auth
+        self.net = net
+
+    def _client(self, context: grpc.ServicerContext) -> int:
+        party = self.auth.identify(context)
+        if party == "server":
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "the main server does not upload "
+                          "adapters")
+        return int(party)
+
+    def _receive(self, requests: Iterator[pb.Chunk],
+                 cid: int) -> tuple[int, State, int]:
+        """One adapter upload: its round, the validated state and its sample count."""
+        assembler = Reassembler(self.net.max_tensor_bytes)
+        what = f"adapter of client {cid}"
+        for chunk in requests:
+            blob = assembler.feed(chunk)
+            if blob is not None:
+                break
+        else:
+            raise WireError(f"{what}: the call ended before a whole adapter arrived")
+        what = f"{what}, round {blob.round}"
+        if blob.kind != "adapter":
+            raise WireError(f"{what}: got a {blob.kind!r} blob instead")
+        state, meta = _decode_adapter(blob.data, self.service.layout, what)
+        text = meta.get("num_samples", "")
+        num_samples = int(text) if text.isdigit() else 0
+        if num_samples < 1:
+            raise WireError(f"{what}: metadata num_samples must be a positive integer")
+        return blob.round, state, num_samples
+
+    def Aggregate(self, request_iterator: Iterator[pb.Chunk],  # noqa: N802 (gRPC's name)
+                  context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        cid = self._client(context)
+        try:
+            round, state, num_samples = self._receive(request_iterator, cid)
+        except WireError as e:
+            log.warning("refused an upload: %s", e)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return
+        try:
+            packed = self.service.submit(round, cid, state, num_samples)
+        except LookupError as e:
+            log.warning("adapter of client %d, round %d: %s", cid, round, e)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            return
+        yield from frames(packed, "aggregate", round, 0, self.net.chunk_bytes)
+
+    def Latest(self, request: pb.LatestRequest,  # noqa: N802
+               context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        self.auth.identify(context)
+        found = self.service.latest(request.min_round, min(request.wait_s,
+                                                           self.service.timeout_s))
+        if found is not None:
+            yield from frames(found[1], "aggregate", found[0], 0, self.net.chunk_bytes)
+
+    def Open(self, request: pb.RoundOpen, context: grpc.ServicerContext) -> pb.Ack:  # noqa: N802
+        if self.auth.identify(context) != "server":
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "only the main server opens "
+                          "aggregation rounds")
+        self.service.open(request.round, list(request.client_ids))
+        return pb.Ack()
+
+
+class RemoteFed:
+    """A fed server seen through gRPC, from a client (``party`` = its id) or from the main
+    server (``party`` = ``"server"``)."""
+
+    def __init__(self, address: str, net: NetConfig, party: str, token: str | None) -> None:
+        self.address = address
+        self.net = net
+        self._channel = open_channel(address, net)
+        self._stub = pb_grpc.FederationStub(self._channel)
+        self._meta = call_metadata(party, token)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def open(self, round: int, client_ids: Sequence[int]) -> None:
+        try:
+            self._stub.Open(pb.RoundOpen(round=round, client_ids=list(client_ids)),
+                            metadata=self._meta, timeout=self.net.reply_timeout_s)
+        except grpc.RpcError as e:
+            raise explain(e, self.address, self.net) from None
+
+    def _collect(self, stream: Iterator[pb.Chunk], layout: Layout,
+                 what: str) -> tuple[int, State] | None:
+        assembler = Reassembler(self.net.max_tensor_bytes)
+        for chunk in stream:
+            blob = assembler.feed(chunk)
+            if blob is not None:
+                state, _ = _decode_adapter(blob.data, layout, what)
+                return blob.round, state
+        return None
+
+    def aggregate(self, round: int, state: Mapping[str, torch.Tensor],
+                  num_samples: int) -> State:
+        """Upload ``state`` for ``round``; the round's aggregate."""
+        data = pack(state, {"num_samples": str(num_samples)})
+        up = frames(data, "adapter", round, 0, self.net.chunk_bytes)
+        try:
+            got = self._collect(self._stub.Aggregate(up, metadata=self._meta,
+                                                     timeout=self.net.reply_timeout_s),
+                                adapter_layout(state), f"aggregate of round {round}")
+        except grpc.RpcError as e:
+            raise explain(e, self.address, self.net) from None
+        if got is None:
+            raise WireError(f"the fed server at {self.address} sent no aggregate for round "
+                            f"{round}")
+        return got[1]
+
+    def latest(self, like: Mapping[str, torch.Tensor], min_round: int,
+               wait_s: float) -> tuple[int, State] | None:
+        """The newest aggregate of round ``>= min_round`` (shaped ``like``), if any."""
+        try:
+            stream = self._stub.Latest(pb.LatestRequest(min_round=min_round, wait_s=wait_s),
+                                       metadata=self._meta,
+                                       timeout=wait_s + self.net.reply_timeout_s)
+            return self._collect(stream, adapter_layout(like), "latest aggregate")
+        except grpc.RpcError as e:
+            raise explain(e, self.address, self.net) from None

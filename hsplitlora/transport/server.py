@@ -1,0 +1,349 @@
+"""The main server behind gRPC: one stream per client, one coordinator that owns the role.
+
+Each client's stream is read by its own thread into an inbox; only the coordinator thread
+touches the :class:`MainServer`. Per round it serves the clients in client-id order, which
+is the order of the in-process simulation: under SFL-V2 the shared server adapter then sees
+exactly the same sequence of updates, so the run is bit-identical. Clients still compute in
+parallel: a client's forward pass does not wait for the clients before it, only its
+gradient does. A client that is late past ``net.step_timeout_s``, disconnects, or sends a
+tensor that fails validation is left out of that round and the round goes on; new and
+returning clients are admitted at round boundaries.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from hsplitlora.roles.fedserver import FedServer
+from hsplitlora.roles.messages import Activations
+from hsplitlora.roles.server import MainServer
+from hsplitlora.train.recorder import Recorder
+from hsplitlora.transport import hsplitlora_pb2 as pb
+from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
+from hsplitlora.transport.checkpoint import atomic_save, server_state
+from hsplitlora.transport.codec import CODECS, decode_activations, encode
+from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.fed import FederationServicer, FedService, RemoteFed
+from hsplitlora.transport.plan import Plan
+from hsplitlora.transport.security import Authenticator, bind, options
+from hsplitlora.transport.validate import check_activation_values, check_header
+from hsplitlora.transport.wire import (
+    Blob,
+    Reassembler,
+    WireError,
+    frames,
+    pack,
+    read_header,
+    unpack,
+)
+
+__all__ = ["Coordinator", "Session", "TrainingServicer", "listen"]
+
+log = logging.getLogger(__name__)
+
+_GONE = object()  # inbox: the client's stream ended
+_END = object()  # outbox: finish the stream normally
+
+
+@dataclass(frozen=True)
+class _Abort:
+    code: grpc.StatusCode
+    message: str
+
+
+class Session:
+    """One client's open stream, seen from the coordinator."""
+
+    def __init__(self, hello: pb.Hello, chunk_bytes: int) -> None:
+        self.client_id = hello.client_id
+        self.codec = hello.codec
+        self.num_samples = hello.num_samples
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.outbox: queue.Queue[Any] = queue.Queue()
+        self.gone = threading.Event()
+        self._chunk_bytes = chunk_bytes
+        self._seq = itertools.count()
+
+    def send(self, kind: str, round: int, data: bytes) -> None:
+        for f in frames(data, kind, round, next(self._seq), self._chunk_bytes):
+            self.outbox.put(pb.ServerFrame(chunk=f))
+
+    def control(self, kind: int, round: int, message: str = "") -> None:
+        self.outbox.put(pb.ServerFrame(control=pb.Control(
+            kind=kind, round=round, message=message)))  # type: ignore[arg-type]
+
+    def end(self) -> None:
+        self.outbox.put(_END)
+
+    def abort(self, code: grpc.StatusCode, message: str) -> None:
+        self.gone.set()
+        self.outbox.put(_Abort(code, message))
+        self.inbox.put(_GONE)
+
+
+class TrainingServicer(pb_grpc.SplitTrainingServicer):
+    """Authenticates each stream, checks its hello, and hands it to the coordinator."""
+
+    def __init__(self, coordinator: Coordinator, auth: Authenticator, net: NetConfig) -> None:
+        self.coordinator = coordinator
+        self.auth = auth
+        self.net = net
+
+    def Train(self, request_iterator: Iterator[pb.ClientFrame],  # noqa: N802 (gRPC's name)
+              context: grpc.ServicerContext) -> Iterator[pb.ServerFrame]:
+        party = self.auth.identify(context)
+        first = next(request_iterator, None)
+        if first is None:
+            return
+        problem = self.coordinator.check_hello(party, first)
+        if problem:
+            log.warning("refused client %s from %s: %s", party, context.peer(), problem)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        session = Session(first.hello, self.net.chunk_bytes)
+        context.add_callback(session.end)  # the call is over: stop waiting for output
+        threading.Thread(target=self._read, args=(request_iterator, session),
+                         name=f"read-client-{session.client_id}", daemon=True).start()
+        log.info("client %d connected from %s (codec %s)", session.client_id, context.peer(),
+                 session.codec)
+        self.coordinator.register(session)
+        while True:
+            item = session.outbox.get()
+            if item is _END:
+                return
+            if isinstance(item, _Abort):
+                context.abort(item.code, item.message)
+            yield item
+
+    def _read(self, requests: Iterator[pb.ClientFrame], session: Session) -> None:
+        assembler = Reassembler(self.net.max_tensor_bytes)
+        try:
+            for frame in requests:
+                if frame.WhichOneof("body") != "chunk":
+                    session.inbox.put(WireError("a second hello in one stream"))
+                    continue
+                try:
+                    blob = assembler.feed(frame.chunk)
+                except WireError as e:
+                    session.inbox.put(e)
+                    continue
+                if blob is not None:
+                    session.inbox.put(blob)
+        except grpc.RpcError:
+            pass  # the client went away; the coordinator learns it from _GONE
+        finally:
+            session.gone.set()
+            session.inbox.put(_GONE)
+
+
+class Coordinator:
+    """Runs the rounds: admit clients, serve their steps in id order, aggregate, checkpoint."""
+
+    def __init__(self, server: MainServer, plan: Plan, net: NetConfig,
+                 fed: FedService | RemoteFed, rec: Recorder, *, start_round: int = 0,
+                 checkpoint: Path | None = None, server_fed: FedServer | None = None) -> None:
+        self.server = server
+        self.plan = plan
+        self.net = net
+        self.fed = fed
+        self.rec = rec
+        self.start_round = start_round
+        self.checkpoint = checkpoint
+        self.server_fed = server_fed  # SFL-V1: averages the per-client server copies
+        self._cond = threading.Condition()
+        self._pending: dict[int, Session] = {}
+        self._active: dict[int, Session] = {}
+        self._layouts = {c: plan.activation_layout(c) for c in CODECS}
+
+    # -- called from stream threads ------------------------------------------------------
+    def check_hello(self, party: str, frame: pb.ClientFrame) -> str | None:
+        if frame.WhichOneof("body") != "hello":
+            return "the first frame of a stream must be a hello"
+        h = frame.hello
+        if str(h.client_id) != party:
+            return f"hello says client {h.client_id} but the call authenticated as {party!r}"
+        if not 0 <= h.client_id < self.plan.num_clients:
+            return f"client id {h.client_id} is not in 0..{self.plan.num_clients - 1}"
+        if h.cut != self.plan.cut:
+            return (f"client runs {h.cut} blocks but the server's plan cuts at "
+                    f"{self.plan.cut}; use the same train.cut on both sides")
+        if h.codec not in CODECS:
+            return f"unknown codec {h.codec!r}; use one of {', '.join(CODECS)}"
+        if h.num_samples < 1:
+            return "num_samples must be positive"
+        return None
+
+    def register(self, session: Session) -> None:
+        with self._cond:
+            for table in (self._pending, self._active):
+                old = table.pop(session.client_id, None)
+                if old is not None:
+                    old.abort(grpc.StatusCode.ABORTED, "replaced by a newer connection of the "
+                              "same client")
+            self._pending[session.client_id] = session
+            self._cond.notify_all()
+
+    # -- the coordinator thread ---------------------------------------------------------
+    def run(self) -> None:
+        need = self.net.min_clients or self.plan.num_clients
+        self._await_clients(need)
+        for t in range(self.start_round, self.plan.steps):
+            self._admit(t)
+            if not self._active:
+                self._await_clients(1)
+                self._admit(t)
+            with self._cond:
+                serving = sorted(self._active.items())
+            moved = {cid: self._step(t, session) for cid, session in serving}
+            wire = {cid: sizes for cid, sizes in moved.items() if sizes is not None}
+            present = list(wire)
+            n = max(len(present), 1)
+            log.info("round %d: %d of %d clients stepped, %d bytes up and %d down per step",
+                     t, len(present), self.plan.num_clients,
+                     sum(up for up, _ in wire.values()) // n,
+                     sum(down for _, down in wire.values()) // n)
+            if self.plan.aggregates_at(t):
+                self._aggregate(t, present, {cid: s.num_samples for cid, s in serving})
+            if self.checkpoint is not None:
+                self._save(t)
+            self.rec.end_round(t)
+        self._finish()
+
+    def _await_clients(self, need: int) -> None:
+        deadline = time.monotonic() + self.net.join_timeout_s
+        with self._cond:
+            while (len(self._pending) + len(self._active) < self.plan.num_clients
+                   and time.monotonic() < deadline):
+                self._cond.wait(deadline - time.monotonic())
+            have = len(self._pending) + len(self._active)
+        if have < need:
+            raise TimeoutError(f"only {have} of {self.plan.num_clients} clients connected within "
+                               f"net.join_timeout_s={self.net.join_timeout_s:g} s (need {need}); "
+                               "start the missing clients or lower net.min_clients")
+        log.info("%d of %d clients connected", have, self.plan.num_clients)
+
+    def _admit(self, round: int) -> None:
+        with self._cond:
+            joining, self._pending = self._pending, {}
+            self._active.update(joining)
+        p = self.plan
+        for cid, session in sorted(joining.items()):
+            session.outbox.put(pb.ServerFrame(welcome=pb.Welcome(
+                round=round, steps=p.steps, interval=p.interval, mode=p.mode, cut=p.cut)))
+            log.info("client %d admitted at round %d", cid, round)
+
+    def _remove(self, session: Session) -> None:
+        with self._cond:
+            if self._active.get(session.client_id) is session:
+                del self._active[session.client_id]
+
+    def _refuse(self, session: Session, round: int, reason: str) -> None:
+        log.warning("round %d: refused client %d's upload: %s", round, session.client_id, reason)
+        session.control(pb.Control.REFUSED, round, reason)
+
+    def _step(self, t: int, session: Session) -> tuple[int, int] | None:
+        """Serve one client's step of round ``t``: the bytes up and down if it took part."""
+        cid = session.client_id
+        try:
+            item = session.inbox.get(timeout=self.net.step_timeout_s)
+        except queue.Empty:
+            reason = (f"no activations for round {t} within net.step_timeout_s="
+                      f"{self.net.step_timeout_s:g} s: dropped from the round; reconnect to "
+                      "rejoin")
+            log.warning("client %d: %s", cid, reason)
+            session.abort(grpc.StatusCode.DEADLINE_EXCEEDED, reason)
+            self._remove(session)
+            return None
+        if item is _GONE:
+            log.warning("client %d disconnected in round %d; the round goes on without it", cid, t)
+            self._remove(session)
+            return None
+        if isinstance(item, WireError):
+            self._refuse(session, t, f"upload of client {cid}, round {t}: {item}")
+            return None
+        try:
+            acts = self._decode(t, session, item)
+        except WireError as e:
+            self._refuse(session, t, str(e))
+            return None
+        reply = self.server.step(cid, acts)
+        data = pack(encode("grad", reply.grad, session.codec),
+                    {"loss": repr(reply.loss), "tokens": str(reply.tokens)})
+        session.send("grad", t, data)
+        self.rec.train_step(round=t, client=cid, loss=reply.loss, tokens=reply.tokens,
+                            bytes_up=len(item.data), bytes_down=len(data), lr=self.server.lr)
+        log.debug("round %d client %d: loss %.4f, %d bytes up, %d down", t, cid, reply.loss,
+                  len(item.data), len(data))
+        return len(item.data), len(data)
+
+    def _decode(self, t: int, session: Session, blob: Blob) -> Activations:
+        what = f"activations of client {session.client_id}, round {t}"
+        if blob.kind != "acts" or blob.round != t:
+            raise WireError(f"{what}: got a {blob.kind!r} blob of round {blob.round} instead")
+        layout, limits = self._layouts[session.codec]
+        check_header(read_header(blob.data), layout, limits, what)
+        wire = unpack(blob.data)
+        check_activation_values(wire, self.plan.vocab_size, what)
+        return decode_activations(wire, session.codec, self.plan.dtype)
+
+    def _aggregate(self, t: int, present: list[int], samples: dict[int, int]) -> None:
+        self.fed.open(t, present)
+        if self.server_fed is not None and present:
+            states = [self.server.adapter_state(cid) for cid in present]
+            merged = self.server_fed.aggregate(states, [samples[cid] for cid in present])
+            self.server.load_adapter_state(merged)
+            self.rec.event("aggregate", round=t, side="server", clients=present)
+        if isinstance(self.fed, FedService):
+            # Wait for the clients' aggregate so the checkpoint of this round holds it;
+            # shrink the round when a client leaves instead of waiting out its timeout.
+            while not self.fed.wait(t, 0.05):
+                alive = [c for c in present if c in self._active and
+                         not self._active[c].gone.is_set()]
+                if alive != present:
+                    present = alive
+                    self.fed.open(t, present)
+        self.rec.event("aggregate", round=t, side="client", clients=present)
+
+    def _save(self, t: int) -> None:
+        assert self.checkpoint is not None
+        state = {"round": t, "server": server_state(self.server),
+                 "fed": self.fed.state_dict() if isinstance(self.fed, FedService) else None,
+                 "rng": torch.get_rng_state(), "step": self.rec.step}
+        atomic_save(state, self.checkpoint)
+
+    def _finish(self) -> None:
+        with self._cond:
+            sessions = [*self._active.values(), *self._pending.values()]
+        for session in sessions:
+            session.control(pb.Control.DONE, self.plan.steps - 1, "run complete")
+            session.end()
+        log.info("run complete after %d rounds", self.plan.steps)
+
+
+def listen(coordinator: Coordinator, net: NetConfig, tokens: Mapping[str, str] | None, *,
+           address: str | None = None) -> tuple[grpc.Server, int]:
+    """Serve the coordinator's clients (and its fed service, when it runs in this process)
+    on ``address`` (default ``net.host:net.port``); returns the started server and its port.
+    """
+    n = coordinator.plan.num_clients
+    # Every open stream, and every client waiting for an aggregate, holds a worker thread.
+    server = grpc.server(ThreadPoolExecutor(max_workers=2 * n + 8), options=options(net))
+    auth = Authenticator(tokens, {str(i) for i in range(n)})
+    pb_grpc.add_SplitTrainingServicer_to_server(TrainingServicer(coordinator, auth, net), server)
+    if isinstance(coordinator.fed, FedService):
+        pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator.fed, auth, net),
+                                                 server)
+    port = bind(server, address or f"{net.host}:{net.port}", net)
+    server.start()
+    return server, port

@@ -1,0 +1,78 @@
+"""Check every arriving tensor before use: names, dtypes, shapes, then values.
+
+Pure functions over a parsed header and the loaded tensors. A layout names each expected
+tensor with its safetensors dtype and a shape whose dimensions are numbers (must match) or
+symbols such as ``"B"`` (bound on first use, equal wherever they recur, and within the
+limit given for them), so one layout covers every batch of a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from hsplitlora.transport.wire import Header, WireError
+
+__all__ = ["Layout", "Limit", "check_activation_values", "check_finite", "check_header"]
+
+Layout = Mapping[str, tuple[str, tuple[int | str, ...]]]
+Limit = tuple[int, int, str]  # (lowest, highest, where the bound comes from)
+
+
+def _shape_text(shape: tuple[int | str, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def check_header(header: Header, layout: Layout, limits: Mapping[str, Limit],
+                 what: str) -> dict[str, int]:
+    """Refuse a header that does not hold exactly ``layout``; return the bound symbols."""
+    missing = sorted(set(layout) - set(header.tensors))
+    extra = sorted(set(header.tensors) - set(layout))
+    if missing or extra:
+        raise WireError(f"{what}: expected tensors {sorted(layout)}, missing {missing}, "
+                        f"unexpected {extra}")
+    bound: dict[str, int] = {}
+    for name, (dtype, shape) in layout.items():
+        got_dtype, got_shape = header.tensors[name]
+        if got_dtype != dtype:
+            raise WireError(f"{what}: tensor {name!r} has dtype {got_dtype}, expected {dtype}")
+        ok = len(got_shape) == len(shape)
+        for want, got in zip(shape, got_shape, strict=True) if ok else ():
+            if isinstance(want, int):
+                ok = ok and got == want
+            elif want in bound:
+                ok = ok and got == bound[want]
+            else:
+                low, high, source = limits[want]
+                if not low <= got <= high:
+                    raise WireError(f"{what}: tensor {name!r} has shape {tuple(got_shape)}; "
+                                    f"dimension {want} = {got} is outside [{low}, {high}] "
+                                    f"({source})")
+                bound[want] = got
+        if not ok:
+            expected = tuple(bound.get(d, d) if isinstance(d, str) else d for d in shape)
+            raise WireError(f"{what}: tensor {name!r} has shape {tuple(got_shape)}, expected "
+                            f"{_shape_text(expected)}")
+    return bound
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise WireError(f"{what}: tensor {name!r} holds {bad} non-finite values (NaN/inf)")
+
+
+def check_activation_values(tensors: Mapping[str, torch.Tensor], vocab_size: int,
+                            what: str) -> None:
+    """Values the server's loss would otherwise trip over (or silently mis-train on)."""
+    check_finite(tensors, what)
+    mask = tensors["attention_mask"]
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise WireError(f"{what}: attention_mask must hold only 0 and 1")
+    labels = tensors["labels"]
+    bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        raise WireError(f"{what}: labels must be -100 or token ids in [0, {vocab_size}); "
+                        f"found {labels[bad][0].item()}")

@@ -1,0 +1,182 @@
+"""The experiment runner: grid expansion, skipping finished runs, resuming, the summary."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from hsplitlora import experiment as experiment_module
+from hsplitlora.cli import app
+from hsplitlora.config import ConfigError
+from hsplitlora.eval import evaluate as evaluate_module
+from hsplitlora.eval.metrics import Scores
+from hsplitlora.experiment import load_experiment, run_experiment, run_name
+from hsplitlora.train import run as run_module
+from tests.conftest import E2E
+
+SPLIT = "mode=splitlora_r=2_cut=1_seed=0"
+CENTRAL = "mode=centralized_r=2_seed=0"
+
+
+def _experiment(tmp_path, model_dir, grid=None, evaluate=None, lr=0.01):
+    spec = {
+        "base": {
+            "model": {"name": str(model_dir)},
+            "lora": {"r": 8, "alpha": 4, "dropout": 0.0},
+            "data": {"train_files": [str(E2E / "original" / "devset.csv")],
+                     "eval_file": str(E2E / "original" / "testset_w_refs.csv"),
+                     "max_train_examples": 12, "max_length": 160},
+            "train": {"num_clients": 2, "steps": 2, "batch_size": 2, "agg_interval": 1,
+                      "lr": lr, "precision": "fp32"},
+            "eval": {"max_examples": 4},
+            "output": {"sample_prompt": None},
+        },
+        "grid": grid or {"mode": ["splitlora", "centralized"], "rank": [2], "cut": [1],
+                         "seed": [0]},
+        "output": str(tmp_path / "grid"),
+    }
+    if evaluate:
+        spec["evaluate"] = evaluate
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _spy_train(monkeypatch):
+    calls: list[str] = []
+    real = run_module.train
+
+    def spy(cfg, **kwargs):
+        calls.append(cfg.output.name)
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(experiment_module, "train", spy)
+    return calls
+
+
+def _forbid(monkeypatch, name, module=experiment_module):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} should not run")
+
+    monkeypatch.setattr(module, name, fail)
+
+
+def _rows(grid):
+    with (grid / "summary.csv").open() as f:
+        return {row["run"]: row for row in csv.DictReader(f)}
+
+
+def test_grid_expands_to_named_runs_and_unsplit_modes_ignore_the_cut(tmp_path):
+    path = _experiment(tmp_path, "some-model", grid={
+        "mode": ["splitlora", "centralized"], "rank": [1, 4], "cut": [1, 3], "train.lr": [0.1]})
+    exp = load_experiment(path)
+    names = [run.name for run in exp.runs]
+    assert names == [
+        "mode=splitlora_r=1_cut=1_train.lr=0.1", "mode=splitlora_r=1_cut=3_train.lr=0.1",
+        "mode=splitlora_r=4_cut=1_train.lr=0.1", "mode=splitlora_r=4_cut=3_train.lr=0.1",
+        "mode=centralized_r=1_train.lr=0.1", "mode=centralized_r=4_train.lr=0.1",
+    ]
+    run = exp.runs[3]
+    assert (run.config.train.mode, run.config.lora.r, run.config.train.cut) == ("splitlora", 4, 3)
+    assert run.config.train.lr == 0.1 and run.config.lora.alpha == 4
+    assert run.config.output.dir == tmp_path / "grid" and run.config.output.name == run.name
+    assert run_name({"seed": 1, "mode": "split", "rank": 2}) == "mode=split_r=2_seed=1"
+
+
+def test_grid_errors_name_the_file_the_run_and_the_field(tmp_path):
+    bad_value = _experiment(tmp_path, "m", grid={"rank": [2, 0]})
+    with pytest.raises(ConfigError, match=r"exp.yaml \(run r=0\)[\s\S]*lora.r"):
+        load_experiment(bad_value)
+    bad_key = _experiment(tmp_path, "m", grid={"ranks": [2]})
+    with pytest.raises(ConfigError, match="grid key 'ranks'.*mode, rank, cut"):
+        load_experiment(bad_key)
+
+
+def test_runner_skips_finished_runs_and_resumes_an_interrupted_grid(
+    tmp_path, tiny_llama_dir, monkeypatch
+):
+    path = _experiment(tmp_path, tiny_llama_dir)
+    grid = tmp_path / "grid"
+    calls = _spy_train(monkeypatch)
+    run_experiment(path, show_progress=False)
+    assert calls == [SPLIT, CENTRAL]
+
+    rows = _rows(grid)
+    assert set(rows) == {SPLIT, CENTRAL}
+    split_summary = json.loads((grid / SPLIT / "summary.json").read_text())
+    assert float(rows[SPLIT]["eval_ppl"]) == pytest.approx(split_summary["eval_ppl"])
+    assert int(rows[SPLIT]["bytes_sent"]) == split_summary["bytes_up"] + split_summary[
+        "bytes_down"] > 0
+    assert rows[SPLIT]["cut"] == "1" and rows[CENTRAL]["cut"] == ""
+    assert rows[SPLIT]["BLEU"] == ""  # not scored
+    assert split_summary["simulated_s"] > 0
+    assert float(rows[SPLIT]["simulated_s"]) == pytest.approx(split_summary["simulated_s"])
+    assert int(rows[SPLIT]["client_trainable_params"]) < int(
+        rows[CENTRAL]["client_trainable_params"])
+    for png in ("ppl_vs_steps.png", "ppl_vs_wall.png", "ppl_vs_simulated.png"):
+        assert (grid / png).read_bytes()[:4] == b"\x89PNG"
+    assert not (grid / "metrics.png").exists()
+    md = (grid / "summary.md").read_text()
+    assert "| splitlora | 2 | 1 | 2 | 0 |" in md and "2 of 2 runs finished" in md
+
+    # everything finished: a second invocation trains nothing
+    mtime = (grid / SPLIT / "summary.json").stat().st_mtime_ns
+    _forbid(monkeypatch, "train")
+    out = CliRunner().invoke(app, ["experiment", str(path), "--no-progress"])
+    assert out.exit_code == 0, out.output
+    assert out.output.count(": skip") == 2
+    assert (grid / SPLIT / "summary.json").stat().st_mtime_ns == mtime
+
+    # a run killed mid-training (no summary.json, leftovers) is deleted and re-run alone
+    (grid / CENTRAL / "summary.json").unlink()
+    (grid / CENTRAL / "leftover.txt").write_text("partial")
+    calls = _spy_train(monkeypatch)
+    dry = CliRunner().invoke(app, ["experiment", str(path), "--dry-run"])
+    assert "interrupted" in dry.output and calls == []
+    run_experiment(path, show_progress=False)
+    assert calls == [CENTRAL]
+    assert not (grid / CENTRAL / "leftover.txt").exists()
+    assert (grid / CENTRAL / "summary.json").is_file() and set(_rows(grid)) == {SPLIT, CENTRAL}
+
+
+def test_runner_scores_runs_once_per_setting(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(evaluate_module, "score", lambda hyps, refs: Scores(
+        bleu=0.5, nist=5.0, meteor=0.4, rouge_l=0.6, cider=1.5))
+    grid_spec = {"mode": ["splitlora"], "rank": [2], "cut": [1], "seed": [0]}
+    path = _experiment(tmp_path, tiny_llama_dir, grid=grid_spec,
+                       evaluate={"max_mrs": 2, "num_beams": 1})
+    grid = tmp_path / "grid"
+    run_experiment(path, show_progress=False)
+    row = _rows(grid)[SPLIT]
+    assert (float(row["BLEU"]), float(row["CIDEr"])) == (0.5, 1.5)
+    assert json.loads((grid / SPLIT / "scores.json").read_text())["num_mrs"] == 2
+    assert (grid / "metrics.png").is_file()
+    assert "| 50.00 |" in (grid / "summary.md").read_text()  # BLEU shown in percent
+
+    _forbid(monkeypatch, "train")
+    _forbid(monkeypatch, "evaluate_run")
+    run_experiment(path, show_progress=False)  # trained and scored: nothing to do
+
+    # new decoding settings: re-scored without retraining
+    path = _experiment(tmp_path, tiny_llama_dir, grid=grid_spec,
+                       evaluate={"max_mrs": 2, "num_beams": 2})
+    scored: list[str] = []
+    monkeypatch.setattr(experiment_module, "evaluate_run",
+                        lambda run_dir, **kw: scored.append(run_dir.name))
+    run_experiment(path, show_progress=False)
+    assert scored == [SPLIT]
+
+
+def test_runner_refuses_a_finished_run_made_with_another_config(
+    tmp_path, tiny_llama_dir, monkeypatch
+):
+    grid_spec = {"mode": ["centralized"], "rank": [2]}
+    run_experiment(_experiment(tmp_path, tiny_llama_dir, grid=grid_spec), show_progress=False)
+    _forbid(monkeypatch, "train")
+    changed = _experiment(tmp_path, tiny_llama_dir, grid=grid_spec, lr=0.02)
+    with pytest.raises(ConfigError, match=r"train.lr: 0.01 there, 0.02 now"):
+        run_experiment(changed, show_progress=False)

@@ -1,0 +1,132 @@
+"""Real processes for networked tests, started in milliseconds.
+
+Each party runs in its own process, forked from a fork server that imported torch,
+transformers and the package once: a process per party as in a deployment, without paying
+the multi-second imports per process. Parties exchange configs as JSON and write what the
+test needs (the final adapter, the steps they saw) to files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from hsplitlora.config import RunConfig
+from hsplitlora.transport.config import NetConfig
+
+CTX = multiprocessing.get_context("forkserver")
+CTX.set_forkserver_preload(["hsplitlora.train.run", "hsplitlora.transport.deploy",
+                           "tests.transport.warm"])
+
+
+def _logging(name: str) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format=f"[{name} %(relativeCreated)6.0f ms] %(name)s: %(message)s")
+
+
+def _serve(cfg: dict, net: dict, kwargs: dict[str, Any]) -> None:
+    from hsplitlora.transport.deploy import serve
+
+    _logging("server")
+    serve(RunConfig.model_validate(cfg), NetConfig.model_validate(net), **kwargs)
+
+
+def _fed(cfg: dict, net: dict, kwargs: dict[str, Any]) -> None:
+    from hsplitlora.transport.deploy import serve_fed
+
+    _logging("fed")
+    serve_fed(RunConfig.model_validate(cfg), NetConfig.model_validate(net), **kwargs)
+
+
+def _join(cfg: dict, net: dict, client_id: int, address: str, out: str,
+          kwargs: dict[str, Any], die_at: int | None) -> None:
+    from hsplitlora.roles.client import Client
+    from hsplitlora.transport.deploy import join
+
+    _logging(f"client {client_id}")
+    if die_at is not None:  # the test's stand-in for a crash: SIGKILL inside a round
+        forward = Client.forward
+        drawn = [0]
+
+        def dying_forward(self: Client) -> Any:
+            if drawn[0] == die_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            drawn[0] += 1
+            return forward(self)
+
+        Client.forward = dying_forward  # type: ignore[method-assign]
+    adapter = join(RunConfig.model_validate(cfg), NetConfig.model_validate(net), client_id,
+                   address, **kwargs)
+    save_file({k: v.contiguous() for k, v in adapter.items()}, out)
+
+
+def _cli(name: str, argv: list[str]) -> None:
+    from hsplitlora.cli import app
+
+    _logging(name)
+    app(argv, prog_name="hsplitlora")
+
+
+def _dump(model: Any) -> dict:
+    return json.loads(model.model_dump_json())
+
+
+def start(target: Callable[..., None], *args: Any) -> multiprocessing.Process:
+    proc = CTX.Process(target=target, args=args, daemon=True)
+    proc.start()
+    return proc
+
+
+def start_server(cfg: RunConfig, net: NetConfig, **kwargs: Any) -> multiprocessing.Process:
+    return start(_serve, _dump(cfg), _dump(net), kwargs)
+
+
+def start_fed(cfg: RunConfig, net: NetConfig, **kwargs: Any) -> multiprocessing.Process:
+    return start(_fed, _dump(cfg), _dump(net), kwargs)
+
+
+def start_client(cfg: RunConfig, net: NetConfig, client_id: int, address: str, out: Path,
+                 die_at: int | None = None, **kwargs: Any) -> multiprocessing.Process:
+    return start(_join, _dump(cfg), _dump(net), client_id, address, str(out), kwargs, die_at)
+
+
+def start_cli(name: str, *argv: str) -> multiprocessing.Process:
+    """``hsplitlora ARGV`` in its own process (the exit code is the command's)."""
+    return start(_cli, name, list(argv))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise TimeoutError(f"waited {timeout} s for {what}")
+        time.sleep(0.02)
+
+
+def finish(procs: list[multiprocessing.Process], timeout: float) -> list[int | None]:
+    """Join every process (killing stragglers, so a failing test leaves none behind)."""
+    end = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    return [p.exitcode for p in procs]

@@ -1,0 +1,169 @@
+"""Whole deployments on loopback, one process per party, against in-process simulations.
+
+With a fixed seed, fp32 and the exact wire format, the networked run must end with the
+very same adapters (bit for bit) as ``hsplitlora.train.run.train``; a killed client and a
+killed-and-resumed server must end exactly where the matching in-process schedule does.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hsplitlora.roles.fedserver import FedServer
+from hsplitlora.train import modes
+from hsplitlora.train.recorder import Recorder
+from hsplitlora.train.run import prepare, train
+from hsplitlora.transport.checkpoint import load_checkpoint
+from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.parties import build_client, build_server
+from tests.transport import harness
+from tests.transport.conftest import peft_adapter, run_config
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got and set(got) <= set(want)
+    for k, v in got.items():
+        assert torch.equal(v, want[k]), f"{k}: max diff {(v - want[k]).abs().max():.3g}"
+
+
+def _serve(cfg, net, tmp_path, **kwargs):
+    port_file = tmp_path / f"port-{len(list(tmp_path.glob('port-*')))}"
+    proc = harness.start_server(cfg, net, port_file=port_file, **kwargs)
+    harness.wait_for(port_file.exists, 60, "the main server to listen")
+    return proc, f"127.0.0.1:{port_file.read_text()}"
+
+
+def _clients(cfg, net, address, tmp_path, die=None):
+    die = die or {}
+    return [harness.start_client(cfg, net, i, address, tmp_path / f"client-{i}.safetensors",
+                                 die_at=die.get(i)) for i in range(cfg.train.num_clients)]
+
+
+def _records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@pytest.mark.parametrize("mode", ["splitlora", "splitfed"])
+def test_networked_run_is_bit_identical_to_the_in_process_simulation(tmp_path, tiny_llama_dir,
+                                                                      mode):
+    cfg = run_config(tiny_llama_dir, tmp_path, mode=mode)
+    reference = train(cfg, write=False, show_progress=False).adapter
+    net = NetConfig(port=0, step_timeout_s=20, join_timeout_s=60)
+    server, address = _serve(cfg, net, tmp_path)
+    codes = harness.finish([server, *_clients(cfg, net, address, tmp_path)], 90)
+    assert codes == [0, 0, 0, 0]
+    run = tmp_path / "net"
+    adapter = peft_adapter(run)
+    assert set(adapter) == set(reference)
+    _assert_same(adapter, reference)
+    for i in range(3):  # every client ends holding the final client-side aggregate
+        _assert_same(load_file(tmp_path / f"client-{i}.safetensors"), reference)
+    steps = [r for r in _records(run) if "event" not in r]
+    assert [(r["round"], r["client"]) for r in steps] == [(t, c) for t in range(4)
+                                                          for c in range(3)]
+    # exact wire format: a float32 hidden state per token plus a byte of mask and 4 of label
+    assert all(r["bytes_up"] > r["bytes_down"] > 0 for r in steps)
+
+
+def test_fed_server_in_its_own_process(tmp_path, tiny_llama_dir):
+    cfg = run_config(tiny_llama_dir, tmp_path)
+    reference = train(cfg, write=False, show_progress=False).adapter
+    fed_port = harness.free_port()
+    fed_net = NetConfig(fed_port=fed_port, step_timeout_s=20)
+    fed_port_file = tmp_path / "fed-port"
+    fed = harness.start_fed(cfg, fed_net, port_file=fed_port_file)
+    harness.wait_for(fed_port_file.exists, 60, "the fed server to listen")
+    net = NetConfig(port=0, fed_address=f"127.0.0.1:{fed_port}", step_timeout_s=20,
+                    join_timeout_s=60)
+    server, address = _serve(cfg, net, tmp_path)
+    codes = harness.finish([server, fed, *_clients(cfg, net, address, tmp_path)], 90)
+    assert codes == [0] * 5
+    server_half = load_file(tmp_path / "net" / "server_adapter.safetensors")
+    client_half = load_file(tmp_path / "net-fed" / "client_adapter.safetensors")
+    assert not (tmp_path / "net" / "adapter").exists()  # the main server never held both
+    assert set(server_half) | set(client_half) == set(reference)
+    _assert_same(server_half, reference)
+    _assert_same(client_half, reference)
+
+
+def test_a_client_killed_mid_round_is_dropped_and_the_others_finish(tmp_path, tiny_llama_dir):
+    cfg = run_config(tiny_llama_dir, tmp_path, steps=4, agg_interval=2)
+    net = NetConfig(port=0, step_timeout_s=20, join_timeout_s=60)
+    server, address = _serve(cfg, net, tmp_path)
+    procs = _clients(cfg, net, address, tmp_path, die={1: 2})  # client 1 dies in round 2
+    codes = harness.finish([server, *procs], 90)
+    assert codes == [0, 0, -signal.SIGKILL, 0]
+    records = _records(tmp_path / "net")
+    steps = [(r["round"], r["client"]) for r in records if "event" not in r]
+    assert steps == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 2),
+                     (3, 0), (3, 2)]
+    aggregations = [(r["round"], r["clients"]) for r in records if r.get("event")]
+    assert aggregations == [(1, [0, 1, 2]), (3, [0, 2])]
+    # The same schedule in process: all three for two rounds, then clients 0 and 2 alone,
+    # FedAvg weights renormalised over the two.
+    p = prepare(cfg)
+    main, _ = build_server(p)
+    parties = [build_client(p, i) for i in range(3)]
+    clients = [party.client(party.stream()) for party in parties]
+    fed = FedServer(weighting=cfg.train.agg_weighting, alpha=p.lora.alpha)
+    rec = Recorder(None, 4, show_progress=False)
+    modes.run_splitlora(clients, main, fed, 2, 2, rec)
+    expected = modes.run_splitlora([clients[0], clients[2]], main, fed, 2, 2, rec)
+    _assert_same(peft_adapter(tmp_path / "net"), expected)
+    for i in (0, 2):
+        _assert_same(load_file(tmp_path / f"client-{i}.safetensors"), expected)
+
+
+def test_a_killed_server_resumes_from_its_checkpoint_to_the_same_adapters(tmp_path,
+                                                                          tiny_llama_dir):
+    cfg = run_config(tiny_llama_dir, tmp_path, steps=30, agg_interval=3)
+    reference = train(cfg, write=False, show_progress=False).adapter
+    net = NetConfig(port=harness.free_port(), step_timeout_s=20, join_timeout_s=60,
+                    rejoin_backoff_s=0.1, rejoin_attempts=20)
+    server, address = _serve(cfg, net, tmp_path)
+    clients = _clients(cfg, net, address, tmp_path)
+    checkpoint = tmp_path / "net" / "checkpoint" / "server.pt"
+
+    def checkpointed(at_least: int) -> bool:
+        return checkpoint.exists() and load_checkpoint(checkpoint)["round"] >= at_least
+
+    harness.wait_for(lambda: checkpointed(4), 60, "round 4's checkpoint")
+    server.kill()
+    server.join(10)
+    killed_at = load_checkpoint(checkpoint)["round"]
+    assert server.exitcode == -signal.SIGKILL and killed_at < cfg.train.steps - 1
+    resumed, _ = _serve(cfg, net, tmp_path, resume=True)
+    codes = harness.finish([resumed, *clients], 120)
+    assert codes == [0, 0, 0, 0]
+    _assert_same(peft_adapter(tmp_path / "net"), reference)
+    for i in range(3):
+        _assert_same(load_file(tmp_path / f"client-{i}.safetensors"), reference)
+    steps = [(r["round"], r["client"]) for r in _records(tmp_path / "net") if "event" not in r]
+    assert steps == [(t, c) for t in range(30) for c in range(3)]  # replayed rounds once
+
+
+def test_a_killed_client_restarts_from_its_checkpoint_and_rejoins(tmp_path, tiny_llama_dir):
+    cfg = run_config(tiny_llama_dir, tmp_path, steps=40, agg_interval=4)
+    net = NetConfig(port=0, step_timeout_s=20, join_timeout_s=60)
+    server, address = _serve(cfg, net, tmp_path)
+    checkpoint = tmp_path / "client-1.pt"
+    out = tmp_path / "client-1.safetensors"
+    others = [harness.start_client(cfg, net, i, address, tmp_path / f"client-{i}.safetensors")
+              for i in (0, 2)]
+    first = harness.start_client(cfg, net, 1, address, out, die_at=2, checkpoint=checkpoint)
+    assert harness.finish([first], 60) == [-signal.SIGKILL]
+    assert load_checkpoint(checkpoint)["snapshot"]["round"] == 2  # saved as round 2 began
+    again = harness.start_client(cfg, net, 1, address, out, checkpoint=checkpoint, resume=True)
+    codes = harness.finish([server, *others, again], 90)
+    assert codes == [0, 0, 0, 0]
+    rounds_of_1 = [r["round"] for r in _records(tmp_path / "net")
+                   if "event" not in r and r["client"] == 1]
+    assert rounds_of_1[:2] == [0, 1] and 2 not in rounds_of_1 and rounds_of_1[-1] == 39
+    final = peft_adapter(tmp_path / "net")
+    _assert_same(load_file(out), final)  # back in step: it ends with the last aggregate
