@@ -56,7 +56,12 @@ def probe_importance(system: HeteroSystem, probes: Sequence[Any], n_batches: int
                      precision: str) -> dict[str, float]:
     """Every participant scores its own blocks on its own probe batches (the client its
     client side, its server-side copy the rest, from the activations it receives);
-    importances are averaged over participants, weighted by shard size."""
+    sensitivities are averaged over participants, weighted by shard size.
+
+    They are left *un-normalised* by adapter cost: the planner's greedy already buys rank
+    by gain per byte, and dividing by cost here too would penalise large matrices twice.
+    Where no planner runs (ARMSC off), :meth:`Planner._fixed_cut_plans` divides by cost.
+    """
     total: dict[str, float] = {}
     weights = [c.num_samples for c in system.clients]
     norm = sum(weights)
@@ -67,7 +72,7 @@ def probe_importance(system: HeteroSystem, probes: Sequence[Any], n_batches: int
             scores = score_client(client.segment, batches, scorer.reply, precision=precision)
             scores.update(scorer.scores())
         cands = candidates(client.segment) + candidates(server_seg)
-        for name, value in importance(scores, cands).items():
+        for name, value in importance(scores, cands, normalise=False).items():
             total[name] = total.get(name, 0.0) + value * w / norm
     return total
 
@@ -175,8 +180,11 @@ class Planner:
         if self.mode == "hsplitlora":  # ARMSC off: lora.r everywhere, placed by IWI if on
             modules = self.default_modules
             if scores is not None and self.uses_importance:
-                modules = ranking({m: scores.get(m, 0.0) for m in self.candidates})[
-                    : len(self.default_modules)]
+                per_cost = {}  # the same rank everywhere: the best matrices per unit cost
+                for m in self.candidates:
+                    matrix = self.dims.locate(m)[1]
+                    per_cost[m] = scores.get(m, 0.0) / (matrix.d_in + matrix.d_out)
+                modules = ranking(per_cost)[: len(self.default_modules)]
             return [PartyPlan(cut, {m: self.cfg.lora.r for m in modules}) for _ in self.profiles]
         ranks = [uniform_rank(self.dims, p, cut, self.default_modules, self.hc.rank_set,
                               self.work) for p in self.profiles]
