@@ -268,8 +268,10 @@ def run_experiment(
         if exp.evaluate is not None and scoring:
             if on_run:
                 on_run(index, run, "evaluate")
+            # perplexity is already in summary.json, from the same held-out sample
             evaluate_run(run_dir, max_mrs=exp.evaluate.max_mrs, settings=exp.evaluate.settings(),
-                         batch_size=exp.evaluate.batch_size, show_progress=show_progress)
+                         batch_size=exp.evaluate.batch_size, show_progress=show_progress,
+                         with_perplexity=False)
         if trained and not scoring:
             if on_run:
                 on_run(index, run, "skip")

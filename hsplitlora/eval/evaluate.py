@@ -92,6 +92,7 @@ def evaluate_run(
     batch_size: int | None = None,
     device: str | None = None,
     show_progress: bool = False,
+    with_perplexity: bool = True,
 ) -> dict[str, Any]:
     """Generate, score and write ``predictions.txt``, ``references.txt``, ``scores.json``.
 
@@ -99,7 +100,8 @@ def evaluate_run(
     (with the other E2E decoding defaults), ``eval.batch_size``, ``train.device``.
     ``scores.json`` is written last, so its presence means the evaluation completed.
     Returns what ``scores.json`` holds: the five metrics by the scorer's names, ``eval_loss``
-    / ``eval_ppl`` (None when ``eval.max_examples`` is 0), the settings and timings.
+    / ``eval_ppl`` (None when ``eval.max_examples`` is 0 or ``with_perplexity`` is off:
+    training already measured it on the same sample), the settings and timings.
     """
     run_dir = check_run_dir(run_dir)
     try:
@@ -130,7 +132,7 @@ def evaluate_run(
     score_s = time.perf_counter() - start
 
     loss = ppl = None
-    features = _perplexity_features(cfg, tokenizer)
+    features = _perplexity_features(cfg, tokenizer) if with_perplexity else None
     if features is not None:
         loss, ppl = perplexity(model, features.features, pad_id=pad_id_for(tokenizer),
                                batch_size=batch_size, precision=cfg.train.precision, device=dev)

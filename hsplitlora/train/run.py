@@ -413,7 +413,7 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
 
 
 def load_trained(run_dir: Path, *, device: str = "cpu") -> tuple[nn.Module, Any, RunConfig]:
-    """The fine-tuned unsplit model of a finished run (base + its adapters, merged), its
+    """The fine-tuned unsplit model of a finished run (base + its adapters), its
     tokenizer and its resolved config: what evaluation and export start from.
 
     The adapter is read with PEFT itself, exactly as a user would load it.
@@ -431,5 +431,8 @@ def load_trained(run_dir: Path, *, device: str = "cpu") -> tuple[nn.Module, Any,
     cfg = load_config(run_dir / "config.yaml")
     model, tokenizer = load_model(cfg.model.name,
                                   dtype=getattr(torch, cfg.model.torch_dtype(cfg.train.precision)))
-    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    # Unmerged, on purpose: merged into a bf16 base, a small update would round away, and
+    # under bf16 autocast even an fp32 merge is cast back to bf16 per matmul. Kept apart,
+    # the adapter path computes exactly what training computed.
+    model = PeftModel.from_pretrained(model, str(adapter)).get_base_model()
     return model.to(device).eval(), tokenizer, cfg
