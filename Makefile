@@ -14,8 +14,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 .PHONY: install demo test lint bench
 install: $(BIN)/.installed
 
-demo: install  ## fine-tune SmolLM2-135M with SplitLoRA (4 clients) on E2E, ~5-10 min on 2 cores
+demo: install  ## SplitLoRA on SmolLM2-135M (4 clients, E2E), then score it beside the untuned model
 	$(BIN)/hsplitlora train --config configs/demo.yaml
+	$(BIN)/hsplitlora evaluate runs/demo --untuned
 
 test: install  ## the whole test suite (tiny models, a few minutes on 2 cores)
 	$(BIN)/python -m pytest

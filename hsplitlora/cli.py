@@ -85,6 +85,9 @@ def evaluate(
     device: Annotated[str | None, typer.Option(
         "--device", help="cpu, cuda or auto; default: the run's train.device")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="hide progress bars")] = False,
+    untuned: Annotated[bool, typer.Option(
+        "--untuned", help="also score the base model without the adapter, side by side")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more")] = False,
 ) -> None:
     """Generate for the test MRs, score BLEU/NIST/METEOR/ROUGE-L/CIDEr and perplexity;
@@ -104,16 +107,20 @@ def evaluate(
         result = evaluate_run(run_dir, max_mrs=max_mrs,
                               settings=GenerationSettings(num_beams=beams),
                               batch_size=batch_size, device=device,
-                              show_progress=not no_progress)
+                              show_progress=not no_progress, untuned=untuned)
     except RunDirError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     table = Table(title=f"{cfg.train.mode} on {cfg.model.name}: {result['num_mrs']} test MRs, "
                   + ("greedy" if beams == 1 else f"beam {beams}"))
     table.add_column("metric")
-    table.add_column("value", justify="right")
+    base = result.get("untuned")
+    if base is not None:
+        table.add_column("untuned", justify="right")
+    table.add_column("fine-tuned" if base is not None else "value", justify="right")
     for key in ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "eval_loss", "eval_ppl"):
-        table.add_row(key, _fmt(result[key]))
+        before = [_fmt(base.get(key))] if base is not None else []
+        table.add_row(key, *before, _fmt(result[key]))
     console.print(table)
     for name, why in result["unavailable"].items():
         console.print(f"[yellow]{name} unavailable:[/yellow] {why}")

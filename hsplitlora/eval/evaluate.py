@@ -93,6 +93,7 @@ def evaluate_run(
     device: str | None = None,
     show_progress: bool = False,
     with_perplexity: bool = True,
+    untuned: bool = False,
 ) -> dict[str, Any]:
     """Generate, score and write ``predictions.txt``, ``references.txt``, ``scores.json``.
 
@@ -102,6 +103,8 @@ def evaluate_run(
     Returns what ``scores.json`` holds: the five metrics by the scorer's names, ``eval_loss``
     / ``eval_ppl`` (None when ``eval.max_examples`` is 0 or ``with_perplexity`` is off:
     training already measured it on the same sample), the settings and timings.
+    ``untuned=True`` also scores the base model without the run's adapter on the same MRs
+    (``result["untuned"]``, and ``untuned_predictions.txt``), for a before/after table.
     """
     run_dir = check_run_dir(run_dir)
     try:
@@ -137,8 +140,25 @@ def evaluate_run(
         loss, ppl = perplexity(model, features.features, pad_id=pad_id_for(tokenizer),
                                batch_size=batch_size, precision=cfg.train.precision, device=dev)
 
+    baseline: dict[str, Any] | None = None
+    if untuned:
+        from hsplitlora.models.load import load_model
+
+        base, _ = load_model(cfg.model.name, dtype=model.dtype)
+        base_predictions = generate(base.to(dev), tokenizer, prompts, settings,
+                                    batch_size=batch_size, device=dev,
+                                    show_progress=show_progress)
+        baseline = score(base_predictions, refs).as_dict()
+        if features is not None:
+            baseline["eval_loss"], baseline["eval_ppl"] = perplexity(
+                base, features.features, pad_id=pad_id_for(tokenizer), batch_size=batch_size,
+                precision=cfg.train.precision, device=dev)
+        (run_dir / "untuned_predictions.txt").write_text("\n".join(base_predictions) + "\n",
+                                                        encoding="utf-8")
+
     result: dict[str, Any] = {
         **scores.as_dict(),
+        **({"untuned": baseline} if baseline is not None else {}),
         "eval_loss": loss,
         "eval_ppl": ppl,
         "eval_examples": len(features) if features is not None else 0,

@@ -75,10 +75,15 @@ def test_cli_evaluate_prints_the_metrics(tmp_path, tiny_llama_dir, monkeypatch):
     run = _tiny_run(tmp_path, tiny_llama_dir)
     monkeypatch.setattr(evaluate_module, "score", lambda hyps, refs: FAKE)
     out = CliRunner().invoke(app, ["evaluate", str(run), "--greedy", "--max-mrs", "2",
-                                   "--no-progress"])
+                                   "--no-progress", "--untuned"])
     assert out.exit_code == 0, out.output
     assert "0.5000" in out.output and "CIDEr" in out.output and "eval_ppl" in out.output
+    assert "untuned" in out.output and "fine-tuned" in out.output
     saved = json.loads((run / "scores.json").read_text())
+    # the untuned base model, on the same MRs, has a higher held-out loss than the run
+    assert saved["untuned"]["BLEU"] == 0.5
+    assert saved["untuned"]["eval_loss"] > saved["eval_loss"]
+    assert len((run / "untuned_predictions.txt").read_text().splitlines()) == 2
     assert saved["settings"]["num_beams"] == 1 and saved["num_mrs"] == 2
     assert saved["BLEU"] == 0.5
     assert len((run / "predictions.txt").read_text().splitlines()) == 2
