@@ -250,6 +250,8 @@ def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
             up, down = system.aggregate()
             rec.event("aggregate", round=t, side="all", method=system.aggregator,
                       bytes_up=up, bytes_down=down)
+            if system.aggregator in MERGING:  # the global model is the merged base itself
+                rec.global_model(t, lambda: None)
             if replan is not None and system.aggregator in MERGING and t + 1 < steps:
                 plans = replan(t)
                 if plans is not None:

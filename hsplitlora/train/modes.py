@@ -58,6 +58,7 @@ def run_centralized(learner: Learner, steps: int, rec: Recorder) -> State:
     for t in range(steps):
         loss, tokens = learner.step()
         rec.train_step(round=t, client=None, loss=loss, tokens=tokens, lr=learner.lr)
+        rec.global_model(t, learner.adapter_state)
         rec.end_round(t)
     return learner.adapter_state()
 
@@ -72,6 +73,7 @@ def run_federated(learners: Sequence[Learner], fed: FedServer, steps: int, inter
                            lr=learner.lr)
         if (t + 1) % interval == 0 or t + 1 == steps:
             merged = _fedavg_clients(learners, fed, rec, t)
+            rec.global_model(t, lambda m=merged: m)
         rec.end_round(t)
     return merged
 
@@ -96,6 +98,7 @@ def run_split(clients: Sequence[Client], server: MainServer, steps: int, handoff
             rec.event("handoff", round=rnd, source=client.client_id,
                       target=clients[nxt].client_id, bytes_up=nbytes(state),
                       bytes_down=nbytes(state))
+        rec.global_model(rnd - 1, lambda c=client: {**c.adapter_state(), **server.adapter_state()})
         holder = nxt
     final = clients[(holder - 1) % len(clients)].adapter_state()
     return {**final, **server.adapter_state()}
@@ -109,6 +112,7 @@ def run_splitlora(clients: Sequence[Client], server: MainServer, fed: FedServer,
             _client_step(client, server, rec, t)
         if (t + 1) % interval == 0 or t + 1 == steps:
             merged = _fedavg_clients(clients, fed, rec, t)
+            rec.global_model(t, lambda m=merged: {**m, **server.adapter_state()})
         rec.end_round(t)
     return {**merged, **server.adapter_state()}
 
@@ -129,6 +133,7 @@ def run_splitfed(clients: Sequence[Client], server: MainServer, fed: FedServer, 
             server.load_adapter_state(server_side)
             rec.event("aggregate", round=t, side="server", bytes_up=0, bytes_down=0)
             merged = {**client_side, **server_side}
+            rec.global_model(t, lambda m=merged: m)
         rec.end_round(t)
     return merged
 

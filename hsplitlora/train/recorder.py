@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -79,6 +80,20 @@ class Recorder:
 
     def event(self, name: str, **fields: Any) -> None:
         self._write({"event": name, "wall": round_(self.wall), **fields})
+
+    def evaluate_every(self, rounds: int, evaluator: Callable[[Any], tuple[float, float]]) -> None:
+        """Evaluate the global model every ``rounds`` rounds (0 = never) with
+        ``evaluator(state) -> (loss, ppl)``; the final evaluation is the caller's."""
+        self._eval_every, self._evaluator = rounds, evaluator
+
+    def global_model(self, round: int, state: Callable[[], Any]) -> None:
+        """Called where a global model exists (after an aggregation, a hand-off, or any
+        centralized step); logs held-out loss and perplexity when one is due."""
+        every = getattr(self, "_eval_every", 0)
+        if every and (round + 1) % every == 0 and round + 1 < self.total_rounds:
+            loss, ppl = self._evaluator(state())
+            self.event("eval", round=round, loss=loss, ppl=ppl)
+            log.info("round %d: held-out loss %.4f, perplexity %.3f", round + 1, loss, ppl)
 
     def end_round(self, round: int) -> None:
         loss = "-" if self._running is None else f"{self._running:.3f}"

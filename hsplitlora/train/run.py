@@ -279,6 +279,27 @@ def run_mode(p: Prepared, rec: Recorder) -> dict[str, torch.Tensor]:
     return runner(clients, server, fed, t.steps, t.agg_interval, rec)
 
 
+def _eval_rounds(cfg: RunConfig) -> int:
+    """``eval.every`` aggregations, in the mode's own rounds."""
+    t = cfg.train
+    if t.mode == "centralized":
+        return cfg.eval.every * t.agg_interval * t.num_clients
+    if t.mode == "split":
+        return cfg.eval.every  # one round per hand-off
+    return cfg.eval.every * t.agg_interval
+
+
+def _held_out(p: Prepared, state: dict[str, torch.Tensor] | None) -> tuple[float, float]:
+    """Held-out loss and perplexity of the unsplit model, with ``state`` as its adapters
+    (None: the model as it is, e.g. a merged heterogeneous base)."""
+    assert p.eval_features is not None
+    if state is not None:
+        load_lora_state(p.model, state)
+    return perplexity(p.model, p.eval_features, pad_id=pad_id_for(p.tokenizer),
+                      batch_size=p.cfg.eval.batch_size, precision=p.cfg.train.precision,
+                      device=p.device)
+
+
 def _run_dir(cfg: RunConfig) -> Path:
     name = cfg.output.name or f"{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = Path(cfg.output.dir) / name
@@ -311,6 +332,8 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     with Recorder(run_dir / "metrics.jsonl" if run_dir else None, _total_rounds(cfg),
                   show_progress=show_progress, description=cfg.train.mode,
                   log_every=cfg.train.log_every) as rec:
+        if p.eval_features is not None and cfg.eval.every:
+            rec.evaluate_every(_eval_rounds(cfg), lambda state: _held_out(p, state))
         adapter = run_mode(p, rec)
         wall = time.perf_counter() - start
         load_lora_state(p.model, adapter)
@@ -319,9 +342,7 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         summary["simulated_s"] = sim[-1] if sim else 0.0
         summary["simulated_round_s"] = sim
         if p.eval_features is not None:
-            loss, ppl = perplexity(p.model, p.eval_features, pad_id=pad_id_for(p.tokenizer),
-                                   batch_size=cfg.eval.batch_size,
-                                   precision=cfg.train.precision, device=p.device)
+            loss, ppl = _held_out(p, None)
             summary.update(eval_loss=loss, eval_ppl=ppl)
             rec.event("eval", round=_total_rounds(cfg) - 1, loss=loss, ppl=ppl)
     after = _sample(p)

@@ -124,3 +124,20 @@ def test_lora_state_of_trained_model_is_the_returned_adapter(tiny_tokenizer):
     result = _run(tiny_tokenizer, num_clients=2, steps=2)
     state = lora_state(result.model)
     assert all(torch.equal(state[k], result.adapter[k]) for k in state)
+
+
+@pytest.mark.parametrize("mode", ["centralized", "splitlora"])
+def test_evaluation_at_intervals_logs_held_out_perplexity(tiny_tokenizer, mode):
+    cfg = _cfg(mode=mode, num_clients=2, steps=4, agg_interval=1)
+    cfg = cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"eval_file": E2E / "original" / "testset_w_refs.csv"}),
+        "eval": cfg.eval.model_copy(update={"max_examples": 6, "every": 2}),
+    })
+    result = train_once(tiny_tokenizer, cfg)
+    evals = [r for r in result.records if r.get("event") == "eval"]
+    assert len(evals) == 2  # one mid-run (after 2 aggregations) and the final one
+    mid, final = evals
+    assert mid["round"] < final["round"]
+    assert final["loss"] == pytest.approx(result.summary["eval_loss"])
+    assert final["ppl"] == pytest.approx(torch.exp(torch.tensor(final["loss"])).item(), rel=1e-5)
+    assert final["loss"] < mid["loss"]  # training keeps lowering the held-out loss
