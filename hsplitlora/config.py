@@ -143,6 +143,8 @@ class HeteroConfig(_Strict):
                            "false = every client at train.cut with rank lora.r")
     aggregator: Literal["noisefree", "stack", "svd", "zeropad", "fedavg"] = Field(
         "noisefree", description="hsplitlora's aggregation (the baselines fix their own)")
+    federated: bool = Field(False, description="hetlora/flexlora/flora: unsplit, every client "
+                            "trains the whole model (its budget must allow it)")
     rank_set: list[int] = Field([0, 2, 4, 8, 16], description="candidate ranks Q (0 = none)")
     server_rank: int = Field(8, ge=0, description="rank of the server-side adapters")
     cuts: list[int] | None = Field(None, description="cuts the planner may choose; "
@@ -195,6 +197,9 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
+        if self.hetero.federated and self.train.mode not in ("hetlora", "flexlora", "flora"):
+            raise ValueError("hetero.federated applies to train.mode hetlora, flexlora or "
+                             f"flora, not {self.train.mode!r}")
         if self.model.dtype == "bfloat16" and self.train.precision == "fp32":
             raise ValueError("model.dtype 'bfloat16' needs train.precision 'bf16'; set "
                              "model.dtype: float32 for fp32 training")

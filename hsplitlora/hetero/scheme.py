@@ -176,7 +176,8 @@ class Planner:
         return plan
 
     def _fixed_cut_plans(self, scores: dict[str, float] | None) -> list[PartyPlan]:
-        cut = self.cfg.train.cut
+        # Federated baselines: the client holds every block (the unsplit model).
+        cut = self.dims.n_layers if self.hc.federated else self.cfg.train.cut
         if self.mode == "hsplitlora":  # ARMSC off: lora.r everywhere, placed by IWI if on
             modules = self.default_modules
             if scores is not None and self.uses_importance:

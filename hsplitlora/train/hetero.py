@@ -87,6 +87,7 @@ class HeteroSystem:
         precision: str = "bf16",
         device: torch.device | str = "cpu",
         label_smoothing: float = 0.0,
+        federated: bool = False,
     ) -> None:
         if aggregator not in AGGREGATORS:
             raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")
@@ -96,6 +97,9 @@ class HeteroSystem:
         wanted = {f"{m}.weight" for m in self.candidates}
         self.original = {n: p.detach().clone() for n, p in base.named_parameters() if n in wanted}
         self.alpha, self.dropout, self.aggregator = alpha, dropout, aggregator
+        # Federated: each client runs its server segment (norm + head) on its own device,
+        # so nothing crosses the network per step; only adapters travel.
+        self.federated = federated
         self.plans = list(plans)
         self.client_optim = client_optim
         clients, segments = [], {}
@@ -243,9 +247,10 @@ def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
             acts = client.forward()
             reply = server.step(client.client_id, acts)
             client.backward(reply.grad)
+            local = system.federated
             rec.train_step(round=t, client=client.client_id, loss=reply.loss,
-                           tokens=reply.tokens, bytes_up=acts.nbytes, bytes_down=reply.nbytes,
-                           lr=server.lr)
+                           tokens=reply.tokens, bytes_up=0 if local else acts.nbytes,
+                           bytes_down=0 if local else reply.nbytes, lr=server.lr)
         if (t + 1) % interval == 0 or t + 1 == steps:
             up, down = system.aggregate()
             rec.event("aggregate", round=t, side="all", method=system.aggregator,

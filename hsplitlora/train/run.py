@@ -211,7 +211,8 @@ def _run_hetero(p: Prepared, rec: Recorder) -> tuple[dict[str, torch.Tensor], Lo
         p.model, initial, _streams(p), [len(s) for s in p.shards],
         client_optim=_optim(cfg, t.steps), server_optim=_optim(cfg, t.steps),
         alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, aggregator=planner.aggregator,
-        precision=t.precision, device=p.device, label_smoothing=t.label_smoothing)
+        precision=t.precision, device=p.device, label_smoothing=t.label_smoothing,
+        federated=cfg.hetero.federated)
     if planner.uses_importance:
         scores = planner.observe(probe_importance(system, probes, cfg.hetero.probe_batches,
                                                   t.precision))
@@ -378,7 +379,8 @@ def simulated_times(p: Prepared, records: list[dict[str, Any]],
         ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0])
                  for k, v in adapter.items() if k.endswith(".lora_A.weight")}
         plans = {cid: (cfg.train.cut, ranks) for cid in range(cfg.train.num_clients)}
-    return simulate(records, mode=cfg.train.mode, dims=dims,
+    mode = "federated" if cfg.hetero.federated else cfg.train.mode
+    return simulate(records, mode=mode, dims=dims,
                     cuts={c: cut for c, (cut, _) in plans.items()},
                     ranks={c: r for c, (_, r) in plans.items()},
                     clients=profiles, server=cfg.hetero.scenario.server_profile(),

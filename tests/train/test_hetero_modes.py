@@ -132,3 +132,19 @@ output: {{dir: {tmp_path / 'runs'}}}
     tiny = CliRunner().invoke(app, ["plan", "--config", str(cfg), "--set",
                                     'hetero.scenario.memory_range=["1 KiB", "2 KiB"]'])
     assert tiny.exit_code == 2 and "budget" in tiny.output
+
+
+def test_federated_baseline_trains_the_whole_model_on_each_client(tmp_path, tiny_tokenizer):
+    from hsplitlora.hetero.planner import PlanError
+
+    roomy = {**SCENARIO, "memory_range": ["3 MiB", "6 MiB"]}
+    result = _run(tmp_path, tiny_tokenizer, "flora", federated=True, scenario=roomy)
+    plan = next(r for r in result.records if r.get("event") == "plan")["plans"]
+    assert all(p["cut"] == 4 for p in plan)  # every block on the client
+    steps = [r for r in result.records if "event" not in r]
+    assert steps and all(r["bytes_up"] == 0 and r["bytes_down"] == 0 for r in steps)
+    assert result.summary["final_loss"] < result.summary["first_loss"] + 0.5
+    with pytest.raises(ValueError, match="hetero.federated applies to"):
+        _cfg(tmp_path, "hsplitlora", federated=True)
+    with pytest.raises(PlanError, match="cannot hold cut 4"):  # whole model over budget
+        _run(tmp_path, tiny_tokenizer, "flora", federated=True)
