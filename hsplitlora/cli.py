@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from hsplitlora.config import ConfigError, load_config
+from hsplitlora.config import ConfigError, RunConfig, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Split federated LoRA fine-tuning (SplitLoRA, HSplitLoRA).")
@@ -23,6 +23,15 @@ def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
     logging.getLogger("hsplitlora").setLevel(logging.INFO)
+
+
+def _config(path: Path | None, overrides: list[str]) -> RunConfig:
+    """The validated config, or the validation message and exit code 2."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
 
 
 @app.callback()
@@ -39,11 +48,7 @@ def train(
 ) -> None:
     """Train one run (mode, model, data from the config); writes a run folder."""
     _logging(verbose)
-    try:
-        cfg = load_config(config, set_)
-    except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    cfg = _config(config, set_)
     from hsplitlora.train.run import train as run_training
 
     result = run_training(cfg, show_progress=not no_progress)
@@ -186,11 +191,7 @@ def plan(
 ) -> None:
     """Print each client's plan (cut, ranks, memory / budget, step time) without training."""
     _logging(False)
-    try:
-        cfg = load_config(config, set_)
-    except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    cfg = _config(config, set_)
     from hsplitlora.hetero.planner import PlanError, format_plan_table
     from hsplitlora.hetero.scheme import plan_run
 

@@ -143,19 +143,24 @@ def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in module.named_parameters() if ".lora_" in n]
 
 
+def _named_lora(module: nn.Module) -> dict[str, nn.Parameter]:
+    """LoRA parameters keyed by the unsplit model's names (``<module>.lora_A.weight``)."""
+    full = _namer(module)
+    out = {}
+    for name, p in module.named_parameters():
+        m = _LORA_KEY.match(name)
+        if m:
+            out[f"{full(m['module'])}.{m['part']}.weight"] = p
+    return out
+
+
 def lora_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors under the unsplit model's names (``<module>.lora_A.weight``).
 
     Returned tensors are detached copies: what a party sends must not alias what it
     keeps training.
     """
-    full = _namer(module)
-    state = {}
-    for name, p in module.named_parameters():
-        m = _LORA_KEY.match(name)
-        if m:
-            state[f"{full(m['module'])}.{m['part']}.weight"] = p.detach().clone()
-    return state
+    return {k: p.detach().clone() for k, p in _named_lora(module).items()}
 
 
 def load_lora_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -164,12 +169,7 @@ def load_lora_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> Non
     Shapes must match exactly: a rank change needs a new :func:`attach_lora`, not a
     silent resize.
     """
-    full = _namer(module)
-    own = {}
-    for name, p in module.named_parameters():
-        m = _LORA_KEY.match(name)
-        if m:
-            own[f"{full(m['module'])}.{m['part']}.weight"] = p
+    own = _named_lora(module)
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     if missing or extra:
