@@ -23,9 +23,10 @@ import threading
 import time
 from pathlib import Path
 
+# Set before torch loads OpenMP (it reads this once): idle threads sleep instead of spinning.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin
 
 from hsplitlora.config import RunConfig  # noqa: E402
 from hsplitlora.transport.config import NetConfig  # noqa: E402
@@ -64,7 +65,7 @@ def run_config(model_dir: Path, out: Path, clients: int, rounds: int) -> RunConf
         "model": {"name": str(model_dir)},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"train_files": [str(E2E)], "eval_file": None,
-                 "max_train_examples": 20 * clients, "max_length": 96},
+                 "max_train_examples": 20 * clients, "max_length": 160},
         "train": {"mode": "splitlora", "num_clients": clients, "cut": 1, "steps": rounds,
                   "batch_size": 2, "agg_interval": 4, "precision": "fp32", "seed": 0,
                   "threads": 1},

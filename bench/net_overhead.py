@@ -5,7 +5,8 @@ step on the wire for the fp32 (exact), bf16 and int8 wire formats (targets <= 0.
 <= 0.27x of fp32), and the quality cost of each: held-out loss of the final adapter.
 Each networked run is a real deployment: a main-server process and one process per
 client, started by this script (it re-invokes itself with --role). The in-process run is
-timed before and after the networked ones and averaged, since a shared machine drifts.
+timed before and after the networked ones, and every figure is a median over rounds, since
+a shared machine's load comes in bursts.
 OpenMP threads sleep instead of spinning when idle (OMP_WAIT_POLICY=PASSIVE): with two
 processes taking turns on the same cores, spinning would bill one's idle time to the other.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,11 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
+# Set before torch loads OpenMP (it reads this once): idle threads sleep instead of spinning.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
+
+import torch  # noqa: E402
 
 from hsplitlora.config import RunConfig  # noqa: E402
 from hsplitlora.transport.config import NetConfig  # noqa: E402
@@ -94,11 +97,19 @@ def networked(cfg: RunConfig, net: NetConfig, work: Path, timeout: float) -> Pat
 
 
 # -- measurements -------------------------------------------------------------------------
-def step_seconds(records: list[dict[str, Any]], clients: int) -> float:
-    """Seconds per client step after the first round (which pays the warm-up)."""
-    steps = [r for r in records if "event" not in r]
-    first_round_end = steps[clients - 1]["wall"]
-    return (steps[-1]["wall"] - first_round_end) / (len(steps) - clients)
+def round_seconds(records: list[dict[str, Any]]) -> list[float]:
+    """Duration of every round after the first (which pays the warm-up)."""
+    ends: dict[int, float] = {}
+    for r in records:
+        if "event" not in r:
+            ends[r["round"]] = r["wall"]
+    walls = [ends[k] for k in sorted(ends)]
+    return [b - a for a, b in zip(walls, walls[1:], strict=False)]
+
+
+def step_seconds(rounds: list[float], clients: int) -> float:
+    """Seconds per client step: the median round, robust to a busy neighbour's bursts."""
+    return statistics.median(rounds) / clients
 
 
 def bytes_per_step(records: list[dict[str, Any]]) -> tuple[float, float]:
@@ -158,21 +169,22 @@ def main() -> None:
             return rec.records, run_mode(p, rec)
 
     records, adapter = in_process()
-    first = step_seconds(records, args.clients)
-    rows = [("in-process", first, 1.0, *bytes_per_step(records), held_out_loss(p, adapter))]
+    local_rounds = round_seconds(records)
+    rows = [("in-process", 0.0, 1.0, *bytes_per_step(records), held_out_loss(p, adapter))]
     for codec in args.codecs.split(","):
         codec_cfg = run_config(args, work / codec)
         net = NetConfig(port=0, codec=codec, step_timeout_s=600, join_timeout_s=600)
         run = networked(codec_cfg, net, work / codec, args.timeout)
         lines = (run / "metrics.jsonl").read_text().splitlines()
         net_records = [json.loads(line) for line in lines]
-        seconds = step_seconds(net_records, args.clients)
+        seconds = step_seconds(round_seconds(net_records), args.clients)
         final = {k.removeprefix("base_model.model."): v for k, v in
                  load_file(run / "adapter" / "adapter_model.safetensors").items()}
         rows.append((f"gRPC {codec}", seconds, 0.0, *bytes_per_step(net_records),
                      held_out_loss(p, final)))
-    base = (first + step_seconds(in_process()[0], args.clients)) / 2
-    rows = [(name, sec, sec / base, *rest) for name, sec, _, *rest in rows]
+    local_rounds += round_seconds(in_process()[0])
+    base = step_seconds(local_rounds, args.clients)
+    rows = [(name, sec or base, (sec or base) / base, *rest) for name, sec, _, *rest in rows]
     fp32_bytes = next((r[3] + r[4] for r in rows if r[0] == "gRPC none"), None)
     print(f"\nSplitLoRA on {args.model}: {args.clients} client(s), cut {args.cut}, batch "
           f"{args.batch}, {args.steps} rounds, fp32, {args.threads} threads per process")

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hsplitlora.hetero.profiles import ScenarioConfig
+from hsplitlora.transport.config import NetConfig
 
 __all__ = [
     "ConfigError",
@@ -193,6 +194,8 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     hetero: HeteroConfig = Field(default_factory=HeteroConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    net: NetConfig = Field(default_factory=NetConfig, description="deployment: addresses, TLS, "
+                           "tokens, wire format, time limits (serve / join / fedserver)")
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")

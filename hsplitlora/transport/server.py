@@ -196,12 +196,11 @@ class Coordinator:
 
     # -- the coordinator thread ---------------------------------------------------------
     def run(self) -> None:
-        need = self.net.min_clients or self.plan.num_clients
-        self._await_clients(need)
+        self._await_clients(self.net.min_clients or self.plan.num_clients, everyone=True)
         for t in range(self.start_round, self.plan.steps):
             self._admit(t)
-            if not self._active:
-                self._await_clients(1)
+            if not self._active:  # everyone left: go on as soon as anyone is back
+                self._await_clients(1, everyone=False)
                 self._admit(t)
             with self._cond:
                 serving = sorted(self._active.items())
@@ -220,10 +219,13 @@ class Coordinator:
             self.rec.end_round(t)
         self._finish()
 
-    def _await_clients(self, need: int) -> None:
+    def _await_clients(self, need: int, *, everyone: bool) -> None:
+        """Wait for ``need`` clients, or with ``everyone`` for all of them until the join
+        timeout (then settle for ``need``)."""
         deadline = time.monotonic() + self.net.join_timeout_s
+        want = self.plan.num_clients if everyone else need
         with self._cond:
-            while (len(self._pending) + len(self._active) < self.plan.num_clients
+            while (len(self._pending) + len(self._active) < want
                    and time.monotonic() < deadline):
                 self._cond.wait(deadline - time.monotonic())
             have = len(self._pending) + len(self._active)

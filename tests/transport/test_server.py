@@ -15,7 +15,7 @@ from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport.client import StepRefused
 from hsplitlora.transport.codec import encode_activations
 from hsplitlora.transport.config import NetConfig
-from hsplitlora.transport.security import ConnectionFailed
+from hsplitlora.transport.security import ConnectionFailed, Refused
 from hsplitlora.transport.wire import pack
 from tests.transport.live import MAX_LEN, activations, remote, start_live
 
@@ -141,3 +141,44 @@ def test_a_stalled_client_is_dropped_from_the_round_and_rejoins_later():
         assert _equal(_state(live.server), _state(live.reference))
     finally:
         live.stop()
+
+
+def test_malformed_adapter_uploads_are_refused_by_the_fed_server():
+    live = start_live(NetConfig(step_timeout_s=1, join_timeout_s=2))
+    try:
+        fed = live.remote_fed(0)
+        good = lora_state(live.client_segment)
+        key = next(iter(good))
+        nan = {**good, key: torch.full_like(good[key], float("nan"))}
+        with pytest.raises(Refused, match=f"tensor '{key}' holds .* non-finite values"):
+            fed.aggregate(0, nan, 10)
+        wrong = {**good, key: torch.zeros(3, 3)}
+        with pytest.raises(Refused, match=rf"'{key}' has shape \(3, 3\)"):
+            fed.aggregate(0, wrong, 10)
+        extra = {**good, "model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 32)}
+        with pytest.raises(Refused, match="unexpected .*up_proj"):
+            fed.aggregate(0, extra, 10)
+        with pytest.raises(Refused, match="aggregation round 0 was never opened"):
+            fed.aggregate(0, good, 10)  # well formed, but no round is open
+        fed.close()
+    finally:
+        live.stop()
+
+
+def test_with_min_clients_the_run_starts_without_the_missing_after_the_join_timeout():
+    live = start_live(NetConfig(step_timeout_s=5, join_timeout_s=0.5, min_clients=1), steps=1)
+    try:
+        alone = live.link(1)
+        assert alone.welcome(5).round == 0  # after 0.5 s of waiting for client 0
+        reply = remote(alone).step(1, activations(9))
+        assert reply.loss == live.reference.step(1, activations(9)).loss
+    finally:
+        live.stop()
+
+
+def test_without_enough_clients_the_server_gives_up_with_a_reason():
+    live = start_live(NetConfig(step_timeout_s=5, join_timeout_s=0.3))
+    live.thread.join(5)
+    live.stop()
+    assert len(live.errors) == 1 and isinstance(live.errors[0], TimeoutError)
+    assert "only 0 of 2 clients connected within net.join_timeout_s=0.3 s" in str(live.errors[0])
