@@ -76,8 +76,10 @@ class LoraConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    dataset: Literal["e2e", "jsonl"] = Field(
-        "e2e", description="E2E NLG CSV or prompt/completion JSONL")
+    dataset: Literal["e2e", "e2e_hub", "jsonl"] = Field(
+        "e2e", description="E2E NLG CSV files, the hub's E2E (train_files / eval_file are "
+        "then split names, e.g. [train] / test), or prompt/completion JSONL")
+    hub_id: str = Field("e2e_nlg", description="hub dataset for dataset 'e2e_hub'")
     train_files: list[Path] = Field(
         default_factory=lambda: [
             E2E_DIR / "original" / "devset.csv",
@@ -97,6 +99,8 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _files_exist(self) -> DataConfig:
+        if self.dataset == "e2e_hub":  # split names, not files
+            return self
         for f in [*self.train_files, *([self.eval_file] if self.eval_file else [])]:
             if not Path(f).is_file():
                 raise ValueError(f"data file {f} does not exist; fix the path in data.train_files"

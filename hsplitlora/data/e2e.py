@@ -18,6 +18,7 @@ __all__ = [
     "group_references",
     "load_e2e",
     "load_e2e_csv",
+    "load_e2e_hub",
     "parse_mr",
 ]
 
@@ -134,6 +135,44 @@ def load_e2e_csv(path: Path, *, require_refs: bool = False) -> list[Example]:
         "loaded %d examples (%d distinct MRs) from %s",
         len(examples), len({ex.meta["mr"] for ex in examples}), path,
     )
+    return examples
+
+
+def load_e2e_hub(split: str, name: str = "e2e_nlg") -> list[Example]:
+    """One split of the E2E dataset from the Hugging Face hub (``datasets`` library).
+
+    For users who can reach the hub: the official 42k-example training split lives there.
+    Rows map exactly like the CSV files' (``meaning_representation`` -> prompt,
+    ``human_reference`` -> target), so runs on either source are comparable.
+    """
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError(
+            "data.dataset 'e2e_hub' needs the `datasets` package: pip install datasets. "
+            "Offline, download the E2E CSVs and use data.dataset 'e2e' with data.train_files."
+        ) from err
+    try:
+        rows = datasets.load_dataset(name, split=split)
+    except Exception as err:  # the hub client raises many types; all mean "not reachable"
+        raise DataError(
+            f"cannot load split {split!r} of {name!r} from the Hugging Face hub: {err}. "
+            "Check the split name and your connection, or download the E2E CSVs (trainset.csv) "
+            "and use data.dataset 'e2e' with data.train_files."
+        ) from err
+    examples: list[Example] = []
+    for i, row in enumerate(rows):
+        mr, ref = row.get("meaning_representation"), row.get("human_reference")
+        if not isinstance(mr, str) or not isinstance(ref, str) or not ref.strip():
+            raise DataError(f"{name}[{split}] row {i}: expected string fields "
+                            f"'meaning_representation' and 'human_reference', got {dict(row)}")
+        try:
+            slots = parse_mr(mr.strip())
+        except ValueError as err:
+            raise DataError(f"{name}[{split}] row {i}: {err}") from err
+        examples.append(Example(format_prompt(mr.strip()), " " + ref.strip(),
+                                {"mr": mr.strip(), **slots}))
+    logger.info("loaded %d examples from %s[%s]", len(examples), name, split)
     return examples
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hsplitlora.config import HETERO_MODES, RunConfig
-from hsplitlora.data.e2e import format_prompt, load_e2e
+from hsplitlora.data.e2e import format_prompt, load_e2e, load_e2e_hub
 from hsplitlora.data.example import Example
 from hsplitlora.data.jsonl import load_jsonl
 from hsplitlora.data.partition import partition
@@ -88,6 +88,8 @@ def party_seed(seed: int, client_id: int) -> int:
 def load_examples(cfg: RunConfig, files: list[Path]) -> list[Example]:
     if cfg.data.dataset == "e2e":
         return load_e2e(files, require_refs=True)
+    if cfg.data.dataset == "e2e_hub":
+        return [ex for split in files for ex in load_e2e_hub(str(split), cfg.data.hub_id)]
     out: list[Example] = []
     for f in files:
         out.extend(load_jsonl(f))
@@ -116,8 +118,7 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
         from hsplitlora.models.load import load_model
 
         model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, base_dtype(cfg)))
-    spec = arch_spec(model.config)  # fail early on an unsupported architecture
-    del spec
+    arch_spec(model.config)  # fail early on an unsupported architecture
     examples = load_examples(cfg, list(cfg.data.train_files))
     if cfg.data.max_train_examples and cfg.data.max_train_examples < len(examples):
         rng = random.Random(cfg.train.seed)

@@ -191,3 +191,30 @@ def test_bom_header_case_and_blank_lines_are_accepted(tmp_path: Path) -> None:
             {"mr": "name[A], eatType[pub]", "name": "A", "eatType": "pub"},
         )
     ]
+
+
+def test_hub_split_maps_rows_like_the_csv_and_explains_failures(monkeypatch):
+    import sys
+    import types
+
+    from hsplitlora.data.e2e import format_prompt, load_e2e_hub
+    from hsplitlora.data.example import DataError
+
+    rows = [{"meaning_representation": "name[Aromi], area[city centre]",
+             "human_reference": " Aromi is in the city centre. "}]
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda name, split: rows if split == "train" else (_ for _ in ()).throw(
+        ConnectionError("hub unreachable"))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    (ex,) = load_e2e_hub("train")
+    assert ex.prompt == format_prompt("name[Aromi], area[city centre]")
+    assert ex.target == " Aromi is in the city centre."
+    assert ex.meta["name"] == "Aromi" and ex.meta["area"] == "city centre"
+    with pytest.raises(DataError, match="cannot load split 'test'.*hub unreachable.*trainset"):
+        load_e2e_hub("test")
+    rows.append({"meaning_representation": "name[X]"})
+    with pytest.raises(DataError, match=r"e2e_nlg\[train\] row 1"):
+        load_e2e_hub("train")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(DataError, match="pip install datasets"):
+        load_e2e_hub("train")
