@@ -229,24 +229,20 @@ class Planner:
 def plan_run(cfg: Any) -> tuple[Plan, ModelDims]:
     """What ``hsplitlora plan`` shows: the per-client plans of a config, without training
     (importance, when used, is measured by split probing on each client's shard)."""
-    from hsplitlora.data.tokenize import pad_id_for
-    from hsplitlora.train.batches import batch_stream
-    from hsplitlora.train.run import _mean_length, _optim, _streams, party_seed, prepare
+    from hsplitlora.train.run import _optim, _streams, mean_length, prepare, probe_streams
 
     p = prepare(cfg)
     t = cfg.train
     params = sum(x.numel() for x in p.model.parameters())
     planner = Planner(cfg, p.model, cfg.hetero.scenario.profiles(t.num_clients, params),
-                      cfg.hetero.scenario.server_profile(), _mean_length(p))
+                      cfg.hetero.scenario.server_profile(), mean_length(p.shards))
     scores = None
     if planner.uses_importance:
-        pad = pad_id_for(p.tokenizer)
-        probes = [batch_stream(s.features, t.batch_size, party_seed(t.seed, c) + 7919, pad)
-                  for c, s in enumerate(p.shards)]
         system = HeteroSystem(p.model, planner.provisional(), _streams(p),
                               [len(s) for s in p.shards], client_optim=_optim(cfg, t.steps),
                               server_optim=_optim(cfg, t.steps), alpha=cfg.lora.alpha,
                               precision=t.precision, device=p.device)
-        scores = planner.observe(probe_importance(system, probes, cfg.hetero.probe_batches,
+        scores = planner.observe(probe_importance(system, probe_streams(p),
+                                                  cfg.hetero.probe_batches,
                                                   t.precision))
     return planner.client_plans(scores), planner.dims

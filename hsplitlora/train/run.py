@@ -153,9 +153,8 @@ def _weakest_rank(cfg: RunConfig, model: nn.Module, shards: list[TokenizedDatase
     from hsplitlora.hetero.scheme import Planner
 
     params = sum(x.numel() for x in model.parameters())
-    lengths = [len(f["input_ids"]) for shard in shards for f in shard.features]
     planner = Planner(cfg, model, cfg.hetero.scenario.profiles(cfg.train.num_clients, params),
-                      cfg.hetero.scenario.server_profile(), round(sum(lengths) / len(lengths)))
+                      cfg.hetero.scenario.server_profile(), mean_length(shards))
     rank = planner.weakest_rank()
     log.info("heterogeneous devices: SplitLoRA uses the weakest client's rank %d "
              "(lora.r %d ignored)", rank, cfg.lora.r)
@@ -203,10 +202,8 @@ def _run_hetero(p: Prepared, rec: Recorder) -> tuple[dict[str, torch.Tensor], Lo
     params = sum(x.numel() for x in p.model.parameters())
     profiles = cfg.hetero.scenario.profiles(t.num_clients, params)
     planner = Planner(cfg, p.model, profiles, cfg.hetero.scenario.server_profile(),
-                      _mean_length(p))
-    pad = pad_id_for(p.tokenizer)
-    probes = [batch_stream(shard.features, t.batch_size, party_seed(t.seed, cid) + 7919, pad)
-              for cid, shard in enumerate(p.shards)]
+                      mean_length(p.shards))
+    probes = probe_streams(p)
     initial = planner.provisional() if planner.uses_importance else planner.plans(None)
     system = HeteroSystem(
         p.model, initial, _streams(p), [len(s) for s in p.shards],
@@ -235,9 +232,19 @@ def _run_hetero(p: Prepared, rec: Recorder) -> tuple[dict[str, torch.Tensor], Lo
     return state, settings
 
 
-def _mean_length(p: Prepared) -> int:
-    lengths = [len(f["input_ids"]) for shard in p.shards for f in shard.features]
+def mean_length(shards: list[TokenizedDataset]) -> int:
+    """Mean example length in tokens: the sequence length the cost model plans for."""
+    lengths = [len(f["input_ids"]) for shard in shards for f in shard.features]
     return round(sum(lengths) / len(lengths))
+
+
+def probe_streams(p: Prepared) -> list[Any]:
+    """Each client's importance-probe batches: its own shard, a seed apart from training's
+    so probing does not shift the training batches."""
+    pad = pad_id_for(p.tokenizer)
+    return [batch_stream(s.features, p.cfg.train.batch_size,
+                         party_seed(p.cfg.train.seed, cid) + 7919, pad)
+            for cid, s in enumerate(p.shards)]
 
 
 def run_mode(p: Prepared, rec: Recorder) -> dict[str, torch.Tensor]:
@@ -385,7 +392,7 @@ def simulated_times(p: Prepared, records: list[dict[str, Any]],
                     cuts={c: cut for c, (cut, _) in plans.items()},
                     ranks={c: r for c, (_, r) in plans.items()},
                     clients=profiles, server=cfg.hetero.scenario.server_profile(),
-                    batch=cfg.train.batch_size, seq=_mean_length(p),
+                    batch=cfg.train.batch_size, seq=mean_length(p.shards),
                     precision=cfg.train.precision)
 
 

@@ -19,11 +19,11 @@ def tight_scenario(tmp_path, tok) -> dict:
     """Budgets just above the cost model's client memory at cut 2 with q/v adapters of rank
     2, 4 and 8, for the workload this run will have."""
     from hsplitlora.hetero.costmodel import ModelDims, Workload, client_memory
-    from hsplitlora.train.run import _mean_length, prepare
+    from hsplitlora.train.run import mean_length, prepare
 
     p = prepare(_cfg(tmp_path, "flora"), tiny_model("llama"), tok)
     dims = ModelDims.from_config(p.model.config)
-    work = Workload.for_precision("fp32", batch=2, seq=_mean_length(p))
+    work = Workload.for_precision("fp32", batch=2, seq=mean_length(p.shards))
     qv = [f"model.layers.{b}.self_attn.{m}" for b in range(2) for m in ("q_proj", "v_proj")]
     budgets = [client_memory(dims, 2, dict.fromkeys(qv, r), work).total + 64 for r in (2, 4, 8)]
     return {"kind": "explicit", "clients": [
