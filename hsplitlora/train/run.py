@@ -304,7 +304,7 @@ def _held_out(p: Prepared, state: dict[str, torch.Tensor] | None) -> tuple[float
     assert p.eval_features is not None
     if state is not None:
         load_lora_state(p.model, state)
-    return perplexity(p.model, p.eval_features, pad_id=pad_id_for(p.tokenizer),
+    return perplexity(p.model, p.eval_features.features, pad_id=pad_id_for(p.tokenizer),
                       batch_size=p.cfg.eval.batch_size, precision=p.cfg.train.precision,
                       device=p.device)
 
