@@ -7,6 +7,8 @@ uploads changed nothing.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -129,6 +131,12 @@ def test_a_stalled_client_is_dropped_from_the_round_and_rejoins_later():
             staller.receive(5)
         staller.close()
         back = live.link(0)  # rejoins while round 1 runs without it
+        # Its Hello is handled on a server thread: wait (bounded) until the coordinator
+        # holds it, so the rejoin is known before round 1 ends, however loaded the machine.
+        deadline = time.monotonic() + 10
+        while 0 not in live.coordinator._pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert 0 in live.coordinator._pending, "the rejoining client never reached the server"
         fast.round = 1
         fast.step(1, activations(3))
         assert back.welcome(5).round == 2  # admitted at the next round boundary
