@@ -20,7 +20,6 @@ import argparse
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch.utils.flop_counter import FlopCounterMode
 
 from hsplitlora.hetero.costmodel import (
     ModelDims,
@@ -32,32 +31,12 @@ from hsplitlora.hetero.costmodel import (
     server_flops,
     server_memory,
 )
+from hsplitlora.hetero.measure import counted_flops, saved_bytes
 from hsplitlora.models.load import load_model
 from hsplitlora.models.lora import LoraSettings, attach_lora, lora_parameters, target_module_names
 from hsplitlora.models.split import arch_spec, split_model
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.train.optim import causal_lm_loss
-
-
-def saved_bytes(fn, params):
-    own = {p.untyped_storage().data_ptr() for p in params}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(kept.values()), out
-
-
-def counted(fn):
-    with FlopCounterMode(display=False) as counter:
-        out = fn()
-    return counter.get_total_flops(), out
 
 
 def batch(vocab: int, size: int, seq: int):
@@ -83,16 +62,16 @@ def measure(args, model, precision: str, cut: int, attn: str) -> dict[str, tuple
     rows: dict[str, tuple[int, int]] = {}
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         if attn == "eager":
-            c_fwd, hidden = counted(lambda: client(ids, mask))
+            c_fwd, hidden = counted_flops(lambda: client(ids, mask))
             received = hidden.detach().requires_grad_(True)
-            s_fwd, loss = counted(lambda: causal_lm_loss(server(received, mask), ids)[0])
+            s_fwd, loss = counted_flops(lambda: causal_lm_loss(server(received, mask), ids)[0])
         else:
             c_kept, hidden = saved_bytes(lambda: client(ids, mask), list(client.parameters()))
             received = hidden.detach().requires_grad_(True)
             s_kept, loss = saved_bytes(lambda: causal_lm_loss(server(received, mask), ids)[0],
                                        list(server.parameters()))
-    s_bwd, _ = counted(loss.backward)
-    c_bwd, _ = counted(lambda: hidden.backward(received.grad))
+    s_bwd, _ = counted_flops(loss.backward)
+    c_bwd, _ = counted_flops(lambda: hidden.backward(received.grad))
     c_mem, s_mem = client_memory(dims, cut, plan, work), server_memory(dims, cut, plan, work)
     if attn == "eager":
         c_flops, s_flops = client_flops(dims, cut, plan, work), server_flops(dims, cut, plan, work)

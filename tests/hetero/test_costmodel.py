@@ -1,7 +1,6 @@
 import pytest
 import torch
 import transformers
-from torch.utils.flop_counter import FlopCounterMode
 
 from hsplitlora.hetero.costmodel import (
     ModelDims,
@@ -15,6 +14,7 @@ from hsplitlora.hetero.costmodel import (
     server_memory,
     step_time,
 )
+from hsplitlora.hetero.measure import counted_flops, saved_bytes
 from hsplitlora.hetero.profiles import DeviceProfile
 from hsplitlora.models.lora import LoraSettings, attach_lora, lora_parameters, target_module_names
 from hsplitlora.models.split import ARCHITECTURES, split_model
@@ -61,28 +61,6 @@ def _batch():
     mask = torch.ones_like(ids)
     mask[1, SEQ - 7:] = 0  # padding, as training batches have
     return ids, mask
-
-
-def _saved_bytes(fn, params):
-    """Bytes autograd keeps for backward while ``fn`` runs: unique storages, no parameters."""
-    own = {p.untyped_storage().data_ptr() for p in params}
-    kept: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in own:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(kept.values()), out
-
-
-def _flops(fn):
-    with FlopCounterMode(display=False) as counter:
-        out = fn()
-    return counter.get_total_flops(), out
 
 
 def _frozen_bytes(segment):
@@ -149,11 +127,11 @@ def test_flops_match_torch_flop_counter(arch, targets, cut):
     work = Workload.for_precision("fp32", BATCH, SEQ)
     client, server = split_model(model, cut)
     ids, mask = _batch()
-    client_fwd, hidden = _flops(lambda: client(ids, mask))
+    client_fwd, hidden = counted_flops(lambda: client(ids, mask))
     received = hidden.detach().requires_grad_(True)
-    server_fwd, loss = _flops(lambda: causal_lm_loss(server(received, mask), ids)[0])
-    server_bwd, _ = _flops(loss.backward)
-    client_bwd, _ = _flops(lambda: hidden.backward(received.grad))
+    server_fwd, loss = counted_flops(lambda: causal_lm_loss(server(received, mask), ids)[0])
+    server_bwd, _ = counted_flops(loss.backward)
+    client_bwd, _ = counted_flops(lambda: hidden.backward(received.grad))
     c, s = client_flops(dims, cut, plan, work), server_flops(dims, cut, plan, work)
     assert c.forward == pytest.approx(client_fwd, rel=0.10)
     assert s.forward == pytest.approx(server_fwd, rel=0.10)
@@ -171,8 +149,8 @@ def test_client_backward_starts_at_the_earliest_adapter():
     dims = ModelDims.from_config(model.config)
     client, _ = split_model(model, 3)
     ids, mask = _batch()
-    _, hidden = _flops(lambda: client(ids, mask))
-    measured, _ = _flops(lambda: hidden.backward(torch.ones_like(hidden)))
+    _, hidden = counted_flops(lambda: client(ids, mask))
+    measured, _ = counted_flops(lambda: hidden.backward(torch.ones_like(hidden)))
     assert client_flops(dims, 3, plan, Workload.for_precision("fp32", BATCH, SEQ)).backward \
         == measured
     assert client_flops(dims, 3, {}, Workload(BATCH, SEQ)).backward == 0
@@ -212,9 +190,9 @@ def test_activation_memory_matches_saved_tensors(arch, precision, dropout, targe
     server.train()
     ids, mask = _batch()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        client_kept, hidden = _saved_bytes(lambda: client(ids, mask), list(client.parameters()))
+        client_kept, hidden = saved_bytes(lambda: client(ids, mask), list(client.parameters()))
         received = hidden.detach().requires_grad_(True)
-        server_kept, _ = _saved_bytes(lambda: causal_lm_loss(server(received, mask), ids)[0],
+        server_kept, _ = saved_bytes(lambda: causal_lm_loss(server(received, mask), ids)[0],
                                       list(server.parameters()))
     predicted_client = client_memory(dims, 3, plan, work).activations
     predicted_server = server_memory(dims, 3, plan, work).activations
@@ -235,7 +213,7 @@ def test_gpt2_residual_dropout_masks_are_counted():
     client, _ = split_model(model, 2)
     client.train()
     ids, mask = _batch()
-    kept, _ = _saved_bytes(lambda: client(ids, mask), list(client.parameters()))
+    kept, _ = saved_bytes(lambda: client(ids, mask), list(client.parameters()))
     assert client_memory(dims, 2, plan, Workload.for_precision("fp32", BATCH, SEQ)).activations \
         == kept
 
