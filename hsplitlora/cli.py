@@ -43,12 +43,15 @@ def main() -> None:
 def train(
     config: Path = typer.Option(None, "--config", "-c", help="YAML run configuration"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.steps=20"),
+    backend: str = typer.Option(None, "--backend", help="where the roles run: inprocess, or "
+                                "ray (each client and the main server a Ray actor; the "
+                                "config's ray section says where and with what)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log transformers' info too"),
 ) -> None:
     """Train one run (mode, model, data from the config); writes a run folder."""
     _logging(verbose)
-    cfg = _config(config, set_)
+    cfg = _config(config, [*set_, *([f"train.backend={backend}"] if backend else [])])
     from hsplitlora.train.run import train as run_training
 
     result = run_training(cfg, show_progress=not no_progress)

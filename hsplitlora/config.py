@@ -33,6 +33,7 @@ __all__ = [
 Mode = Literal["centralized", "federated", "split", "splitfed", "splitlora",
                "hsplitlora", "hetlora", "flexlora", "flora"]
 HETERO_MODES = ("hsplitlora", "hetlora", "flexlora", "flora")
+RAY_MODES = ("centralized", "federated", "split", "splitfed", "splitlora")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 E2E_DIR = REPO_ROOT / "data" / "e2e"
 
@@ -133,6 +134,9 @@ class TrainConfig(_Strict):
     precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast, or fp32")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present")
     threads: int | None = Field(None, ge=1, description="torch threads; null = CPU cores")
+    backend: Literal["inprocess", "ray"] = Field(
+        "inprocess", description="where the roles run: all in this process, or each client "
+        "and the main server as a Ray actor (see the ray section)")
     log_every: int = Field(0, ge=0, description="rounds between logged loss lines when there is "
                            "no terminal for the progress bar; 0 = about 20 lines per run")
 
@@ -181,6 +185,24 @@ class EvalConfig(_Strict):
                                 "`hsplitlora evaluate` generates for; null = all")
 
 
+class RayConfig(_Strict):
+    """The Ray backend (``train.backend: ray``): one actor per client and for the main
+    server (for each learner in the centralized and federated modes)."""
+
+    address: str | None = Field(None, description="an existing cluster ('auto', or "
+                                "'ray://head:10001'); null = start a local Ray")
+    client_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each client actor "
+                               "(also its torch threads, unless train.threads is set)")
+    client_gpus: float = Field(0.0, ge=0, description="GPUs per client actor (fractions share)")
+    server_cpus: float = Field(1.0, gt=0, description="CPUs reserved by the main server actor")
+    server_gpus: float = Field(0.0, ge=0, description="GPUs for the main server actor")
+    runtime_env: dict[str, Any] | None = Field(
+        None, description="Ray runtime_env for the actors on a cluster whose nodes lack "
+        "hsplitlora, e.g. {pip: [hsplitlora]} or {py_modules: [...]}")
+    start_timeout_s: float = Field(300.0, gt=0, description="how long to wait for the "
+                                   "cluster to place and start every actor")
+
+
 class OutputConfig(_Strict):
     dir: Path = Field(Path("runs"), description="parent folder of run folders")
     name: str | None = Field(None, description="run folder name; null = <mode>-<timestamp>")
@@ -200,10 +222,16 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     net: NetConfig = Field(default_factory=NetConfig, description="deployment: addresses, TLS, "
                            "tokens, wire format, time limits (serve / join / fedserver)")
+    ray: RayConfig = Field(default_factory=RayConfig, description="the Ray backend "
+                           "(train.backend: ray): cluster address and per-actor resources")
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
+        if self.train.backend == "ray" and self.train.mode in HETERO_MODES:
+            raise ValueError(f"train.backend 'ray' runs the modes {', '.join(RAY_MODES)}; "
+                             f"train.mode {self.train.mode!r} runs in process (train.backend "
+                             "inprocess)")
         if self.hetero.federated and self.train.mode not in ("hetlora", "flexlora", "flora"):
             raise ValueError("hetero.federated applies to train.mode hetlora, flexlora or "
                              f"flora, not {self.train.mode!r}")

@@ -229,7 +229,8 @@ class Planner:
 def plan_run(cfg: Any) -> tuple[Plan, ModelDims]:
     """What ``hsplitlora plan`` shows: the per-client plans of a config, without training
     (importance, when used, is measured by split probing on each client's shard)."""
-    from hsplitlora.train.run import _optim, _streams, mean_length, prepare, probe_streams
+    from hsplitlora.train.parties import optim_settings
+    from hsplitlora.train.run import _streams, mean_length, prepare, probe_streams
 
     p = prepare(cfg)
     t = cfg.train
@@ -238,9 +239,10 @@ def plan_run(cfg: Any) -> tuple[Plan, ModelDims]:
                       cfg.hetero.scenario.server_profile(), mean_length(p.shards))
     scores = None
     if planner.uses_importance:
+        optim = optim_settings(cfg, t.steps)
         system = HeteroSystem(p.model, planner.provisional(), _streams(p),
-                              [len(s) for s in p.shards], client_optim=_optim(cfg, t.steps),
-                              server_optim=_optim(cfg, t.steps), alpha=cfg.lora.alpha,
+                              [len(s) for s in p.shards], client_optim=optim,
+                              server_optim=optim, alpha=cfg.lora.alpha,
                               precision=t.precision, device=p.device)
         scores = planner.observe(probe_importance(system, probe_streams(p),
                                                   cfg.hetero.probe_batches,

@@ -3,6 +3,10 @@
 One JSON object per line: training steps carry ``step, round, client, loss, tokens,
 wall, bytes_up, bytes_down, lr``; aggregations carry ``event: "aggregate"`` and the
 adapter bytes that moved. Appending line by line means a killed run keeps its history.
+
+A step's figures may arrive :class:`~hsplitlora.train.placement.Deferred` (roles in other
+processes answer before they finish computing): such steps wait in order and are written
+when the round ends, or before any other record, so the file's order never changes.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from types import TracebackType
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from hsplitlora.train.placement import Deferred, settle
 
 __all__ = ["Recorder"]
 
@@ -34,6 +40,7 @@ class Recorder:
         self.step = 0
         self.records: list[dict[str, Any]] = []
         self._running: float | None = None
+        self._waiting: list[dict[str, Any]] = []  # steps with figures still deferred
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(),
@@ -51,6 +58,8 @@ class Recorder:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if et is None:
+            self._settle()
         self._progress.stop()
         if self._file:
             self._file.close()
@@ -65,8 +74,21 @@ class Recorder:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
 
-    def train_step(self, *, round: int, client: int | None, loss: float, tokens: int,
-                   bytes_up: int = 0, bytes_down: int = 0, lr: float = 0.0) -> None:
+    def train_step(self, *, round: int, client: int | None, loss: float | Deferred,
+                   tokens: int | Deferred, bytes_up: int | Deferred = 0,
+                   bytes_down: int | Deferred = 0, lr: float | Deferred = 0.0) -> None:
+        self._waiting.append(dict(round=round, client=client, loss=loss, tokens=tokens,
+                                  bytes_up=bytes_up, bytes_down=bytes_down, lr=lr))
+        if not any(isinstance(v, Deferred) for step in self._waiting for v in step.values()):
+            self._settle()
+
+    def _settle(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for step in waiting:
+            self._step(**{k: settle(v) for k, v in step.items()})
+
+    def _step(self, *, round: int, client: int | None, loss: float, tokens: int,
+              bytes_up: int, bytes_down: int, lr: float) -> None:
         if not math.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss} at round {round} (client {client}): lower train.lr or use "
@@ -79,6 +101,7 @@ class Recorder:
         self._running = loss if self._running is None else 0.9 * self._running + 0.1 * loss
 
     def event(self, name: str, **fields: Any) -> None:
+        self._settle()
         self._write({"event": name, "wall": round_(self.wall), **fields})
 
     def evaluate_every(self, rounds: int, evaluator: Callable[[Any], tuple[float, float]]) -> None:
@@ -89,6 +112,7 @@ class Recorder:
     def global_model(self, round: int, state: Callable[[], Any]) -> None:
         """Called where a global model exists (after an aggregation, a hand-off, or any
         centralized step); logs held-out loss and perplexity when one is due."""
+        self._settle()
         every = getattr(self, "_eval_every", 0)
         if every and (round + 1) % every == 0 and round + 1 < self.total_rounds:
             loss, ppl = self._evaluator(state())
@@ -96,6 +120,7 @@ class Recorder:
             log.info("round %d: held-out loss %.4f, perplexity %.3f", round + 1, loss, ppl)
 
     def end_round(self, round: int) -> None:
+        self._settle()
         loss = "-" if self._running is None else f"{self._running:.3f}"
         self._progress.update(self._task, completed=round + 1, loss=loss)
         if self.log_every and ((round + 1) % self.log_every == 0 or round == 0):

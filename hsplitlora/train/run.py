@@ -7,7 +7,6 @@ The run folder holds everything a reader needs: ``config.yaml`` (resolved), ``me
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -30,15 +29,19 @@ from hsplitlora.data.tokenize import TokenizedDataset, pad_id_for
 from hsplitlora.eval.generate import GenerationSettings, generate
 from hsplitlora.eval.perplexity import perplexity
 from hsplitlora.models.lora import LoraSettings, attach_lora, load_lora_state, save_peft_adapter
-from hsplitlora.models.split import arch_spec, split_model
+from hsplitlora.models.split import arch_spec
 from hsplitlora.report import plot_loss
-from hsplitlora.roles.client import Client
-from hsplitlora.roles.fedserver import FedServer
-from hsplitlora.roles.learner import Learner
-from hsplitlora.roles.server import MainServer
 from hsplitlora.train import modes
 from hsplitlora.train.batches import batch_stream
-from hsplitlora.train.optim import OptimSettings
+from hsplitlora.train.parties import (
+    client_recipes,
+    fed_server,
+    learner_recipes,
+    optim_settings,
+    party_seed,
+    server_recipe,
+)
+from hsplitlora.train.placement import InProcess, Placement
 from hsplitlora.train.recorder import Recorder
 
 __all__ = ["RunResult", "load_examples", "load_trained", "party_seed", "prepare",
@@ -77,12 +80,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def party_seed(seed: int, client_id: int) -> int:
-    """Data-order seed of one party; the centralized learner uses client 0's, so a
-    one-client split run draws the very same batches."""
-    return seed * 1009 + client_id
 
 
 def load_examples(cfg: RunConfig, files: list[Path]) -> list[Example]:
@@ -169,13 +166,6 @@ def base_dtype(cfg: RunConfig) -> str:
     return cfg.model.torch_dtype(cfg.train.precision)
 
 
-def _optim(cfg: RunConfig, total_steps: int) -> OptimSettings:
-    t = cfg.train
-    return OptimSettings(lr=t.lr, weight_decay=t.weight_decay, eps=t.adam_eps,
-                         warmup_steps=t.warmup_steps, total_steps=total_steps,
-                         schedule=t.schedule, grad_clip=t.grad_clip)
-
-
 def _streams(p: Prepared) -> list[Any]:
     pad = pad_id_for(p.tokenizer)
     return [batch_stream(shard.features, p.cfg.train.batch_size,
@@ -207,7 +197,7 @@ def _run_hetero(p: Prepared, rec: Recorder) -> tuple[dict[str, torch.Tensor], Lo
     initial = planner.provisional() if planner.uses_importance else planner.plans(None)
     system = HeteroSystem(
         p.model, initial, _streams(p), [len(s) for s in p.shards],
-        client_optim=_optim(cfg, t.steps), server_optim=_optim(cfg, t.steps),
+        client_optim=optim_settings(cfg, t.steps), server_optim=optim_settings(cfg, t.steps),
         alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, aggregator=planner.aggregator,
         precision=t.precision, device=p.device, label_smoothing=t.label_smoothing,
         federated=cfg.hetero.federated)
@@ -247,45 +237,47 @@ def probe_streams(p: Prepared) -> list[Any]:
             for cid, s in enumerate(p.shards)]
 
 
+def placement(p: Prepared) -> Placement:
+    """Where the roles of a homogeneous run live: this process, or Ray actors."""
+    t = p.cfg.train
+    if t.backend == "inprocess":
+        return InProcess(p.device)
+    from hsplitlora.train.ray_backend import RayPlacement
+
+    actors = t.num_clients + (0 if t.mode in ("centralized", "federated") else 1)
+    return RayPlacement(p.cfg.ray, t.threads, actors)
+
+
 def run_mode(p: Prepared, rec: Recorder) -> dict[str, torch.Tensor]:
     """Build the roles for the configured mode and train; returns the final adapter."""
-    cfg, t = p.cfg, p.cfg.train
-    precision, device = t.precision, p.device
-    if t.mode in HETERO_MODES:
+    if p.cfg.train.mode in HETERO_MODES:
         state, p.lora = _run_hetero(p, rec)
         return state
-    if t.mode == "centralized":
-        pad = pad_id_for(p.tokenizer)
-        union = [f for shard in p.shards for f in shard.features]
-        learner = Learner(p.model, batch_stream(union, t.batch_size, party_seed(t.seed, 0), pad),
-                          _optim(cfg, t.steps * t.num_clients), precision=precision,
-                          device=device, label_smoothing=t.label_smoothing)
-        return modes.run_centralized(learner, t.steps * t.num_clients, rec)
-    if t.mode == "federated":
-        learners = [
-            Learner(copy.deepcopy(p.model), stream, _optim(cfg, t.steps), precision=precision,
-                    device=device, label_smoothing=t.label_smoothing, client_id=cid,
-                    num_samples=len(p.shards[cid]))
-            for cid, stream in enumerate(_streams(p))
-        ]
-        fed = FedServer(weighting=t.agg_weighting, alpha=p.lora.alpha)
-        return modes.run_federated(learners, fed, t.steps, t.agg_interval, rec)
-    client_seg, server_seg = split_model(p.model, t.cut)
-    clients = [
-        Client(cid, copy.deepcopy(client_seg), stream, len(p.shards[cid]), _optim(cfg, t.steps),
-               precision=precision, device=device)
-        for cid, stream in enumerate(_streams(p))
-    ]
-    per_client = t.mode == "splitfed"
-    server = MainServer(server_seg, range(t.num_clients),
-                        _optim(cfg, t.steps if per_client else t.steps * t.num_clients),
-                        per_client=per_client, precision=precision, device=device,
-                        label_smoothing=t.label_smoothing)
+    place = placement(p)
+    try:
+        state = _run_placed(p, rec, place)
+    except BaseException:
+        place.close(check=False)
+        raise
+    place.close()
+    return state
+
+
+def _run_placed(p: Prepared, rec: Recorder, place: Placement) -> dict[str, torch.Tensor]:
+    t = p.cfg.train
+    if t.mode in ("centralized", "federated"):
+        learners = [place.place(r, "learner") for r in learner_recipes(p)]
+        place.started()
+        if t.mode == "centralized":
+            return modes.run_centralized(learners[0], t.steps * t.num_clients, rec)
+        return modes.run_federated(learners, fed_server(p), t.steps, t.agg_interval, rec)
+    clients = [place.place(r, "client") for r in client_recipes(p)]
+    server = place.place(server_recipe(p), "server")
+    place.started()
     if t.mode == "split":
         return modes.run_split(clients, server, t.steps, t.agg_interval, rec)
-    fed = FedServer(weighting=t.agg_weighting, alpha=p.lora.alpha)
-    runner = modes.run_splitfed if per_client else modes.run_splitlora
-    return runner(clients, server, fed, t.steps, t.agg_interval, rec)
+    runner = modes.run_splitfed if t.mode == "splitfed" else modes.run_splitlora
+    return runner(clients, server, fed_server(p), t.steps, t.agg_interval, rec)
 
 
 def _eval_rounds(cfg: RunConfig) -> int:

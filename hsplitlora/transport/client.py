@@ -26,13 +26,13 @@ import grpc
 import torch
 
 from hsplitlora.roles.messages import Activations, ServerReply
+from hsplitlora.train.parties import Batches, ClientRecipe
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.checkpoint import atomic_save, load_checkpoint
 from hsplitlora.transport.codec import decode, encode_activations, wire_layout
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import RemoteFed
-from hsplitlora.transport.parties import Batches, ClientParty
 from hsplitlora.transport.plan import aggregates_at
 from hsplitlora.transport.security import (
     ConnectionFailed,
@@ -219,10 +219,12 @@ class ClientRunner:
 
     KEEP = 3  # snapshots of recent rounds: a resumed server is at most one round behind
 
-    def __init__(self, party: ClientParty, net: NetConfig, server: str, *,
+    def __init__(self, party: ClientRecipe, net: NetConfig, server: str, *,
                  fed: str | None = None, token: str | None = None,
-                 checkpoint: Path | None = None, resume: bool = False) -> None:
+                 checkpoint: Path | None = None, resume: bool = False,
+                 device: torch.device | str = "cpu") -> None:
         self.party = party
+        self.device = torch.device(device)
         self.net = net
         self.address = server
         self.fed_address = fed or server
@@ -235,7 +237,7 @@ class ClientRunner:
         self.history: list[dict[str, Any]] = []  # one record per completed step
         self._welcomed = False
         self._stream = _CountingStream(party.stream, 0)
-        self.client = party.client(self._stream)
+        self.client = party.build(self.device, self._stream)
         if resume:
             if checkpoint is None:
                 raise ValueError("resume needs the client's checkpoint path")
@@ -365,7 +367,7 @@ class ClientRunner:
 
     def _restore(self, snap: Snapshot) -> None:
         self._stream = _CountingStream(self.party.stream, snap.drawn)
-        self.client = self.party.client(self._stream)
+        self.client = self.party.build(self.device, self._stream)
         self.client.load_adapter_state(snap.adapter)
         self.client.optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
         torch.set_rng_state(snap.rng)

@@ -162,8 +162,9 @@ def join(cfg: RunConfig, net: NetConfig, client_id: int, server: str, *,
          resume: bool = False) -> dict[str, torch.Tensor]:
     """Run client ``client_id`` against the main server at ``server`` (HOST:PORT) until the
     run is over; returns its final adapter (the last aggregate)."""
-    party = build_client(prepare(cfg), client_id)
-    runner = ClientRunner(party, net, server, fed=net.fed_address, token=token,
+    p = prepare(cfg)
+    party = build_client(p, client_id)
+    runner = ClientRunner(party, net, server, fed=net.fed_address, token=token, device=p.device,
                           checkpoint=checkpoint, resume=resume)
     return runner.run()
 

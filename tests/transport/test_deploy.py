@@ -110,7 +110,7 @@ def test_a_client_killed_mid_round_is_dropped_and_the_others_finish(tmp_path, ti
     p = prepare(cfg)
     main, _ = build_server(p)
     parties = [build_client(p, i) for i in range(3)]
-    clients = [party.client(party.stream()) for party in parties]
+    clients = [party.build(p.device) for party in parties]
     fed = FedServer(weighting=cfg.train.agg_weighting, alpha=p.lora.alpha)
     rec = Recorder(None, 4, show_progress=False)
     modes.run_splitlora(clients, main, fed, 2, 2, rec)

@@ -1,0 +1,159 @@
+"""Recipes for the role objects of a run: what each party needs, and nothing more.
+
+A recipe holds one party's share of a prepared run (its segment or model copy, its own
+shard, its optimizer settings) and builds the role on the device it is given. The
+in-process run builds every role right here; the Ray backend ships each recipe to its
+actor and builds the role there; a ``hsplitlora join`` process builds its client from the
+same recipe. One construction path is what makes all of them step for step identical.
+
+Recipes are plain picklable objects on purpose: a batch stream is a generator and cannot
+travel, so each recipe starts its stream where the role is built.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hsplitlora.data.tokenize import pad_id_for
+from hsplitlora.models.split import ClientSegment, ServerSegment, split_model
+from hsplitlora.roles.client import Client
+from hsplitlora.roles.fedserver import FedServer
+from hsplitlora.roles.learner import Learner
+from hsplitlora.roles.server import MainServer
+from hsplitlora.train.batches import batch_stream
+from hsplitlora.train.optim import OptimSettings
+
+__all__ = ["Batches", "ClientRecipe", "LearnerRecipe", "ServerRecipe", "client_recipes",
+           "fed_server", "learner_recipes", "optim_settings", "party_seed", "server_recipe"]
+
+Batches = Iterator[dict[str, torch.Tensor]]
+
+
+def party_seed(seed: int, client_id: int) -> int:
+    """Data-order seed of one party; the centralized learner uses client 0's, so a
+    one-client split run draws the very same batches."""
+    return seed * 1009 + client_id
+
+
+def optim_settings(cfg: Any, total_steps: int) -> OptimSettings:
+    """One party's AdamW and schedule from ``cfg.train``, over ``total_steps`` of its own."""
+    t = cfg.train
+    return OptimSettings(lr=t.lr, weight_decay=t.weight_decay, eps=t.adam_eps,
+                         warmup_steps=t.warmup_steps, total_steps=total_steps,
+                         schedule=t.schedule, grad_clip=t.grad_clip)
+
+
+@dataclass(kw_only=True)
+class _Stream:
+    """A party's own shard and how to draw batches from it."""
+
+    features: Sequence[dict[str, list[int]]]
+    batch_size: int
+    seed: int
+    pad_id: int
+
+    def stream(self) -> Batches:
+        return batch_stream(self.features, self.batch_size, self.seed, self.pad_id)
+
+
+@dataclass(kw_only=True)
+class ClientRecipe(_Stream):
+    client_id: int
+    segment: ClientSegment
+    optim: OptimSettings
+    precision: str
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.features)
+
+    def build(self, device: torch.device | str, batches: Batches | None = None) -> Client:
+        """The client, drawing from ``batches`` (default: its stream from the start)."""
+        return Client(self.client_id, self.segment, batches or self.stream(), self.num_samples,
+                      self.optim, precision=self.precision, device=device)
+
+
+@dataclass(kw_only=True)
+class LearnerRecipe(_Stream):
+    model: nn.Module
+    optim: OptimSettings
+    precision: str
+    label_smoothing: float
+    client_id: int | None = None
+
+    def build(self, device: torch.device | str) -> Learner:
+        return Learner(self.model, self.stream(), self.optim, precision=self.precision,
+                       device=device, label_smoothing=self.label_smoothing,
+                       client_id=self.client_id, num_samples=len(self.features))
+
+
+@dataclass
+class ServerRecipe:
+    segment: ServerSegment
+    num_clients: int
+    optim: OptimSettings
+    per_client: bool
+    precision: str
+    label_smoothing: float
+
+    def build(self, device: torch.device | str) -> MainServer:
+        return MainServer(self.segment, range(self.num_clients), self.optim,
+                          per_client=self.per_client, precision=self.precision, device=device,
+                          label_smoothing=self.label_smoothing)
+
+
+def _shard_stream(p: Any, client_id: int, batch_size: int | None = None) -> dict[str, Any]:
+    t = p.cfg.train
+    return dict(features=p.shards[client_id].features, batch_size=batch_size or t.batch_size,
+                seed=party_seed(t.seed, client_id), pad_id=pad_id_for(p.tokenizer))
+
+
+def client_recipes(p: Any, ids: Sequence[int] | None = None) -> list[ClientRecipe]:
+    """Each client's recipe: its own copy of the client segment, its shard, its optimizer.
+
+    ``p`` is a :class:`hsplitlora.train.run.Prepared`; ``ids`` picks clients (default all).
+    """
+    t = p.cfg.train
+    client_seg, _ = split_model(p.model, t.cut)
+    ids = range(t.num_clients) if ids is None else ids
+    return [ClientRecipe(**_shard_stream(p, cid), client_id=cid,
+                         segment=copy.deepcopy(client_seg), optim=optim_settings(p.cfg, t.steps),
+                         precision=t.precision)
+            for cid in ids]
+
+
+def server_recipe(p: Any) -> ServerRecipe:
+    """The main server: SFL-V2's one shared server-side adapter (its schedule spans every
+    client's steps), or SFL-V1's copy per client under ``splitfed``."""
+    t = p.cfg.train
+    _, server_seg = split_model(p.model, t.cut)
+    per_client = t.mode == "splitfed"
+    return ServerRecipe(server_seg, t.num_clients,
+                        optim_settings(p.cfg, t.steps if per_client else t.steps * t.num_clients),
+                        per_client, t.precision, t.label_smoothing)
+
+
+def learner_recipes(p: Any) -> list[LearnerRecipe]:
+    """Centralized: one learner over the union of the shards, batches drawn with client 0's
+    seed. Federated: one learner per client, each with its own copy of the whole model."""
+    t = p.cfg.train
+    common = dict(precision=t.precision, label_smoothing=t.label_smoothing)
+    if t.mode == "centralized":
+        union = [f for shard in p.shards for f in shard.features]
+        return [LearnerRecipe(features=union, batch_size=t.batch_size,
+                              seed=party_seed(t.seed, 0), pad_id=pad_id_for(p.tokenizer),
+                              model=p.model, optim=optim_settings(p.cfg, t.steps * t.num_clients),
+                              **common)]
+    return [LearnerRecipe(**_shard_stream(p, cid), model=copy.deepcopy(p.model),
+                          optim=optim_settings(p.cfg, t.steps), client_id=cid, **common)
+            for cid in range(t.num_clients)]
+
+
+def fed_server(p: Any) -> FedServer:
+    return FedServer(weighting=p.cfg.train.agg_weighting, alpha=p.lora.alpha)
