@@ -3,7 +3,8 @@
 Prints seconds per step for each mode and their ratio (target <= 1.05: both do the same
 arithmetic, the split only adds a detach and a hand-over), bytes per step of activations
 and gradients, and model-FLOPs utilisation: FLOPs of one training step (counted by
-torch's FlopCounterMode) / step time, against a bf16 matmul peak measured in this run.
+torch's FlopCounterMode, so only what the step computes: the LM head runs on target
+positions only) / step time, against a bf16 matmul peak measured in this run.
 
     python bench/step_overhead.py [--model smollm2-135m] [--steps 12] [--batch 4] [--seq 128]
 """
@@ -18,7 +19,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from hsplitlora.models.load import load_model
+from hsplitlora.models.load import load_model, use_attention
 from hsplitlora.models.lora import LoraSettings, attach_lora
 from hsplitlora.models.split import split_model
 from hsplitlora.roles.client import Client
@@ -62,8 +63,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--base-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "eager", "sdpa"],
+                    help="as model.attention in a run config (auto: eager on CPU)")
     args = ap.parse_args()
     model, _ = load_model(args.model, dtype=getattr(torch, args.base_dtype))
+    attention = use_attention(model, args.attention, torch.device("cpu"))
     torch.manual_seed(0)
     attach_lora(model, LoraSettings(r=8, alpha=32))
     data = batches(model.config.vocab_size, args.steps + 2, args.batch, args.seq)
@@ -107,8 +111,9 @@ def main() -> None:
 
     peak = matmul_peak()
     tokens = args.batch * args.seq
-    print(f"model {args.model}  base {args.base_dtype}  batch {args.batch} x seq {args.seq} "
-          f"({tokens} tokens)  threads {torch.get_num_threads()}")
+    print(f"model {args.model}  base {args.base_dtype}  attention {attention}  batch "
+          f"{args.batch} x seq {args.seq} ({tokens} tokens, loss on the second half)  "
+          f"threads {torch.get_num_threads()}")
     print(f"centralized LoRA : {central:.3f} s/step")
     print(f"SplitLoRA ({args.clients} clients, cut {args.cut}): {split:.3f} s/step")
     print(f"ratio split/centralized: {split / central:.3f}  (target <= 1.05)")

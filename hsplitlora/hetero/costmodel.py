@@ -58,6 +58,15 @@ a first adapted block with only part of a stage adapted by up to ~15 %. Gemma, G
 and Qwen3 follow the same rules from their configs but only their parameter counts are
 tested (Gemma 2 defaults to eager attention, which keeps the s x s probabilities too).
 
+Two deliberate upper bounds. The LM head and its log-probabilities are costed at every
+position, while training runs the head on target positions only
+(:func:`hsplitlora.train.optim.target_logits`; on E2E about half of them), so server
+FLOPs and memory are over-estimated by up to that share of the head. And the model
+assumes a fused attention kernel (SDPA, what CUDA runs); training on CPU uses eager
+attention (``model.attention: auto``, chosen for speed there), which also keeps the
+``[b, heads, s, s]`` probabilities: the host's own memory is not what the planner
+budgets, the simulated devices' is.
+
 Not modelled: transient peaks (logits, the fp32 copy of the logits, gradient buffers
 during backward), allocator fragmentation, CUDA context and workspace, attention
 dropout, and the bf16 weight copies autocast would keep if fp32 base weights ran under

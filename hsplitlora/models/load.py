@@ -44,6 +44,7 @@ __all__ = [
     "default_cache_dir",
     "describe",
     "load_model",
+    "use_attention",
 ]
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,21 @@ def load_model(
         time.perf_counter() - start,
     )
     return model, tokenizer
+
+
+def use_attention(model: PreTrainedModel, choice: str, device: torch.device) -> str:
+    """Pick the attention kernel the model trains with; returns the one set.
+
+    ``auto`` is eager attention on CPU and SDPA elsewhere. Measured on SmolLM2-135M, bf16,
+    batch 4 x 128, 2 cores: 1.37 s/step with SDPA (its CPU flash-attention backward alone
+    takes 15 % of the step) against 1.23 s eager; on CUDA, SDPA's fused kernels win.
+    Layers read the choice from the shared config at call time, so segments cut from the
+    model follow it.
+    """
+    impl = choice if choice != "auto" else ("eager" if device.type == "cpu" else "sdpa")
+    if getattr(model.config, "_attn_implementation", None) != impl:
+        model.set_attn_implementation(impl)
+    return impl
 
 
 def describe(model: PreTrainedModel) -> str:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from hsplitlora.models.lora import load_lora_state, lora_parameters, lora_state
-from hsplitlora.train.optim import Optimizer, OptimSettings, autocast, causal_lm_loss
+from hsplitlora.models.split import arch_spec
+from hsplitlora.train.optim import Optimizer, OptimSettings, autocast, target_logits, token_loss
 
 __all__ = ["Learner"]
 
@@ -32,6 +33,10 @@ class Learner:
         self.precision = precision
         self.label_smoothing = label_smoothing
         self.optimizer = Optimizer(lora_parameters(model), optim)
+        # The decoder stack (final norm included) and the LM head, called apart so the
+        # head runs on target positions only (train.optim.target_logits).
+        self._backbone = getattr(self.model, arch_spec(self.model.config).backbone)
+        self._head = self.model.get_output_embeddings()
 
     @property
     def lr(self) -> float:
@@ -41,9 +46,11 @@ class Learner:
         batch = {k: v.to(self.device) for k, v in next(self.batches).items()}
         self.model.train()
         with autocast(self.precision, self.device):
-            logits = self.model(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"], use_cache=False).logits
-        loss, tokens = causal_lm_loss(logits, batch["labels"], self.label_smoothing)
+            hidden = self._backbone(input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"],
+                                    use_cache=False).last_hidden_state
+            logits, targets = target_logits(hidden, self._head, batch["labels"])
+        loss, tokens = token_loss(logits, targets, self.label_smoothing)
         loss.backward()
         self.optimizer.step()
         return float(loss.detach()), tokens

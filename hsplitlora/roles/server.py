@@ -19,7 +19,7 @@ from hsplitlora.models.lora import (
 from hsplitlora.models.split import ServerSegment
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import Activations, ServerReply
-from hsplitlora.train.optim import Optimizer, OptimSettings, autocast, causal_lm_loss
+from hsplitlora.train.optim import Optimizer, OptimSettings, autocast, target_logits, token_loss
 
 __all__ = ["MainServer"]
 
@@ -103,8 +103,9 @@ class MainServer:
         mask = acts.attention_mask.to(self.device)
         labels = acts.labels.to(self.device)
         with autocast(self.precision, self.device):
-            logits = segment(hidden, mask)
-        loss, tokens = causal_lm_loss(logits, labels, self.label_smoothing)
+            logits, targets = target_logits(segment.hidden(hidden, mask), segment.lm_head,
+                                            labels)
+        loss, tokens = token_loss(logits, targets, self.label_smoothing)
         loss.backward()
         self.optimizers[client_id].step()
         assert hidden.grad is not None

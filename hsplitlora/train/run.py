@@ -116,6 +116,9 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
         model, tokenizer = load_model(cfg.model.name, dtype=getattr(torch, base_dtype(cfg)))
     arch_spec(model.config)  # fail early on an unsupported architecture
+    from hsplitlora.models.load import use_attention
+
+    use_attention(model, cfg.model.attention, device)
     examples = load_examples(cfg, list(cfg.data.train_files))
     if cfg.data.max_train_examples and cfg.data.max_train_examples < len(examples):
         rng = random.Random(cfg.train.seed)
