@@ -33,7 +33,6 @@ __all__ = [
 Mode = Literal["centralized", "federated", "split", "splitfed", "splitlora",
                "hsplitlora", "hetlora", "flexlora", "flora"]
 HETERO_MODES = ("hsplitlora", "hetlora", "flexlora", "flora")
-RAY_MODES = ("centralized", "federated", "split", "splitfed", "splitlora")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 E2E_DIR = REPO_ROOT / "data" / "e2e"
 
@@ -233,10 +232,6 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.train.backend == "ray" and self.train.mode in HETERO_MODES:
-            raise ValueError(f"train.backend 'ray' runs the modes {', '.join(RAY_MODES)}; "
-                             f"train.mode {self.train.mode!r} runs in process (train.backend "
-                             "inprocess)")
         if self.hetero.federated and self.train.mode not in ("hetlora", "flexlora", "flora"):
             raise ValueError("hetero.federated applies to train.mode hetlora, flexlora or "
                              f"flora, not {self.train.mode!r}")

@@ -67,11 +67,13 @@ def probe_importance(system: HeteroSystem, probes: Sequence[Any], n_batches: int
     norm = sum(weights)
     for client, probe, w in zip(system.clients, probes, weights, strict=True):
         batches = [next(probe) for _ in range(n_batches)]
-        server_seg = system.server.segments[client.client_id]
+        # Under the Ray backend these are copies fetched from the actors: scoring only
+        # reads them (its hooks come off again), so it may run here.
+        client_seg, server_seg = client.segment, system.server.segments[client.client_id]
         with ServerScorer(server_seg, precision=precision) as scorer:
-            scores = score_client(client.segment, batches, scorer.reply, precision=precision)
+            scores = score_client(client_seg, batches, scorer.reply, precision=precision)
             scores.update(scorer.scores())
-        cands = candidates(client.segment) + candidates(server_seg)
+        cands = candidates(client_seg) + candidates(server_seg)
         for name, value in importance(scores, cands, normalise=False).items():
             total[name] = total.get(name, 0.0) + value * w / norm
     return total

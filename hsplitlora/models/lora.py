@@ -52,6 +52,10 @@ class LoraSettings:
     targets: tuple[str, ...] | None = None  # block-relative suffixes; None = the arch default
     ranks: Mapping[str, int] = field(default_factory=dict)
     alphas: Mapping[str, float] = field(default_factory=dict)  # per-module alpha overrides
+    # Seeds the adapters' random initialisation (None: the global RNG). Parties that
+    # re-initialise adapters in different processes (Ray actors) then draw the very
+    # same A matrices as they would in one process.
+    init_seed: int | None = None
 
     def rank_of(self, module: str) -> int:
         return int(self.ranks.get(module, self.r))
@@ -130,7 +134,12 @@ def attach_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
         fan_in_fan_out=spec.fan_in_fan_out,
         bias="none",
     )
-    peft.inject_adapter_in_model(config, module, adapter_name=_ADAPTER)
+    if settings.init_seed is None:
+        peft.inject_adapter_in_model(config, module, adapter_name=_ADAPTER)
+    else:  # peft initialises on the CPU, before moving adapters to the base layer's device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.init_seed)
+            peft.inject_adapter_in_model(config, module, adapter_name=_ADAPTER)
     for name, p in module.named_parameters():
         p.requires_grad_(".lora_" in name)
         if ".lora_" in name:  # updates and optimizer state in fp32 even on a bf16 base

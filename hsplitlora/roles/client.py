@@ -90,6 +90,11 @@ class Client:
         merge_base_update(self.segment, updates, fan_in_fan_out=self.segment.spec.fan_in_fan_out)
         self.reset_adapters(settings)
 
+    def replace_segment(self, segment: ClientSegment) -> None:
+        """Run a new segment from now on (the client's cut changed at a re-plan); the
+        caller restarts its adapters with :meth:`reset_adapters`."""
+        self.segment = segment.to(self.device)
+
     def reset_adapters(self, settings: LoraSettings) -> None:
         """Fresh adapters (A random, B zero) at the planned ranks, and a fresh AdamW."""
         strip_lora(self.segment)

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from hsplitlora.data.tokenize import collate
 
-__all__ = ["batch_stream"]
+__all__ = ["BatchStream", "batch_stream"]
 
 
 def batch_stream(
     features: Sequence[dict[str, list[int]]], batch_size: int, seed: int, pad_id: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield batches forever, reshuffling each epoch from a private generator.
+) -> BatchStream:
+    """Batches forever, reshuffling each epoch from a private generator.
 
     A private generator (not the global RNG) keeps a party's data order independent of
     how many other parties draw random numbers, so the same seed gives the same batches
@@ -24,9 +23,34 @@ def batch_stream(
     """
     if not features:
         raise ValueError("cannot draw batches from an empty shard")
-    gen = torch.Generator().manual_seed(seed)
-    pad = functools.partial(collate, pad_id=pad_id)
-    while True:
-        order = torch.randperm(len(features), generator=gen).tolist()
-        for i in range(0, len(order), batch_size):
-            yield pad([features[j] for j in order[i : i + batch_size]])
+    return BatchStream(features, batch_size, seed, pad_id)
+
+
+class BatchStream:
+    """The iterator :func:`batch_stream` returns. A class rather than a generator so a
+    role holding one can be pickled mid-stream (to a Ray actor) and carry on there."""
+
+    def __init__(self, features: Sequence[dict[str, list[int]]], batch_size: int, seed: int,
+                 pad_id: int) -> None:
+        self.features = features
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+        self.pos = 0
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def restart(self) -> BatchStream:
+        """The same stream from its first batch."""
+        return BatchStream(self.features, self.batch_size, self.seed, self.pad_id)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.pos >= len(self.order):
+            self.order = torch.randperm(len(self.features), generator=self.gen).tolist()
+            self.pos = 0
+        chosen = self.order[self.pos : self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return collate([self.features[j] for j in chosen], pad_id=self.pad_id)

@@ -40,10 +40,11 @@ from hsplitlora.models.lora import (
     target_module_names,
 )
 from hsplitlora.models.split import arch_spec, split_model
-from hsplitlora.roles.client import Client, Update
+from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import nbytes
-from hsplitlora.roles.server import MainServer
 from hsplitlora.train.optim import OptimSettings
+from hsplitlora.train.parties import ClientRecipe, HeteroServerRecipe
+from hsplitlora.train.placement import InProcess, Placement
 from hsplitlora.train.recorder import Recorder
 
 __all__ = ["AGGREGATORS", "MERGING", "PartyPlan", "HeteroSystem", "run_hetero"]
@@ -62,11 +63,11 @@ class PartyPlan:
     ranks: Mapping[str, int] = field(default_factory=dict)  # full module name -> rank (>0)
 
     def settings(self, targets: tuple[str, ...], candidates: Sequence[str], alpha: float,
-                 dropout: float) -> LoraSettings:
+                 dropout: float, init_seed: int | None = None) -> LoraSettings:
         ranks = {m: int(self.ranks.get(m, 0)) for m in candidates}
         top = max(ranks.values(), default=0)
         return LoraSettings(r=max(top, 1), alpha=alpha, dropout=dropout,
-                            targets=targets, ranks=ranks)
+                            targets=targets, ranks=ranks, init_seed=init_seed)
 
 
 class HeteroSystem:
@@ -88,6 +89,8 @@ class HeteroSystem:
         device: torch.device | str = "cpu",
         label_smoothing: float = 0.0,
         federated: bool = False,
+        place: Placement | None = None,
+        seed: int = 0,
     ) -> None:
         if aggregator not in AGGREGATORS:
             raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")
@@ -97,24 +100,38 @@ class HeteroSystem:
         wanted = {f"{m}.weight" for m in self.candidates}
         self.original = {n: p.detach().clone() for n, p in base.named_parameters() if n in wanted}
         self.alpha, self.dropout, self.aggregator = alpha, dropout, aggregator
+        self.seed = seed
+        self.restarts = 0  # times the adapters restarted (merging aggregations, re-plans)
         # Federated: each client runs its server segment (norm + head) on its own device,
         # so nothing crosses the network per step; only adapters travel.
         self.federated = federated
         self.plans = list(plans)
         self.client_optim = client_optim
+        # In process by default; the Ray backend places each client and the server in an
+        # actor and hands back proxies with the same methods.
+        place = place or InProcess(torch.device(device))
         clients, segments = [], {}
         for cid, (plan, stream) in enumerate(zip(self.plans, streams, strict=True)):
             client_seg, server_seg = self._segments(plan)
-            clients.append(Client(cid, client_seg, stream, num_samples[cid], client_optim,
-                                  precision=precision, device=device))
+            clients.append(place.place(ClientRecipe(
+                client_id=cid, segment=client_seg, batches=stream, num_samples=num_samples[cid],
+                optim=client_optim, precision=precision), "client"))
             segments[cid] = server_seg
         self.clients = clients
-        self.server = MainServer.heterogeneous(segments, server_optim, precision=precision,
-                                               device=device, label_smoothing=label_smoothing)
+        self.server = place.place(HeteroServerRecipe(segments, server_optim, precision,
+                                                     label_smoothing), "server")
+        place.started()
 
-    def settings(self, cid: int) -> LoraSettings:
+    def settings(self, cid: int, side: str = "client") -> LoraSettings:
+        """Participant ``cid``'s adapters on one side (client or server), seeded by run,
+        restart, participant and side, so they come out the same in any process."""
+        seed = (self.seed * 1_000_003 + self.restarts * 1009 + 2 * cid
+                + (side == "server")) % 2**63
         return self.plans[cid].settings(self.spec.targets, self.candidates, self.alpha,
-                                        self.dropout)
+                                        self.dropout, init_seed=seed)
+
+    def _server_settings(self) -> dict[int, LoraSettings]:
+        return {cid: self.settings(cid, "server") for cid in range(len(self.plans))}
 
     def _segments(self, plan: PartyPlan) -> tuple[Any, Any]:
         model = attach_lora(copy.deepcopy(self.base), plan.settings(
@@ -134,13 +151,13 @@ class HeteroSystem:
         for cid, plan in enumerate(plans):
             if plan.cut != self.plans[cid].cut:
                 client_seg, server_seg = self._segments(plan)
-                client = self.clients[cid]
-                client.segment = client_seg.to(client.device)
+                self.clients[cid].replace_segment(client_seg)
                 self.server.replace_segment(cid, server_seg)
             self.plans[cid] = plan
+        self.restarts += 1
         for cid, client in enumerate(self.clients):
             client.reset_adapters(self.settings(cid))
-        self.server.apply_update({}, {cid: self.settings(cid) for cid in range(len(plans))})
+        self.server.apply_update({}, self._server_settings())
 
     def aggregate(self) -> tuple[int, int]:
         """Aggregate every participant's adapters; returns bytes up and down."""
@@ -150,9 +167,10 @@ class HeteroSystem:
         if self.aggregator in MERGING:
             updates = self._merged_updates(states, weights)
             merge_base_update(self.base, updates, fan_in_fan_out=self.spec.fan_in_fan_out)
+            self.restarts += 1
             for cid, client in enumerate(self.clients):
                 client.apply_update(updates, self.settings(cid))
-            self.server.apply_update(updates, {c: self.settings(c) for c in range(len(states))})
+            self.server.apply_update(updates, self._server_settings())
             # Each client downloads the update of the blocks it holds; the main server
             # downloads everything once and applies it to all of its copies.
             down = _update_bytes(updates, set(updates)) + sum(

@@ -1,19 +1,18 @@
 """Recipes for the role objects of a run: what each party needs, and nothing more.
 
 A recipe holds one party's share of a prepared run (its segment or model copy, its own
-shard, its optimizer settings) and builds the role on the device it is given. The
+batch stream, its optimizer settings) and builds the role on the device it is given. The
 in-process run builds every role right here; the Ray backend ships each recipe to its
 actor and builds the role there; a ``hsplitlora join`` process builds its client from the
 same recipe. One construction path is what makes all of them step for step identical.
-
-Recipes are plain picklable objects on purpose: a batch stream is a generator and cannot
-travel, so each recipe starts its stream where the role is built.
+Recipes pickle (batch streams are :class:`~hsplitlora.train.batches.BatchStream` objects,
+not generators), which is what lets them travel to an actor.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +25,12 @@ from hsplitlora.roles.client import Client
 from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.roles.learner import Learner
 from hsplitlora.roles.server import MainServer
-from hsplitlora.train.batches import batch_stream
+from hsplitlora.train.batches import BatchStream, batch_stream
 from hsplitlora.train.optim import OptimSettings
 
-__all__ = ["Batches", "ClientRecipe", "LearnerRecipe", "ServerRecipe", "client_recipes",
-           "fed_server", "learner_recipes", "optim_settings", "party_seed", "server_recipe"]
+__all__ = ["Batches", "ClientRecipe", "HeteroServerRecipe", "LearnerRecipe", "ServerRecipe",
+           "client_recipes", "fed_server", "learner_recipes", "optim_settings", "party_seed",
+           "server_recipe", "shard_stream"]
 
 Batches = Iterator[dict[str, torch.Tensor]]
 
@@ -50,47 +50,38 @@ def optim_settings(cfg: Any, total_steps: int) -> OptimSettings:
 
 
 @dataclass(kw_only=True)
-class _Stream:
-    """A party's own shard and how to draw batches from it."""
-
-    features: Sequence[dict[str, list[int]]]
-    batch_size: int
-    seed: int
-    pad_id: int
-
-    def stream(self) -> Batches:
-        return batch_stream(self.features, self.batch_size, self.seed, self.pad_id)
-
-
-@dataclass(kw_only=True)
-class ClientRecipe(_Stream):
+class ClientRecipe:
     client_id: int
     segment: ClientSegment
+    batches: BatchStream
+    num_samples: int
     optim: OptimSettings
     precision: str
 
-    @property
-    def num_samples(self) -> int:
-        return len(self.features)
+    def stream(self) -> BatchStream:
+        """This client's batches from the first one (a rejoining client rebuilds it)."""
+        return self.batches.restart()
 
     def build(self, device: torch.device | str, batches: Batches | None = None) -> Client:
-        """The client, drawing from ``batches`` (default: its stream from the start)."""
-        return Client(self.client_id, self.segment, batches or self.stream(), self.num_samples,
+        """The client, drawing from ``batches`` (default: its own stream)."""
+        return Client(self.client_id, self.segment, batches or self.batches, self.num_samples,
                       self.optim, precision=self.precision, device=device)
 
 
 @dataclass(kw_only=True)
-class LearnerRecipe(_Stream):
+class LearnerRecipe:
     model: nn.Module
+    batches: BatchStream
+    num_samples: int
     optim: OptimSettings
     precision: str
     label_smoothing: float
     client_id: int | None = None
 
     def build(self, device: torch.device | str) -> Learner:
-        return Learner(self.model, self.stream(), self.optim, precision=self.precision,
+        return Learner(self.model, self.batches, self.optim, precision=self.precision,
                        device=device, label_smoothing=self.label_smoothing,
-                       client_id=self.client_id, num_samples=len(self.features))
+                       client_id=self.client_id, num_samples=self.num_samples)
 
 
 @dataclass
@@ -108,23 +99,39 @@ class ServerRecipe:
                           label_smoothing=self.label_smoothing)
 
 
-def _shard_stream(p: Any, client_id: int, batch_size: int | None = None) -> dict[str, Any]:
+@dataclass
+class HeteroServerRecipe:
+    """The heterogeneous main server: one server-side copy per client, from its own cut."""
+
+    segments: Mapping[int, ServerSegment]
+    optim: OptimSettings
+    precision: str
+    label_smoothing: float
+    per_client: bool = True
+
+    def build(self, device: torch.device | str) -> MainServer:
+        return MainServer.heterogeneous(self.segments, self.optim, precision=self.precision,
+                                        device=device, label_smoothing=self.label_smoothing)
+
+
+def shard_stream(p: Any, client_id: int) -> BatchStream:
+    """Client ``client_id``'s batches over its own shard, seeded per party.
+
+    ``p`` is a :class:`hsplitlora.train.run.Prepared`.
+    """
     t = p.cfg.train
-    return dict(features=p.shards[client_id].features, batch_size=batch_size or t.batch_size,
-                seed=party_seed(t.seed, client_id), pad_id=pad_id_for(p.tokenizer))
+    return batch_stream(p.shards[client_id].features, t.batch_size,
+                        party_seed(t.seed, client_id), pad_id_for(p.tokenizer))
 
 
 def client_recipes(p: Any, ids: Sequence[int] | None = None) -> list[ClientRecipe]:
-    """Each client's recipe: its own copy of the client segment, its shard, its optimizer.
-
-    ``p`` is a :class:`hsplitlora.train.run.Prepared`; ``ids`` picks clients (default all).
-    """
+    """Each client's recipe: its own copy of the client segment, its shard, its optimizer."""
     t = p.cfg.train
     client_seg, _ = split_model(p.model, t.cut)
     ids = range(t.num_clients) if ids is None else ids
-    return [ClientRecipe(**_shard_stream(p, cid), client_id=cid,
-                         segment=copy.deepcopy(client_seg), optim=optim_settings(p.cfg, t.steps),
-                         precision=t.precision)
+    return [ClientRecipe(client_id=cid, segment=copy.deepcopy(client_seg),
+                         batches=shard_stream(p, cid), num_samples=len(p.shards[cid]),
+                         optim=optim_settings(p.cfg, t.steps), precision=t.precision)
             for cid in ids]
 
 
@@ -146,12 +153,13 @@ def learner_recipes(p: Any) -> list[LearnerRecipe]:
     common = dict(precision=t.precision, label_smoothing=t.label_smoothing)
     if t.mode == "centralized":
         union = [f for shard in p.shards for f in shard.features]
-        return [LearnerRecipe(features=union, batch_size=t.batch_size,
-                              seed=party_seed(t.seed, 0), pad_id=pad_id_for(p.tokenizer),
-                              model=p.model, optim=optim_settings(p.cfg, t.steps * t.num_clients),
-                              **common)]
-    return [LearnerRecipe(**_shard_stream(p, cid), model=copy.deepcopy(p.model),
-                          optim=optim_settings(p.cfg, t.steps), client_id=cid, **common)
+        stream = batch_stream(union, t.batch_size, party_seed(t.seed, 0),
+                              pad_id_for(p.tokenizer))
+        return [LearnerRecipe(model=p.model, batches=stream, num_samples=len(union),
+                              optim=optim_settings(p.cfg, t.steps * t.num_clients), **common)]
+    return [LearnerRecipe(model=copy.deepcopy(p.model), batches=shard_stream(p, cid),
+                          num_samples=len(p.shards[cid]), optim=optim_settings(p.cfg, t.steps),
+                          client_id=cid, **common)
             for cid in range(t.num_clients)]
 
 

@@ -73,6 +73,11 @@ class RoleActor:
     def call(self, method: str, *args: Any) -> Any:
         return _cpu(getattr(self.role, method)(*args))
 
+    def item(self, name: str, key: Any = None) -> Any:
+        """An attribute of the role (``key``: one entry of it), as a copy."""
+        value = getattr(self.role, name)
+        return value if key is None else value[key]
+
     def forward(self) -> tuple[int, Activations]:
         acts = _cpu(self.role.forward())
         return acts.nbytes, acts
@@ -117,6 +122,12 @@ class _Remote:
     def load_adapter_state(self, state: Mapping[str, torch.Tensor], *args: Any) -> None:
         self._fire("load_adapter_state", dict(state), *args)
 
+    def apply_update(self, updates: Mapping[str, Any], settings: Any) -> None:
+        self._fire("apply_update", dict(updates), settings)
+
+    def replace_segment(self, *args: Any) -> None:
+        self._fire("replace_segment", *args)
+
 
 class _RemoteActivations:
     def __init__(self, ref: Any, nbytes: Deferred) -> None:
@@ -145,6 +156,14 @@ class RemoteClient(_Remote):
     def backward(self, grad: Any) -> None:
         self._fire("backward", grad)
 
+    def reset_adapters(self, settings: Any) -> None:
+        self._fire("reset_adapters", settings)
+
+    @property
+    def segment(self) -> Any:
+        """A copy of the actor's segment (importance probing reads it in the driver)."""
+        return self._get(self.actor.item.remote("segment"))
+
 
 class RemoteServer(_Remote):
     def __init__(self, ray: Any, actor: Any, recipe: Any) -> None:
@@ -162,12 +181,26 @@ class RemoteServer(_Remote):
     def lr(self) -> Deferred:
         return self._deferred(self._last, 3)
 
+    @property
+    def segments(self) -> _RemoteSegments:
+        return _RemoteSegments(self)
+
+
+class _RemoteSegments:
+    """``server.segments[cid]``: a copy of one server-side segment, fetched on demand."""
+
+    def __init__(self, server: RemoteServer) -> None:
+        self._server = server
+
+    def __getitem__(self, client_id: int) -> Any:
+        return self._server._get(self._server.actor.item.remote("segments", client_id))
+
 
 class RemoteLearner(_Remote):
     def __init__(self, ray: Any, actor: Any, recipe: Any) -> None:
         super().__init__(ray, actor)
         self.client_id = recipe.client_id
-        self.num_samples = len(recipe.features)
+        self.num_samples = recipe.num_samples
         self._last: Any = None
 
     def step(self) -> tuple[Deferred, Deferred]:

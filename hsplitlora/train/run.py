@@ -198,22 +198,29 @@ def _run_hetero(p: Prepared, rec: Recorder) -> tuple[dict[str, torch.Tensor], Lo
                       mean_length(p.shards))
     probes = probe_streams(p)
     initial = planner.provisional() if planner.uses_importance else planner.plans(None)
-    system = HeteroSystem(
-        p.model, initial, _streams(p), [len(s) for s in p.shards],
-        client_optim=optim_settings(cfg, t.steps), server_optim=optim_settings(cfg, t.steps),
-        alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, aggregator=planner.aggregator,
-        precision=t.precision, device=p.device, label_smoothing=t.label_smoothing,
-        federated=cfg.hetero.federated)
-    if planner.uses_importance:
-        scores = planner.observe(probe_importance(system, probes, cfg.hetero.probe_batches,
-                                                  t.precision))
-        system.replan(planner.plans(scores))
-    rec.event("plan", round=0, plans=[{"cut": pl.cut, "ranks": dict(pl.ranks)}
-                                      for pl in system.plans])
-    p.plans = {cid: (pl.cut, dict(pl.ranks)) for cid, pl in enumerate(system.plans)}
-    run_hetero(system, t.steps, t.agg_interval, rec,
-               replan=lambda rnd: planner.replan(system, probes, rnd))
-    state, alphas = updates_as_adapter(system.global_update())
+    place = placement(p)
+    try:
+        system = HeteroSystem(
+            p.model, initial, _streams(p), [len(s) for s in p.shards],
+            client_optim=optim_settings(cfg, t.steps), server_optim=optim_settings(cfg, t.steps),
+            alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, aggregator=planner.aggregator,
+            precision=t.precision, device=p.device, label_smoothing=t.label_smoothing,
+            federated=cfg.hetero.federated, place=place, seed=t.seed)
+        if planner.uses_importance:
+            scores = planner.observe(probe_importance(system, probes, cfg.hetero.probe_batches,
+                                                      t.precision))
+            system.replan(planner.plans(scores))
+        rec.event("plan", round=0, plans=[{"cut": pl.cut, "ranks": dict(pl.ranks)}
+                                          for pl in system.plans])
+        p.plans = {cid: (pl.cut, dict(pl.ranks)) for cid, pl in enumerate(system.plans)}
+        run_hetero(system, t.steps, t.agg_interval, rec,
+                   replan=lambda rnd: planner.replan(system, probes, rnd))
+        update = system.global_update()
+    except BaseException:
+        place.close(check=False)
+        raise
+    place.close()
+    state, alphas = updates_as_adapter(update)
     system.restore_base()
     ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0])
              for k, v in state.items() if k.endswith(".lora_A.weight")}
@@ -241,7 +248,7 @@ def probe_streams(p: Prepared) -> list[Any]:
 
 
 def placement(p: Prepared) -> Placement:
-    """Where the roles of a homogeneous run live: this process, or Ray actors."""
+    """Where the roles of a run live: this process, or Ray actors."""
     t = p.cfg.train
     if t.backend == "inprocess":
         return InProcess(p.device)

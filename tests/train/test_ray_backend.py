@@ -94,3 +94,29 @@ def test_the_cli_takes_the_backend_and_rejects_an_unknown_one(tmp_path, tiny_lla
     out = CliRunner().invoke(app, ["train", "-c", str(path), "--backend", "spark"])
     assert out.exit_code == 2
     assert "train.backend" in out.output and "'inprocess' or 'ray'" in out.output
+
+
+@pytest.mark.parametrize("aggregator", ["noisefree", "svd"])
+def test_heterogeneous_ray_run_is_bit_identical_too(ray_session, tmp_path, tiny_llama_dir,
+                                                    aggregator):
+    """HSplitLoRA (importance probing, per-client cuts and ranks, noise-free merging) and
+    FlexLoRA-style SVD aggregation, with every client and the server in its own actor."""
+    from hsplitlora.config import RunConfig
+
+    cfg = run_config(tiny_llama_dir, tmp_path, mode="hsplitlora", steps=4)
+    raw = cfg.model_dump(mode="json")
+    raw["hetero"] = {"scenario": {"kind": "heterogeneous", "memory_range": ["1.2 MiB", "3 MiB"],
+                                  "seed": 1},
+                     "aggregator": aggregator, "rank_set": [0, 2, 4, 8], "server_rank": 4,
+                     "probe_batches": 1}
+    cfg = RunConfig.model_validate(raw)
+    local = train(cfg, write=False, show_progress=False)
+    raw["train"]["backend"] = "ray"
+    remote = train(RunConfig.model_validate(raw), write=False, show_progress=False)
+    plans = [r["plans"] for r in local.records if r.get("event") == "plan"]
+    assert plans == [r["plans"] for r in remote.records if r.get("event") == "plan"]
+    assert len({(p["cut"], tuple(p["ranks"].values())) for p in plans[0]}) > 1  # they differ
+    assert set(remote.adapter) == set(local.adapter)
+    for k, v in local.adapter.items():
+        assert torch.equal(remote.adapter[k], v), k
+    assert _steps(remote.records) == _steps(local.records)
