@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(BENCH))
 
-from net_overhead import round_seconds, run_config  # noqa: E402
+from net_overhead import add_run_arguments, networked, round_seconds, run_config  # noqa: E402
 
 from hsplitlora.config import RunConfig  # noqa: E402
 from hsplitlora.transport.config import NetConfig  # noqa: E402
@@ -79,36 +78,13 @@ def teardown(clients: int) -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def spawn(ns: str, role: str, cfg_file: Path, net_file: Path, *extra: str) -> subprocess.Popen:
-    cmd = ["ip", "netns", "exec", ns, sys.executable, str(BENCH / "net_overhead.py"),
-           "--role", role, "--cfg", str(cfg_file), "--net", str(net_file), *extra]
-    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
 def deploy(cfg: RunConfig, net: NetConfig, work: Path, timeout: float) -> list[dict[str, Any]]:
     """One deployment across the namespaces; returns the server's metrics records."""
-    work.mkdir(parents=True, exist_ok=True)
-    cfg_file, net_file, port_file = work / "cfg.json", work / "net.json", work / "port"
-    cfg_file.write_text(cfg.model_dump_json())
-    net_file.write_text(net.model_dump_json())
-    procs = [spawn(SERVER_NS, "server", cfg_file, net_file, "--port-file", str(port_file))]
-    end = time.monotonic() + timeout
-    while not port_file.exists():
-        if time.monotonic() > end or procs[0].poll() is not None:
-            raise RuntimeError("the main server did not start")
-        time.sleep(0.1)
-    port = port_file.read_text()
-    procs += [spawn(client_ns(i), "client", cfg_file, net_file, "--client-id", str(i),
-                    "--address", f"10.78.{i}.1:{port}") for i in range(cfg.train.num_clients)]
-    try:
-        codes = [p.wait(max(1.0, end - time.monotonic())) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    if any(codes):
-        raise RuntimeError(f"a party failed: exit codes {codes}")
-    lines = (Path(cfg.output.dir) / "net" / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    run = networked(
+        cfg, net, work, timeout,
+        prefix=lambda c: ("ip", "netns", "exec", SERVER_NS if c is None else client_ns(c)),
+        host=lambda c: f"10.78.{c}.1")
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def predicted_rounds(cfg: RunConfig, model: Any, records: list[dict[str, Any]], flops: float,
@@ -139,14 +115,7 @@ def predicted_rounds(cfg: RunConfig, model: Any, records: list[dict[str, Any]], 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--clients", type=int, default=1)
-    ap.add_argument("--cut", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=6, help="rounds (steps per client)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--eval-examples", type=int, default=0)
+    add_run_arguments(ap, steps=6, eval_examples=0)
     ap.add_argument("--rates", default="0,100,20", help="Mbit/s per link and direction; "
                     "0 = unshaped (the calibration run, first)")
     ap.add_argument("--timeout", type=float, default=1800)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,18 @@ import torch  # noqa: E402
 
 from hsplitlora.config import RunConfig  # noqa: E402
 from hsplitlora.transport.config import NetConfig  # noqa: E402
+
+
+def add_run_arguments(ap: argparse.ArgumentParser, *, steps: int, eval_examples: int) -> None:
+    """The flags :func:`run_config` reads (net_limits.py builds its runs the same way)."""
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--clients", type=int, default=1)
+    ap.add_argument("--cut", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=steps, help="rounds (steps per client)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--eval-examples", type=int, default=eval_examples)
 
 
 def run_config(args: argparse.Namespace, out: Path) -> RunConfig:
@@ -65,26 +78,35 @@ def role_main(args: argparse.Namespace) -> None:
         join(cfg, net, args.client_id, args.address)
 
 
-def spawn(role: str, cfg_file: Path, net_file: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, __file__, "--role", role, "--cfg", str(cfg_file), "--net",
+def spawn(role: str, cfg_file: Path, net_file: Path, *extra: str,
+          prefix: Sequence[str] = ()) -> subprocess.Popen:
+    """One party: this script re-invoked with ``--role``, behind ``prefix`` (e.g.
+    ``ip netns exec NS``, as net_limits.py runs it)."""
+    cmd = [*prefix, sys.executable, __file__, "--role", role, "--cfg", str(cfg_file), "--net",
            str(net_file), *extra]
     return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
-def networked(cfg: RunConfig, net: NetConfig, work: Path, timeout: float) -> Path:
-    """Run one deployment on loopback; returns the server's run folder."""
+def networked(cfg: RunConfig, net: NetConfig, work: Path, timeout: float, *,
+              prefix: Callable[[int | None], Sequence[str]] = lambda client: (),
+              host: Callable[[int], str] = lambda client: "127.0.0.1") -> Path:
+    """Run one deployment; returns the server's run folder. By default every party is on
+    loopback; ``prefix(client id, None for the server)`` and ``host(client id)`` (the
+    server's address as that client sees it) place them elsewhere."""
     work.mkdir(parents=True, exist_ok=True)
     cfg_file, net_file, port_file = work / "cfg.json", work / "net.json", work / "port"
     cfg_file.write_text(cfg.model_dump_json())
     net_file.write_text(net.model_dump_json())
-    procs = [spawn("server", cfg_file, net_file, "--port-file", str(port_file))]
+    procs = [spawn("server", cfg_file, net_file, "--port-file", str(port_file),
+                   prefix=prefix(None))]
     end = time.monotonic() + timeout
     while not port_file.exists():
         if time.monotonic() > end or procs[0].poll() is not None:
             raise RuntimeError("the main server did not start")
         time.sleep(0.1)
-    address = f"127.0.0.1:{port_file.read_text()}"
-    procs += [spawn("client", cfg_file, net_file, "--client-id", str(i), "--address", address)
+    port = port_file.read_text()
+    procs += [spawn("client", cfg_file, net_file, "--client-id", str(i), "--address",
+                    f"{host(i)}:{port}", prefix=prefix(i))
               for i in range(cfg.train.num_clients)]
     try:
         codes = [p.wait(max(1.0, end - time.monotonic())) for p in procs]
@@ -137,14 +159,7 @@ def main() -> None:
     ap.add_argument("--port-file", help=argparse.SUPPRESS)
     ap.add_argument("--client-id", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--address", help=argparse.SUPPRESS)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--clients", type=int, default=1)
-    ap.add_argument("--cut", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=8, help="rounds (steps per client)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--eval-examples", type=int, default=64)
+    add_run_arguments(ap, steps=8, eval_examples=64)
     ap.add_argument("--codecs", default="none,bf16,int8")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args()
