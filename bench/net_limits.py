@@ -68,8 +68,11 @@ def build_topology(clients: int, mbit: float) -> None:
         for where, dev in ((SERVER_NS, s_end), (ns, c_end)):
             sh("ip", "-n", where, "link", "set", dev, "up")
             if mbit:
+                # A bucket of 20 ms at the rate: a smaller one starves a fast link
+                # between timer ticks (tbf refills per tick, not continuously).
+                burst = max(64_000, int(mbit * 1e6 / 8 * 0.02))
                 sh("ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root",
-                   "tbf", "rate", f"{mbit}mbit", "burst", "64kb", "latency", "1s")
+                   "tbf", "rate", f"{mbit}mbit", "burst", str(burst), "latency", "1s")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
 
 
