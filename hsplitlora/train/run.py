@@ -7,11 +7,13 @@ The run folder holds everything a reader needs: ``config.yaml`` (resolved), ``me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from hsplitlora.train.parties import (
     optim_settings,
     party_seed,
     server_recipe,
+    shard_stream,
 )
 from hsplitlora.train.placement import InProcess, Placement
 from hsplitlora.train.recorder import Recorder
@@ -170,10 +173,7 @@ def base_dtype(cfg: RunConfig) -> str:
 
 
 def _streams(p: Prepared) -> list[Any]:
-    pad = pad_id_for(p.tokenizer)
-    return [batch_stream(shard.features, p.cfg.train.batch_size,
-                         party_seed(p.cfg.train.seed, cid), pad)
-            for cid, shard in enumerate(p.shards)]
+    return [shard_stream(p, cid) for cid in range(len(p.shards))]
 
 
 def _total_rounds(cfg: RunConfig) -> int:
@@ -198,8 +198,7 @@ def _run_hetero(p: Prepared, rec: Recorder) -> tuple[dict[str, torch.Tensor], Lo
                       mean_length(p.shards))
     probes = probe_streams(p)
     initial = planner.provisional() if planner.uses_importance else planner.plans(None)
-    place = placement(p)
-    try:
+    with placed(p) as place:
         system = HeteroSystem(
             p.model, initial, _streams(p), [len(s) for s in p.shards],
             client_optim=optim_settings(cfg, t.steps), server_optim=optim_settings(cfg, t.steps),
@@ -216,10 +215,6 @@ def _run_hetero(p: Prepared, rec: Recorder) -> tuple[dict[str, torch.Tensor], Lo
         run_hetero(system, t.steps, t.agg_interval, rec,
                    replan=lambda rnd: planner.replan(system, probes, rnd))
         update = system.global_update()
-    except BaseException:
-        place.close(check=False)
-        raise
-    place.close()
     state, alphas = updates_as_adapter(update)
     system.restore_base()
     ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0])
@@ -254,8 +249,22 @@ def placement(p: Prepared) -> Placement:
         return InProcess(p.device)
     from hsplitlora.train.ray_backend import RayPlacement
 
-    actors = t.num_clients + (0 if t.mode in ("centralized", "federated") else 1)
+    actors = {"centralized": 1, "federated": t.num_clients}.get(t.mode, t.num_clients + 1)
     return RayPlacement(p.cfg.ray, t.threads, actors)
+
+
+@contextlib.contextmanager
+def placed(p: Prepared) -> Iterator[Placement]:
+    """A placement for the run, released at the end: after a failure without waiting on
+    the other parties (the failure is what gets reported), else after surfacing any
+    failure a party has not reported yet."""
+    place = placement(p)
+    try:
+        yield place
+    except BaseException:
+        place.close(check=False)
+        raise
+    place.close()
 
 
 def run_mode(p: Prepared, rec: Recorder) -> dict[str, torch.Tensor]:
@@ -263,14 +272,8 @@ def run_mode(p: Prepared, rec: Recorder) -> dict[str, torch.Tensor]:
     if p.cfg.train.mode in HETERO_MODES:
         state, p.lora = _run_hetero(p, rec)
         return state
-    place = placement(p)
-    try:
-        state = _run_placed(p, rec, place)
-    except BaseException:
-        place.close(check=False)
-        raise
-    place.close()
-    return state
+    with placed(p) as place:
+        return _run_placed(p, rec, place)
 
 
 def _run_placed(p: Prepared, rec: Recorder, place: Placement) -> dict[str, torch.Tensor]:
