@@ -7,8 +7,10 @@ A :class:`DeviceProfile` is four budgets and a presence probability:
 * ``flops``: *sustained* FLOP/s on training matmuls, not the datasheet peak. GPUs
   sustain roughly 30-50 % of peak on transformer training, phones far less;
 * ``uplink_bps`` / ``downlink_bps``: link throughput in **bytes** per second;
-* ``availability``: probability of taking part in a round (1.0 = always there); the
-  planner ignores it, the simulated clock uses it.
+* ``availability``: probability of taking part in a round (1.0 = always there). Training
+  draws each round's attendance from it (:mod:`hsplitlora.train.attendance`), so the
+  metrics, and the simulated clock replaying them, hold only the clients present; the
+  planner ignores it.
 
 Presets are order-of-magnitude assumptions for simulation, not measurements:
 
@@ -217,6 +219,9 @@ class ScenarioConfig(BaseModel):
         description="explicit: one preset name or full profile per client, in client order",
     )
     server: DeviceProfile | str = Field(default="server", description="the main server's profile")
+    availability: float | None = Field(
+        default=None, gt=0, le=1, description="probability that each client takes part in a "
+        "round, overriding the profiles' own; null = theirs (1.0 for the presets)")
 
     @model_validator(mode="after")
     def _consistent(self) -> ScenarioConfig:
@@ -238,6 +243,12 @@ class ScenarioConfig(BaseModel):
 
     def profiles(self, num_clients: int, model_params: int) -> list[DeviceProfile]:
         """One profile per client for a model with ``model_params`` parameters."""
+        found = self._profiles(num_clients, model_params)
+        if self.availability is None:
+            return found
+        return [p.model_copy(update={"availability": self.availability}) for p in found]
+
+    def _profiles(self, num_clients: int, model_params: int) -> list[DeviceProfile]:
         if self.kind == "homogeneous":
             return homogeneous(num_clients, self.preset)
         if self.kind == "heterogeneous":

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +102,9 @@ class HeteroSystem:
         self.alpha, self.dropout, self.aggregator = alpha, dropout, aggregator
         self.seed = seed
         self.restarts = 0  # times the adapters restarted (merging aggregations, re-plans)
+        # Participants of the latest aggregation (None: all): the global model of a
+        # non-merging method is their weighted update.
+        self.last_aggregated: set[int] | None = None
         # Federated: each client runs its server segment (norm + head) on its own device,
         # so nothing crosses the network per step; only adapters travel.
         self.federated = federated
@@ -138,12 +141,14 @@ class HeteroSystem:
             self.spec.targets, self.candidates, self.alpha, self.dropout))
         return split_model(model, plan.cut)
 
-    def participant_states(self) -> list[dict[str, agg.LoraPair]]:
-        """Each client's adapters joined with its server-side copy's: one full adapter."""
+    def participant_states(self, ids: Collection[int] | None = None
+                           ) -> list[dict[str, agg.LoraPair]]:
+        """Each client's adapters joined with its server-side copy's: one full adapter
+        (of the clients in ``ids``, default all)."""
         return [
             agg.from_peft_state_dict(
                 {**c.adapter_state(), **self.server.adapter_state(c.client_id)}, self.alpha)
-            for c in self.clients
+            for c in self.clients if ids is None or c.client_id in ids
         ]
 
     def replan(self, plans: Sequence[PartyPlan]) -> None:
@@ -159,10 +164,18 @@ class HeteroSystem:
             client.reset_adapters(self.settings(cid))
         self.server.apply_update({}, self._server_settings())
 
-    def aggregate(self) -> tuple[int, int]:
-        """Aggregate every participant's adapters; returns bytes up and down."""
-        states = self.participant_states()
-        weights = [c.num_samples for c in self.clients]
+    def aggregate(self, ids: Collection[int] | None = None) -> tuple[int, int]:
+        """Aggregate the adapters of the participants in ``ids`` (default all: those that
+        trained since the last aggregation); returns bytes up and down.
+
+        Merging methods merge the result into every copy, present or not (base weights
+        stay identical everywhere). The others load each aggregated participant's output
+        back; a participant that did not train keeps its adapters until it next does.
+        """
+        members = [c for c in self.clients if ids is None or c.client_id in ids]
+        self.last_aggregated = None if ids is None else set(ids)
+        states = self.participant_states(ids)
+        weights = [c.num_samples for c in members]
         up = sum(nbytes(agg.to_peft_state_dict(s)) for s in states)
         if self.aggregator in MERGING:
             updates = self._merged_updates(states, weights)
@@ -178,7 +191,7 @@ class HeteroSystem:
             return up, down
         outs = self._per_participant(states, weights)
         down = 0
-        for client, out in zip(self.clients, outs, strict=True):
+        for client, out in zip(members, outs, strict=True):
             flat = agg.to_peft_state_dict(out)
             own = client.adapter_state()
             client.load_adapter_state({k: flat[k] for k in own})
@@ -223,7 +236,7 @@ class HeteroSystem:
 
         Merging methods: what has been merged into the base so far (after the final
         aggregation the adapters are fresh, B = 0, and add nothing). Other methods: the
-        exact weighted sum of the participants' current updates.
+        exact weighted sum of the current updates of the latest aggregation's participants.
         """
         if self.aggregator in MERGING:
             out = {}
@@ -236,8 +249,10 @@ class HeteroSystem:
                     if delta.abs().max() > 0:
                         out[module] = delta
             return out
-        states = self.participant_states()
-        return agg.weighted_delta(states, [c.num_samples for c in self.clients])
+        ids = self.last_aggregated
+        states = self.participant_states(ids)
+        return agg.weighted_delta(states, [c.num_samples for c in self.clients
+                                           if ids is None or c.client_id in ids])
 
 
 def _as_update(x: agg.Factors | torch.Tensor) -> Update:
@@ -253,15 +268,24 @@ def _update_bytes(updates: Mapping[str, Update], held: set[str]) -> int:
 
 
 def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
-               replan: Callable[[int], Sequence[PartyPlan] | None] | None = None) -> None:
+               replan: Callable[[int], Sequence[PartyPlan] | None] | None = None,
+               attendance: Callable[[int], Collection[int] | None] = lambda round: None
+               ) -> None:
     """Train all participants for ``steps`` local steps, aggregating every ``interval``.
 
     ``replan(round)`` is asked after each merging aggregation; a non-None answer becomes
-    the new plans (it logs its own reasons).
+    the new plans (it logs its own reasons). ``attendance(round)`` gives the clients
+    present in a round (None: all); an aggregation covers those that trained since the
+    previous one.
     """
     server = system.server
+    trained: set[int] = set()
     for t in range(steps):
+        here = attendance(t)
         for client in system.clients:
+            if here is not None and client.client_id not in here:
+                continue
+            trained.add(client.client_id)
             acts = client.forward()
             reply = server.step(client.client_id, acts)
             client.backward(reply.grad)
@@ -269,10 +293,11 @@ def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
             rec.train_step(round=t, client=client.client_id, loss=reply.loss,
                            tokens=reply.tokens, bytes_up=0 if local else acts.nbytes,
                            bytes_down=0 if local else reply.nbytes, lr=server.lr)
-        if (t + 1) % interval == 0 or t + 1 == steps:
-            up, down = system.aggregate()
+        if ((t + 1) % interval == 0 or t + 1 == steps) and trained:
+            up, down = system.aggregate(trained)
             rec.event("aggregate", round=t, side="all", method=system.aggregator,
-                      bytes_up=up, bytes_down=down)
+                      clients=sorted(trained), bytes_up=up, bytes_down=down)
+            trained = set()
             if system.aggregator in MERGING:  # the global model is the merged base itself
                 rec.global_model(t, lambda: None)
             if replan is not None and system.aggregator in MERGING and t + 1 < steps:

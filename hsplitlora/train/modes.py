@@ -14,11 +14,15 @@ and server halves together), ready for PEFT export.
 * ``splitlora``: SplitLoRA as its paper and code do it (SFL-V2): clients in parallel,
   one shared server-side adapter updated on each client's batch in turn, client-side
   adapters FedAvg'd by the fed server every ``I`` local steps.
+
+``attendance(round)`` (default: everyone) gives the clients present in a round
+(:mod:`hsplitlora.train.attendance`); an aggregation averages over the clients that
+trained since the previous one and every client continues from the result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -33,6 +37,18 @@ __all__ = ["MODES", "run_centralized", "run_federated", "run_split", "run_splitf
            "run_splitlora"]
 
 State = dict[str, torch.Tensor]
+Attendance = Callable[[int], Collection[int] | None]  # None: every client
+
+
+def everyone(round: int) -> None:
+    """The default attendance: no client ever misses a round."""
+    return None
+
+
+def _present(parties: Sequence[Client | Learner], attendance: Attendance,
+             round: int) -> list[Client | Learner]:
+    here = attendance(round)
+    return list(parties) if here is None else [p for p in parties if p.client_id in here]
 
 
 def _client_step(client: Client, server: MainServer, rec: Recorder, round: int) -> None:
@@ -43,15 +59,21 @@ def _client_step(client: Client, server: MainServer, rec: Recorder, round: int) 
                    bytes_up=acts.nbytes, bytes_down=reply.nbytes, lr=server.lr)
 
 
-def _fedavg_clients(clients: Sequence[Client | Learner], fed: FedServer, rec: Recorder,
-                    round: int) -> State:
-    states = [c.adapter_state() for c in clients]
-    merged = fed.aggregate(states, [c.num_samples for c in clients])
+def _fedavg_clients(clients: Sequence[Client | Learner], among: Sequence[Client | Learner],
+                    fed: FedServer, rec: Recorder, round: int) -> State:
+    """FedAvg over ``among`` (the clients that trained since the last aggregation); every
+    client continues from the result."""
+    states = [c.adapter_state() for c in among]
+    merged = fed.aggregate(states, [c.num_samples for c in among])
     for c in clients:
         c.load_adapter_state(merged)
-    rec.event("aggregate", round=round, side="client", bytes_up=sum(nbytes(s) for s in states),
-              bytes_down=nbytes(merged) * len(clients))
+    rec.event("aggregate", round=round, side="client", clients=[c.client_id for c in among],
+              bytes_up=sum(nbytes(s) for s in states), bytes_down=nbytes(merged) * len(clients))
     return merged
+
+
+def _trained(parties: Sequence[Client | Learner], ids: set[int | None]) -> list[Client | Learner]:
+    return [p for p in parties if p.client_id in ids]
 
 
 def run_centralized(learner: Learner, steps: int, rec: Recorder) -> State:
@@ -64,18 +86,21 @@ def run_centralized(learner: Learner, steps: int, rec: Recorder) -> State:
 
 
 def run_federated(learners: Sequence[Learner], fed: FedServer, steps: int, interval: int,
-                  rec: Recorder) -> State:
+                  rec: Recorder, attendance: Attendance = everyone) -> State:
     merged: State = {}
+    trained: set[int | None] = set()
     for t in range(steps):
-        for learner in learners:
+        for learner in _present(learners, attendance, t):
             loss, tokens = learner.step()
             rec.train_step(round=t, client=learner.client_id, loss=loss, tokens=tokens,
                            lr=learner.lr)
-        if (t + 1) % interval == 0 or t + 1 == steps:
-            merged = _fedavg_clients(learners, fed, rec, t)
+            trained.add(learner.client_id)
+        if ((t + 1) % interval == 0 or t + 1 == steps) and trained:
+            merged = _fedavg_clients(learners, _trained(learners, trained), fed, rec, t)
+            trained = set()
             rec.global_model(t, lambda m=merged: m)
         rec.end_round(t)
-    return merged
+    return merged or learners[0].adapter_state()
 
 
 def run_split(clients: Sequence[Client], server: MainServer, steps: int, handoff: int,
@@ -105,37 +130,43 @@ def run_split(clients: Sequence[Client], server: MainServer, steps: int, handoff
 
 
 def run_splitlora(clients: Sequence[Client], server: MainServer, fed: FedServer, steps: int,
-                  interval: int, rec: Recorder) -> State:
+                  interval: int, rec: Recorder, attendance: Attendance = everyone) -> State:
     merged: State = {}
+    trained: set[int | None] = set()
     for t in range(steps):
-        for client in clients:
+        for client in _present(clients, attendance, t):
             _client_step(client, server, rec, t)
-        if (t + 1) % interval == 0 or t + 1 == steps:
-            merged = _fedavg_clients(clients, fed, rec, t)
+            trained.add(client.client_id)
+        if ((t + 1) % interval == 0 or t + 1 == steps) and trained:
+            merged = _fedavg_clients(clients, _trained(clients, trained), fed, rec, t)
+            trained = set()
             rec.global_model(t, lambda m=merged: {**m, **server.adapter_state()})
         rec.end_round(t)
-    return {**merged, **server.adapter_state()}
+    return {**(merged or clients[0].adapter_state()), **server.adapter_state()}
 
 
 def run_splitfed(clients: Sequence[Client], server: MainServer, fed: FedServer, steps: int,
-                 interval: int, rec: Recorder) -> State:
+                 interval: int, rec: Recorder, attendance: Attendance = everyone) -> State:
     if not server.per_client:
         raise ValueError("splitfed needs a MainServer with per_client=True (SFL-V1)")
     merged: State = {}
-    weights = [c.num_samples for c in clients]
+    trained: set[int | None] = set()
     for t in range(steps):
-        for client in clients:
+        for client in _present(clients, attendance, t):
             _client_step(client, server, rec, t)
-        if (t + 1) % interval == 0 or t + 1 == steps:
-            client_side = _fedavg_clients(clients, fed, rec, t)
-            server_states = [server.adapter_state(c.client_id) for c in clients]
-            server_side = fed.aggregate(server_states, weights)
+            trained.add(client.client_id)
+        if ((t + 1) % interval == 0 or t + 1 == steps) and trained:
+            among = _trained(clients, trained)
+            trained = set()
+            client_side = _fedavg_clients(clients, among, fed, rec, t)
+            server_states = [server.adapter_state(c.client_id) for c in among]
+            server_side = fed.aggregate(server_states, [c.num_samples for c in among])
             server.load_adapter_state(server_side)
             rec.event("aggregate", round=t, side="server", bytes_up=0, bytes_down=0)
             merged = {**client_side, **server_side}
             rec.global_model(t, lambda m=merged: m)
         rec.end_round(t)
-    return merged
+    return merged or {**clients[0].adapter_state(), **server.adapter_state()}
 
 
 MODES = ("centralized", "federated", "split", "splitfed", "splitlora")

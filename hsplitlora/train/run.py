@@ -8,6 +8,7 @@ The run folder holds everything a reader needs: ``config.yaml`` (resolved), ``me
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from hsplitlora.models.lora import LoraSettings, attach_lora, load_lora_state, s
 from hsplitlora.models.split import arch_spec
 from hsplitlora.report import plot_loss
 from hsplitlora.train import modes
+from hsplitlora.train.attendance import present
 from hsplitlora.train.batches import batch_stream
 from hsplitlora.train.parties import (
     client_recipes,
@@ -213,7 +215,8 @@ def _run_hetero(p: Prepared, rec: Recorder) -> tuple[dict[str, torch.Tensor], Lo
                                           for pl in system.plans])
         p.plans = {cid: (pl.cut, dict(pl.ranks)) for cid, pl in enumerate(system.plans)}
         run_hetero(system, t.steps, t.agg_interval, rec,
-                   replan=lambda rnd: planner.replan(system, probes, rnd))
+                   replan=lambda rnd: planner.replan(system, probes, rnd),
+                   attendance=attendance(p))
         update = system.global_update()
     state, alphas = updates_as_adapter(update)
     system.restore_base()
@@ -276,21 +279,37 @@ def run_mode(p: Prepared, rec: Recorder) -> dict[str, torch.Tensor]:
         return _run_placed(p, rec, place)
 
 
+def attendance(p: Prepared) -> modes.Attendance:
+    """Each round's clients, drawn from the scenario's availability (train/attendance.py)."""
+    t = p.cfg.train
+    params = sum(x.numel() for n, x in p.model.named_parameters() if ".lora_" not in n)
+    available = [d.availability for d in p.cfg.hetero.scenario.profiles(t.num_clients, params)]
+    if all(a >= 1 for a in available):
+        return modes.everyone
+    if t.mode in ("centralized", "split"):
+        log.warning("client availability is not simulated in mode %r (%s); every round "
+                    "trains", t.mode, "one party" if t.mode == "centralized"
+                    else "the relay waits for its next client")
+        return modes.everyone
+    return functools.partial(present, available, t.seed)
+
+
 def _run_placed(p: Prepared, rec: Recorder, place: Placement) -> dict[str, torch.Tensor]:
     t = p.cfg.train
+    here = attendance(p)
     if t.mode in ("centralized", "federated"):
         learners = [place.place(r, "learner") for r in learner_recipes(p)]
         place.started()
         if t.mode == "centralized":
             return modes.run_centralized(learners[0], t.steps * t.num_clients, rec)
-        return modes.run_federated(learners, fed_server(p), t.steps, t.agg_interval, rec)
+        return modes.run_federated(learners, fed_server(p), t.steps, t.agg_interval, rec, here)
     clients = [place.place(r, "client") for r in client_recipes(p)]
     server = place.place(server_recipe(p), "server")
     place.started()
     if t.mode == "split":
         return modes.run_split(clients, server, t.steps, t.agg_interval, rec)
     runner = modes.run_splitfed if t.mode == "splitfed" else modes.run_splitlora
-    return runner(clients, server, fed_server(p), t.steps, t.agg_interval, rec)
+    return runner(clients, server, fed_server(p), t.steps, t.agg_interval, rec, here)
 
 
 def _eval_rounds(cfg: RunConfig) -> int:

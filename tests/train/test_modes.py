@@ -73,10 +73,11 @@ def test_splitlora_aggregation_is_sample_weighted_fedavg(tiny_tokenizer):
     captured = {}
     original = modes._fedavg_clients
 
-    def spy(clients, fed, rec, round):
+    def spy(clients, among, fed, rec, round):
+        assert among == clients  # every client trained
         captured["states"] = [c.adapter_state() for c in clients]
         captured["n"] = [c.num_samples for c in clients]
-        out = original(clients, fed, rec, round)
+        out = original(clients, among, fed, rec, round)
         captured["after"] = [c.adapter_state() for c in clients]
         return out
 
