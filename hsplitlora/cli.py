@@ -52,9 +52,14 @@ def train(
     """Train one run (mode, model, data from the config); writes a run folder."""
     _logging(verbose)
     cfg = _config(config, [*set_, *([f"train.backend={backend}"] if backend else [])])
+    from hsplitlora.hetero.planner import PlanError
     from hsplitlora.train.run import train as run_training
 
-    result = run_training(cfg, show_progress=not no_progress)
+    try:
+        result = run_training(cfg, show_progress=not no_progress)
+    except (ConfigError, PlanError) as e:  # found once the model and data are known
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
     s = result.summary
     table = Table(title=f"{s['mode']} on {s['model']}")
     table.add_column("metric")

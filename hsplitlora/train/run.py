@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hsplitlora.config import HETERO_MODES, RunConfig
+from hsplitlora.config import HETERO_MODES, ConfigError, RunConfig
 from hsplitlora.data.e2e import format_prompt, load_e2e, load_e2e_hub
 from hsplitlora.data.example import Example
 from hsplitlora.data.jsonl import load_jsonl
@@ -110,6 +110,7 @@ class Prepared:
     lora: LoraSettings
     device: torch.device
     plans: dict[int, tuple[int, dict[str, int]]] | None = None  # heterogeneous: (cut, ranks)
+    attendance: modes.Attendance = modes.everyone  # the clients present in each round
 
 
 def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = None) -> Prepared:
@@ -150,7 +151,9 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
     if cfg.train.mode not in HETERO_MODES:  # heterogeneous runs attach per client plan
         attach_lora(model, lora)
     model.to(device)
-    return Prepared(cfg, model, tokenizer, shards, eval_features, lora, device)
+    p = Prepared(cfg, model, tokenizer, shards, eval_features, lora, device)
+    p.attendance = attendance(p)  # checked before any training starts
+    return p
 
 
 def _weakest_rank(cfg: RunConfig, model: nn.Module, shards: list[TokenizedDataset]) -> int:
@@ -216,7 +219,7 @@ def _run_hetero(p: Prepared, rec: Recorder) -> tuple[dict[str, torch.Tensor], Lo
         p.plans = {cid: (pl.cut, dict(pl.ranks)) for cid, pl in enumerate(system.plans)}
         run_hetero(system, t.steps, t.agg_interval, rec,
                    replan=lambda rnd: planner.replan(system, probes, rnd),
-                   attendance=attendance(p))
+                   attendance=p.attendance)
         update = system.global_update()
     state, alphas = updates_as_adapter(update)
     system.restore_base()
@@ -291,12 +294,17 @@ def attendance(p: Prepared) -> modes.Attendance:
                     "trains", t.mode, "one party" if t.mode == "centralized"
                     else "the relay waits for its next client")
         return modes.everyone
+    if not any(present(available, t.seed, r) for r in range(t.steps)):
+        raise ConfigError(
+            f"with client availability {sorted(set(available))} no client takes part in any "
+            f"of the {t.steps} rounds (seed {t.seed}): raise hetero.scenario.availability "
+            "(or the profiles' own) or train.steps")
     return functools.partial(present, available, t.seed)
 
 
 def _run_placed(p: Prepared, rec: Recorder, place: Placement) -> dict[str, torch.Tensor]:
     t = p.cfg.train
-    here = attendance(p)
+    here = p.attendance
     if t.mode in ("centralized", "federated"):
         learners = [place.place(r, "learner") for r in learner_recipes(p)]
         place.started()

@@ -87,3 +87,23 @@ def test_rounds_train_the_clients_drawn_and_aggregate_those_that_trained(tiny_to
 def test_availability_is_validated():
     with pytest.raises(Exception, match="availability"):
         _cfg("splitlora", availability=1.5)
+
+
+def test_a_run_nobody_attends_is_refused_before_training(tmp_path, tiny_llama_dir):
+    from typer.testing import CliRunner
+
+    from hsplitlora.cli import app
+    from hsplitlora.config import ConfigError
+
+    cfg = _cfg("splitlora", availability=0.001)
+    raw = cfg.model_dump(mode="json")
+    raw["model"]["name"] = str(tiny_llama_dir)
+    raw["output"] = {"dir": str(tmp_path), "name": "nobody", "sample_prompt": None}
+    with pytest.raises(ConfigError, match="no client takes part in any of the 6 rounds"):
+        train(RunConfig.model_validate(raw), write=False, show_progress=False)
+    path = tmp_path / "run.yaml"
+    path.write_text(RunConfig.model_validate(raw).to_yaml())
+    out = CliRunner().invoke(app, ["train", "-c", str(path), "--no-progress"])
+    assert out.exit_code == 2
+    assert "raise hetero.scenario.availability" in out.output
+    assert not (tmp_path / "nobody").exists()  # refused before a run folder was made
