@@ -42,6 +42,7 @@ from hsplitlora.models.lora import (
 from hsplitlora.models.split import arch_spec, split_model
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import nbytes
+from hsplitlora.train.modes import Attendance, everyone
 from hsplitlora.train.optim import OptimSettings
 from hsplitlora.train.parties import ClientRecipe, HeteroServerRecipe
 from hsplitlora.train.placement import InProcess, Placement
@@ -269,8 +270,7 @@ def _update_bytes(updates: Mapping[str, Update], held: set[str]) -> int:
 
 def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
                replan: Callable[[int], Sequence[PartyPlan] | None] | None = None,
-               attendance: Callable[[int], Collection[int] | None] = lambda round: None
-               ) -> None:
+               attendance: Attendance = everyone) -> None:
     """Train all participants for ``steps`` local steps, aggregating every ``interval``.
 
     ``replan(round)`` is asked after each merging aggregation; a non-None answer becomes
