@@ -42,7 +42,7 @@ from hsplitlora.models.lora import (
 from hsplitlora.models.split import arch_spec, split_model
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import nbytes
-from hsplitlora.train.modes import Attendance, everyone
+from hsplitlora.train.modes import Attendance, attending, everyone
 from hsplitlora.train.optim import OptimSettings
 from hsplitlora.train.parties import ClientRecipe, HeteroServerRecipe
 from hsplitlora.train.placement import InProcess, Placement
@@ -281,10 +281,7 @@ def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
     server = system.server
     trained: set[int] = set()
     for t in range(steps):
-        here = attendance(t)
-        for client in system.clients:
-            if here is not None and client.client_id not in here:
-                continue
+        for client in attending(system.clients, attendance, t):
             trained.add(client.client_id)
             acts = client.forward()
             reply = server.step(client.client_id, acts)

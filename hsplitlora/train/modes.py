@@ -23,6 +23,7 @@ trained since the previous one and every client continues from the result.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import torch
 
@@ -33,8 +34,8 @@ from hsplitlora.roles.messages import nbytes
 from hsplitlora.roles.server import MainServer
 from hsplitlora.train.recorder import Recorder
 
-__all__ = ["MODES", "run_centralized", "run_federated", "run_split", "run_splitfed",
-           "run_splitlora"]
+__all__ = ["MODES", "Attendance", "attending", "everyone", "run_centralized", "run_federated",
+           "run_split", "run_splitfed", "run_splitlora"]
 
 State = dict[str, torch.Tensor]
 Attendance = Callable[[int], Collection[int] | None]  # None: every client
@@ -45,8 +46,8 @@ def everyone(round: int) -> None:
     return None
 
 
-def _present(parties: Sequence[Client | Learner], attendance: Attendance,
-             round: int) -> list[Client | Learner]:
+def attending(parties: Sequence[Any], attendance: Attendance, round: int) -> list[Any]:
+    """The parties (clients, learners or their proxies) present in ``round``."""
     here = attendance(round)
     return list(parties) if here is None else [p for p in parties if p.client_id in here]
 
@@ -90,7 +91,7 @@ def run_federated(learners: Sequence[Learner], fed: FedServer, steps: int, inter
     merged: State = {}
     trained: set[int | None] = set()
     for t in range(steps):
-        for learner in _present(learners, attendance, t):
+        for learner in attending(learners, attendance, t):
             loss, tokens = learner.step()
             rec.train_step(round=t, client=learner.client_id, loss=loss, tokens=tokens,
                            lr=learner.lr)
@@ -134,7 +135,7 @@ def run_splitlora(clients: Sequence[Client], server: MainServer, fed: FedServer,
     merged: State = {}
     trained: set[int | None] = set()
     for t in range(steps):
-        for client in _present(clients, attendance, t):
+        for client in attending(clients, attendance, t):
             _client_step(client, server, rec, t)
             trained.add(client.client_id)
         if ((t + 1) % interval == 0 or t + 1 == steps) and trained:
@@ -152,7 +153,7 @@ def run_splitfed(clients: Sequence[Client], server: MainServer, fed: FedServer, 
     merged: State = {}
     trained: set[int | None] = set()
     for t in range(steps):
-        for client in _present(clients, attendance, t):
+        for client in attending(clients, attendance, t):
             _client_step(client, server, rec, t)
             trained.add(client.client_id)
         if ((t + 1) % interval == 0 or t + 1 == steps) and trained:

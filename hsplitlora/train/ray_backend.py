@@ -251,7 +251,7 @@ class RayPlacement:
         gpus = s.server_gpus if server else s.client_gpus
         threads = self.threads or max(1, int(cpus))
         actor = self.ray.remote(RoleActor).options(
-            num_cpus=cpus, num_gpus=gpus, name=None, max_restarts=0,
+            num_cpus=cpus, num_gpus=gpus, max_restarts=0,
         ).remote(recipe, threads, gpus)
         self.actors.append(actor)
         proxy = _PROXIES[kind](self.ray, actor, recipe)
