@@ -100,6 +100,7 @@ __all__ = [
     "score_model",
     "score_segment",
     "score_server",
+    "segment_importance",
 ]
 
 B = TypeVar("B")
@@ -388,6 +389,18 @@ def score_client(
         return reply.grad.to(device=hidden.device, dtype=hidden.dtype)
 
     return score_segment(segment, batches, forward, round_trip)
+
+
+def segment_importance(
+    segment: ClientSegment,
+    batches: Iterable[Batch],
+    server: Callable[[Activations], ServerReply],
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """A client's un-normalised importance per adaptable module of its segment: its split
+    scores (:func:`score_client`) fused over each module's parts."""
+    scores = score_client(segment, batches, server, precision=precision)
+    return importance(scores, candidates(segment), normalise=False)
 
 
 class ServerScorer:

@@ -30,7 +30,6 @@ from hsplitlora.hetero.importance import (
     candidates,
     importance,
     ranking,
-    score_client,
 )
 from hsplitlora.hetero.planner import (
     ClientPlan,
@@ -44,6 +43,7 @@ from hsplitlora.hetero.profiles import DeviceProfile, format_bytes
 from hsplitlora.models.lora import target_module_names
 from hsplitlora.models.split import arch_spec
 from hsplitlora.train.hetero import HeteroSystem, PartyPlan
+from hsplitlora.train.placement import PartyLost
 
 __all__ = ["BASELINE_AGGREGATOR", "Planner", "plan_run", "probe_importance", "uniform_rank"]
 
@@ -52,29 +52,38 @@ log = logging.getLogger(__name__)
 BASELINE_AGGREGATOR = {"hetlora": "zeropad", "flexlora": "svd", "flora": "stack"}
 
 
-def probe_importance(system: HeteroSystem, probes: Sequence[Any], n_batches: int,
-                     precision: str) -> dict[str, float]:
+def probe_importance(system: HeteroSystem, n_batches: int, precision: str) -> dict[str, float]:
     """Every participant scores its own blocks on its own probe batches (the client its
-    client side, its server-side copy the rest, from the activations it receives);
-    sensitivities are averaged over participants, weighted by shard size.
+    client side, on its own premises; its server-side copy the rest, from the activations
+    it receives); sensitivities are averaged over participants, weighted by shard size.
 
     They are left *un-normalised* by adapter cost: the planner's greedy already buys rank
     by gain per byte, and dividing by cost here too would penalise large matrices twice.
     Where no planner runs (ARMSC off), :meth:`Planner._fixed_cut_plans` divides by cost.
+
+    A remote client that is gone (:class:`~hsplitlora.train.placement.PartyLost`) is left
+    out; the weights renormalise over the clients that scored.
     """
-    total: dict[str, float] = {}
-    weights = [c.num_samples for c in system.clients]
-    norm = sum(weights)
-    for client, probe, w in zip(system.clients, probes, weights, strict=True):
-        batches = [next(probe) for _ in range(n_batches)]
-        # Under the Ray backend these are copies fetched from the actors: scoring only
-        # reads them (its hooks come off again), so it may run here.
-        client_seg, server_seg = client.segment, system.server.segments[client.client_id]
+    per_client: list[tuple[dict[str, float], int]] = []
+    for client in system.clients:
+        # Under the Ray backend this is a copy fetched from the actor: scoring only reads
+        # it (its hooks come off again), so it may run here.
+        server_seg = system.server.segments[client.client_id]
         with ServerScorer(server_seg, precision=precision) as scorer:
-            scores = score_client(client_seg, batches, scorer.reply, precision=precision)
-            scores.update(scorer.scores())
-        cands = candidates(client_seg) + candidates(server_seg)
-        for name, value in importance(scores, cands, normalise=False).items():
+            try:
+                scores = client.score(n_batches, scorer.reply)
+            except PartyLost as e:
+                log.warning("importance probing goes on without client %d: %s",
+                            client.client_id, e)
+                continue
+            server = importance(scorer.scores(), candidates(server_seg), normalise=False)
+        per_client.append(({**scores, **server}, client.num_samples))
+    if not per_client:
+        raise PartyLost("no client took part in importance probing")
+    norm = sum(w for _, w in per_client)
+    total: dict[str, float] = {}
+    for scores, w in per_client:
+        for name, value in scores.items():
             total[name] = total.get(name, 0.0) + value * w / norm
     return total
 
@@ -195,13 +204,12 @@ class Planner:
             log.info("client %d (%s): cut %d, rank %d", cid, self.profiles[cid].name, cut, r)
         return [PartyPlan(cut, {m: r for m in self.default_modules}) for r in ranks]
 
-    def replan(self, system: HeteroSystem, probes: Sequence[Any],
-               round: int) -> list[PartyPlan] | None:
+    def replan(self, system: HeteroSystem, round: int) -> list[PartyPlan] | None:
         """At an aggregation boundary: re-measure importance; re-plan if its ranking moved
         by more than ``hetero.replan_threshold``."""
         if not self.uses_importance:
             return None
-        smoothed = self.observe(probe_importance(system, probes, self.hc.probe_batches,
+        smoothed = self.observe(probe_importance(system, self.hc.probe_batches,
                                                  self.cfg.train.precision))
         if not should_replan(self.planned_on, smoothed, self.hc.replan_threshold):
             return None
@@ -231,8 +239,8 @@ class Planner:
 def plan_run(cfg: Any) -> tuple[Plan, ModelDims]:
     """What ``hsplitlora plan`` shows: the per-client plans of a config, without training
     (importance, when used, is measured by split probing on each client's shard)."""
-    from hsplitlora.train.parties import optim_settings
-    from hsplitlora.train.run import _streams, mean_length, prepare, probe_streams
+    from hsplitlora.train.parties import optim_settings, probe_stream
+    from hsplitlora.train.run import _streams, mean_length, prepare
 
     p = prepare(cfg)
     t = cfg.train
@@ -245,8 +253,8 @@ def plan_run(cfg: Any) -> tuple[Plan, ModelDims]:
         system = HeteroSystem(p.model, planner.provisional(), _streams(p),
                               [len(s) for s in p.shards], client_optim=optim,
                               server_optim=optim, alpha=cfg.lora.alpha,
-                              precision=t.precision, device=p.device)
-        scores = planner.observe(probe_importance(system, probe_streams(p),
-                                                  cfg.hetero.probe_batches,
+                              precision=t.precision, device=p.device,
+                              probes=[probe_stream(p, c) for c in range(t.num_clients)])
+        scores = planner.observe(probe_importance(system, cfg.hetero.probe_batches,
                                                   t.precision))
     return planner.client_plans(scores), planner.dims

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -16,7 +16,7 @@ from hsplitlora.models.lora import (
     strip_lora,
 )
 from hsplitlora.models.split import ClientSegment
-from hsplitlora.roles.messages import Activations
+from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.train.optim import Optimizer, OptimSettings, autocast
 
 __all__ = ["Client", "Update"]
@@ -41,11 +41,13 @@ class Client:
         *,
         precision: str = "bf16",
         device: torch.device | str = "cpu",
+        probes: Iterator[dict[str, torch.Tensor]] | None = None,
     ) -> None:
         self.client_id = client_id
         self.device = torch.device(device)
         self.segment = segment.to(self.device)
         self.batches = batches
+        self.probes = probes  # importance-probe batches (heterogeneous runs), apart from training's
         self.num_samples = num_samples
         self.precision = precision
         self.optimizer = Optimizer(lora_parameters(self.segment), optim)
@@ -100,3 +102,17 @@ class Client:
         strip_lora(self.segment)
         attach_lora(self.segment, settings)
         self.optimizer.reset(lora_parameters(self.segment))
+
+    def probe_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
+        """The next ``n`` importance-probe batches of this client's shard."""
+        if self.probes is None:
+            raise RuntimeError(f"client {self.client_id} was built without probe batches")
+        return [next(self.probes) for _ in range(n)]
+
+    def score(self, n: int, reply: Callable[[Activations], ServerReply]) -> dict[str, float]:
+        """Importance of this client's matrices on ``n`` probe batches of its own, with the
+        main server's gradients from ``reply`` (a local scorer or a network round trip);
+        nothing is updated. The raw batches stay here, as in training."""
+        from hsplitlora.hetero.importance import segment_importance
+
+        return segment_importance(self.segment, self.probe_batches(n), reply, self.precision)

@@ -23,7 +23,6 @@ learned update lives in the base weights and the adapters are fresh anyway.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,18 +32,13 @@ import torch
 from torch import nn
 
 from hsplitlora import aggregate as agg
-from hsplitlora.models.lora import (
-    LoraSettings,
-    attach_lora,
-    merge_base_update,
-    target_module_names,
-)
-from hsplitlora.models.split import arch_spec, split_model
+from hsplitlora.models.lora import LoraSettings, merge_base_update, target_module_names
+from hsplitlora.models.split import arch_spec
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import nbytes
 from hsplitlora.train.modes import Attendance, attending, everyone
 from hsplitlora.train.optim import OptimSettings
-from hsplitlora.train.parties import ClientRecipe, HeteroServerRecipe
+from hsplitlora.train.parties import ClientRecipe, HeteroServerRecipe, hetero_segments
 from hsplitlora.train.placement import InProcess, Placement
 from hsplitlora.train.recorder import Recorder
 
@@ -92,6 +86,7 @@ class HeteroSystem:
         federated: bool = False,
         place: Placement | None = None,
         seed: int = 0,
+        probes: Sequence[Any] | None = None,
     ) -> None:
         if aggregator not in AGGREGATORS:
             raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")
@@ -114,12 +109,15 @@ class HeteroSystem:
         # In process by default; the Ray backend places each client and the server in an
         # actor and hands back proxies with the same methods.
         place = place or InProcess(torch.device(device))
+        place.watch_base(base, self.original)
         clients, segments = [], {}
         for cid, (plan, stream) in enumerate(zip(self.plans, streams, strict=True)):
-            client_seg, server_seg = self._segments(plan)
+            settings = self.settings(cid)
+            client_seg, server_seg = hetero_segments(base, plan.cut, settings)
             clients.append(place.place(ClientRecipe(
                 client_id=cid, segment=client_seg, batches=stream, num_samples=num_samples[cid],
-                optim=client_optim, precision=precision), "client"))
+                optim=client_optim, precision=precision, settings=settings,
+                probes=None if probes is None else probes[cid]), "client"))
             segments[cid] = server_seg
         self.clients = clients
         self.server = place.place(HeteroServerRecipe(segments, server_optim, precision,
@@ -137,11 +135,6 @@ class HeteroSystem:
     def _server_settings(self) -> dict[int, LoraSettings]:
         return {cid: self.settings(cid, "server") for cid in range(len(self.plans))}
 
-    def _segments(self, plan: PartyPlan) -> tuple[Any, Any]:
-        model = attach_lora(copy.deepcopy(self.base), plan.settings(
-            self.spec.targets, self.candidates, self.alpha, self.dropout))
-        return split_model(model, plan.cut)
-
     def participant_states(self, ids: Collection[int] | None = None
                            ) -> list[dict[str, agg.LoraPair]]:
         """Each client's adapters joined with its server-side copy's: one full adapter
@@ -156,7 +149,8 @@ class HeteroSystem:
         """Adopt new plans; only valid right after a merging aggregation."""
         for cid, plan in enumerate(plans):
             if plan.cut != self.plans[cid].cut:
-                client_seg, server_seg = self._segments(plan)
+                client_seg, server_seg = hetero_segments(self.base, plan.cut, plan.settings(
+                    self.spec.targets, self.candidates, self.alpha, self.dropout))
                 self.clients[cid].replace_segment(client_seg)
                 self.server.replace_segment(cid, server_seg)
             self.plans[cid] = plan

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hsplitlora.data.tokenize import pad_id_for
+from hsplitlora.models.lora import LoraSettings, attach_lora
 from hsplitlora.models.split import ClientSegment, ServerSegment, split_model
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.fedserver import FedServer
@@ -29,8 +30,9 @@ from hsplitlora.train.batches import BatchStream, batch_stream
 from hsplitlora.train.optim import OptimSettings
 
 __all__ = ["Batches", "ClientRecipe", "HeteroServerRecipe", "LearnerRecipe", "ServerRecipe",
-           "client_recipes", "fed_server", "learner_recipes", "optim_settings", "party_seed",
-           "server_recipe", "shard_stream"]
+           "client_recipes", "fed_server", "hetero_client_recipe", "hetero_segments",
+           "learner_recipes", "optim_settings", "party_seed", "probe_stream", "server_recipe",
+           "shard_stream"]
 
 Batches = Iterator[dict[str, torch.Tensor]]
 
@@ -57,6 +59,10 @@ class ClientRecipe:
     num_samples: int
     optim: OptimSettings
     precision: str
+    probes: BatchStream | None = None  # importance-probe batches (heterogeneous runs)
+    # The LoRA the segment carries (heterogeneous runs), so a party elsewhere can rebuild
+    # the very same segment from its own copy of the base model.
+    settings: LoraSettings | None = None
 
     def stream(self) -> BatchStream:
         """This client's batches from the first one (a rejoining client rebuilds it)."""
@@ -65,7 +71,7 @@ class ClientRecipe:
     def build(self, device: torch.device | str, batches: Batches | None = None) -> Client:
         """The client, drawing from ``batches`` (default: its own stream)."""
         return Client(self.client_id, self.segment, batches or self.batches, self.num_samples,
-                      self.optim, precision=self.precision, device=device)
+                      self.optim, precision=self.precision, device=device, probes=self.probes)
 
 
 @dataclass(kw_only=True)
@@ -122,6 +128,33 @@ def shard_stream(p: Any, client_id: int) -> BatchStream:
     t = p.cfg.train
     return batch_stream(p.shards[client_id].features, t.batch_size,
                         party_seed(t.seed, client_id), pad_id_for(p.tokenizer))
+
+
+def probe_stream(p: Any, client_id: int) -> BatchStream:
+    """Client ``client_id``'s importance-probe batches: its own shard, a seed apart from
+    training's so probing does not shift the training batches."""
+    t = p.cfg.train
+    return batch_stream(p.shards[client_id].features, t.batch_size,
+                        party_seed(t.seed, client_id) + 7919, pad_id_for(p.tokenizer))
+
+
+def hetero_segments(base: nn.Module, cut: int,
+                    settings: LoraSettings) -> tuple[ClientSegment, ServerSegment]:
+    """One participant's client segment and server-side copy: a copy of ``base`` with
+    ``settings``' adapters (seeded, so every process builds the same), cut at ``cut``."""
+    return split_model(attach_lora(copy.deepcopy(base), settings), cut)
+
+
+def hetero_client_recipe(p: Any, client_id: int, cut: int,
+                         settings: LoraSettings) -> ClientRecipe:
+    """A heterogeneous client's recipe for its plan (``cut``, ``settings``), as the
+    in-process system builds it; a ``hsplitlora join`` process builds its own with it."""
+    t = p.cfg.train
+    segment, _ = hetero_segments(p.model, cut, settings)
+    return ClientRecipe(client_id=client_id, segment=segment, batches=shard_stream(p, client_id),
+                        num_samples=len(p.shards[client_id]), optim=optim_settings(p.cfg, t.steps),
+                        precision=t.precision, probes=probe_stream(p, client_id),
+                        settings=settings)
 
 
 def client_recipes(p: Any, ids: Sequence[int] | None = None) -> list[ClientRecipe]:

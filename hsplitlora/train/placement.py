@@ -10,12 +10,16 @@ figures at the end of the round.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
 
-__all__ = ["Deferred", "InProcess", "Placement", "settle"]
+__all__ = ["Deferred", "InProcess", "PartyLost", "Placement", "settle"]
+
+
+class PartyLost(RuntimeError):
+    """A remote party went away (disconnected, timed out): the run goes on without it."""
 
 
 class Deferred:
@@ -47,6 +51,11 @@ class Placement(Protocol):
 
     def place(self, recipe: Recipe, kind: str) -> Any: ...
 
+    def watch_base(self, base: torch.nn.Module, pristine: Mapping[str, torch.Tensor]) -> None:
+        """Where the run's base weights live, and their values before any merge (keyed by
+        parameter name): a placement that rebuilds a segment elsewhere sends the merged
+        ones. Placements that ship whole segments, or keep them here, ignore it."""
+
     def started(self) -> None:
         """Return once every placed role is ready to work."""
 
@@ -62,6 +71,9 @@ class InProcess:
 
     def place(self, recipe: Recipe, kind: str) -> Any:
         return recipe.build(self.device)
+
+    def watch_base(self, base: torch.nn.Module, pristine: Mapping[str, torch.Tensor]) -> None:
+        pass
 
     def started(self) -> None:
         pass

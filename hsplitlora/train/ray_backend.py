@@ -159,10 +159,15 @@ class RemoteClient(_Remote):
     def reset_adapters(self, settings: Any) -> None:
         self._fire("reset_adapters", settings)
 
-    @property
-    def segment(self) -> Any:
-        """A copy of the actor's segment (importance probing reads it in the driver)."""
-        return self._get(self.actor.item.remote("segment"))
+    def score(self, n: int, reply: Any) -> dict[str, float]:
+        """Importance probing in the driver, on a copy of the actor's segment and probe
+        batches, so the server-side scorer can answer ``reply`` right here."""
+        from hsplitlora.hetero.importance import segment_importance
+
+        segment = self._get(self.actor.item.remote("segment"))
+        batches = self._get(self.actor.call.remote("probe_batches", n))
+        precision = self._get(self.actor.item.remote("precision"))
+        return segment_importance(segment, batches, reply, precision)
 
 
 class RemoteServer(_Remote):
@@ -257,6 +262,9 @@ class RayPlacement:
         proxy = _PROXIES[kind](self.ray, actor, recipe)
         self._proxies.append(proxy)
         return proxy
+
+    def watch_base(self, base: torch.nn.Module, pristine: Mapping[str, torch.Tensor]) -> None:
+        pass  # segments travel whole, inside the recipes
 
     def started(self) -> None:
         """Wait until every actor runs; name what is missing if the cluster cannot place

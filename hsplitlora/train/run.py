@@ -36,13 +36,13 @@ from hsplitlora.models.split import arch_spec
 from hsplitlora.report import plot_loss
 from hsplitlora.train import modes
 from hsplitlora.train.attendance import present
-from hsplitlora.train.batches import batch_stream
 from hsplitlora.train.parties import (
     client_recipes,
     fed_server,
     learner_recipes,
     optim_settings,
     party_seed,
+    probe_stream,
     server_recipe,
     shard_stream,
 )
@@ -201,7 +201,6 @@ def _run_hetero(p: Prepared, rec: Recorder) -> tuple[dict[str, torch.Tensor], Lo
     profiles = cfg.hetero.scenario.profiles(t.num_clients, params)
     planner = Planner(cfg, p.model, profiles, cfg.hetero.scenario.server_profile(),
                       mean_length(p.shards))
-    probes = probe_streams(p)
     initial = planner.provisional() if planner.uses_importance else planner.plans(None)
     with placed(p) as place:
         system = HeteroSystem(
@@ -209,16 +208,17 @@ def _run_hetero(p: Prepared, rec: Recorder) -> tuple[dict[str, torch.Tensor], Lo
             client_optim=optim_settings(cfg, t.steps), server_optim=optim_settings(cfg, t.steps),
             alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, aggregator=planner.aggregator,
             precision=t.precision, device=p.device, label_smoothing=t.label_smoothing,
-            federated=cfg.hetero.federated, place=place, seed=t.seed)
+            federated=cfg.hetero.federated, place=place, seed=t.seed,
+            probes=[probe_stream(p, cid) for cid in range(t.num_clients)])
         if planner.uses_importance:
-            scores = planner.observe(probe_importance(system, probes, cfg.hetero.probe_batches,
+            scores = planner.observe(probe_importance(system, cfg.hetero.probe_batches,
                                                       t.precision))
             system.replan(planner.plans(scores))
         rec.event("plan", round=0, plans=[{"cut": pl.cut, "ranks": dict(pl.ranks)}
                                           for pl in system.plans])
         p.plans = {cid: (pl.cut, dict(pl.ranks)) for cid, pl in enumerate(system.plans)}
         run_hetero(system, t.steps, t.agg_interval, rec,
-                   replan=lambda rnd: planner.replan(system, probes, rnd),
+                   replan=lambda rnd: planner.replan(system, rnd),
                    attendance=p.attendance)
         update = system.global_update()
     state, alphas = updates_as_adapter(update)
@@ -237,15 +237,6 @@ def mean_length(shards: list[TokenizedDataset]) -> int:
     """Mean example length in tokens: the sequence length the cost model plans for."""
     lengths = [len(f["input_ids"]) for shard in shards for f in shard.features]
     return round(sum(lengths) / len(lengths))
-
-
-def probe_streams(p: Prepared) -> list[Any]:
-    """Each client's importance-probe batches: its own shard, a seed apart from training's
-    so probing does not shift the training batches."""
-    pad = pad_id_for(p.tokenizer)
-    return [batch_stream(s.features, p.cfg.train.batch_size,
-                         party_seed(p.cfg.train.seed, cid) + 7919, pad)
-            for cid, s in enumerate(p.shards)]
 
 
 def placement(p: Prepared) -> Placement:
