@@ -39,7 +39,7 @@ from hsplitlora.roles.messages import nbytes
 from hsplitlora.train.modes import Attendance, attending, everyone
 from hsplitlora.train.optim import OptimSettings
 from hsplitlora.train.parties import ClientRecipe, HeteroServerRecipe, hetero_segments
-from hsplitlora.train.placement import InProcess, Placement
+from hsplitlora.train.placement import InProcess, PartyLost, Placement
 from hsplitlora.train.recorder import Recorder
 
 __all__ = ["AGGREGATORS", "MERGING", "PartyPlan", "HeteroSystem", "run_hetero"]
@@ -139,22 +139,24 @@ class HeteroSystem:
                            ) -> list[dict[str, agg.LoraPair]]:
         """Each client's adapters joined with its server-side copy's: one full adapter
         (of the clients in ``ids``, default all)."""
-        return [
-            agg.from_peft_state_dict(
-                {**c.adapter_state(), **self.server.adapter_state(c.client_id)}, self.alpha)
-            for c in self.clients if ids is None or c.client_id in ids
-        ]
+        return [self._joined(c.client_id, c.adapter_state())
+                for c in self.clients if ids is None or c.client_id in ids]
+
+    def _joined(self, cid: int, client_state: Mapping[str, torch.Tensor]
+                ) -> dict[str, agg.LoraPair]:
+        return agg.from_peft_state_dict({**client_state, **self.server.adapter_state(cid)},
+                                        self.alpha)
 
     def replan(self, plans: Sequence[PartyPlan]) -> None:
         """Adopt new plans; only valid right after a merging aggregation."""
+        old = self.plans
+        self.plans = list(plans)
+        self.restarts += 1
         for cid, plan in enumerate(plans):
-            if plan.cut != self.plans[cid].cut:
-                client_seg, server_seg = hetero_segments(self.base, plan.cut, plan.settings(
-                    self.spec.targets, self.candidates, self.alpha, self.dropout))
+            if plan.cut != old[cid].cut:
+                client_seg, server_seg = hetero_segments(self.base, plan.cut, self.settings(cid))
                 self.clients[cid].replace_segment(client_seg)
                 self.server.replace_segment(cid, server_seg)
-            self.plans[cid] = plan
-        self.restarts += 1
         for cid, client in enumerate(self.clients):
             client.reset_adapters(self.settings(cid))
         self.server.apply_update({}, self._server_settings())
@@ -165,11 +167,21 @@ class HeteroSystem:
 
         Merging methods merge the result into every copy, present or not (base weights
         stay identical everywhere). The others load each aggregated participant's output
-        back; a participant that did not train keeps its adapters until it next does.
+        back; a participant that did not train keeps its adapters until it next does. A
+        remote client that is gone by now (:class:`PartyLost`) is left out.
         """
-        members = [c for c in self.clients if ids is None or c.client_id in ids]
-        self.last_aggregated = None if ids is None else set(ids)
-        states = self.participant_states(ids)
+        uploads: dict[int, dict[str, torch.Tensor]] = {}
+        for c in self.clients:
+            if ids is None or c.client_id in ids:
+                try:
+                    uploads[c.client_id] = c.adapter_state()
+                except PartyLost as e:
+                    log.warning("aggregation goes on without client %d: %s", c.client_id, e)
+        if not uploads:
+            return 0, 0
+        members = [c for c in self.clients if c.client_id in uploads]
+        self.last_aggregated = None if ids is None else set(uploads)
+        states = [self._joined(cid, state) for cid, state in uploads.items()]
         weights = [c.num_samples for c in members]
         up = sum(nbytes(agg.to_peft_state_dict(s)) for s in states)
         if self.aggregator in MERGING:
@@ -182,16 +194,16 @@ class HeteroSystem:
             # Each client downloads the update of the blocks it holds; the main server
             # downloads everything once and applies it to all of its copies.
             down = _update_bytes(updates, set(updates)) + sum(
-                _update_bytes(updates, self._client_modules(cid)) for cid in range(len(states)))
+                _update_bytes(updates, self._client_modules(c.client_id)) for c in self.clients)
             return up, down
         outs = self._per_participant(states, weights)
         down = 0
         for client, out in zip(members, outs, strict=True):
             flat = agg.to_peft_state_dict(out)
-            own = client.adapter_state()
-            client.load_adapter_state({k: flat[k] for k in own})
-            server_keys = self.server.adapter_state(client.client_id)
-            self.server.load_adapter_state({k: flat[k] for k in server_keys}, client.client_id)
+            cid = client.client_id
+            client.load_adapter_state({k: flat[k] for k in uploads[cid]})
+            server_keys = self.server.adapter_state(cid)
+            self.server.load_adapter_state({k: flat[k] for k in server_keys}, cid)
             down += nbytes(flat)
         return up, down
 
@@ -276,8 +288,12 @@ def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
     trained: set[int] = set()
     for t in range(steps):
         for client in attending(system.clients, attendance, t):
+            try:
+                acts = client.forward()
+            except PartyLost as e:  # a remote client went away: the round goes on
+                log.warning("round %d goes on without client %d: %s", t, client.client_id, e)
+                continue
             trained.add(client.client_id)
-            acts = client.forward()
             reply = server.step(client.client_id, acts)
             client.backward(reply.grad)
             local = system.federated

@@ -22,7 +22,7 @@ trained since the previous one and every client continues from the result.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,13 +32,13 @@ from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.roles.learner import Learner
 from hsplitlora.roles.messages import nbytes
 from hsplitlora.roles.server import MainServer
+from hsplitlora.train.placement import Attendance
 from hsplitlora.train.recorder import Recorder
 
 __all__ = ["MODES", "Attendance", "attending", "everyone", "run_centralized", "run_federated",
            "run_split", "run_splitfed", "run_splitlora"]
 
 State = dict[str, torch.Tensor]
-Attendance = Callable[[int], Collection[int] | None]  # None: every client
 
 
 def everyone(round: int) -> None:

@@ -10,12 +10,12 @@ figures at the end of the round.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 import torch
 
-__all__ = ["Deferred", "InProcess", "PartyLost", "Placement", "settle"]
+__all__ = ["Attendance", "Deferred", "InProcess", "PartyLost", "Placement", "settle"]
 
 
 class PartyLost(RuntimeError):
@@ -41,6 +41,10 @@ def settle(value: Any) -> Any:
     return value.get() if isinstance(value, Deferred) else value
 
 
+# The clients present in a round (None: all of them).
+Attendance = Callable[[int], Collection[int] | None]
+
+
 class Recipe(Protocol):
     def build(self, device: torch.device) -> Any: ...
 
@@ -58,6 +62,10 @@ class Placement(Protocol):
 
     def started(self) -> None:
         """Return once every placed role is ready to work."""
+
+    def attendance(self, simulated: Attendance) -> Attendance:
+        """Each round's clients: the ``simulated`` draw, or, where the clients are real
+        remote parties, those actually there."""
 
     def close(self, check: bool = True) -> None:
         """Release the roles; ``check`` first re-raises a failure not yet reported."""
@@ -77,6 +85,9 @@ class InProcess:
 
     def started(self) -> None:
         pass
+
+    def attendance(self, simulated: Attendance) -> Attendance:
+        return simulated
 
     def close(self, check: bool = True) -> None:
         pass

@@ -30,7 +30,7 @@ import torch
 
 from hsplitlora.config import RayConfig
 from hsplitlora.roles.messages import Activations
-from hsplitlora.train.placement import Deferred, Recipe
+from hsplitlora.train.placement import Attendance, Deferred, Recipe
 
 __all__ = ["RayPlacement"]
 
@@ -265,6 +265,9 @@ class RayPlacement:
 
     def watch_base(self, base: torch.nn.Module, pristine: Mapping[str, torch.Tensor]) -> None:
         pass  # segments travel whole, inside the recipes
+
+    def attendance(self, simulated: Attendance) -> Attendance:
+        return simulated
 
     def started(self) -> None:
         """Wait until every actor runs; name what is missing if the cluster cannot place

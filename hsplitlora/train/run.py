@@ -14,7 +14,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,7 +190,8 @@ def _total_rounds(cfg: RunConfig) -> int:
     return t.steps
 
 
-def _run_hetero(p: Prepared, rec: Recorder) -> tuple[dict[str, torch.Tensor], LoraSettings]:
+def _run_hetero(p: Prepared, rec: Recorder,
+                place: Placement) -> tuple[dict[str, torch.Tensor], LoraSettings]:
     """HSplitLoRA / HetLoRA / FlexLoRA / FLoRA: plan per client, train, export the update."""
     from hsplitlora.hetero.scheme import Planner, probe_importance
     from hsplitlora.models.lora import updates_as_adapter
@@ -202,25 +203,24 @@ def _run_hetero(p: Prepared, rec: Recorder) -> tuple[dict[str, torch.Tensor], Lo
     planner = Planner(cfg, p.model, profiles, cfg.hetero.scenario.server_profile(),
                       mean_length(p.shards))
     initial = planner.provisional() if planner.uses_importance else planner.plans(None)
-    with placed(p) as place:
-        system = HeteroSystem(
-            p.model, initial, _streams(p), [len(s) for s in p.shards],
-            client_optim=optim_settings(cfg, t.steps), server_optim=optim_settings(cfg, t.steps),
-            alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, aggregator=planner.aggregator,
-            precision=t.precision, device=p.device, label_smoothing=t.label_smoothing,
-            federated=cfg.hetero.federated, place=place, seed=t.seed,
-            probes=[probe_stream(p, cid) for cid in range(t.num_clients)])
-        if planner.uses_importance:
-            scores = planner.observe(probe_importance(system, cfg.hetero.probe_batches,
-                                                      t.precision))
-            system.replan(planner.plans(scores))
-        rec.event("plan", round=0, plans=[{"cut": pl.cut, "ranks": dict(pl.ranks)}
-                                          for pl in system.plans])
-        p.plans = {cid: (pl.cut, dict(pl.ranks)) for cid, pl in enumerate(system.plans)}
-        run_hetero(system, t.steps, t.agg_interval, rec,
-                   replan=lambda rnd: planner.replan(system, rnd),
-                   attendance=p.attendance)
-        update = system.global_update()
+    system = HeteroSystem(
+        p.model, initial, _streams(p), [len(s) for s in p.shards],
+        client_optim=optim_settings(cfg, t.steps), server_optim=optim_settings(cfg, t.steps),
+        alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, aggregator=planner.aggregator,
+        precision=t.precision, device=p.device, label_smoothing=t.label_smoothing,
+        federated=cfg.hetero.federated, place=place, seed=t.seed,
+        probes=[probe_stream(p, cid) for cid in range(t.num_clients)])
+    if planner.uses_importance:
+        scores = planner.observe(probe_importance(system, cfg.hetero.probe_batches,
+                                                  t.precision))
+        system.replan(planner.plans(scores))
+    rec.event("plan", round=0, plans=[{"cut": pl.cut, "ranks": dict(pl.ranks)}
+                                      for pl in system.plans])
+    p.plans = {cid: (pl.cut, dict(pl.ranks)) for cid, pl in enumerate(system.plans)}
+    run_hetero(system, t.steps, t.agg_interval, rec,
+               replan=lambda rnd: planner.replan(system, rnd),
+               attendance=place.attendance(p.attendance))
+    update = system.global_update()
     state, alphas = updates_as_adapter(update)
     system.restore_base()
     ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0])
@@ -250,12 +250,17 @@ def placement(p: Prepared) -> Placement:
     return RayPlacement(p.cfg.ray, t.threads, actors)
 
 
+# Builds the placement of a run from its prepared state (``hsplitlora serve`` passes one
+# whose clients are remote processes).
+PlacementFactory = Callable[[Prepared], Placement]
+
+
 @contextlib.contextmanager
-def placed(p: Prepared) -> Iterator[Placement]:
-    """A placement for the run, released at the end: after a failure without waiting on
-    the other parties (the failure is what gets reported), else after surfacing any
-    failure a party has not reported yet."""
-    place = placement(p)
+def placed(p: Prepared, factory: PlacementFactory | None = None) -> Iterator[Placement]:
+    """A placement for the run (``factory``'s, default :func:`placement`), released at
+    the end: after a failure without waiting on the other parties (the failure is what
+    gets reported), else after surfacing any failure a party has not reported yet."""
+    place = (factory or placement)(p)
     try:
         yield place
     except BaseException:
@@ -264,12 +269,13 @@ def placed(p: Prepared) -> Iterator[Placement]:
     place.close()
 
 
-def run_mode(p: Prepared, rec: Recorder) -> dict[str, torch.Tensor]:
+def run_mode(p: Prepared, rec: Recorder,
+             factory: PlacementFactory | None = None) -> dict[str, torch.Tensor]:
     """Build the roles for the configured mode and train; returns the final adapter."""
-    if p.cfg.train.mode in HETERO_MODES:
-        state, p.lora = _run_hetero(p, rec)
-        return state
-    with placed(p) as place:
+    with placed(p, factory) as place:
+        if p.cfg.train.mode in HETERO_MODES:
+            state, p.lora = _run_hetero(p, rec, place)
+            return state
         return _run_placed(p, rec, place)
 
 
@@ -295,7 +301,7 @@ def attendance(p: Prepared) -> modes.Attendance:
 
 def _run_placed(p: Prepared, rec: Recorder, place: Placement) -> dict[str, torch.Tensor]:
     t = p.cfg.train
-    here = p.attendance
+    here = place.attendance(p.attendance)
     if t.mode in ("centralized", "federated"):
         learners = [place.place(r, "learner") for r in learner_recipes(p)]
         place.started()
@@ -348,8 +354,10 @@ def _sample(p: Prepared) -> str | None:
 
 
 def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = None,
-          write: bool = True, show_progress: bool = True) -> RunResult:
-    """Run one configured training job end to end (the Python API behind ``hsplitlora train``)."""
+          write: bool = True, show_progress: bool = True,
+          placement: PlacementFactory | None = None) -> RunResult:
+    """Run one configured training job end to end (the Python API behind ``hsplitlora train``;
+    ``hsplitlora serve`` runs the heterogeneous modes through it with remote clients)."""
     p = prepare(cfg, model, tokenizer)
     run_dir = _run_dir(cfg) if write else None
     if run_dir:
@@ -366,7 +374,7 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
                   log_every=cfg.train.log_every) as rec:
         if p.eval_features is not None and cfg.eval.every:
             rec.evaluate_every(_eval_rounds(cfg), lambda state: _held_out(p, state))
-        adapter = run_mode(p, rec)
+        adapter = run_mode(p, rec, placement)
         wall = time.perf_counter() - start
         load_lora_state(p.model, adapter)
         summary = _summary(p, rec, wall)

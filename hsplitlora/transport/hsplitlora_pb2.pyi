@@ -27,16 +27,18 @@ class Chunk(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., index: _Optional[int] = ..., last: _Optional[bool] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("client_id", "cut", "num_samples", "codec")
+    __slots__ = ("client_id", "cut", "num_samples", "codec", "mode")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CUT_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     cut: int
     num_samples: int
     codec: str
-    def __init__(self, client_id: _Optional[int] = ..., cut: _Optional[int] = ..., num_samples: _Optional[int] = ..., codec: _Optional[str] = ...) -> None: ...
+    mode: str
+    def __init__(self, client_id: _Optional[int] = ..., cut: _Optional[int] = ..., num_samples: _Optional[int] = ..., codec: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("round", "steps", "interval", "mode", "cut")

@@ -46,7 +46,9 @@ class SplitTrainingServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Train(self, request_iterator, context):
-        """One stream per client for the whole run: activations up, gradients down.
+        """One stream per client for the whole run: activations up, gradients down. In the
+        heterogeneous modes the server drives it: it sends "call" blobs (a client method and
+        its arguments) and the client answers each that returns something with a "reply".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
