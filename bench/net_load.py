@@ -89,7 +89,7 @@ def clients_role(cfg: RunConfig, net: NetConfig, ids: list[int], address: str,
     from hsplitlora.transport.parties import build_client
 
     p = prepare(cfg)
-    runners = [ClientRunner(build_client(p, i), net, address) for i in ids]
+    runners = [ClientRunner(build_client(p, i), net, address, mode=cfg.train.mode) for i in ids]
     errors: list[str] = []
 
     def run(runner: ClientRunner) -> None:

@@ -23,10 +23,12 @@ from hsplitlora.models.split import arch_spec
 
 __all__ = [
     "LoraSettings",
+    "adapter_shapes",
     "attach_lora",
     "lora_parameters",
     "lora_state",
     "load_lora_state",
+    "matrix_shapes",
     "merge_base_update",
     "save_peft_adapter",
     "strip_lora",
@@ -145,6 +147,36 @@ def attach_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
         if ".lora_" in name:  # updates and optimizer state in fp32 even on a bf16 base
             p.data = p.data.float()
     return module
+
+
+def matrix_shapes(module: nn.Module, targets: tuple[str, ...] | None = None
+                  ) -> dict[str, tuple[int, int]]:
+    """``(d_out, d_in)`` of each matrix ``targets`` selects in ``module`` (a model or a
+    segment, with or without LoRA), under the unsplit model's names: the shape of a dense
+    update to it, and what fixes the shapes of an adapter on it."""
+    spec = module.spec if hasattr(module, "spec") else arch_spec(module.config)
+    full = _namer(module)
+    out = {}
+    for name in target_module_names(module, targets):
+        layer = module.get_submodule(name)
+        if isinstance(layer, LoraLayer):
+            layer = layer.get_base_layer()
+        rows, cols = layer.weight.shape
+        out[full(name)] = (int(cols), int(rows)) if spec.fan_in_fan_out else (int(rows), int(cols))
+    return out
+
+
+def adapter_shapes(shapes: Mapping[str, tuple[int, int]],
+                   settings: LoraSettings) -> dict[str, tuple[int, int]]:
+    """The adapter tensors (:func:`lora_state` names and shapes) that :func:`attach_lora`
+    with ``settings`` puts on matrices of these ``shapes``."""
+    out = {}
+    for module, (d_out, d_in) in shapes.items():
+        r = settings.rank_of(module)
+        if r > 0:
+            out[f"{module}.lora_A.weight"] = (r, d_in)
+            out[f"{module}.lora_B.weight"] = (d_out, r)
+    return out
 
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:

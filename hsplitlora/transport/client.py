@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -52,20 +52,41 @@ from hsplitlora.transport.wire import (
     unpack,
 )
 
-__all__ = ["ClientRunner", "Link", "RemoteMainServer", "StepRefused"]
+__all__ = ["ClientRunner", "Link", "RemoteMainServer", "RunOver", "StepRefused",
+           "keep_joining"]
 
 log = logging.getLogger(__name__)
 
 _END = object()
 _MAX_BACKOFF_S = 10.0
+T = TypeVar("T")
 
 
 class StepRefused(RuntimeError):
     """The main server refused this step's upload (the message says why)."""
 
 
-class _RunOver(Exception):
+class RunOver(Exception):
     """The server had already finished when we (re)joined."""
+
+
+def keep_joining(session: Callable[[], T], net: NetConfig, client_id: int,
+                 welcomed: Callable[[], bool]) -> T:
+    """Run ``session`` until it returns, reconnecting after a lost connection with
+    exponential back-off; a session that got as far as the welcome resets the count."""
+    attempt = 0
+    while True:
+        try:
+            return session()
+        except ConnectionFailed as e:
+            attempt = 0 if welcomed() else attempt + 1
+            if attempt > net.rejoin_attempts:
+                raise ConnectionFailed(f"client {client_id} gave up after {attempt} attempts: "
+                                       f"{e}") from None
+            wait = min(net.rejoin_backoff_s * 2 ** max(attempt - 1, 0), _MAX_BACKOFF_S)
+            log.warning("client %d: %s; reconnecting in %.1f s (attempt %d of %d)",
+                        client_id, e, wait, attempt + 1, net.rejoin_attempts + 1)
+            time.sleep(wait)
 
 
 class Link:
@@ -122,7 +143,7 @@ class Link:
         if body == "welcome":
             return frame.welcome
         if body == "control" and frame.control.kind == pb.Control.DONE:
-            raise _RunOver
+            raise RunOver
         raise WireError(f"{self.address} sent a {body} before its welcome")
 
     def receive(self, timeout: float) -> Blob | pb.Control:
@@ -219,11 +240,12 @@ class ClientRunner:
 
     KEEP = 3  # snapshots of recent rounds: a resumed server is at most one round behind
 
-    def __init__(self, party: ClientRecipe, net: NetConfig, server: str, *,
+    def __init__(self, party: ClientRecipe, net: NetConfig, server: str, *, mode: str,
                  fed: str | None = None, token: str | None = None,
                  checkpoint: Path | None = None, resume: bool = False,
                  device: torch.device | str = "cpu") -> None:
         self.party = party
+        self.mode = mode
         self.device = torch.device(device)
         self.net = net
         self.address = server
@@ -252,30 +274,19 @@ class ClientRunner:
         return self.party.client_id
 
     def run(self) -> dict[str, torch.Tensor]:
-        attempt = 0
-        while True:
-            try:
-                return self._session()
-            except ConnectionFailed as e:
-                attempt = 0 if self._welcomed else attempt + 1
-                if attempt > self.net.rejoin_attempts:
-                    raise ConnectionFailed(f"client {self.client_id} gave up after "
-                                           f"{attempt} attempts: {e}") from None
-                wait = min(self.net.rejoin_backoff_s * 2 ** max(attempt - 1, 0), _MAX_BACKOFF_S)
-                log.warning("client %d: %s; reconnecting in %.1f s (attempt %d of %d)",
-                            self.client_id, e, wait, attempt + 1, self.net.rejoin_attempts + 1)
-                time.sleep(wait)
+        return keep_joining(self._session, self.net, self.client_id, lambda: self._welcomed)
 
     def _session(self) -> dict[str, torch.Tensor]:
         self._welcomed = False
         hello = pb.Hello(client_id=self.client_id, cut=self.client.cut,
-                         num_samples=self.client.num_samples, codec=self.net.codec)
+                         num_samples=self.client.num_samples, codec=self.net.codec,
+                         mode=self.mode)
         link = Link(self.address, self.net, hello, self.token)
         fed = RemoteFed(self.fed_address, self.net, str(self.client_id), self.token)
         try:
             try:
                 welcome = link.welcome(self.net.join_timeout_s + self.net.reply_timeout_s)
-            except _RunOver:
+            except RunOver:
                 log.info("client %d: the run was already over", self.client_id)
                 return self.client.adapter_state()
             self._welcomed = True

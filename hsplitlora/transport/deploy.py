@@ -164,8 +164,8 @@ def join(cfg: RunConfig, net: NetConfig, client_id: int, server: str, *,
     run is over; returns its final adapter (the last aggregate)."""
     p = prepare(cfg)
     party = build_client(p, client_id)
-    runner = ClientRunner(party, net, server, fed=net.fed_address, token=token, device=p.device,
-                          checkpoint=checkpoint, resume=resume)
+    runner = ClientRunner(party, net, server, mode=cfg.train.mode, fed=net.fed_address,
+                          token=token, device=p.device, checkpoint=checkpoint, resume=resume)
     return runner.run()
 
 

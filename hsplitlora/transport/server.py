@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import torch
@@ -49,11 +49,12 @@ from hsplitlora.transport.wire import (
     unpack,
 )
 
-__all__ = ["Coordinator", "Session", "TrainingServicer", "listen"]
+__all__ = ["GONE", "Admission", "Coordinator", "Session", "TrainingServicer", "decode_upload",
+           "hello_problem", "listen"]
 
 log = logging.getLogger(__name__)
 
-_GONE = object()  # inbox: the client's stream ended
+GONE = object()  # inbox: the client's stream ended
 _END = object()  # outbox: finish the stream normally
 
 
@@ -90,13 +91,57 @@ class Session:
     def abort(self, code: grpc.StatusCode, message: str) -> None:
         self.gone.set()
         self.outbox.put(_Abort(code, message))
-        self.inbox.put(_GONE)
+        self.inbox.put(GONE)
+
+
+def hello_problem(party: str, frame: pb.ClientFrame, plan: Plan) -> str | None:
+    """Why a stream's first frame cannot join a run of ``plan`` (None: it can). In the
+    heterogeneous modes (``plan.cut == -1``) the server plans each cut; a client says -1."""
+    if frame.WhichOneof("body") != "hello":
+        return "the first frame of a stream must be a hello"
+    h = frame.hello
+    if str(h.client_id) != party:
+        return f"hello says client {h.client_id} but the call authenticated as {party!r}"
+    if h.mode != plan.mode:
+        return (f"the client's config has train.mode {h.mode!r} but the server runs "
+                f"{plan.mode!r}; use the same config on both sides")
+    if not 0 <= h.client_id < plan.num_clients:
+        return f"client id {h.client_id} is not in 0..{plan.num_clients - 1}"
+    if h.cut != plan.cut:
+        return (f"client runs {h.cut} blocks but the server's plan cuts at "
+                f"{plan.cut}; use the same train.cut on both sides")
+    if h.codec not in CODECS:
+        return f"unknown codec {h.codec!r}; use one of {', '.join(CODECS)}"
+    if h.num_samples < 1:
+        return "num_samples must be positive"
+    return None
+
+
+def decode_upload(data: bytes, plan: Plan, codec: str, what: str) -> Activations:
+    """A client's activations, checked against the run's layout and bounds before use."""
+    layout, limits = plan.activation_layout(codec)
+    check_header(read_header(data), layout, limits, what)
+    wire = unpack(data)
+    check_activation_values(wire, plan.vocab_size, what)
+    return decode_activations(wire, codec, plan.dtype)
+
+
+class Admission(Protocol):
+    """What the gRPC front needs from whoever runs the rounds: the plan, the hello check
+    and a place to hand new streams."""
+
+    plan: Plan
+    fed: FedService | RemoteFed | None
+
+    def check_hello(self, party: str, frame: pb.ClientFrame) -> str | None: ...
+
+    def register(self, session: Session) -> None: ...
 
 
 class TrainingServicer(pb_grpc.SplitTrainingServicer):
     """Authenticates each stream, checks its hello, and hands it to the coordinator."""
 
-    def __init__(self, coordinator: Coordinator, auth: Authenticator, net: NetConfig) -> None:
+    def __init__(self, coordinator: Admission, auth: Authenticator, net: NetConfig) -> None:
         self.coordinator = coordinator
         self.auth = auth
         self.net = net
@@ -141,10 +186,10 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
                 if blob is not None:
                     session.inbox.put(blob)
         except grpc.RpcError:
-            pass  # the client went away; the coordinator learns it from _GONE
+            pass  # the client went away; the coordinator learns it from GONE
         finally:
             session.gone.set()
-            session.inbox.put(_GONE)
+            session.inbox.put(GONE)
 
 
 class Coordinator:
@@ -164,25 +209,10 @@ class Coordinator:
         self._cond = threading.Condition()
         self._pending: dict[int, Session] = {}
         self._active: dict[int, Session] = {}
-        self._layouts = {c: plan.activation_layout(c) for c in CODECS}
 
     # -- called from stream threads ------------------------------------------------------
     def check_hello(self, party: str, frame: pb.ClientFrame) -> str | None:
-        if frame.WhichOneof("body") != "hello":
-            return "the first frame of a stream must be a hello"
-        h = frame.hello
-        if str(h.client_id) != party:
-            return f"hello says client {h.client_id} but the call authenticated as {party!r}"
-        if not 0 <= h.client_id < self.plan.num_clients:
-            return f"client id {h.client_id} is not in 0..{self.plan.num_clients - 1}"
-        if h.cut != self.plan.cut:
-            return (f"client runs {h.cut} blocks but the server's plan cuts at "
-                    f"{self.plan.cut}; use the same train.cut on both sides")
-        if h.codec not in CODECS:
-            return f"unknown codec {h.codec!r}; use one of {', '.join(CODECS)}"
-        if h.num_samples < 1:
-            return "num_samples must be positive"
-        return None
+        return hello_problem(party, frame, self.plan)
 
     def register(self, session: Session) -> None:
         with self._cond:
@@ -267,7 +297,7 @@ class Coordinator:
             session.abort(grpc.StatusCode.DEADLINE_EXCEEDED, reason)
             self._remove(session)
             return None
-        if item is _GONE:
+        if item is GONE:
             log.warning("client %d disconnected in round %d; the round goes on without it", cid, t)
             self._remove(session)
             return None
@@ -293,11 +323,7 @@ class Coordinator:
         what = f"activations of client {session.client_id}, round {t}"
         if blob.kind != "acts" or blob.round != t:
             raise WireError(f"{what}: got a {blob.kind!r} blob of round {blob.round} instead")
-        layout, limits = self._layouts[session.codec]
-        check_header(read_header(blob.data), layout, limits, what)
-        wire = unpack(blob.data)
-        check_activation_values(wire, self.plan.vocab_size, what)
-        return decode_activations(wire, session.codec, self.plan.dtype)
+        return decode_upload(blob.data, self.plan, session.codec, what)
 
     def _aggregate(self, t: int, present: list[int], samples: dict[int, int]) -> None:
         self.fed.open(t, present)
@@ -333,7 +359,7 @@ class Coordinator:
         log.info("run complete after %d rounds", self.plan.steps)
 
 
-def listen(coordinator: Coordinator, net: NetConfig, tokens: Mapping[str, str] | None, *,
+def listen(coordinator: Admission, net: NetConfig, tokens: Mapping[str, str] | None, *,
            address: str | None = None) -> tuple[grpc.Server, int]:
     """Serve the coordinator's clients (and its fed service, when it runs in this process)
     on ``address`` (default ``net.host:net.port``); returns the started server and its port.

@@ -54,7 +54,7 @@ class Live:
              codec: str | None = None) -> Link:
         net = net or self.net
         hello = pb.Hello(client_id=client_id, cut=2, num_samples=10 + client_id,
-                         codec=codec or net.codec)
+                         codec=codec or net.codec, mode="splitlora")
         return Link(self.address, net, hello, token)
 
     def remote_fed(self, client_id: int, token: str | None = None) -> RemoteFed:
