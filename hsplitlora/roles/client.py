@@ -57,6 +57,11 @@ class Client:
     def cut(self) -> int:
         return len(self.segment.blocks)
 
+    @property
+    def pending(self) -> torch.Tensor | None:
+        """The activations of a forward pass that awaits its gradient, if any."""
+        return self._pending
+
     def forward(self) -> Activations:
         """Draw the next local batch and run it through the client segment."""
         if self._pending is not None:
@@ -96,6 +101,7 @@ class Client:
         """Run a new segment from now on (the client's cut changed at a re-plan); the
         caller restarts its adapters with :meth:`reset_adapters`."""
         self.segment = segment.to(self.device)
+        self._pending = None
 
     def reset_adapters(self, settings: LoraSettings) -> None:
         """Fresh adapters (A random, B zero) at the planned ranks, and a fresh AdamW."""

@@ -19,7 +19,7 @@ import torch
 
 from hsplitlora.models.lora import LoraSettings
 from hsplitlora.roles.client import Update
-from hsplitlora.transport.wire import WireError, pack, read_header, unpack
+from hsplitlora.transport.wire import Header, WireError, pack, read_header, unpack
 
 __all__ = ["Call", "pack_call", "pack_updates", "read_call", "read_scores",
            "settings_from_json", "settings_to_json", "unpack_updates"]
@@ -28,13 +28,15 @@ _FACTORS = (".U", ".V")
 
 
 class Call:
-    """One decoded call: the method, its JSON arguments and its tensors."""
+    """One decoded call: the method, its JSON arguments, its tensors and the header that
+    describes them (for checking them against what the method expects)."""
 
-    def __init__(self, method: str, args: dict[str, Any],
-                 tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, method: str, args: dict[str, Any], tensors: dict[str, torch.Tensor],
+                 header: Header) -> None:
         self.method = method
         self.args = args
         self.tensors = tensors
+        self.header = header
 
 
 def pack_call(method: str, args: Mapping[str, Any] | None = None,
@@ -51,7 +53,7 @@ def read_call(data: bytes) -> Call:
         raise WireError(f"call {method!r}: arguments are not JSON: {e}") from None
     if not method or not isinstance(args, dict):
         raise WireError("a call must name a method and carry a JSON object of arguments")
-    return Call(method, args, unpack(data))
+    return Call(method, args, unpack(data), header)
 
 
 def settings_to_json(s: LoraSettings) -> dict[str, Any]:

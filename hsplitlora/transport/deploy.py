@@ -26,7 +26,7 @@ import grpc
 import torch
 from safetensors.torch import save_file
 
-from hsplitlora.config import RunConfig
+from hsplitlora.config import HETERO_MODES, RunConfig
 from hsplitlora.models.lora import save_peft_adapter
 from hsplitlora.models.split import arch_spec
 from hsplitlora.train.recorder import Recorder
@@ -85,10 +85,53 @@ def _keep_rounds_upto(metrics: Path, last: int) -> None:
     os.replace(tmp, metrics)
 
 
+def _hetero_limits(cfg: RunConfig, net: NetConfig, resume: bool, role: str) -> None:
+    """What the networked heterogeneous modes do not do (yet), refused up front."""
+    mode = cfg.train.mode
+    if role == "fedserver":
+        raise ValueError(
+            f"train.mode {mode!r} aggregates in the main server's process: noise-free (and "
+            "SVD, zero-padding, stacking) aggregation combines each client's adapters with "
+            "its server-side copy, which only the main server holds; start no fed server "
+            "and leave net.fed_address null")
+    if net.fed_address is not None:
+        raise ValueError(f"net.fed_address is set, but train.mode {mode!r} aggregates in the "
+                         "main server's process (see `hsplitlora fedserver`); set it to null")
+    if resume and role == "serve":
+        raise ValueError(f"serve --resume does not support train.mode {mode!r} yet; start "
+                         "the run again (clients need no restart: they reconnect)")
+    if resume:
+        raise ValueError(f"a train.mode {mode!r} client keeps no checkpoint: the server sends "
+                         "it its plan, the merged weights and its adapters when it (re)joins; "
+                         "drop --resume")
+
+
+def _serve_hetero(cfg: RunConfig, net: NetConfig, port_file: Path | None,
+                  show_progress: bool) -> Path:
+    """The main server of a heterogeneous run: the ordinary training run with the clients
+    remote (:class:`~hsplitlora.transport.hub.HeteroHub`); it writes the same run folder
+    as ``hsplitlora train``, in ``run_folder(cfg)``."""
+    from hsplitlora.train.run import train
+    from hsplitlora.transport.hub import HeteroHub
+
+    name = run_folder(cfg).name
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"name": name})})
+    hub = HeteroHub(cfg, net, _tokens(net), port_file=port_file)
+    try:
+        result = train(cfg, show_progress=show_progress, placement=hub.bind)
+    finally:
+        hub.close()
+    assert result.run_dir is not None
+    return result.run_dir
+
+
 def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
           port_file: Path | None = None, show_progress: bool = False) -> Path:
     """Run the main server (and, unless ``net.fed_address`` is set, the fed server) until
     the last round; returns the run folder."""
+    if cfg.train.mode in HETERO_MODES:
+        _hetero_limits(cfg, net, resume, "serve")
+        return _serve_hetero(cfg, net, port_file, show_progress)
     start = time.perf_counter()
     p = prepare(cfg)
     server, plan = build_server(p)
@@ -162,6 +205,12 @@ def join(cfg: RunConfig, net: NetConfig, client_id: int, server: str, *,
          resume: bool = False) -> dict[str, torch.Tensor]:
     """Run client ``client_id`` against the main server at ``server`` (HOST:PORT) until the
     run is over; returns its final adapter (the last aggregate)."""
+    if cfg.train.mode in HETERO_MODES:
+        from hsplitlora.transport.host import RoleHost
+
+        _hetero_limits(cfg, net, resume, "join")
+        p = prepare(cfg)
+        return RoleHost(p, client_id, net, server, token=token, device=p.device).run()
     p = prepare(cfg)
     party = build_client(p, client_id)
     runner = ClientRunner(party, net, server, mode=cfg.train.mode, fed=net.fed_address,
@@ -172,6 +221,8 @@ def join(cfg: RunConfig, net: NetConfig, client_id: int, server: str, *,
 def serve_fed(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
               port_file: Path | None = None) -> Path:
     """Run the fed server in its own process until the last round is aggregated."""
+    if cfg.train.mode in HETERO_MODES:
+        _hetero_limits(cfg, net, resume, "fedserver")
     p = prepare(cfg)  # for the adapter layout it must accept; it never sees activations
     run_dir = run_folder(cfg, "fed")
     checkpoint = run_dir / "checkpoint" / "fed.pt"

@@ -1,0 +1,230 @@
+"""A client process of a heterogeneous run: it hosts the Client role the server drives.
+
+The main server plans this client and runs the training loop
+(:mod:`hsplitlora.transport.hub`); this process keeps the data shard and the client
+segment, builds its :class:`~hsplitlora.roles.client.Client` from the plan it is sent
+(from its own copy of the base model, exactly as the simulation builds it), runs each
+method the server calls and answers those that return something. Everything that arrives
+is checked first (names, shapes, dtypes, finite values); a call that fails is answered
+with an error, which makes the server drop this client until it reconnects, after which
+the server brings it up to date.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraLayer
+
+from hsplitlora.config import HETERO_MODES
+from hsplitlora.models.lora import matrix_shapes
+from hsplitlora.models.split import arch_spec
+from hsplitlora.roles.client import Client
+from hsplitlora.roles.messages import Activations, ServerReply
+from hsplitlora.train.parties import hetero_client_recipe, hetero_segments
+from hsplitlora.transport import hsplitlora_pb2 as pb
+from hsplitlora.transport.calls import Call, read_call, settings_from_json, unpack_updates
+from hsplitlora.transport.client import Link, RunOver, keep_joining
+from hsplitlora.transport.codec import decode, encode_activations, wire_layout
+from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.security import ConnectionFailed
+from hsplitlora.transport.validate import check_finite, check_header
+from hsplitlora.transport.wire import Blob, Header, WireError, pack, read_header, unpack
+
+__all__ = ["RoleHost"]
+
+log = logging.getLogger(__name__)
+
+_MAX_PROBE_BATCHES = 10_000
+
+
+class RoleHost:
+    """Runs client ``client_id`` of a heterogeneous run against the main server at
+    ``server`` until the run is over, reconnecting after a lost connection; returns the
+    client's adapter at the end."""
+
+    def __init__(self, p: Any, client_id: int, net: NetConfig, server: str, *,
+                 token: str | None = None, device: torch.device | str = "cpu") -> None:
+        t = p.cfg.train
+        if t.mode not in HETERO_MODES:
+            raise ValueError(f"RoleHost runs the heterogeneous modes, not {t.mode!r}")
+        if not 0 <= client_id < t.num_clients:
+            raise ValueError(f"client id {client_id} is out of range: the config has "
+                             f"train.num_clients={t.num_clients} (ids 0..{t.num_clients - 1})")
+        self.p = p
+        self.client_id = client_id
+        self.net = net
+        self.address = server
+        self.token = token
+        self.device = torch.device(device)
+        self.client: Client | None = None
+        self.round = -1  # of the last call
+        self._welcomed = False
+        spec = arch_spec(p.model.config)
+        self._shapes = matrix_shapes(p.model, spec.targets)
+        self._prefix = f"{spec.backbone}.{spec.blocks}."
+        self._handlers: dict[str, Callable[[Link, Call], None]] = {
+            "build": self._build, "forward": self._forward, "backward": self._backward,
+            "adapter_state": self._adapter_state, "load_adapter_state": self._load,
+            "apply_update": self._apply_update, "reset_adapters": self._reset,
+            "score": self._score,
+        }
+
+    def run(self) -> dict[str, torch.Tensor]:
+        return keep_joining(self._session, self.net, self.client_id, lambda: self._welcomed)
+
+    def _session(self) -> dict[str, torch.Tensor]:
+        self._welcomed = False
+        t = self.p.cfg.train
+        hello = pb.Hello(client_id=self.client_id, cut=-1,
+                         num_samples=len(self.p.shards[self.client_id]), codec=self.net.codec,
+                         mode=t.mode)
+        link = Link(self.address, self.net, hello, self.token)
+        try:
+            try:
+                welcome = link.welcome(self.net.join_timeout_s + self.net.reply_timeout_s)
+            except RunOver:
+                log.info("client %d: the run was already over", self.client_id)
+                return self._final()
+            self._welcomed = True
+            log.info("client %d admitted at round %d", self.client_id, welcome.round)
+            while True:
+                got = link.receive(self.net.reply_timeout_s)
+                if isinstance(got, pb.Control):
+                    if got.kind == pb.Control.DONE:
+                        log.info("client %d: run complete", self.client_id)
+                        return self._final()
+                    continue
+                self._serve(link, got)
+        finally:
+            link.close()
+
+    def _final(self) -> dict[str, torch.Tensor]:
+        return self.client.adapter_state() if self.client is not None else {}
+
+    def _serve(self, link: Link, blob: Blob) -> None:
+        self.round = blob.round
+        method = "?"
+        try:
+            if blob.kind != "call":
+                raise WireError(f"expected a call, got a {blob.kind!r} blob")
+            call = read_call(blob.data)
+            method = call.method
+            handler = self._handlers.get(method)
+            if handler is None:
+                raise WireError(f"unknown method {method!r}; server and client must run the "
+                                "same hsplitlora version")
+            if method != "build" and self.client is None:
+                raise WireError(f"{method} before the client was built")
+            handler(link, call)
+        except ConnectionFailed:
+            raise
+        except (WireError, ValueError, KeyError, RuntimeError) as e:
+            log.error("client %d, round %d: call %s failed: %s", self.client_id, blob.round,
+                      method, e)
+            link.send("error", blob.round, pack({}, {"message": f"{method}: {e}"}))
+
+    # -- the calls -----------------------------------------------------------------------
+    def _build(self, link: Link, call: Call) -> None:
+        cut = int(call.args["cut"])
+        settings = settings_from_json(call.args["settings"])
+        if self.client is None:
+            recipe = hetero_client_recipe(self.p, self.client_id, cut, settings)
+            self._load_base(recipe.segment, call.tensors, cut)
+            self.client = recipe.build(self.device)
+        else:
+            segment, _ = hetero_segments(self.p.model, cut, settings)
+            self._load_base(segment, call.tensors, cut)
+            self.client.replace_segment(segment)
+            self.client.reset_adapters(settings)
+        log.info("client %d runs blocks [0, %d) with %d adapted matrices", self.client_id,
+                 cut, sum(1 for m in self._held(cut) if settings.rank_of(m) > 0))
+
+    def _held(self, cut: int) -> dict[str, tuple[int, int]]:
+        return {m: s for m, s in self._shapes.items()
+                if int(m[len(self._prefix):].split(".")[0]) < cut}
+
+    def _load_base(self, segment: torch.nn.Module, weights: Mapping[str, torch.Tensor],
+                   cut: int) -> None:
+        """The merged base weights the server sent, into a freshly built segment."""
+        held = self._held(cut)
+        check_finite(weights, "merged base weights")
+        with torch.no_grad():
+            for name, value in weights.items():
+                module = name.removesuffix(".weight")
+                if module not in held:
+                    raise WireError(f"merged weight {name!r} is not a matrix of blocks "
+                                    f"[0, {cut})")
+                layer = segment.get_submodule(segment.local_name(module))  # type: ignore[operator]
+                if isinstance(layer, LoraLayer):
+                    layer = layer.get_base_layer()
+                if value.shape != layer.weight.shape or value.dtype != layer.weight.dtype:
+                    raise WireError(f"merged weight {name!r}: {value.dtype} "
+                                    f"{tuple(value.shape)}, expected {layer.weight.dtype} "
+                                    f"{tuple(layer.weight.shape)}")
+                layer.weight.copy_(value)
+
+    def _forward(self, link: Link, call: Call) -> None:
+        assert self.client is not None
+        acts = self.client.forward()
+        link.send("reply", self.round, pack(encode_activations(acts, self.net.codec)))
+
+    def _gradient(self, header: Header, wire: Mapping[str, torch.Tensor], like: torch.Tensor,
+                  what: str) -> torch.Tensor:
+        """A gradient for ``like`` (the activations it answers), checked first."""
+        layout = wire_layout("grad", self.net.codec, like.dtype, tuple(like.shape))
+        check_header(header, layout, {}, what)
+        check_finite(wire, what)
+        return decode(wire, "grad", self.net.codec, like.dtype)
+
+    def _backward(self, link: Link, call: Call) -> None:
+        assert self.client is not None
+        pending = self.client.pending
+        if pending is None:
+            raise WireError("a gradient arrived with no forward pass pending")
+        self.client.backward(self._gradient(call.header, call.tensors, pending,
+                                            f"gradient of round {self.round}"))
+
+    def _adapter_state(self, link: Link, call: Call) -> None:
+        assert self.client is not None
+        link.send("reply", self.round, pack(self.client.adapter_state()))
+
+    def _load(self, link: Link, call: Call) -> None:
+        assert self.client is not None
+        check_finite(call.tensors, "adapter state")
+        self.client.load_adapter_state(call.tensors)
+
+    def _apply_update(self, link: Link, call: Call) -> None:
+        assert self.client is not None
+        updates = unpack_updates(call.tensors, self._held(self.client.cut),
+                                 f"aggregated update of round {self.round}")
+        self.client.apply_update(updates, settings_from_json(call.args["settings"]))
+
+    def _reset(self, link: Link, call: Call) -> None:
+        assert self.client is not None
+        self.client.reset_adapters(settings_from_json(call.args["settings"]))
+
+    def _score(self, link: Link, call: Call) -> None:
+        assert self.client is not None
+        n = int(call.args["n"])
+        if not 1 <= n <= _MAX_PROBE_BATCHES:
+            raise WireError(f"score: {n} probe batches is outside [1, {_MAX_PROBE_BATCHES}]")
+
+        def round_trip(acts: Activations) -> ServerReply:
+            link.send("probe", self.round, pack(encode_activations(acts, self.net.codec)))
+            got = link.receive(self.net.reply_timeout_s)
+            what = f"probe gradient of round {self.round}"
+            if isinstance(got, pb.Control) or got.kind != "probe_grad":
+                raise WireError(f"{what}: got {got!r} instead")
+            header = read_header(got.data)
+            grad = self._gradient(header, unpack(got.data), acts.hidden, what)
+            return ServerReply(float(header.meta.get("loss", "nan")),
+                               int(header.meta.get("tokens", "0")), grad)
+
+        scores = self.client.score(n, round_trip)
+        link.send("reply", self.round, pack({}, {"scores": json.dumps(scores)}))
+

@@ -1,0 +1,426 @@
+"""The main server of a heterogeneous run: remote clients as role objects.
+
+HSplitLoRA plans every client (cut and ranks), probes importance through the clients and
+aggregates participants whose adapters span both sides of the cut, so the main server runs
+the ordinary training loop (:func:`hsplitlora.train.run.train`, the same
+:class:`~hsplitlora.train.hetero.HeteroSystem` and planner as a simulation) with
+:class:`HeteroHub` as its placement: the server role lives here, and each client is a
+:class:`RemoteClient`, a proxy with the :class:`~hsplitlora.roles.client.Client` methods
+that turns every call into a "call" blob on that client's stream
+(:mod:`hsplitlora.transport.calls`). The client's process keeps its data and runs the
+role (:mod:`hsplitlora.transport.host`).
+
+A client that disconnects, stalls past ``net.step_timeout_s``, fails a call or sends
+something that fails validation is dropped (its stream aborted with the reason) and the
+run goes on without it (:class:`~hsplitlora.train.placement.PartyLost`). When it connects
+again it is admitted at the next round boundary and brought up to date: its plan, the
+base weights merged since the start, and its current adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from torch import nn
+
+from hsplitlora.config import HETERO_MODES, RunConfig
+from hsplitlora.models.lora import LoraSettings, adapter_shapes, matrix_shapes
+from hsplitlora.models.split import arch_spec
+from hsplitlora.roles.messages import Activations, ServerReply
+from hsplitlora.roles.server import MainServer
+from hsplitlora.train.modes import everyone
+from hsplitlora.train.placement import Attendance, PartyLost, Recipe
+from hsplitlora.transport import hsplitlora_pb2 as pb
+from hsplitlora.transport.calls import pack_call, pack_updates, read_scores, settings_to_json
+from hsplitlora.transport.codec import encode
+from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.plan import Plan
+from hsplitlora.transport.server import GONE, Session, decode_upload, hello_problem, listen
+from hsplitlora.transport.validate import check_finite, check_header
+from hsplitlora.transport.wire import Blob, WireError, pack, read_header, unpack
+
+__all__ = ["HeteroHub", "RemoteClient"]
+
+log = logging.getLogger(__name__)
+
+_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class _Wired(Activations):
+    """Activations as they arrived, with the bytes they took on the wire."""
+
+    wire_bytes: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.wire_bytes
+
+
+@dataclass(frozen=True)
+class _WiredReply(ServerReply):
+    """The server's reply, with its gradient already packed for the client's codec."""
+
+    packed: bytes = b""
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.packed)
+
+
+class _Server:
+    """The server role as the run sees it: steps answer with the gradient packed for the
+    client's codec, so the record shows wire bytes and the proxy sends the same bytes."""
+
+    def __init__(self, role: MainServer, hub: HeteroHub) -> None:
+        self._role = role
+        self._hub = hub
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._role, name)
+
+    def step(self, client_id: int, acts: Activations) -> ServerReply:
+        reply = self._role.step(client_id, acts)
+        proxy = self._hub.clients[client_id]
+        packed = pack_call("backward", None, encode("grad", reply.grad, proxy.codec))
+        proxy.outgoing = (reply.grad, packed)
+        return _WiredReply(reply.loss, reply.tokens, reply.grad, packed)
+
+
+class RemoteClient:
+    """One remote client, with the :class:`~hsplitlora.roles.client.Client` methods a
+    heterogeneous run calls. Calls that return nothing are sent and not waited for (the
+    stream keeps them in order); the others wait up to ``net.step_timeout_s``."""
+
+    def __init__(self, hub: HeteroHub, client_id: int, num_samples: int, cut: int,
+                 settings: LoraSettings) -> None:
+        self.hub = hub
+        self.client_id = client_id
+        self.num_samples = num_samples
+        self.cut = cut
+        self.settings = settings
+        # The adapter last loaded into the client (None: as ``settings`` initialise it),
+        # to bring it back after a reconnection.
+        self.adapters: dict[str, torch.Tensor] | None = None
+        self.session: Session | None = None
+        self.round = 0
+        self.outgoing: tuple[torch.Tensor, bytes] | None = None
+
+    @property
+    def here(self) -> bool:
+        return self.session is not None and not self.session.gone.is_set()
+
+    @property
+    def codec(self) -> str:
+        return self.session.codec if self.session is not None else "none"
+
+    # -- the stream ----------------------------------------------------------------------
+    def _send(self, method: str, args: Mapping[str, Any] | None = None,
+              tensors: Mapping[str, torch.Tensor] | None = None) -> bool:
+        if not self.here:
+            return False
+        assert self.session is not None
+        self.session.send("call", self.round, pack_call(method, args, tensors))
+        return True
+
+    def _lose(self, reason: str, code: grpc.StatusCode) -> PartyLost:
+        session, self.session = self.session, None
+        if session is not None:
+            session.abort(code, reason)
+        log.warning("client %d dropped in round %d: %s", self.client_id, self.round, reason)
+        return PartyLost(f"client {self.client_id}: {reason}")
+
+    def _await(self, kind: str, what: str) -> Blob:
+        if not self.here:
+            raise PartyLost(f"client {self.client_id} is not connected")
+        assert self.session is not None
+        timeout = self.hub.net.step_timeout_s
+        try:
+            item = self.session.inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise self._lose(f"no {what} within net.step_timeout_s={timeout:g} s; reconnect "
+                             "to rejoin", grpc.StatusCode.DEADLINE_EXCEEDED) from None
+        if item is GONE:
+            raise self._lose("disconnected", grpc.StatusCode.CANCELLED)
+        if isinstance(item, WireError):
+            raise self._lose(f"its {what} was refused: {item}", grpc.StatusCode.INVALID_ARGUMENT)
+        if item.kind == "error":
+            message = read_header(item.data).meta.get("message", "no reason given")
+            raise self._lose(f"it failed a call: {message}", grpc.StatusCode.ABORTED)
+        if item.kind != kind:
+            raise self._lose(f"it sent a {item.kind!r} blob where its {what} was due",
+                             grpc.StatusCode.INVALID_ARGUMENT)
+        return item
+
+    def _activations(self, blob: Blob, what: str) -> Activations:
+        try:
+            acts = decode_upload(blob.data, self.hub.plan, self.codec, what)
+        except WireError as e:
+            raise self._lose(f"its {what} were refused: {e}",
+                             grpc.StatusCode.INVALID_ARGUMENT) from None
+        return _Wired(acts.hidden, acts.attention_mask, acts.labels, len(blob.data))
+
+    # -- the Client methods --------------------------------------------------------------
+    def forward(self) -> Activations:
+        if not self._send("forward"):
+            raise PartyLost(f"client {self.client_id} is not connected")
+        what = f"activations of client {self.client_id}, round {self.round}"
+        return self._activations(self._await("reply", what), what)
+
+    def backward(self, grad: torch.Tensor) -> None:
+        out, self.outgoing = self.outgoing, None
+        if out is not None and out[0] is grad:
+            packed = out[1]
+        else:
+            packed = pack_call("backward", None, encode("grad", grad, self.codec))
+        if self.here:
+            assert self.session is not None
+            self.session.send("call", self.round, packed)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        if not self._send("adapter_state"):
+            raise PartyLost(f"client {self.client_id} is not connected")
+        what = f"adapter of client {self.client_id}, round {self.round}"
+        blob = self._await("reply", what)
+        layout = {k: ("F32", shape) for k, shape in self.hub.adapter_layout(
+            self.cut, self.settings).items()}
+        try:
+            check_header(read_header(blob.data), layout, {}, what)
+            state = unpack(blob.data)
+            check_finite(state, what)
+        except WireError as e:
+            raise self._lose(str(e), grpc.StatusCode.INVALID_ARGUMENT) from None
+        return state
+
+    def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.adapters = dict(state)
+        self._send("load_adapter_state", tensors=state)
+
+    def apply_update(self, updates: Mapping[str, Any], settings: LoraSettings) -> None:
+        self.settings, self.adapters = settings, None
+        mine = {m: u for m, u in updates.items() if self.hub.block_of(m) < self.cut}
+        self._send("apply_update", {"settings": settings_to_json(settings)}, pack_updates(mine))
+
+    def reset_adapters(self, settings: LoraSettings) -> None:
+        self.settings, self.adapters = settings, None
+        self._send("reset_adapters", {"settings": settings_to_json(settings)})
+
+    def replace_segment(self, segment: nn.Module) -> None:
+        """The cut changed at a re-plan: the client rebuilds its segment from its own copy
+        of the base, with the merged weights of its blocks sent along."""
+        self.cut = len(segment.blocks)  # type: ignore[arg-type]
+        self._build()
+
+    def score(self, n: int, reply: Callable[[Activations], ServerReply]) -> dict[str, float]:
+        """Importance probing: the client scores its blocks on ``n`` probe batches of its
+        own; each of its uploads is answered by ``reply`` (the server-side scorer)."""
+        if not self._send("score", {"n": n}):
+            raise PartyLost(f"client {self.client_id} is not connected")
+        assert self.session is not None
+        for i in range(n):
+            what = f"probe activations {i} of client {self.client_id}"
+            acts = self._activations(self._await("probe", what), what)
+            answer = reply(acts)
+            self.session.send("probe_grad", self.round, pack(
+                encode("grad", answer.grad, self.codec),
+                {"loss": repr(answer.loss), "tokens": str(answer.tokens)}))
+        what = f"importance scores of client {self.client_id}"
+        blob = self._await("reply", what)
+        try:
+            return read_scores(read_header(blob.data).meta, self.hub.modules_below(self.cut),
+                               what)
+        except WireError as e:
+            raise self._lose(str(e), grpc.StatusCode.INVALID_ARGUMENT) from None
+
+    # -- (re)admission -------------------------------------------------------------------
+    def _build(self) -> None:
+        self._send("build", {"cut": self.cut, "settings": settings_to_json(self.settings)},
+                   self.hub.merged_weights(self.cut))
+
+    def admit(self, session: Session, round: int) -> None:
+        """Bring a (re)connected client to the run's state at the start of ``round``."""
+        self.session, self.round = session, round
+        p = self.hub.plan
+        session.outbox.put(pb.ServerFrame(welcome=pb.Welcome(
+            round=round, steps=p.steps, interval=p.interval, mode=p.mode, cut=-1)))
+        self._build()
+        if self.adapters is not None:
+            self._send("load_adapter_state", tensors=self.adapters)
+        log.info("client %d admitted at round %d: cut %d", self.client_id, round, self.cut)
+
+
+class HeteroHub:
+    """The placement of a networked heterogeneous run, and the admission desk of its
+    gRPC front: the server role is built here, clients are :class:`RemoteClient`s.
+
+    It listens as soon as it exists (clients may connect while the server still loads);
+    :meth:`bind` hands it the prepared run, which fixes the layouts uploads must have.
+    """
+
+    def __init__(self, cfg: RunConfig, net: NetConfig, tokens: Mapping[str, str] | None,
+                 *, port_file: Path | None = None) -> None:
+        t = cfg.train
+        if t.mode not in HETERO_MODES:
+            raise ValueError(f"HeteroHub runs the heterogeneous modes, not {t.mode!r}")
+        self.cfg, self.net = cfg, net
+        self.fed = None  # aggregation runs inside the training loop, in this process
+        # Model-dependent fields are filled in by bind(); the hello check needs none.
+        self.plan = Plan(mode=t.mode, steps=t.steps, interval=t.agg_interval, cut=-1,
+                         num_clients=t.num_clients, batch_size=t.batch_size,
+                         max_length=cfg.data.max_length, hidden_size=0, vocab_size=0,
+                         dtype=torch.float32)
+        self.clients: dict[int, RemoteClient] = {}
+        self.device = torch.device("cpu")
+        self._cond = threading.Condition()
+        self._pending: dict[int, Session] = {}
+        self._base: nn.Module | None = None
+        self._pristine: Mapping[str, torch.Tensor] = {}
+        self._shapes: dict[str, tuple[int, int]] = {}
+        self._prefix = ""
+        self._closed = False
+        self.grpc_server, self.port = listen(self, net, tokens)
+        if port_file is not None:
+            tmp = port_file.with_name(f".{port_file.name}.tmp")
+            tmp.write_text(str(self.port), encoding="utf-8")
+            tmp.replace(port_file)
+        log.info("main server listening on %s:%d for %d clients (%s)", net.host, self.port,
+                 t.num_clients, t.mode)
+
+    def bind(self, p: Any) -> HeteroHub:
+        """Take the prepared run (:class:`~hsplitlora.train.run.Prepared`); a
+        :data:`~hsplitlora.train.run.PlacementFactory`."""
+        mc: Any = p.model.config
+        head = p.model.get_output_embeddings().weight
+        self.plan = Plan(**{**self.plan.__dict__, "hidden_size": int(mc.hidden_size),
+                            "vocab_size": int(mc.vocab_size), "dtype": head.dtype})
+        spec = arch_spec(mc)
+        self._shapes = matrix_shapes(p.model, spec.targets)
+        self._prefix = f"{spec.backbone}.{spec.blocks}."
+        self.device = p.device
+        return self
+
+    # -- the gRPC front's side -----------------------------------------------------------
+    def check_hello(self, party: str, frame: pb.ClientFrame) -> str | None:
+        return hello_problem(party, frame, self.plan)
+
+    def register(self, session: Session) -> None:
+        with self._cond:
+            old = self._pending.pop(session.client_id, None)
+            proxy = self.clients.get(session.client_id)
+            current = proxy.session if proxy is not None else None
+            for stale in (old, current):
+                if stale is not None:
+                    stale.abort(grpc.StatusCode.ABORTED, "replaced by a newer connection of "
+                                "the same client")
+            self._pending[session.client_id] = session
+            self._cond.notify_all()
+
+    # -- Placement -----------------------------------------------------------------------
+    def place(self, recipe: Recipe, kind: str) -> Any:
+        if kind == "server":
+            return _Server(recipe.build(self.device), self)
+        r: Any = recipe
+        if r.settings is None:
+            raise ValueError("remote clients need recipes that carry their LoRA settings")
+        proxy = RemoteClient(self, r.client_id, r.num_samples, len(r.segment.blocks),
+                             r.settings)
+        self.clients[r.client_id] = proxy
+        return proxy
+
+    def watch_base(self, base: nn.Module, pristine: Mapping[str, torch.Tensor]) -> None:
+        self._base, self._pristine = base, pristine
+
+    def started(self) -> None:
+        """Wait for every client (or ``net.min_clients`` once ``net.join_timeout_s`` is
+        out), then admit them."""
+        n = self.plan.num_clients
+        need = self.net.min_clients or n
+        deadline = time.monotonic() + self.net.join_timeout_s
+        with self._cond:
+            while len(self._pending) < n and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            have = len(self._pending)
+        if have < need:
+            raise TimeoutError(f"only {have} of {n} clients connected within "
+                               f"net.join_timeout_s={self.net.join_timeout_s:g} s (need "
+                               f"{need}); start the missing clients or lower net.min_clients")
+        self._admit(0)
+
+    def attendance(self, simulated: Attendance) -> Attendance:
+        if simulated is not everyone:
+            log.warning("client availability is not simulated over the network: each round "
+                        "takes the clients that are connected")
+        return self.present
+
+    def present(self, round: int) -> Collection[int]:
+        """The clients connected at the start of ``round`` (admitting those that came
+        back); with none left, wait up to ``net.join_timeout_s`` for one."""
+        self._admit(round)
+        here = [cid for cid, c in sorted(self.clients.items()) if c.here]
+        if not here:
+            log.warning("round %d: no client is connected; waiting up to %g s", round,
+                        self.net.join_timeout_s)
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._pending), self.net.join_timeout_s)
+            self._admit(round)
+            here = [cid for cid, c in sorted(self.clients.items()) if c.here]
+            if not here:
+                raise TimeoutError(f"round {round}: every client is gone and none came back "
+                                   f"within net.join_timeout_s={self.net.join_timeout_s:g} s")
+        for c in self.clients.values():
+            c.round = round
+        return here
+
+    def _admit(self, round: int) -> None:
+        with self._cond:
+            joining, self._pending = self._pending, {}
+        for cid, session in sorted(joining.items()):
+            self.clients[cid].admit(session, round)
+
+    def close(self, check: bool = True) -> None:
+        """Tell every connected client the run is over, then stop listening (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        last = self.plan.steps - 1
+        with self._cond:
+            pending = list(self._pending.values())
+        for session in [*(c.session for c in self.clients.values() if c.here), *pending]:
+            assert session is not None
+            session.control(pb.Control.DONE, last, "run complete")
+            session.end()
+        self.grpc_server.stop(_GRACE_S).wait()
+
+    # -- what the proxies need from the run ----------------------------------------------
+    def block_of(self, module: str) -> int:
+        return int(module[len(self._prefix):].split(".")[0])
+
+    def modules_below(self, cut: int) -> set[str]:
+        """The adaptable matrices a client with ``cut`` holds."""
+        return {m for m in self._shapes if self.block_of(m) < cut}
+
+    def adapter_layout(self, cut: int, settings: LoraSettings) -> dict[str, tuple[int, int]]:
+        held = {m: s for m, s in self._shapes.items() if self.block_of(m) < cut}
+        return adapter_shapes(held, settings)
+
+    def merged_weights(self, cut: int) -> dict[str, torch.Tensor]:
+        """Base weights of the blocks below ``cut`` that aggregations have merged into
+        (they differ from the pristine ones every process loads)."""
+        if self._base is None:
+            return {}
+        out = {}
+        for name, w in self._base.named_parameters():
+            before = self._pristine.get(name)
+            if before is not None and self.block_of(name) < cut and not torch.equal(w, before):
+                out[name] = w.detach()
+        return out
+

@@ -1,0 +1,114 @@
+"""Heterogeneous modes over gRPC: the server plans, probes and aggregates; clients are
+processes that keep their data and run the Client role the server calls.
+
+With a fixed seed, fp32 and the exact wire format the networked run must end bit-identical
+to the in-process simulation, plans and losses included.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hsplitlora.config import RunConfig
+from hsplitlora.train.run import train
+from hsplitlora.transport.config import NetConfig
+from tests.transport import harness
+from tests.transport.conftest import peft_adapter, run_config
+
+
+def hetero_config(model_dir, out_dir, aggregator: str = "noisefree", steps: int = 4,
+                  mode: str = "hsplitlora", **train_kw) -> RunConfig:
+    cfg = run_config(model_dir, out_dir, mode=mode, steps=steps, **train_kw)
+    raw = cfg.model_dump(mode="json")
+    raw["hetero"] = {"scenario": {"kind": "heterogeneous", "memory_range": ["1.2 MiB", "3 MiB"],
+                                  "seed": 1},
+                     "aggregator": aggregator, "rank_set": [0, 2, 4, 8], "server_rank": 4,
+                     "probe_batches": 1, "replan_threshold": 0.0}
+    return RunConfig.model_validate(raw)
+
+
+def _serve(cfg, net, tmp_path):
+    port_file = tmp_path / "port"
+    proc = harness.start_server(cfg, net, port_file=port_file)
+    harness.wait_for(port_file.exists, 60, "the main server to listen")
+    return proc, f"127.0.0.1:{port_file.read_text()}"
+
+
+def _clients(cfg, net, address, tmp_path, die=None):
+    die = die or {}
+    return [harness.start_client(cfg, net, i, address, tmp_path / f"client-{i}.safetensors",
+                                 die_at=die.get(i)) for i in range(cfg.train.num_clients)]
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps(records):
+    return [(r["round"], r["client"], r["loss"], r["tokens"]) for r in records
+            if "event" not in r]
+
+
+@pytest.mark.parametrize("mode,aggregator", [("hsplitlora", "noisefree"), ("flexlora", "svd")])
+def test_networked_heterogeneous_run_is_bit_identical_to_the_simulation(
+        tmp_path, tiny_llama_dir, mode, aggregator):
+    """HSplitLoRA: importance probing through the streams, clients planned to different
+    cuts and ranks, noise-free merging and re-planning after each merge (threshold 0);
+    FlexLoRA: SVD aggregation, adapters loaded back into each client."""
+    cfg = hetero_config(tiny_llama_dir, tmp_path, aggregator, mode=mode)
+    local = train(cfg, write=False, show_progress=False)
+    net = NetConfig(port=0, step_timeout_s=30, join_timeout_s=60)
+    server, address = _serve(cfg, net, tmp_path)
+    codes = harness.finish([server, *_clients(cfg, net, address, tmp_path)], 150)
+    assert codes == [0, 0, 0, 0]
+    run = tmp_path / "net"
+    records = _records(run)
+    plans = [r["plans"] for r in records if r.get("event") == "plan"]
+    assert plans == [r["plans"] for r in local.records if r.get("event") == "plan"]
+    if mode == "hsplitlora":
+        assert len({p["cut"] for p in plans[0]}) > 1  # the clients really differ in cut
+        assert any(r.get("event") == "replan" for r in records)
+    assert _steps(records) == _steps(local.records)
+    adapter = peft_adapter(run)
+    assert set(adapter) == set(local.adapter) and adapter
+    for k, v in local.adapter.items():
+        assert torch.equal(adapter[k], v), k
+    # bytes on the wire, not tensor sizes: activations carry a uint8 mask and int32 labels
+    steps = [r for r in records if "event" not in r]
+    sim = [r for r in local.records if "event" not in r]
+    assert all(n["bytes_up"] < s["bytes_up"] for n, s in zip(steps, sim, strict=True))
+    if mode == "flexlora":  # each client ends with its share of the aggregate, at its rank
+        for i, plan in enumerate(plans[0]):
+            held = load_file(tmp_path / f"client-{i}.safetensors")
+            want = {m: r for m, r in plan["ranks"].items()
+                    if r and int(m.split(".")[2]) < plan["cut"]}
+            assert {k.removesuffix(".lora_A.weight"): v.shape[0] for k, v in held.items()
+                    if k.endswith("lora_A.weight")} == want
+
+
+def test_a_heterogeneous_client_killed_mid_run_is_dropped_and_rejoins_in_sync(
+        tmp_path, tiny_llama_dir):
+    """Client 1 dies inside round 2; the others finish the round. Restarted, it is
+    admitted at a later round with its plan, the merged base weights and fresh adapters,
+    and its steps there agree with the server's copy of the state."""
+    cfg = hetero_config(tiny_llama_dir, tmp_path, steps=8)
+    net = NetConfig(port=0, step_timeout_s=30, join_timeout_s=60, rejoin_backoff_s=0.2)
+    server, address = _serve(cfg, net, tmp_path)
+    clients = _clients(cfg, net, address, tmp_path, die={1: 2})
+    harness.wait_for(lambda: clients[1].exitcode is not None, 90, "client 1 to die")
+    back = harness.start_client(cfg, net, 1, address, tmp_path / "client-1b.safetensors")
+    codes = harness.finish([server, clients[0], clients[2], back], 150)
+    assert codes == [0, 0, 0, 0]
+    steps = [r for r in _records(tmp_path / "net") if "event" not in r]
+    rounds_of_1 = sorted({r["round"] for r in steps if r["client"] == 1})
+    assert 2 not in rounds_of_1 and {0, 1} <= set(rounds_of_1)
+    assert max(rounds_of_1) == 7  # back before the end
+    assert {r["round"] for r in steps if r["client"] == 0} == set(range(8))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    aggregates = {r["round"]: r["clients"] for r in _records(tmp_path / "net")
+                  if r.get("event") == "aggregate"}
+    assert aggregates[1] == [0, 1, 2] and aggregates[3] == [0, 2] and aggregates[7] == [0, 1, 2]
