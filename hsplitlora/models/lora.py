@@ -166,14 +166,16 @@ def matrix_shapes(module: nn.Module, targets: tuple[str, ...] | None = None
     return out
 
 
-def adapter_shapes(shapes: Mapping[str, tuple[int, int]],
-                   settings: LoraSettings) -> dict[str, tuple[int, int]]:
+def adapter_shapes(shapes: Mapping[str, tuple[int, int]], settings: LoraSettings,
+                   default_targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
     """The adapter tensors (:func:`lora_state` names and shapes) that :func:`attach_lora`
-    with ``settings`` puts on matrices of these ``shapes``."""
+    with ``settings`` puts on matrices of these ``shapes`` (``default_targets``: the
+    architecture's, for settings that name none)."""
+    targets = settings.targets if settings.targets is not None else default_targets
     out = {}
     for module, (d_out, d_in) in shapes.items():
         r = settings.rank_of(module)
-        if r > 0:
+        if r > 0 and any(module.endswith("." + t) for t in targets):
             out[f"{module}.lora_A.weight"] = (r, d_in)
             out[f"{module}.lora_B.weight"] = (d_out, r)
     return out

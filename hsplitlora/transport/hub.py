@@ -286,6 +286,7 @@ class HeteroHub:
         self._pristine: Mapping[str, torch.Tensor] = {}
         self._shapes: dict[str, tuple[int, int]] = {}
         self._prefix = ""
+        self._default_targets: tuple[str, ...] = ()
         self._closed = False
         self.grpc_server, self.port = listen(self, net, tokens)
         if port_file is not None:
@@ -305,6 +306,7 @@ class HeteroHub:
         spec = arch_spec(mc)
         self._shapes = matrix_shapes(p.model, spec.targets)
         self._prefix = f"{spec.backbone}.{spec.blocks}."
+        self._default_targets = spec.default_targets
         self.device = p.device
         return self
 
@@ -410,7 +412,7 @@ class HeteroHub:
 
     def adapter_layout(self, cut: int, settings: LoraSettings) -> dict[str, tuple[int, int]]:
         held = {m: s for m, s in self._shapes.items() if self.block_of(m) < cut}
-        return adapter_shapes(held, settings)
+        return adapter_shapes(held, settings, self._default_targets)
 
     def merged_weights(self, cut: int) -> dict[str, torch.Tensor]:
         """Base weights of the blocks below ``cut`` that aggregations have merged into
