@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from hsplitlora.config import HETERO_MODES
 from hsplitlora.models.lora import lora_state
 from hsplitlora.models.split import split_model
 from hsplitlora.roles.fedserver import FedServer
@@ -29,7 +30,8 @@ __all__ = ["build_client", "build_fed", "build_server", "client_adapter_layout"]
 def _check_mode(p: Prepared) -> None:
     if p.cfg.train.mode not in NETWORKED_MODES:
         raise ValueError(f"train.mode {p.cfg.train.mode!r} cannot run over the network: "
-                         f"serve and join support {', '.join(NETWORKED_MODES)}")
+                         f"serve and join support {', '.join(NETWORKED_MODES)} and the "
+                         f"heterogeneous modes ({', '.join(HETERO_MODES)})")
 
 
 def build_client(p: Prepared, client_id: int) -> ClientRecipe:

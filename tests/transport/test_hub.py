@@ -179,3 +179,18 @@ def test_a_client_that_joins_after_merges_is_built_exactly_like_the_simulated_on
                 assert torch.equal(got[name], value), name
     finally:
         hub.close()
+
+
+def test_what_the_networked_heterogeneous_modes_do_not_do_is_refused_up_front(
+        tmp_path, tiny_llama_dir):
+    from hsplitlora.transport.deploy import join, serve, serve_fed
+
+    cfg = hetero_config(tiny_llama_dir, tmp_path)
+    with pytest.raises(ValueError, match="server-side copy.*start no fed server"):
+        serve_fed(cfg, NetConfig())
+    with pytest.raises(ValueError, match="net.fed_address is set"):
+        serve(cfg, NetConfig(fed_address="127.0.0.1:1"))
+    with pytest.raises(ValueError, match="serve --resume does not support"):
+        serve(cfg, NetConfig(), resume=True)
+    with pytest.raises(ValueError, match="keeps no checkpoint.*drop --resume"):
+        join(cfg, NetConfig(), 0, "127.0.0.1:1", resume=True)
