@@ -141,8 +141,7 @@ class RoleHost:
             self._load_base(segment, call.tensors, cut)
             self.client.replace_segment(segment)
             self.client.reset_adapters(settings)
-        log.info("client %d runs blocks [0, %d) with %d adapted matrices", self.client_id,
-                 cut, sum(1 for m in self._held(cut) if settings.rank_of(m) > 0))
+        log.info("client %d runs blocks [0, %d)", self.client_id, cut)
 
     def _held(self, cut: int) -> dict[str, tuple[int, int]]:
         return {m: s for m, s in self._shapes.items()
