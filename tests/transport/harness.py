@@ -130,3 +130,28 @@ def finish(procs: list[multiprocessing.Process], timeout: float) -> list[int | N
             p.kill()
             p.join(5)
     return [p.exitcode for p in procs]
+
+
+def serve_loopback(cfg: RunConfig, net: NetConfig, tmp_path: Path,
+                   **kwargs: Any) -> tuple[multiprocessing.Process, str]:
+    """A main-server process on a free loopback port, once it listens; and its address."""
+    port_file = tmp_path / f"port-{len(list(tmp_path.glob('port-*')))}"
+    proc = start_server(cfg, net, port_file=port_file, **kwargs)
+    wait_for(port_file.exists, 60, "the main server to listen")
+    return proc, f"127.0.0.1:{port_file.read_text()}"
+
+
+def start_clients(cfg: RunConfig, net: NetConfig, address: str, tmp_path: Path,
+                  die: dict[int, int] | None = None) -> list[multiprocessing.Process]:
+    """One process per client of ``cfg``; client ``i`` writes ``client-i.safetensors``
+    and, with ``die={i: n}``, is killed at its ``n``-th forward pass."""
+    die = die or {}
+    return [start_client(cfg, net, i, address, tmp_path / f"client-{i}.safetensors",
+                         die_at=die.get(i)) for i in range(cfg.train.num_clients)]
+
+
+def records(run_dir: Path) -> list[dict[str, Any]]:
+    """The run folder's metrics, one dict per line."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+

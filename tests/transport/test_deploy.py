@@ -7,7 +7,6 @@ killed-and-resumed server must end exactly where the matching in-process schedul
 
 from __future__ import annotations
 
-import json
 import signal
 
 import pytest
@@ -31,32 +30,14 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
         assert torch.equal(v, want[k]), f"{k}: max diff {(v - want[k]).abs().max():.3g}"
 
 
-def _serve(cfg, net, tmp_path, **kwargs):
-    port_file = tmp_path / f"port-{len(list(tmp_path.glob('port-*')))}"
-    proc = harness.start_server(cfg, net, port_file=port_file, **kwargs)
-    harness.wait_for(port_file.exists, 60, "the main server to listen")
-    return proc, f"127.0.0.1:{port_file.read_text()}"
-
-
-def _clients(cfg, net, address, tmp_path, die=None):
-    die = die or {}
-    return [harness.start_client(cfg, net, i, address, tmp_path / f"client-{i}.safetensors",
-                                 die_at=die.get(i)) for i in range(cfg.train.num_clients)]
-
-
-def _records(run_dir):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
 @pytest.mark.parametrize("mode", ["splitlora", "splitfed"])
 def test_networked_run_is_bit_identical_to_the_in_process_simulation(tmp_path, tiny_llama_dir,
                                                                       mode):
     cfg = run_config(tiny_llama_dir, tmp_path, mode=mode)
     reference = train(cfg, write=False, show_progress=False).adapter
     net = NetConfig(port=0, step_timeout_s=20, join_timeout_s=60)
-    server, address = _serve(cfg, net, tmp_path)
-    codes = harness.finish([server, *_clients(cfg, net, address, tmp_path)], 90)
+    server, address = harness.serve_loopback(cfg, net, tmp_path)
+    codes = harness.finish([server, *harness.start_clients(cfg, net, address, tmp_path)], 90)
     assert codes == [0, 0, 0, 0]
     run = tmp_path / "net"
     adapter = peft_adapter(run)
@@ -64,7 +45,7 @@ def test_networked_run_is_bit_identical_to_the_in_process_simulation(tmp_path, t
     _assert_same(adapter, reference)
     for i in range(3):  # every client ends holding the final client-side aggregate
         _assert_same(load_file(tmp_path / f"client-{i}.safetensors"), reference)
-    steps = [r for r in _records(run) if "event" not in r]
+    steps = [r for r in harness.records(run) if "event" not in r]
     assert [(r["round"], r["client"]) for r in steps] == [(t, c) for t in range(4)
                                                           for c in range(3)]
     # exact wire format: a float32 hidden state per token plus a byte of mask and 4 of label
@@ -81,8 +62,8 @@ def test_fed_server_in_its_own_process(tmp_path, tiny_llama_dir):
     harness.wait_for(fed_port_file.exists, 60, "the fed server to listen")
     net = NetConfig(port=0, fed_address=f"127.0.0.1:{fed_port}", step_timeout_s=20,
                     join_timeout_s=60)
-    server, address = _serve(cfg, net, tmp_path)
-    codes = harness.finish([server, fed, *_clients(cfg, net, address, tmp_path)], 90)
+    server, address = harness.serve_loopback(cfg, net, tmp_path)
+    codes = harness.finish([server, fed, *harness.start_clients(cfg, net, address, tmp_path)], 90)
     assert codes == [0] * 5
     server_half = load_file(tmp_path / "net" / "server_adapter.safetensors")
     client_half = load_file(tmp_path / "net-fed" / "client_adapter.safetensors")
@@ -95,11 +76,12 @@ def test_fed_server_in_its_own_process(tmp_path, tiny_llama_dir):
 def test_a_client_killed_mid_round_is_dropped_and_the_others_finish(tmp_path, tiny_llama_dir):
     cfg = run_config(tiny_llama_dir, tmp_path, steps=4, agg_interval=2)
     net = NetConfig(port=0, step_timeout_s=20, join_timeout_s=60)
-    server, address = _serve(cfg, net, tmp_path)
-    procs = _clients(cfg, net, address, tmp_path, die={1: 2})  # client 1 dies in round 2
+    server, address = harness.serve_loopback(cfg, net, tmp_path)
+    # client 1 dies in round 2
+    procs = harness.start_clients(cfg, net, address, tmp_path, die={1: 2})
     codes = harness.finish([server, *procs], 90)
     assert codes == [0, 0, -signal.SIGKILL, 0]
-    records = _records(tmp_path / "net")
+    records = harness.records(tmp_path / "net")
     steps = [(r["round"], r["client"]) for r in records if "event" not in r]
     assert steps == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 2),
                      (3, 0), (3, 2)]
@@ -126,8 +108,8 @@ def test_a_killed_server_resumes_from_its_checkpoint_to_the_same_adapters(tmp_pa
     reference = train(cfg, write=False, show_progress=False).adapter
     net = NetConfig(port=harness.free_port(), step_timeout_s=20, join_timeout_s=60,
                     rejoin_backoff_s=0.1, rejoin_attempts=20)
-    server, address = _serve(cfg, net, tmp_path)
-    clients = _clients(cfg, net, address, tmp_path)
+    server, address = harness.serve_loopback(cfg, net, tmp_path)
+    clients = harness.start_clients(cfg, net, address, tmp_path)
     checkpoint = tmp_path / "net" / "checkpoint" / "server.pt"
 
     def checkpointed(at_least: int) -> bool:
@@ -138,20 +120,21 @@ def test_a_killed_server_resumes_from_its_checkpoint_to_the_same_adapters(tmp_pa
     server.join(10)
     killed_at = load_checkpoint(checkpoint)["round"]
     assert server.exitcode == -signal.SIGKILL and killed_at < cfg.train.steps - 1
-    resumed, _ = _serve(cfg, net, tmp_path, resume=True)
+    resumed, _ = harness.serve_loopback(cfg, net, tmp_path, resume=True)
     codes = harness.finish([resumed, *clients], 120)
     assert codes == [0, 0, 0, 0]
     _assert_same(peft_adapter(tmp_path / "net"), reference)
     for i in range(3):
         _assert_same(load_file(tmp_path / f"client-{i}.safetensors"), reference)
-    steps = [(r["round"], r["client"]) for r in _records(tmp_path / "net") if "event" not in r]
+    steps = [(r["round"], r["client"]) for r in harness.records(tmp_path / "net")
+             if "event" not in r]
     assert steps == [(t, c) for t in range(30) for c in range(3)]  # replayed rounds once
 
 
 def test_a_killed_client_restarts_from_its_checkpoint_and_rejoins(tmp_path, tiny_llama_dir):
     cfg = run_config(tiny_llama_dir, tmp_path, steps=40, agg_interval=4)
     net = NetConfig(port=0, step_timeout_s=20, join_timeout_s=60)
-    server, address = _serve(cfg, net, tmp_path)
+    server, address = harness.serve_loopback(cfg, net, tmp_path)
     checkpoint = tmp_path / "client-1.pt"
     out = tmp_path / "client-1.safetensors"
     others = [harness.start_client(cfg, net, i, address, tmp_path / f"client-{i}.safetensors")
@@ -162,7 +145,7 @@ def test_a_killed_client_restarts_from_its_checkpoint_and_rejoins(tmp_path, tiny
     again = harness.start_client(cfg, net, 1, address, out, checkpoint=checkpoint, resume=True)
     codes = harness.finish([server, *others, again], 90)
     assert codes == [0, 0, 0, 0]
-    rounds_of_1 = [r["round"] for r in _records(tmp_path / "net")
+    rounds_of_1 = [r["round"] for r in harness.records(tmp_path / "net")
                    if "event" not in r and r["client"] == 1]
     assert rounds_of_1[:2] == [0, 1] and 2 not in rounds_of_1 and rounds_of_1[-1] == 39
     final = peft_adapter(tmp_path / "net")

@@ -7,8 +7,6 @@ to the in-process simulation, plans and losses included.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -31,23 +29,6 @@ def hetero_config(model_dir, out_dir, aggregator: str = "noisefree", steps: int 
     return RunConfig.model_validate(raw)
 
 
-def _serve(cfg, net, tmp_path):
-    port_file = tmp_path / "port"
-    proc = harness.start_server(cfg, net, port_file=port_file)
-    harness.wait_for(port_file.exists, 60, "the main server to listen")
-    return proc, f"127.0.0.1:{port_file.read_text()}"
-
-
-def _clients(cfg, net, address, tmp_path, die=None):
-    die = die or {}
-    return [harness.start_client(cfg, net, i, address, tmp_path / f"client-{i}.safetensors",
-                                 die_at=die.get(i)) for i in range(cfg.train.num_clients)]
-
-
-def _records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _steps(records):
     return [(r["round"], r["client"], r["loss"], r["tokens"]) for r in records
             if "event" not in r]
@@ -62,11 +43,11 @@ def test_networked_heterogeneous_run_is_bit_identical_to_the_simulation(
     cfg = hetero_config(tiny_llama_dir, tmp_path, aggregator, mode=mode)
     local = train(cfg, write=False, show_progress=False)
     net = NetConfig(port=0, step_timeout_s=30, join_timeout_s=60)
-    server, address = _serve(cfg, net, tmp_path)
-    codes = harness.finish([server, *_clients(cfg, net, address, tmp_path)], 150)
+    server, address = harness.serve_loopback(cfg, net, tmp_path)
+    codes = harness.finish([server, *harness.start_clients(cfg, net, address, tmp_path)], 150)
     assert codes == [0, 0, 0, 0]
     run = tmp_path / "net"
-    records = _records(run)
+    records = harness.records(run)
     plans = [r["plans"] for r in records if r.get("event") == "plan"]
     assert plans == [r["plans"] for r in local.records if r.get("event") == "plan"]
     if mode == "hsplitlora":
@@ -97,18 +78,18 @@ def test_a_heterogeneous_client_killed_mid_run_is_dropped_and_rejoins_in_sync(
     and its steps there agree with the server's copy of the state."""
     cfg = hetero_config(tiny_llama_dir, tmp_path, steps=8)
     net = NetConfig(port=0, step_timeout_s=30, join_timeout_s=60, rejoin_backoff_s=0.2)
-    server, address = _serve(cfg, net, tmp_path)
-    clients = _clients(cfg, net, address, tmp_path, die={1: 2})
+    server, address = harness.serve_loopback(cfg, net, tmp_path)
+    clients = harness.start_clients(cfg, net, address, tmp_path, die={1: 2})
     harness.wait_for(lambda: clients[1].exitcode is not None, 90, "client 1 to die")
     back = harness.start_client(cfg, net, 1, address, tmp_path / "client-1b.safetensors")
     codes = harness.finish([server, clients[0], clients[2], back], 150)
     assert codes == [0, 0, 0, 0]
-    steps = [r for r in _records(tmp_path / "net") if "event" not in r]
+    steps = [r for r in harness.records(tmp_path / "net") if "event" not in r]
     rounds_of_1 = sorted({r["round"] for r in steps if r["client"] == 1})
     assert 2 not in rounds_of_1 and {0, 1} <= set(rounds_of_1)
     assert max(rounds_of_1) == 7  # back before the end
     assert {r["round"] for r in steps if r["client"] == 0} == set(range(8))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
-    aggregates = {r["round"]: r["clients"] for r in _records(tmp_path / "net")
+    aggregates = {r["round"]: r["clients"] for r in harness.records(tmp_path / "net")
                   if r.get("event") == "aggregate"}
     assert aggregates[1] == [0, 1, 2] and aggregates[3] == [0, 2] and aggregates[7] == [0, 1, 2]
