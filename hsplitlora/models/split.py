@@ -57,6 +57,14 @@ class ArchSpec:
     default_targets: tuple[str, ...]  # what SplitLoRA adapts: the query and value projections
     fan_in_fan_out: bool = False  # GPT-2's Conv1D stores weights as (in, out)
 
+    def block_of(self, name: str) -> int:
+        """Index of the block holding ``name``, a module or parameter name of the unsplit
+        model (``model.layers.3.mlp.up_proj`` -> 3)."""
+        prefix = f"{self.backbone}.{self.blocks}."
+        if not name.startswith(prefix):
+            raise ValueError(f"{name!r} is not inside a block (names start {prefix}<i>.)")
+        return int(name[len(prefix):].split(".")[0])
+
 
 _LLAMA_LIKE = ArchSpec(
     backbone="model",

@@ -209,9 +209,8 @@ class HeteroSystem:
 
     def _client_modules(self, cid: int) -> set[str]:
         """Candidate modules in the blocks client ``cid`` runs itself."""
-        prefix = f"{self.spec.backbone}.{self.spec.blocks}."
         cut = self.plans[cid].cut
-        return {m for m in self.candidates if int(m[len(prefix):].split(".")[0]) < cut}
+        return {m for m in self.candidates if self.spec.block_of(m) < cut}
 
     def _merged_updates(self, states: Sequence[Mapping[str, agg.LoraPair]],
                         weights: Sequence[float]) -> dict[str, Update]:

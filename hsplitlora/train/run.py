@@ -435,7 +435,6 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
     cut = p.cfg.train.cut
     total = sum(p_.numel() for n, p_ in p.model.named_parameters() if ".lora_" in n)
     spec = arch_spec(p.model.config)
-    prefix = f"{spec.backbone}.{spec.blocks}."
     if p.plans:  # heterogeneous: the mean client's own adapters, from its plan
         from hsplitlora.hetero.costmodel import ModelDims
 
@@ -452,7 +451,7 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
         client_params = total  # one party holds everything
     else:
         client_params = sum(p_.numel() for n, p_ in p.model.named_parameters()
-                            if ".lora_" in n and int(n[len(prefix):].split(".")[0]) < cut)
+                            if ".lora_" in n and spec.block_of(n) < cut)
     return {
         "mode": p.cfg.train.mode,
         "model": p.cfg.model.name,

@@ -64,9 +64,8 @@ class RoleHost:
         self.client: Client | None = None
         self.round = -1  # of the last call
         self._welcomed = False
-        spec = arch_spec(p.model.config)
-        self._shapes = matrix_shapes(p.model, spec.targets)
-        self._prefix = f"{spec.backbone}.{spec.blocks}."
+        self._spec = arch_spec(p.model.config)
+        self._shapes = matrix_shapes(p.model, self._spec.targets)
         self._handlers: dict[str, Callable[[Link, Call], None]] = {
             "build": self._build, "forward": self._forward, "backward": self._backward,
             "adapter_state": self._adapter_state, "load_adapter_state": self._load,
@@ -144,8 +143,7 @@ class RoleHost:
         log.info("client %d runs blocks [0, %d)", self.client_id, cut)
 
     def _held(self, cut: int) -> dict[str, tuple[int, int]]:
-        return {m: s for m, s in self._shapes.items()
-                if int(m[len(self._prefix):].split(".")[0]) < cut}
+        return {m: s for m, s in self._shapes.items() if self._spec.block_of(m) < cut}
 
     def _load_base(self, segment: torch.nn.Module, weights: Mapping[str, torch.Tensor],
                    cut: int) -> None:

@@ -34,7 +34,7 @@ from torch import nn
 
 from hsplitlora.config import HETERO_MODES, RunConfig
 from hsplitlora.models.lora import LoraSettings, adapter_shapes, matrix_shapes
-from hsplitlora.models.split import arch_spec
+from hsplitlora.models.split import ArchSpec, arch_spec
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.roles.server import MainServer
 from hsplitlora.train.modes import everyone
@@ -132,6 +132,12 @@ class RemoteClient:
         self.session.send("call", self.round, pack_call(method, args, tensors))
         return True
 
+    def _ask(self, method: str, args: Mapping[str, Any] | None = None) -> None:
+        """Send a call whose answer the caller will wait for; a client that is not
+        connected cannot answer."""
+        if not self._send(method, args):
+            raise PartyLost(f"client {self.client_id} is not connected")
+
     def _lose(self, reason: str, code: grpc.StatusCode) -> PartyLost:
         session, self.session = self.session, None
         if session is not None:
@@ -171,8 +177,7 @@ class RemoteClient:
 
     # -- the Client methods --------------------------------------------------------------
     def forward(self) -> Activations:
-        if not self._send("forward"):
-            raise PartyLost(f"client {self.client_id} is not connected")
+        self._ask("forward")
         what = f"activations of client {self.client_id}, round {self.round}"
         return self._activations(self._await("reply", what), what)
 
@@ -187,8 +192,7 @@ class RemoteClient:
             self.session.send("call", self.round, packed)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        if not self._send("adapter_state"):
-            raise PartyLost(f"client {self.client_id} is not connected")
+        self._ask("adapter_state")
         what = f"adapter of client {self.client_id}, round {self.round}"
         blob = self._await("reply", what)
         layout = {k: ("F32", shape) for k, shape in self.hub.adapter_layout(
@@ -223,8 +227,7 @@ class RemoteClient:
     def score(self, n: int, reply: Callable[[Activations], ServerReply]) -> dict[str, float]:
         """Importance probing: the client scores its blocks on ``n`` probe batches of its
         own; each of its uploads is answered by ``reply`` (the server-side scorer)."""
-        if not self._send("score", {"n": n}):
-            raise PartyLost(f"client {self.client_id} is not connected")
+        self._ask("score", {"n": n})
         assert self.session is not None
         for i in range(n):
             what = f"probe activations {i} of client {self.client_id}"
@@ -285,8 +288,7 @@ class HeteroHub:
         self._base: nn.Module | None = None
         self._pristine: Mapping[str, torch.Tensor] = {}
         self._shapes: dict[str, tuple[int, int]] = {}
-        self._prefix = ""
-        self._default_targets: tuple[str, ...] = ()
+        self.spec: ArchSpec | None = None
         self._closed = False
         self.grpc_server, self.port = listen(self, net, tokens)
         if port_file is not None:
@@ -303,10 +305,8 @@ class HeteroHub:
         head = p.model.get_output_embeddings().weight
         self.plan = Plan(**{**self.plan.__dict__, "hidden_size": int(mc.hidden_size),
                             "vocab_size": int(mc.vocab_size), "dtype": head.dtype})
-        spec = arch_spec(mc)
-        self._shapes = matrix_shapes(p.model, spec.targets)
-        self._prefix = f"{spec.backbone}.{spec.blocks}."
-        self._default_targets = spec.default_targets
+        self.spec = arch_spec(mc)
+        self._shapes = matrix_shapes(p.model, self.spec.targets)
         self.device = p.device
         return self
 
@@ -403,16 +403,20 @@ class HeteroHub:
         self.grpc_server.stop(_GRACE_S).wait()
 
     # -- what the proxies need from the run ----------------------------------------------
-    def block_of(self, module: str) -> int:
-        return int(module[len(self._prefix):].split(".")[0])
+    def block_of(self, name: str) -> int:
+        assert self.spec is not None, "bind() the prepared run first"
+        return self.spec.block_of(name)
+
+    def _held(self, cut: int) -> dict[str, tuple[int, int]]:
+        return {m: s for m, s in self._shapes.items() if self.block_of(m) < cut}
 
     def modules_below(self, cut: int) -> set[str]:
         """The adaptable matrices a client with ``cut`` holds."""
-        return {m for m in self._shapes if self.block_of(m) < cut}
+        return set(self._held(cut))
 
     def adapter_layout(self, cut: int, settings: LoraSettings) -> dict[str, tuple[int, int]]:
-        held = {m: s for m, s in self._shapes.items() if self.block_of(m) < cut}
-        return adapter_shapes(held, settings, self._default_targets)
+        assert self.spec is not None, "bind() the prepared run first"
+        return adapter_shapes(self._held(cut), settings, self.spec.default_targets)
 
     def merged_weights(self, cut: int) -> dict[str, torch.Tensor]:
         """Base weights of the blocks below ``cut`` that aggregations have merged into
