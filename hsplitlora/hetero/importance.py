@@ -71,6 +71,7 @@ on ``<module>.base_layer``, whose output gradient is that of the whole wrapped l
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -582,6 +583,16 @@ class ImportanceTracker:
             )
         self.rounds += 1
         return dict(self.smoothed)
+
+    # The history, for a run's checkpoint (the settings come from the config).
+    _HISTORY = ("smoothed", "rounds", "last_change", "last_beta")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: copy.copy(getattr(self, k)) for k in self._HISTORY}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for k in self._HISTORY:
+            setattr(self, k, copy.copy(state[k]))
 
 
 def ranking(scores: Mapping[str, float]) -> list[str]:

@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -139,6 +139,14 @@ class Planner:
             ranks=tuple(sorted(set([0, *self.hc.rank_set]))), min_cut=min(cuts),
             max_cut=max(cuts), server_rank=self.hc.server_rank,
             time_budget_s=self.hc.time_budget_s)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The importance history and the scores the current plans were made on."""
+        return {"tracker": self.tracker.state_dict(), "planned_on": self.planned_on}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+        self.planned_on = state["planned_on"]
 
     @property
     def uses_importance(self) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -91,6 +93,25 @@ class Client:
     def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
         load_lora_state(self.segment, state)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on exactly as this client would: adapters,
+        optimizer, the positions of its batch streams and its process's RNG (dropout).
+        The segment's base weights and ranks come from the run's plan, not from here."""
+        return {"adapter": self.adapter_state(),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "batches": _stream_state(self.batches), "probes": _stream_state(self.probes),
+                "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`, into a segment built for the same plan."""
+        self.load_adapter_state(state["adapter"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        for stream, saved in ((self.batches, state["batches"]), (self.probes, state["probes"])):
+            if saved is not None:
+                stream.load_state_dict(saved)  # type: ignore[union-attr]
+        torch.set_rng_state(state["rng"])
+        self._pending = None
+
     def apply_update(self, updates: Mapping[str, Update], settings: LoraSettings) -> None:
         """Merge an aggregated update (noise-free aggregation) into this client's base
         weights, then restart its adapters at the ranks ``settings`` plans for it."""
@@ -122,3 +143,9 @@ class Client:
         from hsplitlora.hetero.importance import segment_importance
 
         return segment_importance(self.segment, self.probe_batches(n), reply, self.precision)
+
+
+def _stream_state(stream: Iterator[Any] | None) -> dict[str, Any] | None:
+    """A batch stream's position, if it can tell (a :class:`BatchStream` can)."""
+    save = getattr(stream, "state_dict", None)
+    return save() if save is not None else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -129,3 +130,23 @@ class MainServer:
             return
         for segment in {id(s): s for s in self.segments.values()}.values():
             load_lora_state(segment, state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Adapters and optimizer of every distinct server segment (one under SFL-V2, one
+        per client under SFL-V1), deep-copied so later steps cannot alter them, and this
+        process's RNG (dropout)."""
+        groups: dict[int, dict[str, Any]] = {}
+        for cid, segment in self.segments.items():
+            group = groups.setdefault(id(segment), {
+                "clients": [], "adapter": lora_state(segment),
+                "optimizer": copy.deepcopy(self.optimizers[cid].state_dict())})
+            group["clients"].append(cid)
+        return {"groups": list(groups.values()), "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`, into segments built for the same plan."""
+        for group in state["groups"]:
+            first = group["clients"][0]
+            load_lora_state(self._segment(first), group["adapter"])
+            self.optimizers[first].load_state_dict(copy.deepcopy(group["optimizer"]))
+        torch.set_rng_state(state["rng"])

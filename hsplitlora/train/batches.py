@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -46,6 +47,15 @@ class BatchStream:
     def restart(self) -> BatchStream:
         """The same stream from its first batch."""
         return BatchStream(self.features, self.batch_size, self.seed, self.pad_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands (generator, epoch order, position), so a restored copy
+        draws exactly the batches this one would draw next."""
+        return {"gen": self.gen.get_state(), "order": list(self.order), "pos": self.pos}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        self.order, self.pos = list(state["order"]), int(state["pos"])
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self.pos >= len(self.order):

@@ -104,6 +104,9 @@ class HeteroSystem:
         # Federated: each client runs its server segment (norm + head) on its own device,
         # so nothing crosses the network per step; only adapters travel.
         self.federated = federated
+        # Every merged update so far, in order: replayed over the pristine base they
+        # rebuild the merged weights bit for bit, at the size of adapters, not of the model.
+        self.merges: list[dict[str, Update]] = []
         self.plans = list(plans)
         self.client_optim = client_optim
         # In process by default; the Ray backend places each client and the server in an
@@ -187,6 +190,7 @@ class HeteroSystem:
         if self.aggregator in MERGING:
             updates = self._merged_updates(states, weights)
             merge_base_update(self.base, updates, fan_in_fan_out=self.spec.fan_in_fan_out)
+            self.merges.append(updates)
             self.restarts += 1
             for cid, client in enumerate(self.clients):
                 client.apply_update(updates, self.settings(cid))
@@ -228,6 +232,46 @@ class HeteroSystem:
             return agg.zeropad(states, weights)
         merged = agg.fedavg(states, weights)
         return [merged for _ in states]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to go on exactly as this one would: plans,
+        restarts, the merges, every server-side copy and every client. A remote client
+        that is gone is left out (it is rebuilt from the plan when it comes back)."""
+        clients = {}
+        for c in self.clients:
+            try:
+                clients[c.client_id] = c.state_dict()
+            except PartyLost as e:
+                log.warning("the checkpoint goes on without client %d: %s", c.client_id, e)
+        return {"plans": list(self.plans), "restarts": self.restarts,
+                "last_aggregated": self.last_aggregated, "merges": list(self.merges),
+                "server": self.server.state_dict(), "clients": clients}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`, in a system freshly built over the pristine
+        base: replay the merges, rebuild every party for the saved plans, load states."""
+        for updates in state["merges"]:
+            merge_base_update(self.base, updates, fan_in_fan_out=self.spec.fan_in_fan_out)
+        self.merges = list(state["merges"])
+        self.plans, self.restarts = list(state["plans"]), state["restarts"]
+        self.last_aggregated = state["last_aggregated"]
+        for cid, plan in enumerate(self.plans):
+            client_seg, server_seg = hetero_segments(self.base, plan.cut, self.settings(cid))
+            self.clients[cid].replace_segment(client_seg)
+            self.clients[cid].reset_adapters(self.settings(cid))
+            self.server.replace_segment(cid, server_seg)
+        self.server.apply_update({}, self._server_settings())  # adapters at planned ranks
+        self.server.load_state_dict(state["server"])
+        for c in self.clients:
+            saved = state["clients"].get(c.client_id)
+            if saved is None:
+                log.warning("client %d was gone when the checkpoint was taken: it restarts "
+                            "from its plan", c.client_id)
+                continue
+            try:
+                c.load_state_dict(saved)
+            except PartyLost as e:
+                log.warning("client %d could not be restored: %s", c.client_id, e)
 
     def restore_base(self) -> None:
         """Put the original base weights back into ``base`` (undo the merges), so the run's
@@ -275,17 +319,21 @@ def _update_bytes(updates: Mapping[str, Update], held: set[str]) -> int:
 
 def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
                replan: Callable[[int], Sequence[PartyPlan] | None] | None = None,
-               attendance: Attendance = everyone) -> None:
+               attendance: Attendance = everyone, *, start: int = 0,
+               trained: Collection[int] = (),
+               checkpoint: Callable[[int, set[int]], None] | None = None) -> None:
     """Train all participants for ``steps`` local steps, aggregating every ``interval``.
 
     ``replan(round)`` is asked after each merging aggregation; a non-None answer becomes
     the new plans (it logs its own reasons). ``attendance(round)`` gives the clients
     present in a round (None: all); an aggregation covers those that trained since the
-    previous one.
+    previous one. ``checkpoint(round, trained)`` is called as each round ends; a resumed
+    run starts at round ``start`` with the clients that had ``trained`` since the last
+    aggregation.
     """
     server = system.server
-    trained: set[int] = set()
-    for t in range(steps):
+    trained = set(trained)
+    for t in range(start, steps):
         for client in attending(system.clients, attendance, t):
             try:
                 acts = client.forward()
@@ -313,3 +361,5 @@ def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
                     rec.event("replan", round=t,
                               plans=[{"cut": p.cut, "adapted": len(p.ranks)} for p in plans])
         rec.end_round(t)
+        if checkpoint is not None:
+            checkpoint(t, trained)

@@ -49,9 +49,10 @@ class Optimizer:
         self.opt = torch.optim.AdamW(
             self.params, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay
         ) if self.params else None
-        offset = self.steps_done
+        self._offset = self.steps_done  # the schedule's position when these adapters began
         self.sched = (
-            torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: self._factor(step + offset))
+            torch.optim.lr_scheduler.LambdaLR(self.opt,
+                                              lambda step: self._factor(step + self._offset))
             if self.opt else None
         )
 
@@ -79,16 +80,17 @@ class Optimizer:
         self.steps_done += 1
 
     def state_dict(self) -> dict:
-        if self.opt is None:
-            return {}
-        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                "steps_done": self.steps_done}
+        position = {"steps_done": self.steps_done, "offset": self._offset}
+        if self.opt is None:  # nothing to train, but the schedule's position still counts
+            return position
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), **position}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.opt is not None and state:
+        self.steps_done = state.get("steps_done", self.steps_done)
+        self._offset = state.get("offset", 0)
+        if self.opt is not None and "opt" in state:
             self.opt.load_state_dict(state["opt"])
             self.sched.load_state_dict(state["sched"])
-            self.steps_done = state["steps_done"]
 
 
 @contextlib.contextmanager

@@ -128,6 +128,12 @@ class _Remote:
     def replace_segment(self, *args: Any) -> None:
         self._fire("replace_segment", *args)
 
+    def state_dict(self) -> dict[str, Any]:
+        return self._get(self.actor.call.remote("state_dict"))
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._fire("load_state_dict", dict(state))
+
 
 class _RemoteActivations:
     def __init__(self, ref: Any, nbytes: Deferred) -> None:

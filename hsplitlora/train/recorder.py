@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hsplitlora.train.placement import Deferred, settle
 
-__all__ = ["Recorder"]
+__all__ = ["Recorder", "kept_records"]
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,14 @@ class Recorder:
     """Writes metrics and drives a per-round progress bar with the running loss."""
 
     def __init__(self, path: Path | None, total_rounds: int, *, show_progress: bool = True,
-                 description: str = "train", log_every: int = 0) -> None:
+                 description: str = "train", log_every: int = 0,
+                 history: list[dict[str, Any]] | None = None) -> None:
         self.path = path
         self._file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
         self.start = time.perf_counter()
-        self.step = 0
-        self.records: list[dict[str, Any]] = []
+        # A resumed run goes on from the records it kept (already in the file).
+        self.records: list[dict[str, Any]] = list(history or [])
+        self.step = max((r["step"] for r in self.records if "step" in r), default=0)
         self._running: float | None = None
         self._waiting: list[dict[str, Any]] = []  # steps with figures still deferred
         self._progress = Progress(
@@ -130,3 +133,26 @@ class Recorder:
 
 def round_(x: float) -> float:
     return round(x, 4)
+
+
+def kept_records(path: Path, last_round: int) -> list[dict[str, Any]]:
+    """Keep the records of rounds up to ``last_round`` (a checkpoint's) in the metrics
+    file at ``path`` and drop the rest, which a resumed run writes again; returns them."""
+    if not path.is_file():
+        return []
+    kept = []
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # the kill cut the last line short
+                break
+            raise ValueError(f"{path}, line {i + 1}: not a JSON record; the metrics file "
+                             "is damaged") from None
+        if record.get("round", -1) <= last_round:
+            kept.append(record)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return kept

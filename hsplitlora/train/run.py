@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hsplitlora.checkpoint import atomic_save, load_checkpoint
 from hsplitlora.config import HETERO_MODES, ConfigError, RunConfig
 from hsplitlora.data.e2e import format_prompt, load_e2e, load_e2e_hub
 from hsplitlora.data.example import Example
@@ -47,7 +48,7 @@ from hsplitlora.train.parties import (
     shard_stream,
 )
 from hsplitlora.train.placement import InProcess, Placement
-from hsplitlora.train.recorder import Recorder
+from hsplitlora.train.recorder import Recorder, kept_records
 
 __all__ = ["RunResult", "load_examples", "load_trained", "party_seed", "prepare",
            "resolve_device", "train"]
@@ -111,6 +112,8 @@ class Prepared:
     device: torch.device
     plans: dict[int, tuple[int, dict[str, int]]] | None = None  # heterogeneous: (cut, ranks)
     attendance: modes.Attendance = modes.everyone  # the clients present in each round
+    checkpoint: Path | None = None  # heterogeneous: written as every round ends
+    resumed: dict[str, Any] | None = None  # heterogeneous: the checkpoint to go on from
 
 
 def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = None) -> Prepared:
@@ -210,16 +213,32 @@ def _run_hetero(p: Prepared, rec: Recorder,
         precision=t.precision, device=p.device, label_smoothing=t.label_smoothing,
         federated=cfg.hetero.federated, place=place, seed=t.seed,
         probes=[probe_stream(p, cid) for cid in range(t.num_clients)])
-    if planner.uses_importance:
-        scores = planner.observe(probe_importance(system, cfg.hetero.probe_batches,
-                                                  t.precision))
-        system.replan(planner.plans(scores))
-    rec.event("plan", round=0, plans=[{"cut": pl.cut, "ranks": dict(pl.ranks)}
-                                      for pl in system.plans])
-    p.plans = {cid: (pl.cut, dict(pl.ranks)) for cid, pl in enumerate(system.plans)}
+    start, trained = 0, set()
+    if p.resumed is not None:
+        state = p.resumed
+        system.restore(state["system"])
+        planner.load_state_dict(state["planner"])
+        p.plans, start, trained = state["plans"], state["round"] + 1, state["trained"]
+        log.info("resuming from the checkpoint of round %d", state["round"])
+    else:
+        if planner.uses_importance:
+            scores = planner.observe(probe_importance(system, cfg.hetero.probe_batches,
+                                                      t.precision))
+            system.replan(planner.plans(scores))
+        rec.event("plan", round=0, plans=[{"cut": pl.cut, "ranks": dict(pl.ranks)}
+                                          for pl in system.plans])
+        p.plans = {cid: (pl.cut, dict(pl.ranks)) for cid, pl in enumerate(system.plans)}
+
+    def save(round: int, trained: set[int]) -> None:
+        assert p.checkpoint is not None
+        atomic_save({"round": round, "trained": set(trained), "plans": p.plans,
+                     "config": cfg.model_dump(mode="json"), "system": system.state_dict(),
+                     "planner": planner.state_dict()}, p.checkpoint)
+
     run_hetero(system, t.steps, t.agg_interval, rec,
                replan=lambda rnd: planner.replan(system, rnd),
-               attendance=place.attendance(p.attendance))
+               attendance=place.attendance(p.attendance), start=start, trained=trained,
+               checkpoint=save if p.checkpoint is not None else None)
     update = system.global_update()
     state, alphas = updates_as_adapter(update)
     system.restore_base()
@@ -355,14 +374,33 @@ def _sample(p: Prepared) -> str | None:
 
 def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = None,
           write: bool = True, show_progress: bool = True,
-          placement: PlacementFactory | None = None) -> RunResult:
+          placement: PlacementFactory | None = None, checkpoint: bool = False,
+          resume: bool = False) -> RunResult:
     """Run one configured training job end to end (the Python API behind ``hsplitlora train``;
-    ``hsplitlora serve`` runs the heterogeneous modes through it with remote clients)."""
+    ``hsplitlora serve`` runs the heterogeneous modes through it with remote clients).
+
+    ``checkpoint`` (heterogeneous modes) saves the run's state as every round ends, in
+    ``<run folder>/checkpoint/server.pt``; ``resume`` goes on from it, keeping the
+    metrics of the rounds it covers, to the same result an uninterrupted run reaches.
+    """
+    if (checkpoint or resume) and (cfg.train.mode not in HETERO_MODES or not write):
+        raise ValueError("checkpoint/resume inside train() needs a heterogeneous train.mode "
+                         f"(one of {sorted(HETERO_MODES)}) and write=True; the other modes "
+                         "checkpoint in `hsplitlora serve`")
     p = prepare(cfg, model, tokenizer)
     run_dir = _run_dir(cfg) if write else None
+    history = None
     if run_dir:
+        saved = run_dir / "checkpoint" / "server.pt"
+        if resume:
+            p.resumed = load_checkpoint(saved)
+            _check_same_run(p.resumed["config"], cfg)
+            history = kept_records(run_dir / "metrics.jsonl", p.resumed["round"])
+        else:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            saved.unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        p.checkpoint = saved if checkpoint else None
     samples: dict[str, str] = {}
     before = _sample(p)
     if before is not None:
@@ -371,7 +409,7 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     start = time.perf_counter()
     with Recorder(run_dir / "metrics.jsonl" if run_dir else None, _total_rounds(cfg),
                   show_progress=show_progress, description=cfg.train.mode,
-                  log_every=cfg.train.log_every) as rec:
+                  log_every=cfg.train.log_every, history=history) as rec:
         if p.eval_features is not None and cfg.eval.every:
             rec.evaluate_every(_eval_rounds(cfg), lambda state: _held_out(p, state))
         adapter = run_mode(p, rec, placement)
@@ -397,6 +435,28 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         plot_loss(rec.records, run_dir / "loss.png", title=f"{cfg.train.mode} ({cfg.model.name})")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return RunResult(run_dir, adapter, rec.records, summary, p.model, samples)
+
+
+# Settings a resumed run may change: where and how fast it runs, not what it computes.
+_FREE_TO_CHANGE = {"train": {"threads", "device", "log_every", "backend"}}
+_SAME_RUN_SECTIONS = ("model", "lora", "data", "train", "hetero")
+
+
+def _check_same_run(saved: dict[str, Any], cfg: RunConfig) -> None:
+    """A checkpoint only continues the run it came from: refuse a config that changed
+    what the run computes, naming every changed setting."""
+    now = cfg.model_dump(mode="json")
+    changed = []
+    for section in _SAME_RUN_SECTIONS:
+        free = _FREE_TO_CHANGE.get(section, set())
+        for key in sorted(set(saved[section]) | set(now[section])):
+            old, new = saved[section].get(key), now[section].get(key)
+            if key not in free and old != new:
+                changed.append(f"{section}.{key}: {old!r} -> {new!r}")
+    if changed:
+        raise ConfigError("the config differs from the checkpointed run's in "
+                          + "; ".join(changed) + ": restore those settings to resume, or "
+                          "start a new run without --resume (or under another output.name)")
 
 
 def simulated_times(p: Prepared, records: list[dict[str, Any]],

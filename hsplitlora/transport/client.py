@@ -25,11 +25,11 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
+from hsplitlora.checkpoint import atomic_save, load_checkpoint
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.train.parties import Batches, ClientRecipe
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
-from hsplitlora.transport.checkpoint import atomic_save, load_checkpoint
 from hsplitlora.transport.codec import decode, encode_activations, wire_layout
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import RemoteFed

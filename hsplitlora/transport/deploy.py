@@ -26,13 +26,13 @@ import grpc
 import torch
 from safetensors.torch import save_file
 
+from hsplitlora.checkpoint import load_checkpoint
 from hsplitlora.config import HETERO_MODES, RunConfig
 from hsplitlora.models.lora import save_peft_adapter
 from hsplitlora.models.split import arch_spec
-from hsplitlora.train.recorder import Recorder
+from hsplitlora.train.recorder import Recorder, kept_records
 from hsplitlora.train.run import prepare
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
-from hsplitlora.transport.checkpoint import load_checkpoint, load_server_state
 from hsplitlora.transport.client import ClientRunner
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FederationServicer, FedService, RemoteFed
@@ -72,17 +72,6 @@ def _write_port(port_file: Path | None, port: int) -> None:
 
 def _tokens(net: NetConfig) -> dict[str, str] | None:
     return load_tokens(net.tokens_file) if net.tokens_file is not None else None
-
-
-def _keep_rounds_upto(metrics: Path, last: int) -> None:
-    """Drop the records of rounds after the checkpoint: they will be run again."""
-    if not metrics.is_file():
-        return
-    kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-            if line and json.loads(line).get("round", -1) <= last]
-    tmp = metrics.with_name(f".{metrics.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, metrics)
 
 
 def _hetero_limits(cfg: RunConfig, net: NetConfig, resume: bool, role: str) -> None:
@@ -147,12 +136,11 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     first_round, step = 0, 0
     if resume:
         state = load_checkpoint(checkpoint)
-        load_server_state(server, state["server"])
+        server.load_state_dict(state["server"])
         if isinstance(fed, FedService) and state["fed"] is not None:
             fed.load_state_dict(state["fed"])
-        torch.set_rng_state(state["rng"])
         first_round, step = state["round"] + 1, state["step"]
-        _keep_rounds_upto(metrics, state["round"])
+        kept_records(metrics, state["round"])
         log.info("resuming from the checkpoint of round %d", state["round"])
     else:
         (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")

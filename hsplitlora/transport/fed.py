@@ -21,10 +21,10 @@ from typing import Any
 import grpc
 import torch
 
+from hsplitlora.checkpoint import atomic_save
 from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
-from hsplitlora.transport.checkpoint import atomic_save
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.security import Authenticator, call_metadata, explain, open_channel
 from hsplitlora.transport.validate import Layout, check_finite, check_header

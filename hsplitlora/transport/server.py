@@ -24,15 +24,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
-import torch
 
+from hsplitlora.checkpoint import atomic_save
 from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.roles.messages import Activations
 from hsplitlora.roles.server import MainServer
 from hsplitlora.train.recorder import Recorder
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
-from hsplitlora.transport.checkpoint import atomic_save, server_state
 from hsplitlora.transport.codec import CODECS, decode_activations, encode
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FederationServicer, FedService, RemoteFed
@@ -345,9 +344,9 @@ class Coordinator:
 
     def _save(self, t: int) -> None:
         assert self.checkpoint is not None
-        state = {"round": t, "server": server_state(self.server),
+        state = {"round": t, "server": self.server.state_dict(),
                  "fed": self.fed.state_dict() if isinstance(self.fed, FedService) else None,
-                 "rng": torch.get_rng_state(), "step": self.rec.step}
+                 "step": self.rec.step}
         atomic_save(state, self.checkpoint)
 
     def _finish(self) -> None:

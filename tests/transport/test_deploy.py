@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hsplitlora.checkpoint import load_checkpoint
 from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.train import modes
 from hsplitlora.train.recorder import Recorder
 from hsplitlora.train.run import prepare, train
-from hsplitlora.transport.checkpoint import load_checkpoint
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.parties import build_client, build_server
 from tests.transport import harness

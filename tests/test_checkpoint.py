@@ -8,16 +8,11 @@ import os
 import pytest
 import torch
 
+from hsplitlora.checkpoint import atomic_save, load_checkpoint
 from hsplitlora.models.lora import LoraSettings, attach_lora, lora_state
 from hsplitlora.models.split import split_model
 from hsplitlora.roles.server import MainServer
 from hsplitlora.train.optim import OptimSettings
-from hsplitlora.transport.checkpoint import (
-    atomic_save,
-    load_checkpoint,
-    load_server_state,
-    server_state,
-)
 from tests.conftest import tiny_model
 from tests.transport.live import activations
 
@@ -58,9 +53,9 @@ def test_a_restored_server_continues_bit_identically(tmp_path, per_client):
     a = fresh()
     for i in range(3):
         a.step(i % 2, activations(i))
-    atomic_save(server_state(a), tmp_path / "server.pt")
+    atomic_save(a.state_dict(), tmp_path / "server.pt")
     b = fresh()
-    load_server_state(b, load_checkpoint(tmp_path / "server.pt"))
+    b.load_state_dict(load_checkpoint(tmp_path / "server.pt"))
     for i in range(3, 6):
         ra, rb = a.step(i % 2, activations(i)), b.step(i % 2, activations(i))
         assert ra.loss == rb.loss and torch.equal(ra.grad, rb.grad)

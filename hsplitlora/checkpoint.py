@@ -7,18 +7,13 @@ the new one, never half of one.
 
 from __future__ import annotations
 
-import copy
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hsplitlora.models.lora import load_lora_state, lora_state
-from hsplitlora.roles.server import MainServer
-
-__all__ = ["atomic_save", "load_checkpoint", "load_server_state", "server_state"]
+__all__ = ["atomic_save", "load_checkpoint"]
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -45,22 +40,3 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint at {path}: nothing to resume (was the run "
                                 "started with the same output.dir and output.name?)")
     return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def server_state(server: MainServer) -> dict[str, Any]:
-    """Adapters and optimizer state of every distinct server segment (one under SFL-V2,
-    one per client under SFL-V1), deep-copied so later steps cannot alter them."""
-    groups: dict[int, dict[str, Any]] = {}
-    for cid, segment in server.segments.items():
-        group = groups.setdefault(id(segment), {
-            "clients": [], "adapter": lora_state(segment),
-            "optimizer": copy.deepcopy(server.optimizers[cid].state_dict())})
-        group["clients"].append(cid)
-    return {"groups": list(groups.values())}
-
-
-def load_server_state(server: MainServer, state: Mapping[str, Any]) -> None:
-    for group in state["groups"]:
-        first = group["clients"][0]
-        load_lora_state(server.segments[first], group["adapter"])
-        server.optimizers[first].load_state_dict(copy.deepcopy(group["optimizer"]))

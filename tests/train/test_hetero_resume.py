@@ -1,0 +1,109 @@
+"""A heterogeneous run stopped after any round and resumed from its checkpoint ends
+exactly where the uninterrupted run does: same plans, same per-step losses, same adapter.
+
+The checkpoint must carry everything that moves: merged base weights (as the log of
+merges), plans and restarts, importance history, every server-side copy and client with
+its optimizer, LR schedule, batch-stream position and RNG (dropout is on, so a wrong RNG
+shows up as different losses).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hsplitlora import checkpoint as ckpt
+from hsplitlora.config import ConfigError, RunConfig
+from hsplitlora.train import run as run_module
+from hsplitlora.train.run import train
+from tests.conftest import E2E, tiny_model
+
+SCENARIO = {"kind": "heterogeneous", "memory_range": ["1.2 MiB", "3 MiB"], "seed": 1}
+
+
+def _cfg(tmp_path, mode: str, aggregator: str, **train_kw) -> RunConfig:
+    return RunConfig.model_validate({
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"train_files": [str(E2E / "original" / "devset.csv")], "eval_file": None,
+                 "max_train_examples": 60, "max_length": 160},
+        "train": {"mode": mode, "num_clients": 3, "cut": 2, "steps": 6, "batch_size": 2,
+                  "agg_interval": 2, "lr": 0.01, "warmup_steps": 1, "precision": "fp32",
+                  **train_kw},
+        "hetero": {"scenario": SCENARIO, "aggregator": aggregator, "rank_set": [0, 2, 4, 8],
+                   "server_rank": 4, "probe_batches": 1, "replan_threshold": 0.0},
+        "eval": {"max_examples": 0},
+        "output": {"dir": str(tmp_path), "name": "run", "sample_prompt": None},
+    })
+
+
+class _Killed(Exception):
+    pass
+
+
+def _steps(records):
+    return [(r["round"], r["client"], r["loss"], r["tokens"], r["lr"]) for r in records
+            if "event" not in r]
+
+
+@pytest.mark.parametrize("mode,aggregator,stop", [
+    ("hsplitlora", "noisefree", 2),  # mid-interval: two merges and re-plans still to come
+    ("hsplitlora", "noisefree", 3),  # right after a merge and re-plan
+    ("flexlora", "svd", 2),
+])
+def test_a_resumed_heterogeneous_run_ends_where_the_uninterrupted_one_does(
+        tmp_path, tiny_tokenizer, monkeypatch, mode, aggregator, stop):
+    whole = train(_cfg(tmp_path / "whole", mode, aggregator), model=tiny_model("llama"),
+                  tokenizer=tiny_tokenizer, show_progress=False)
+
+    cfg = _cfg(tmp_path / "cut", mode, aggregator)
+    save = ckpt.atomic_save
+
+    def save_then_die(obj, path):
+        save(obj, path)
+        if obj["round"] == stop:
+            raise _Killed
+
+    monkeypatch.setattr(run_module, "atomic_save", save_then_die)
+    with pytest.raises(_Killed):
+        train(cfg, model=tiny_model("llama"), tokenizer=tiny_tokenizer, show_progress=False,
+              checkpoint=True)
+    monkeypatch.undo()
+    run_dir = tmp_path / "cut" / "run"
+    assert ckpt.load_checkpoint(run_dir / "checkpoint" / "server.pt")["round"] == stop
+
+    resumed = train(cfg, model=tiny_model("llama"), tokenizer=tiny_tokenizer,
+                    show_progress=False, checkpoint=True, resume=True)
+    assert _steps(resumed.records) == _steps(whole.records)
+    events = [(r["event"], r["round"]) for r in resumed.records if "event" in r]
+    assert events == [(r["event"], r["round"]) for r in whole.records if "event" in r]
+    if mode == "hsplitlora" and stop == 2:
+        assert ("replan", 3) in events  # a merge and a re-plan happened after resuming
+    assert resumed.adapter.keys() == whole.adapter.keys() and resumed.adapter
+    for k, v in whole.adapter.items():
+        assert torch.equal(resumed.adapter[k], v), k
+    # the metrics file holds each step once: the rounds after the checkpoint were dropped
+    # and written again, the ones before kept
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert _steps(lines) == _steps(whole.records)
+    assert [r["step"] for r in lines if "step" in r] == list(range(1, 19))
+
+
+def test_a_resumed_run_refuses_a_config_that_changes_what_it_computes(tmp_path,
+                                                                     tiny_tokenizer):
+    cfg = _cfg(tmp_path, "flexlora", "svd", steps=2)
+    train(cfg, model=tiny_model("llama"), tokenizer=tiny_tokenizer, show_progress=False,
+          checkpoint=True)
+    raw = cfg.model_dump(mode="json")
+    raw["train"].update(steps=4, lr=0.02, threads=1)  # threads may change, the rest not
+    changed = RunConfig.model_validate(raw)
+    with pytest.raises(ConfigError, match=r"train.lr: 0.01 -> 0.02; train.steps: 2 -> 4"):
+        train(changed, model=tiny_model("llama"), tokenizer=tiny_tokenizer,
+              show_progress=False, resume=True)
+
+
+def test_checkpointing_in_process_is_refused_outside_the_heterogeneous_modes(tmp_path):
+    cfg = _cfg(tmp_path, "splitlora", "fedavg")
+    with pytest.raises(ValueError, match="checkpoint in `hsplitlora serve`"):
+        train(cfg, checkpoint=True)
