@@ -74,7 +74,7 @@ def _tokens(net: NetConfig) -> dict[str, str] | None:
     return load_tokens(net.tokens_file) if net.tokens_file is not None else None
 
 
-def _hetero_limits(cfg: RunConfig, net: NetConfig, resume: bool, role: str) -> None:
+def _hetero_limits(cfg: RunConfig, net: NetConfig, role: str) -> None:
     """What the networked heterogeneous modes do not do (yet), refused up front."""
     mode = cfg.train.mode
     if role == "fedserver":
@@ -86,28 +86,23 @@ def _hetero_limits(cfg: RunConfig, net: NetConfig, resume: bool, role: str) -> N
     if net.fed_address is not None:
         raise ValueError(f"net.fed_address is set, but train.mode {mode!r} aggregates in the "
                          "main server's process (see `hsplitlora fedserver`); set it to null")
-    if resume and role == "serve":
-        raise ValueError(f"serve --resume does not support train.mode {mode!r} yet; start "
-                         "the run again (clients need no restart: they reconnect)")
-    if resume:
-        raise ValueError(f"a train.mode {mode!r} client keeps no checkpoint: the server sends "
-                         "it its plan, the merged weights and its adapters when it (re)joins; "
-                         "drop --resume")
 
 
-def _serve_hetero(cfg: RunConfig, net: NetConfig, port_file: Path | None,
+def _serve_hetero(cfg: RunConfig, net: NetConfig, resume: bool, port_file: Path | None,
                   show_progress: bool) -> Path:
     """The main server of a heterogeneous run: the ordinary training run with the clients
-    remote (:class:`~hsplitlora.transport.hub.HeteroHub`); it writes the same run folder
-    as ``hsplitlora train``, in ``run_folder(cfg)``."""
+    remote (:class:`~hsplitlora.transport.hub.HeteroHub`), checkpointed as every round
+    ends; it writes the same run folder as ``hsplitlora train``, in ``run_folder(cfg)``."""
     from hsplitlora.train.run import train
     from hsplitlora.transport.hub import HeteroHub
 
-    name = run_folder(cfg).name
-    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"name": name})})
-    hub = HeteroHub(cfg, net, _tokens(net), port_file=port_file)
+    run_dir = run_folder(cfg)
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"name": run_dir.name})})
+    start = load_checkpoint(run_dir / "checkpoint" / "server.pt")["round"] + 1 if resume else 0
+    hub = HeteroHub(cfg, net, _tokens(net), port_file=port_file, start_round=start)
     try:
-        result = train(cfg, show_progress=show_progress, placement=hub.bind)
+        result = train(cfg, show_progress=show_progress, placement=hub.bind, checkpoint=True,
+                       resume=resume)
     finally:
         hub.close()
     assert result.run_dir is not None
@@ -119,8 +114,8 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     """Run the main server (and, unless ``net.fed_address`` is set, the fed server) until
     the last round; returns the run folder."""
     if cfg.train.mode in HETERO_MODES:
-        _hetero_limits(cfg, net, resume, "serve")
-        return _serve_hetero(cfg, net, port_file, show_progress)
+        _hetero_limits(cfg, net, "serve")
+        return _serve_hetero(cfg, net, resume, port_file, show_progress)
     start = time.perf_counter()
     p = prepare(cfg)
     server, plan = build_server(p)
@@ -196,9 +191,10 @@ def join(cfg: RunConfig, net: NetConfig, client_id: int, server: str, *,
     if cfg.train.mode in HETERO_MODES:
         from hsplitlora.transport.host import RoleHost
 
-        _hetero_limits(cfg, net, resume, "join")
+        _hetero_limits(cfg, net, "join")
         p = prepare(cfg)
-        return RoleHost(p, client_id, net, server, token=token, device=p.device).run()
+        return RoleHost(p, client_id, net, server, token=token, device=p.device,
+                        checkpoint=checkpoint, resume=resume).run()
     p = prepare(cfg)
     party = build_client(p, client_id)
     runner = ClientRunner(party, net, server, mode=cfg.train.mode, fed=net.fed_address,
@@ -210,7 +206,7 @@ def serve_fed(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
               port_file: Path | None = None) -> Path:
     """Run the fed server in its own process until the last round is aggregated."""
     if cfg.train.mode in HETERO_MODES:
-        _hetero_limits(cfg, net, resume, "fedserver")
+        _hetero_limits(cfg, net, "fedserver")
     p = prepare(cfg)  # for the adapter layout it must accept; it never sees activations
     run_dir = run_folder(cfg, "fed")
     checkpoint = run_dir / "checkpoint" / "fed.pt"

@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from peft.tuners.lora import LoraLayer
 
+from hsplitlora.checkpoint import atomic_save, load_checkpoint
 from hsplitlora.config import HETERO_MODES
 from hsplitlora.models.lora import matrix_shapes
 from hsplitlora.models.split import arch_spec
@@ -47,8 +49,11 @@ class RoleHost:
     ``server`` until the run is over, reconnecting after a lost connection; returns the
     client's adapter at the end."""
 
+    KEEP = 3  # snapshots of recent rounds: a resumed server is at most one round behind
+
     def __init__(self, p: Any, client_id: int, net: NetConfig, server: str, *,
-                 token: str | None = None, device: torch.device | str = "cpu") -> None:
+                 token: str | None = None, device: torch.device | str = "cpu",
+                 checkpoint: Path | None = None, resume: bool = False) -> None:
         t = p.cfg.train
         if t.mode not in HETERO_MODES:
             raise ValueError(f"RoleHost runs the heterogeneous modes, not {t.mode!r}")
@@ -70,8 +75,18 @@ class RoleHost:
             "build": self._build, "forward": self._forward, "backward": self._backward,
             "adapter_state": self._adapter_state, "load_adapter_state": self._load,
             "apply_update": self._apply_update, "reset_adapters": self._reset,
-            "score": self._score,
+            "score": self._score, "snapshot": self._snapshot, "restore": self._restore,
         }
+        # This client's state as recent rounds ended (round -> cut and Client.state_dict),
+        # the latest also on disk at ``checkpoint``, for a resumed server to send it back to.
+        self.snapshots: dict[int, dict[str, Any]] = {}
+        self.checkpoint = checkpoint
+        if resume:
+            if checkpoint is None:
+                raise ValueError("resume needs the client's checkpoint path")
+            snap = load_checkpoint(checkpoint)
+            self.snapshots[snap["round"]] = snap
+            log.info("client %d holds its snapshot of round %d", client_id, snap["round"])
 
     def run(self) -> dict[str, torch.Tensor]:
         return keep_joining(self._session, self.net, self.client_id, lambda: self._welcomed)
@@ -204,6 +219,35 @@ class RoleHost:
     def _reset(self, link: Link, call: Call) -> None:
         assert self.client is not None
         self.client.reset_adapters(settings_from_json(call.args["settings"]))
+
+    def _snapshot(self, link: Link, call: Call) -> None:
+        """Keep this client's state as round ``round`` ends (on disk too), then answer:
+        the server writes its own checkpoint of that round only after every answer."""
+        assert self.client is not None
+        r = int(call.args["round"])
+        snap = {"round": r, "cut": self.client.cut, "state": self.client.state_dict()}
+        self.snapshots[r] = snap
+        for old in [k for k in self.snapshots if k <= r - self.KEEP]:
+            del self.snapshots[old]
+        if self.checkpoint is not None:
+            atomic_save(snap, self.checkpoint)
+        link.send("reply", self.round, pack({}, {"round": str(r)}))
+
+    def _restore(self, link: Link, call: Call) -> None:
+        """Go back to the snapshot of round ``round`` (the server resumed from its
+        checkpoint of that round). Without it the client goes on from the adapters the
+        server just sent, with a fresh optimizer: the run continues, though no longer
+        exactly as an uninterrupted one would."""
+        assert self.client is not None
+        r = int(call.args["round"])
+        snap = self.snapshots.get(r)
+        if snap is None or snap["cut"] != self.client.cut:
+            log.warning("client %d holds no snapshot of round %d (it has %s): it goes on "
+                        "from the server's adapters with a fresh optimizer", self.client_id,
+                        r, sorted(self.snapshots) or "none")
+            return
+        self.client.load_state_dict(snap["state"])
+        log.info("client %d is back at the end of round %d", self.client_id, r)
 
     def _score(self, link: Link, call: Call) -> None:
         assert self.client is not None

@@ -114,6 +114,9 @@ class RemoteClient:
         self.session: Session | None = None
         self.round = 0
         self.outgoing: tuple[torch.Tensor, bytes] | None = None
+        # After a resume: the round of the client's own snapshot it should go back to,
+        # until it trains or its adapters change (then the snapshot is out of date).
+        self.snapshot: int | None = None
 
     @property
     def here(self) -> bool:
@@ -177,6 +180,7 @@ class RemoteClient:
 
     # -- the Client methods --------------------------------------------------------------
     def forward(self) -> Activations:
+        self.snapshot = None
         self._ask("forward")
         what = f"activations of client {self.client_id}, round {self.round}"
         return self._activations(self._await("reply", what), what)
@@ -206,17 +210,37 @@ class RemoteClient:
         return state
 
     def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.adapters = dict(state)
+        self.adapters, self.snapshot = dict(state), None
         self._send("load_adapter_state", tensors=state)
 
     def apply_update(self, updates: Mapping[str, Any], settings: LoraSettings) -> None:
-        self.settings, self.adapters = settings, None
+        self.settings, self.adapters, self.snapshot = settings, None, None
         mine = {m: u for m, u in updates.items() if self.hub.block_of(m) < self.cut}
         self._send("apply_update", {"settings": settings_to_json(settings)}, pack_updates(mine))
 
     def reset_adapters(self, settings: LoraSettings) -> None:
-        self.settings, self.adapters = settings, None
+        self.settings, self.adapters, self.snapshot = settings, None, None
         self._send("reset_adapters", {"settings": settings_to_json(settings)})
+
+    def state_dict(self) -> dict[str, Any]:
+        """The client snapshots its own state as this round ends (its optimizer, data
+        position and RNG never leave it); the server's checkpoint records the round, and
+        the adapters it would rebuild the client with should that snapshot be lost."""
+        self._ask("snapshot", {"round": self.round})
+        self._await("reply", f"snapshot of client {self.client_id}, round {self.round}")
+        return {"snapshot": self.round, "adapters": self.adapters}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Send the client back to its snapshot (now, or when it next connects)."""
+        self.adapters, self.snapshot = state["adapters"], state["snapshot"]
+        self._restore()
+
+    def _restore(self) -> None:
+        # The cached adapters first: a client without the snapshot keeps these.
+        if self.adapters is not None:
+            self._send("load_adapter_state", tensors=self.adapters)
+        if self.snapshot is not None:
+            self._send("restore", {"round": self.snapshot})
 
     def replace_segment(self, segment: nn.Module) -> None:
         """The cut changed at a re-plan: the client rebuilds its segment from its own copy
@@ -256,8 +280,7 @@ class RemoteClient:
         session.outbox.put(pb.ServerFrame(welcome=pb.Welcome(
             round=round, steps=p.steps, interval=p.interval, mode=p.mode, cut=-1)))
         self._build()
-        if self.adapters is not None:
-            self._send("load_adapter_state", tensors=self.adapters)
+        self._restore()
         log.info("client %d admitted at round %d: cut %d", self.client_id, round, self.cut)
 
 
@@ -270,7 +293,7 @@ class HeteroHub:
     """
 
     def __init__(self, cfg: RunConfig, net: NetConfig, tokens: Mapping[str, str] | None,
-                 *, port_file: Path | None = None) -> None:
+                 *, port_file: Path | None = None, start_round: int = 0) -> None:
         t = cfg.train
         if t.mode not in HETERO_MODES:
             raise ValueError(f"HeteroHub runs the heterogeneous modes, not {t.mode!r}")
@@ -282,6 +305,7 @@ class HeteroHub:
                          max_length=cfg.data.max_length, hidden_size=0, vocab_size=0,
                          dtype=torch.float32)
         self.clients: dict[int, RemoteClient] = {}
+        self.start_round = start_round  # where a resumed run goes on
         self.device = torch.device("cpu")
         self._cond = threading.Condition()
         self._pending: dict[int, Session] = {}
@@ -355,7 +379,7 @@ class HeteroHub:
             raise TimeoutError(f"only {have} of {n} clients connected within "
                                f"net.join_timeout_s={self.net.join_timeout_s:g} s (need "
                                f"{need}); start the missing clients or lower net.min_clients")
-        self._admit(0)
+        self._admit(self.start_round)
 
     def attendance(self, simulated: Attendance) -> Attendance:
         if simulated is not everyone:

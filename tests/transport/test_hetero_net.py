@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hsplitlora.checkpoint import load_checkpoint
 from hsplitlora.config import RunConfig
 from hsplitlora.train.run import train
 from hsplitlora.transport.config import NetConfig
@@ -93,3 +94,45 @@ def test_a_heterogeneous_client_killed_mid_run_is_dropped_and_rejoins_in_sync(
     aggregates = {r["round"]: r["clients"] for r in harness.records(tmp_path / "net")
                   if r.get("event") == "aggregate"}
     assert aggregates[1] == [0, 1, 2] and aggregates[3] == [0, 2] and aggregates[7] == [0, 1, 2]
+
+
+def test_a_killed_heterogeneous_deployment_resumes_to_the_uninterrupted_result(
+        tmp_path, tiny_llama_dir):
+    """The server and client 0 are SIGKILLed together mid-run. The server resumes from
+    its checkpoint (merged weights, plans, importance history, server-side copies),
+    client 0 from its own (`join --resume`: optimizer, data position, RNG), clients 1 and
+    2 rewind to their in-memory snapshots: the run ends bit-identical to the simulation,
+    each step recorded once."""
+    cfg = hetero_config(tiny_llama_dir, tmp_path, steps=8)
+    local = train(cfg, write=False, show_progress=False)
+    net = NetConfig(port=harness.free_port(), step_timeout_s=30, join_timeout_s=60,
+                    rejoin_backoff_s=0.1, rejoin_attempts=30)
+    server, address = harness.serve_loopback(cfg, net, tmp_path)
+    own = tmp_path / "client-0.pt"
+    first = harness.start_client(cfg, net, 0, address, tmp_path / "client-0.safetensors",
+                                 checkpoint=own)
+    others = [harness.start_client(cfg, net, i, address, tmp_path / f"client-{i}.safetensors")
+              for i in (1, 2)]
+    saved = tmp_path / "net" / "checkpoint" / "server.pt"
+
+    def checkpointed(at_least: int) -> bool:
+        return saved.exists() and load_checkpoint(saved)["round"] >= at_least
+
+    harness.wait_for(lambda: checkpointed(4), 120, "round 4's checkpoint")
+    server.kill()
+    first.kill()
+    harness.finish([server, first], 10)
+    killed_at = load_checkpoint(saved)["round"]
+    assert killed_at < cfg.train.steps - 1
+    assert load_checkpoint(own)["round"] >= killed_at
+    resumed, _ = harness.serve_loopback(cfg, net, tmp_path, resume=True)
+    again = harness.start_client(cfg, net, 0, address, tmp_path / "client-0.safetensors",
+                                 checkpoint=own, resume=True)
+    assert harness.finish([resumed, again, *others], 150) == [0, 0, 0, 0]
+    records = harness.records(tmp_path / "net")
+    assert _steps(records) == _steps(local.records)
+    assert [r["step"] for r in records if "step" in r] == list(range(1, 25))
+    adapter = peft_adapter(tmp_path / "net")
+    assert set(adapter) == set(local.adapter) and adapter
+    for k, v in local.adapter.items():
+        assert torch.equal(adapter[k], v), k

@@ -181,7 +181,7 @@ def test_a_client_that_joins_after_merges_is_built_exactly_like_the_simulated_on
         hub.close()
 
 
-def test_what_the_networked_heterogeneous_modes_do_not_do_is_refused_up_front(
+def test_a_separate_fed_server_and_a_resume_without_checkpoint_are_refused_up_front(
         tmp_path, tiny_llama_dir):
     from hsplitlora.transport.deploy import join, serve, serve_fed
 
@@ -190,7 +190,7 @@ def test_what_the_networked_heterogeneous_modes_do_not_do_is_refused_up_front(
         serve_fed(cfg, NetConfig())
     with pytest.raises(ValueError, match="net.fed_address is set"):
         serve(cfg, NetConfig(fed_address="127.0.0.1:1"))
-    with pytest.raises(ValueError, match="serve --resume does not support"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*nothing to resume"):
         serve(cfg, NetConfig(), resume=True)
-    with pytest.raises(ValueError, match="keeps no checkpoint.*drop --resume"):
-        join(cfg, NetConfig(), 0, "127.0.0.1:1", resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*nothing to resume"):
+        join(cfg, NetConfig(), 0, "127.0.0.1:1", resume=True, checkpoint=tmp_path / "none.pt")
