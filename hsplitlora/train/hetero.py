@@ -26,13 +26,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from hsplitlora import aggregate as agg
-from hsplitlora.models.lora import LoraSettings, merge_base_update, target_module_names
+from hsplitlora.models.lora import (
+    LoraSettings,
+    adapter_shapes,
+    matrix_shapes,
+    merge_base_update,
+    target_module_names,
+)
 from hsplitlora.models.split import arch_spec
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import nbytes
@@ -42,7 +48,8 @@ from hsplitlora.train.parties import ClientRecipe, HeteroServerRecipe, hetero_se
 from hsplitlora.train.placement import InProcess, PartyLost, Placement
 from hsplitlora.train.recorder import Recorder
 
-__all__ = ["AGGREGATORS", "MERGING", "PartyPlan", "HeteroSystem", "run_hetero"]
+__all__ = ["AGGREGATORS", "MERGING", "Contribution", "FedAggregation", "HeteroSystem",
+           "PartyPlan", "combine", "run_hetero"]
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +105,23 @@ class HeteroSystem:
         self.alpha, self.dropout, self.aggregator = alpha, dropout, aggregator
         self.seed = seed
         self.restarts = 0  # times the adapters restarted (merging aggregations, re-plans)
-        # Participants of the latest aggregation (None: all): the global model of a
-        # non-merging method is their weighted update.
-        self.last_aggregated: set[int] | None = None
         # Federated: each client runs its server segment (norm + head) on its own device,
         # so nothing crosses the network per step; only adapters travel.
         self.federated = federated
         # Every merged update so far, in order: replayed over the pristine base they
         # rebuild the merged weights bit for bit, at the size of adapters, not of the model.
         self.merges: list[dict[str, Update]] = []
+        # Non-merging methods: each participant's adapter from the latest aggregation
+        # (the global model is their weighted update).
+        self.outputs: dict[int, dict[str, agg.LoraPair]] = {}
+        self.shapes = matrix_shapes(base, self.spec.targets)
         self.plans = list(plans)
         self.client_optim = client_optim
         # In process by default; the Ray backend places each client and the server in an
         # actor and hands back proxies with the same methods.
         place = place or InProcess(torch.device(device))
         place.watch_base(base, self.original)
+        self.fed: FedAggregation | None = place.fed_aggregation()
         clients, segments = [], {}
         for cid, (plan, stream) in enumerate(zip(self.plans, streams, strict=True)):
             settings = self.settings(cid)
@@ -164,31 +173,28 @@ class HeteroSystem:
             client.reset_adapters(self.settings(cid))
         self.server.apply_update({}, self._server_settings())
 
-    def aggregate(self, ids: Collection[int] | None = None) -> tuple[int, int]:
+    def aggregate(self, ids: Collection[int] | None = None, round: int = 0) -> tuple[int, int]:
         """Aggregate the adapters of the participants in ``ids`` (default all: those that
-        trained since the last aggregation); returns bytes up and down.
+        trained since the last aggregation) after ``round``; returns bytes up and down.
 
         Merging methods merge the result into every copy, present or not (base weights
         stay identical everywhere). The others load each aggregated participant's output
         back; a participant that did not train keeps its adapters until it next does. A
-        remote client that is gone by now (:class:`PartyLost`) is left out.
+        remote client that is gone by now (:class:`PartyLost`) is left out. With a fed
+        server in another process (``fed``) the clients' adapters go there, not here.
         """
-        uploads: dict[int, dict[str, torch.Tensor]] = {}
-        for c in self.clients:
-            if ids is None or c.client_id in ids:
-                try:
-                    uploads[c.client_id] = c.adapter_state()
-                except PartyLost as e:
-                    log.warning("aggregation goes on without client %d: %s", c.client_id, e)
-        if not uploads:
+        members = [c for c in self.clients if ids is None or c.client_id in ids]
+        if self.fed is None:
+            included, result, up = self._combine_here(members)
+        else:
+            included, result, up = self.fed.combine(round, {c.client_id: Contribution(
+                c, c.num_samples, self.plans[c.client_id].cut, self.settings(c.client_id),
+                self.client_layout(c.client_id), self.server.adapter_state(c.client_id))
+                for c in members})
+        if not included:
             return 0, 0
-        members = [c for c in self.clients if c.client_id in uploads]
-        self.last_aggregated = None if ids is None else set(uploads)
-        states = [self._joined(cid, state) for cid, state in uploads.items()]
-        weights = [c.num_samples for c in members]
-        up = sum(nbytes(agg.to_peft_state_dict(s)) for s in states)
         if self.aggregator in MERGING:
-            updates = self._merged_updates(states, weights)
+            updates = result
             merge_base_update(self.base, updates, fan_in_fan_out=self.spec.fan_in_fan_out)
             self.merges.append(updates)
             self.restarts += 1
@@ -200,38 +206,48 @@ class HeteroSystem:
             down = _update_bytes(updates, set(updates)) + sum(
                 _update_bytes(updates, self._client_modules(c.client_id)) for c in self.clients)
             return up, down
-        outs = self._per_participant(states, weights)
+        self.outputs = dict(result)
         down = 0
-        for client, out in zip(members, outs, strict=True):
-            flat = agg.to_peft_state_dict(out)
+        for client in members:
             cid = client.client_id
-            client.load_adapter_state({k: flat[k] for k in uploads[cid]})
+            if cid not in included:
+                continue
+            flat = agg.to_peft_state_dict(result[cid])
+            client.load_adapter_state({k: flat[k] for k in self.client_layout(cid)})
             server_keys = self.server.adapter_state(cid)
             self.server.load_adapter_state({k: flat[k] for k in server_keys}, cid)
             down += nbytes(flat)
         return up, down
 
+    def _combine_here(self, members: Sequence[Any]) -> tuple[list[int], Any, int]:
+        """Aggregation in this process: fetch the clients' adapters, join each with its
+        server-side copy, combine."""
+        uploads: dict[int, dict[str, torch.Tensor]] = {}
+        for c in members:
+            try:
+                uploads[c.client_id] = c.adapter_state()
+            except PartyLost as e:
+                log.warning("aggregation goes on without client %d: %s", c.client_id, e)
+        if not uploads:
+            return [], None, 0
+        states = [self._joined(cid, state) for cid, state in uploads.items()]
+        weights = [c.num_samples for c in members if c.client_id in uploads]
+        up = sum(nbytes(agg.to_peft_state_dict(s)) for s in states)
+        result = combine(self.aggregator, states, weights)
+        if self.aggregator not in MERGING:
+            result = dict(zip(uploads, result, strict=True))
+        return list(uploads), result, up
+
+    def client_layout(self, cid: int) -> dict[str, tuple[int, int]]:
+        """Names and shapes of client ``cid``'s adapter tensors under its current plan."""
+        cut = self.plans[cid].cut
+        held = {m: s for m, s in self.shapes.items() if self.spec.block_of(m) < cut}
+        return adapter_shapes(held, self.settings(cid), self.spec.default_targets)
+
     def _client_modules(self, cid: int) -> set[str]:
         """Candidate modules in the blocks client ``cid`` runs itself."""
         cut = self.plans[cid].cut
         return {m for m in self.candidates if self.spec.block_of(m) < cut}
-
-    def _merged_updates(self, states: Sequence[Mapping[str, agg.LoraPair]],
-                        weights: Sequence[float]) -> dict[str, Update]:
-        if self.aggregator == "noisefree":
-            return {m: _as_update(agg.dense_or_factors(f))
-                    for m, f in agg.noisefree(states, weights).items()}
-        # FLoRA ships the stacked adapter itself (rank sum_k r_k, scale 1).
-        return {m: (pair.B, pair.A) for m, pair in agg.stack(states, weights).items()}
-
-    def _per_participant(self, states: Sequence[Mapping[str, agg.LoraPair]],
-                         weights: Sequence[float]) -> list[dict[str, agg.LoraPair]]:
-        if self.aggregator == "svd":
-            return agg.svd(states, weights)[0]
-        if self.aggregator == "zeropad":
-            return agg.zeropad(states, weights)
-        merged = agg.fedavg(states, weights)
-        return [merged for _ in states]
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to go on exactly as this one would: plans,
@@ -244,7 +260,8 @@ class HeteroSystem:
             except PartyLost as e:
                 log.warning("the checkpoint goes on without client %d: %s", c.client_id, e)
         return {"plans": list(self.plans), "restarts": self.restarts,
-                "last_aggregated": self.last_aggregated, "merges": list(self.merges),
+                "merges": list(self.merges),
+                "outputs": dict(self.outputs),
                 "server": self.server.state_dict(), "clients": clients}
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -254,7 +271,7 @@ class HeteroSystem:
             merge_base_update(self.base, updates, fan_in_fan_out=self.spec.fan_in_fan_out)
         self.merges = list(state["merges"])
         self.plans, self.restarts = list(state["plans"]), state["restarts"]
-        self.last_aggregated = state["last_aggregated"]
+        self.outputs = dict(state["outputs"])
         for cid, plan in enumerate(self.plans):
             client_seg, server_seg = hetero_segments(self.base, plan.cut, self.settings(cid))
             self.clients[cid].replace_segment(client_seg)
@@ -286,7 +303,7 @@ class HeteroSystem:
 
         Merging methods: what has been merged into the base so far (after the final
         aggregation the adapters are fresh, B = 0, and add nothing). Other methods: the
-        exact weighted sum of the current updates of the latest aggregation's participants.
+        exact weighted sum of the updates the latest aggregation gave its participants.
         """
         if self.aggregator in MERGING:
             out = {}
@@ -299,10 +316,49 @@ class HeteroSystem:
                     if delta.abs().max() > 0:
                         out[module] = delta
             return out
-        ids = self.last_aggregated
-        states = self.participant_states(ids)
-        return agg.weighted_delta(states, [c.num_samples for c in self.clients
-                                           if ids is None or c.client_id in ids])
+        ids = sorted(self.outputs)
+        return agg.weighted_delta([self.outputs[cid] for cid in ids],
+                                  [self.clients[cid].num_samples for cid in ids])
+
+
+def combine(aggregator: str, states: Sequence[Mapping[str, agg.LoraPair]],
+            weights: Sequence[float]) -> dict[str, Update] | list[dict[str, agg.LoraPair]]:
+    """One aggregation over full participant adapters (client side joined with its
+    server-side copy): the update to merge (``noisefree``, ``stack``) or each
+    participant's new adapter (``svd``, ``zeropad``, ``fedavg``)."""
+    if aggregator == "noisefree":
+        return {m: _as_update(agg.dense_or_factors(f))
+                for m, f in agg.noisefree(states, weights).items()}
+    if aggregator == "stack":  # FLoRA ships the stacked adapter itself (rank sum r_k, scale 1)
+        return {m: (pair.B, pair.A) for m, pair in agg.stack(states, weights).items()}
+    if aggregator == "svd":
+        return agg.svd(states, weights)[0]
+    if aggregator == "zeropad":
+        return agg.zeropad(states, weights)
+    merged = agg.fedavg(states, weights)
+    return [merged for _ in states]
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What one participant brings to an aggregation on a fed server in another
+    process, besides its client's adapter (which the client sends there itself)."""
+
+    client: Any  # the client (proxy), told to upload its adapter
+    num_samples: int
+    cut: int
+    settings: LoraSettings
+    layout: dict[str, tuple[int, int]]  # its client's adapter: names and shapes
+    server_state: dict[str, torch.Tensor]  # its server-side copy's adapter
+
+
+class FedAggregation(Protocol):
+    """A fed server in another process, so the main server never holds a client's
+    adapter: it returns the participants it aggregated, the result (the update to merge,
+    or each participant's new adapter by id) and the bytes uploaded to it."""
+
+    def combine(self, round: int, parties: Mapping[int, Contribution]
+                ) -> tuple[list[int], Any, int]: ...
 
 
 def _as_update(x: agg.Factors | torch.Tensor) -> Update:
@@ -348,7 +404,7 @@ def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
                            tokens=reply.tokens, bytes_up=0 if local else acts.nbytes,
                            bytes_down=0 if local else reply.nbytes, lr=server.lr)
         if ((t + 1) % interval == 0 or t + 1 == steps) and trained:
-            up, down = system.aggregate(trained)
+            up, down = system.aggregate(trained, t)
             rec.event("aggregate", round=t, side="all", method=system.aggregator,
                       clients=sorted(trained), bytes_up=up, bytes_down=down)
             trained = set()

@@ -67,6 +67,10 @@ class Placement(Protocol):
         """Each round's clients: the ``simulated`` draw, or, where the clients are real
         remote parties, those actually there."""
 
+    def fed_aggregation(self) -> Any:
+        """A heterogeneous run's fed server in another process (a
+        :class:`~hsplitlora.train.hetero.FedAggregation`), or None: aggregate here."""
+
     def close(self, check: bool = True) -> None:
         """Release the roles; ``check`` first re-raises a failure not yet reported."""
 
@@ -88,6 +92,9 @@ class InProcess:
 
     def attendance(self, simulated: Attendance) -> Attendance:
         return simulated
+
+    def fed_aggregation(self) -> None:
+        return None
 
     def close(self, check: bool = True) -> None:
         pass

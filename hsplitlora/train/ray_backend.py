@@ -275,6 +275,9 @@ class RayPlacement:
     def attendance(self, simulated: Attendance) -> Attendance:
         return simulated
 
+    def fed_aggregation(self) -> None:
+        return None  # the driver aggregates, as in process
+
     def started(self) -> None:
         """Wait until every actor runs; name what is missing if the cluster cannot place
         them (a request larger than any node stays pending forever otherwise)."""

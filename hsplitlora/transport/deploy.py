@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from hsplitlora.checkpoint import load_checkpoint
 from hsplitlora.config import HETERO_MODES, RunConfig
-from hsplitlora.models.lora import save_peft_adapter
+from hsplitlora.models.lora import matrix_shapes, save_peft_adapter
 from hsplitlora.models.split import arch_spec
 from hsplitlora.train.recorder import Recorder, kept_records
 from hsplitlora.train.run import prepare
@@ -36,6 +36,7 @@ from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.client import ClientRunner
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FederationServicer, FedService, RemoteFed
+from hsplitlora.transport.hetero_fed import HeteroFedService
 from hsplitlora.transport.parties import (
     build_client,
     build_fed,
@@ -74,20 +75,6 @@ def _tokens(net: NetConfig) -> dict[str, str] | None:
     return load_tokens(net.tokens_file) if net.tokens_file is not None else None
 
 
-def _hetero_limits(cfg: RunConfig, net: NetConfig, role: str) -> None:
-    """What the networked heterogeneous modes do not do (yet), refused up front."""
-    mode = cfg.train.mode
-    if role == "fedserver":
-        raise ValueError(
-            f"train.mode {mode!r} aggregates in the main server's process: noise-free (and "
-            "SVD, zero-padding, stacking) aggregation combines each client's adapters with "
-            "its server-side copy, which only the main server holds; start no fed server "
-            "and leave net.fed_address null")
-    if net.fed_address is not None:
-        raise ValueError(f"net.fed_address is set, but train.mode {mode!r} aggregates in the "
-                         "main server's process (see `hsplitlora fedserver`); set it to null")
-
-
 def _serve_hetero(cfg: RunConfig, net: NetConfig, resume: bool, port_file: Path | None,
                   show_progress: bool) -> Path:
     """The main server of a heterogeneous run: the ordinary training run with the clients
@@ -114,7 +101,6 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     """Run the main server (and, unless ``net.fed_address`` is set, the fed server) until
     the last round; returns the run folder."""
     if cfg.train.mode in HETERO_MODES:
-        _hetero_limits(cfg, net, "serve")
         return _serve_hetero(cfg, net, resume, port_file, show_progress)
     start = time.perf_counter()
     p = prepare(cfg)
@@ -191,7 +177,6 @@ def join(cfg: RunConfig, net: NetConfig, client_id: int, server: str, *,
     if cfg.train.mode in HETERO_MODES:
         from hsplitlora.transport.host import RoleHost
 
-        _hetero_limits(cfg, net, "join")
         p = prepare(cfg)
         return RoleHost(p, client_id, net, server, token=token, device=p.device,
                         checkpoint=checkpoint, resume=resume).run()
@@ -205,15 +190,26 @@ def join(cfg: RunConfig, net: NetConfig, client_id: int, server: str, *,
 def serve_fed(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
               port_file: Path | None = None) -> Path:
     """Run the fed server in its own process until the last round is aggregated."""
-    if cfg.train.mode in HETERO_MODES:
-        _hetero_limits(cfg, net, "fedserver")
     p = prepare(cfg)  # for the adapter layout it must accept; it never sees activations
     run_dir = run_folder(cfg, "fed")
-    checkpoint = run_dir / "checkpoint" / "fed.pt"
-    fed = FedService(build_fed(p), client_adapter_layout(p), net.step_timeout_s,
-                     checkpoint=checkpoint)
-    if resume:
-        fed.load_state_dict(load_checkpoint(checkpoint))
+    last = cfg.train.steps - 1
+    fed: FedService | HeteroFedService
+    if cfg.train.mode in HETERO_MODES:
+        from hsplitlora.hetero.scheme import BASELINE_AGGREGATOR
+
+        if resume:
+            log.info("the fed server of a %s run keeps nothing between rounds: it serves the "
+                     "next round the main server resumes at", cfg.train.mode)
+        spec = arch_spec(p.model.config)
+        fed = HeteroFedService(BASELINE_AGGREGATOR.get(cfg.train.mode, cfg.hetero.aggregator),
+                               cfg.lora.alpha, matrix_shapes(p.model, spec.targets), spec,
+                               net.step_timeout_s, last)
+    else:
+        checkpoint = run_dir / "checkpoint" / "fed.pt"
+        fed = FedService(build_fed(p), client_adapter_layout(p), net.step_timeout_s,
+                         checkpoint=checkpoint)
+        if resume:
+            fed.load_state_dict(load_checkpoint(checkpoint))
     n = cfg.train.num_clients
     grpc_server = grpc.server(ThreadPoolExecutor(max_workers=2 * n + 8), options=options(net))
     auth = Authenticator(_tokens(net), {*(str(i) for i in range(n)), "server"})
@@ -223,7 +219,11 @@ def serve_fed(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     _write_port(port_file, port)
     log.info("fed server listening on %s:%d", net.host, port)
     try:
-        while fed.latest(cfg.train.steps - 1, 60.0) is None:
+        if isinstance(fed, HeteroFedService):
+            while not fed.finished.wait(60.0):
+                pass
+            return run_dir
+        while fed.latest(last, 60.0) is None:
             pass
     finally:
         grpc_server.stop(_GRACE_S).wait()

@@ -73,6 +73,10 @@ class FedService:
         self._rounds: dict[int, _Round] = {}
         self._cond = threading.Condition()
 
+    def layout_for(self, round: int, client_id: int) -> Layout:
+        """The adapter every client uploads: the same in every round."""
+        return self.layout
+
     def open(self, round: int, client_ids: Sequence[int]) -> None:
         """Declare (or shrink) the clients that take part in ``round``'s aggregation."""
         with self._cond:
@@ -175,9 +179,11 @@ class FedService:
 
 
 class FederationServicer(pb_grpc.FederationServicer):
-    """gRPC face of a :class:`FedService`; clients aggregate, the main server opens rounds."""
+    """gRPC face of a :class:`FedService` (or, in the heterogeneous modes, a
+    :class:`~hsplitlora.transport.hetero_fed.HeteroFedService`); clients aggregate, the
+    main server opens rounds (and, heterogeneous, sends its side of each)."""
 
-    def __init__(self, service: FedService, auth: Authenticator, net: NetConfig) -> None:
+    def __init__(self, service: Any, auth: Authenticator, net: NetConfig) -> None:
         self.service = service
         self.auth = auth
         self.net = net
@@ -203,7 +209,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         what = f"{what}, round {blob.round}"
         if blob.kind != "adapter":
             raise WireError(f"{what}: got a {blob.kind!r} blob instead")
-        state, meta = _decode_adapter(blob.data, self.service.layout, what)
+        state, meta = _decode_adapter(blob.data, self.service.layout_for(blob.round, cid), what)
         text = meta.get("num_samples", "")
         num_samples = int(text) if text.isdigit() else 0
         if num_samples < 1:
@@ -218,6 +224,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         except WireError as e:
             log.warning("refused an upload: %s", e)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return
+        except LookupError as e:
+            log.warning("adapter of client %d: %s", cid, e)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             return
         try:
             packed = self.service.submit(round, cid, state, num_samples)
@@ -236,11 +246,20 @@ class FederationServicer(pb_grpc.FederationServicer):
             yield from frames(found[1], "aggregate", found[0], 0, self.net.chunk_bytes)
 
     def Open(self, request: pb.RoundOpen, context: grpc.ServicerContext) -> pb.Ack:  # noqa: N802
-        if self.auth.identify(context) != "server":
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, "only the main server opens "
-                          "aggregation rounds")
+        self._main_server(context, "opens aggregation rounds")
         self.service.open(request.round, list(request.client_ids))
         return pb.Ack()
+
+    def Combine(self, request_iterator: Iterator[pb.Chunk],  # noqa: N802
+                context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        from hsplitlora.transport.hetero_fed import combine_call
+
+        self._main_server(context, "sends its side of an aggregation")
+        yield from combine_call(self.service, request_iterator, self.net, context)
+
+    def _main_server(self, context: grpc.ServicerContext, what: str) -> None:
+        if self.auth.identify(context) != "server":
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"only the main server {what}")
 
 
 class RemoteFed:
@@ -275,14 +294,16 @@ class RemoteFed:
         return None
 
     def aggregate(self, round: int, state: Mapping[str, torch.Tensor],
-                  num_samples: int) -> State:
-        """Upload ``state`` for ``round``; the round's aggregate."""
+                  num_samples: int, reply: Layout | None = None) -> State:
+        """Upload ``state`` for ``round``; the round's aggregate (laid out as ``reply``,
+        by default as ``state``)."""
         data = pack(state, {"num_samples": str(num_samples)})
         up = frames(data, "adapter", round, 0, self.net.chunk_bytes)
+        layout = adapter_layout(state) if reply is None else reply
         try:
             got = self._collect(self._stub.Aggregate(up, metadata=self._meta,
                                                      timeout=self.net.reply_timeout_s),
-                                adapter_layout(state), f"aggregate of round {round}")
+                                layout, f"aggregate of round {round}")
         except grpc.RpcError as e:
             raise explain(e, self.address, self.net) from None
         if got is None:

@@ -33,7 +33,8 @@ from hsplitlora.transport.calls import Call, read_call, settings_from_json, unpa
 from hsplitlora.transport.client import Link, RunOver, keep_joining
 from hsplitlora.transport.codec import decode, encode_activations, wire_layout
 from hsplitlora.transport.config import NetConfig
-from hsplitlora.transport.security import ConnectionFailed
+from hsplitlora.transport.fed import RemoteFed
+from hsplitlora.transport.security import ConnectionFailed, Refused
 from hsplitlora.transport.validate import check_finite, check_header
 from hsplitlora.transport.wire import Blob, Header, WireError, pack, read_header, unpack
 
@@ -76,6 +77,7 @@ class RoleHost:
             "adapter_state": self._adapter_state, "load_adapter_state": self._load,
             "apply_update": self._apply_update, "reset_adapters": self._reset,
             "score": self._score, "snapshot": self._snapshot, "restore": self._restore,
+            "upload": self._upload,
         }
         # This client's state as recent rounds ended (round -> cut and Client.state_dict),
         # the latest also on disk at ``checkpoint``, for a resumed server to send it back to.
@@ -219,6 +221,24 @@ class RoleHost:
     def _reset(self, link: Link, call: Call) -> None:
         assert self.client is not None
         self.client.reset_adapters(settings_from_json(call.args["settings"]))
+
+    def _upload(self, link: Link, call: Call) -> None:
+        """Send this client's adapter to the fed server (``net.fed_address``) for the
+        round's aggregation; the main server never sees it. The result comes from the
+        main server, like every other change to this client's state."""
+        assert self.client is not None
+        r = int(call.args["round"])
+        address = self.net.fed_address
+        if address is None:
+            raise WireError("upload: net.fed_address is not set in this client's config; "
+                            "give every party the same config")
+        fed = RemoteFed(address, self.net, str(self.client_id), self.token)
+        try:
+            fed.aggregate(r, self.client.adapter_state(), self.client.num_samples, reply={})
+        except (ConnectionFailed, Refused) as e:
+            raise WireError(f"upload to the fed server at {address} failed: {e}") from None
+        finally:
+            fed.close()
 
     def _snapshot(self, link: Link, call: Call) -> None:
         """Keep this client's state as round ``round`` ends (on disk too), then answer:

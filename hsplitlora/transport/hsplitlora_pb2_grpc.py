@@ -125,6 +125,11 @@ class FederationStub:
                 request_serializer=hsplitlora_dot_transport_dot_hsplitlora__pb2.RoundOpen.SerializeToString,
                 response_deserializer=hsplitlora_dot_transport_dot_hsplitlora__pb2.Ack.FromString,
                 _registered_method=True)
+        self.Combine = channel.stream_stream(
+                '/hsplitlora.transport.Federation/Combine',
+                request_serializer=hsplitlora_dot_transport_dot_hsplitlora__pb2.Chunk.SerializeToString,
+                response_deserializer=hsplitlora_dot_transport_dot_hsplitlora__pb2.Chunk.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -151,6 +156,14 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Combine(self, request_iterator, context):
+        """Main server only, heterogeneous modes: the round's server-side adapters and plans up
+        (one "combine" blob), the aggregation result down once the clients' adapters are in.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +181,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.Open,
                     request_deserializer=hsplitlora_dot_transport_dot_hsplitlora__pb2.RoundOpen.FromString,
                     response_serializer=hsplitlora_dot_transport_dot_hsplitlora__pb2.Ack.SerializeToString,
+            ),
+            'Combine': grpc.stream_stream_rpc_method_handler(
+                    servicer.Combine,
+                    request_deserializer=hsplitlora_dot_transport_dot_hsplitlora__pb2.Chunk.FromString,
+                    response_serializer=hsplitlora_dot_transport_dot_hsplitlora__pb2.Chunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -251,6 +269,33 @@ class Federation:
             '/hsplitlora.transport.Federation/Open',
             hsplitlora_dot_transport_dot_hsplitlora__pb2.RoundOpen.SerializeToString,
             hsplitlora_dot_transport_dot_hsplitlora__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Combine(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/hsplitlora.transport.Federation/Combine',
+            hsplitlora_dot_transport_dot_hsplitlora__pb2.Chunk.SerializeToString,
+            hsplitlora_dot_transport_dot_hsplitlora__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,

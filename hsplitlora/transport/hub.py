@@ -43,6 +43,7 @@ from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport.calls import pack_call, pack_updates, read_scores, settings_to_json
 from hsplitlora.transport.codec import encode
 from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.hetero_fed import RemoteFedAggregation
 from hsplitlora.transport.plan import Plan
 from hsplitlora.transport.server import GONE, Session, decode_upload, hello_problem, listen
 from hsplitlora.transport.validate import check_finite, check_header
@@ -117,6 +118,7 @@ class RemoteClient:
         # After a resume: the round of the client's own snapshot it should go back to,
         # until it trains or its adapters change (then the snapshot is out of date).
         self.snapshot: int | None = None
+        self.forward_requested = False  # this round's forward call is already sent
 
     @property
     def here(self) -> bool:
@@ -179,9 +181,16 @@ class RemoteClient:
         return _Wired(acts.hidden, acts.attention_mask, acts.labels, len(blob.data))
 
     # -- the Client methods --------------------------------------------------------------
+    def request_forward(self) -> None:
+        """Ask for this round's activations ahead of :meth:`forward`."""
+        self.snapshot = None
+        self.forward_requested = self._send("forward")
+
     def forward(self) -> Activations:
         self.snapshot = None
-        self._ask("forward")
+        if not self.forward_requested:
+            self._ask("forward")
+        self.forward_requested = False
         what = f"activations of client {self.client_id}, round {self.round}"
         return self._activations(self._await("reply", what), what)
 
@@ -221,6 +230,11 @@ class RemoteClient:
     def reset_adapters(self, settings: LoraSettings) -> None:
         self.settings, self.adapters, self.snapshot = settings, None, None
         self._send("reset_adapters", {"settings": settings_to_json(settings)})
+
+    def upload(self, round: int) -> bool:
+        """Tell the client to upload its adapter to the fed server (for ``round``'s
+        aggregation); False when it is not connected."""
+        return self._send("upload", {"round": round})
 
     def state_dict(self) -> dict[str, Any]:
         """The client snapshots its own state as this round ends (its optimizer, data
@@ -275,7 +289,7 @@ class RemoteClient:
 
     def admit(self, session: Session, round: int) -> None:
         """Bring a (re)connected client to the run's state at the start of ``round``."""
-        self.session, self.round = session, round
+        self.session, self.round, self.forward_requested = session, round, False
         p = self.hub.plan
         session.outbox.put(pb.ServerFrame(welcome=pb.Welcome(
             round=round, steps=p.steps, interval=p.interval, mode=p.mode, cut=-1)))
@@ -313,6 +327,8 @@ class HeteroHub:
         self._pristine: Mapping[str, torch.Tensor] = {}
         self._shapes: dict[str, tuple[int, int]] = {}
         self.spec: ArchSpec | None = None
+        self.tokens = tokens
+        self._fed: RemoteFedAggregation | None = None
         self._closed = False
         self.grpc_server, self.port = listen(self, net, tokens)
         if port_file is not None:
@@ -332,6 +348,14 @@ class HeteroHub:
         self.spec = arch_spec(mc)
         self._shapes = matrix_shapes(p.model, self.spec.targets)
         self.device = p.device
+        if self.net.fed_address is not None:
+            from hsplitlora.hetero.scheme import BASELINE_AGGREGATOR
+
+            self._fed = RemoteFedAggregation(
+                self.net.fed_address, self.net, (self.tokens or {}).get("server"),
+                aggregator=BASELINE_AGGREGATOR.get(self.cfg.train.mode,
+                                                   self.cfg.hetero.aggregator),
+                alpha=self.cfg.lora.alpha, shapes=self._shapes)
         return self
 
     # -- the gRPC front's side -----------------------------------------------------------
@@ -387,6 +411,12 @@ class HeteroHub:
                         "takes the clients that are connected")
         return self.present
 
+    def fed_aggregation(self) -> RemoteFedAggregation | None:
+        """The fed server at ``net.fed_address``, if one is set: then the clients'
+        adapters go there and only aggregates come here."""
+        return self._fed
+
+
     def present(self, round: int) -> Collection[int]:
         """The clients connected at the start of ``round`` (admitting those that came
         back); with none left, wait up to ``net.join_timeout_s`` for one."""
@@ -404,6 +434,11 @@ class HeteroHub:
                                    f"within net.join_timeout_s={self.net.join_timeout_s:g} s")
         for c in self.clients.values():
             c.round = round
+        # The training loop asks each present client for its activations in turn; asking
+        # them all now lets every client compute while the server works through the
+        # others (exact: within a round no client's step depends on another's).
+        for cid in here:
+            self.clients[cid].request_forward()
         return here
 
     def _admit(self, round: int) -> None:
@@ -424,6 +459,8 @@ class HeteroHub:
             assert session is not None
             session.control(pb.Control.DONE, last, "run complete")
             session.end()
+        if self._fed is not None:
+            self._fed.finish(last)
         self.grpc_server.stop(_GRACE_S).wait()
 
     # -- what the proxies need from the run ----------------------------------------------

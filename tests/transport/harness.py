@@ -39,6 +39,14 @@ def _serve(cfg: dict, net: dict, kwargs: dict[str, Any]) -> None:
     from hsplitlora.transport.deploy import serve
 
     _logging("server")
+    if kwargs.pop("sealed", False):  # the test's tripwire: no client adapter may reach here
+        from hsplitlora.transport.hub import RemoteClient
+
+        def refuse(self: RemoteClient) -> None:
+            raise AssertionError(f"the main server asked client {self.client_id} for its "
+                                 "adapter")
+
+        RemoteClient.adapter_state = refuse  # type: ignore[method-assign,assignment]
     serve(RunConfig.model_validate(cfg), NetConfig.model_validate(net), **kwargs)
 
 

@@ -72,6 +72,37 @@ def test_networked_heterogeneous_run_is_bit_identical_to_the_simulation(
                     if k.endswith("lora_A.weight")} == want
 
 
+@pytest.mark.parametrize("mode,aggregator", [("hsplitlora", "noisefree"), ("flexlora", "svd")])
+def test_with_a_separate_fed_server_no_client_adapter_reaches_the_main_server(
+        tmp_path, tiny_llama_dir, mode, aggregator):
+    """`hsplitlora fedserver` in the heterogeneous modes: clients upload their adapters to
+    it, the main server its server-side copies; only the aggregate comes back. The main
+    server process refuses to ask any client for its adapter, and the run still ends
+    bit-identical to the simulation."""
+    cfg = hetero_config(tiny_llama_dir, tmp_path, aggregator, mode=mode)
+    local = train(cfg, write=False, show_progress=False)
+    fed_port, fed_port_file = harness.free_port(), tmp_path / "fed-port"
+    fed = harness.start_fed(cfg, NetConfig(fed_port=fed_port, step_timeout_s=30),
+                            port_file=fed_port_file)
+    harness.wait_for(fed_port_file.exists, 60, "the fed server to listen")
+    net = NetConfig(port=0, fed_address=f"127.0.0.1:{fed_port}", step_timeout_s=30,
+                    join_timeout_s=60)
+    server, address = harness.serve_loopback(cfg, net, tmp_path, sealed=True)
+    clients = harness.start_clients(cfg, net, address, tmp_path)
+    assert harness.finish([server, fed, *clients], 150) == [0] * 5
+    records = harness.records(tmp_path / "net")
+    assert _steps(records) == _steps(local.records)
+    aggregates = [(r["round"], r["clients"], r["bytes_up"], r["bytes_down"]) for r in records
+                  if r.get("event") == "aggregate"]
+    assert aggregates and aggregates == [(r["round"], r["clients"], r["bytes_up"],
+                                          r["bytes_down"]) for r in local.records
+                                         if r.get("event") == "aggregate"]
+    adapter = peft_adapter(tmp_path / "net")
+    assert set(adapter) == set(local.adapter) and adapter
+    for k, v in local.adapter.items():
+        assert torch.equal(adapter[k], v), k
+
+
 def test_a_heterogeneous_client_killed_mid_run_is_dropped_and_rejoins_in_sync(
         tmp_path, tiny_llama_dir):
     """Client 1 dies inside round 2; the others finish the round. Restarted, it is

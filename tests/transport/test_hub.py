@@ -181,15 +181,10 @@ def test_a_client_that_joins_after_merges_is_built_exactly_like_the_simulated_on
         hub.close()
 
 
-def test_a_separate_fed_server_and_a_resume_without_checkpoint_are_refused_up_front(
-        tmp_path, tiny_llama_dir):
-    from hsplitlora.transport.deploy import join, serve, serve_fed
+def test_a_resume_without_a_checkpoint_is_refused_up_front(tmp_path, tiny_llama_dir):
+    from hsplitlora.transport.deploy import join, serve
 
     cfg = hetero_config(tiny_llama_dir, tmp_path)
-    with pytest.raises(ValueError, match="server-side copy.*start no fed server"):
-        serve_fed(cfg, NetConfig())
-    with pytest.raises(ValueError, match="net.fed_address is set"):
-        serve(cfg, NetConfig(fed_address="127.0.0.1:1"))
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*nothing to resume"):
         serve(cfg, NetConfig(), resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*nothing to resume"):
