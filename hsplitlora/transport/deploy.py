@@ -9,7 +9,9 @@ is set, so ``serve --resume`` finds it again) and holds ``config.yaml``, ``metri
 (wire bytes per step), ``checkpoint/server.pt`` and, at the end, ``adapter/`` (PEFT layout)
 and ``summary.json``. With a separate fed server the main server never holds the
 client-side adapter, so it writes ``server_adapter.safetensors`` and the fed server writes
-``client_adapter.safetensors`` into its own folder.
+``client_adapter.safetensors`` into its own folder. In the heterogeneous modes the main
+server only ever receives aggregates from a separate fed server, and writes the whole
+run folder (the merged or aggregated global model) itself.
 """
 
 from __future__ import annotations
@@ -189,7 +191,8 @@ def join(cfg: RunConfig, net: NetConfig, client_id: int, server: str, *,
 
 def serve_fed(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
               port_file: Path | None = None) -> Path:
-    """Run the fed server in its own process until the last round is aggregated."""
+    """Run the fed server in its own process until the last round is aggregated (in the
+    heterogeneous modes: until the main server says the run is over)."""
     p = prepare(cfg)  # for the adapter layout it must accept; it never sees activations
     run_dir = run_folder(cfg, "fed")
     last = cfg.train.steps - 1
