@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -48,6 +48,21 @@ def _decode_adapter(data: bytes, layout: Layout, what: str) -> tuple[State, dict
     tensors = unpack(data)
     check_finite(tensors, what)
     return tensors, header.meta
+
+
+R = TypeVar("R")
+
+
+def opened_round(cond: threading.Condition, rounds: Mapping[int, R], round: int,
+                 timeout_s: float) -> R:
+    """``rounds[round]`` once the main server has opened it, waited for on ``cond``
+    (held by the caller) for up to ``timeout_s``: a client may upload before that."""
+    deadline = time.monotonic() + timeout_s
+    while round not in rounds:
+        if not cond.wait(max(0.0, deadline - time.monotonic())):
+            raise LookupError(f"aggregation round {round} was never opened by the main "
+                              f"server within {timeout_s:g} s")
+    return rounds[round]
 
 
 @dataclass
@@ -91,13 +106,8 @@ class FedService:
     def submit(self, round: int, client_id: int, state: State, num_samples: int) -> bytes:
         """Add one client's adapter; block until the round's aggregate exists; return it
         packed. Raises ``LookupError`` when the client has no part in this round."""
-        deadline = time.monotonic() + self.timeout_s
         with self._cond:
-            while round not in self._rounds:
-                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
-                    raise LookupError(f"aggregation round {round} was never opened by the "
-                                      f"main server within {self.timeout_s:g} s")
-            r = self._rounds[round]
+            r = opened_round(self._cond, self._rounds, round, self.timeout_s)
             if r.done or client_id not in r.expected:
                 raise LookupError(f"client {client_id} has no part in aggregation round {round}"
                                   " (it did not finish that round, or the round is over)")

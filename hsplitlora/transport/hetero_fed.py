@@ -45,6 +45,7 @@ from hsplitlora.transport.calls import (
     unpack_updates,
 )
 from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.fed import opened_round
 from hsplitlora.transport.security import call_metadata, explain, open_channel
 from hsplitlora.transport.validate import Layout, check_finite
 from hsplitlora.transport.wire import (
@@ -207,13 +208,8 @@ class HeteroFedService:
         return r
 
     def _opened(self, round: int) -> _Round:
-        deadline = time.monotonic() + self.timeout_s
         with self._cond:
-            while round not in self._rounds:
-                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
-                    raise LookupError(f"aggregation round {round} was never opened by the "
-                                      f"main server within {self.timeout_s:g} s")
-            return self._rounds[round]
+            return opened_round(self._cond, self._rounds, round, self.timeout_s)
 
 
 def combine_call(service: Any, requests: Iterator[pb.Chunk], net: NetConfig,
