@@ -266,7 +266,12 @@ class RoleHost:
                         "from the server's adapters with a fresh optimizer", self.client_id,
                         r, sorted(self.snapshots) or "none")
             return
-        self.client.load_state_dict(snap["state"])
+        try:
+            self.client.load_state_dict(snap["state"])
+        except (ValueError, KeyError, RuntimeError) as e:  # not this plan's: keep what we have
+            log.warning("client %d: its snapshot of round %d does not fit its plan (%s); it "
+                        "goes on from the server's adapters", self.client_id, r, e)
+            return
         log.info("client %d is back at the end of round %d", self.client_id, r)
 
     def _score(self, link: Link, call: Call) -> None:

@@ -15,6 +15,12 @@ something that fails validation is dropped (its stream aborted with the reason) 
 run goes on without it (:class:`~hsplitlora.train.placement.PartyLost`). When it connects
 again it is admitted at the next round boundary and brought up to date: its plan, the
 base weights merged since the start, and its current adapters.
+
+As every round ends each client snapshots its own state (``snapshot``) before the server
+checkpoints the run; a resumed server sends each client back to that snapshot
+(``restore``). With ``net.fed_address`` set, clients upload their adapters to that fed
+server (``upload``) and the aggregate comes back here
+(:mod:`hsplitlora.transport.hetero_fed`).
 """
 
 from __future__ import annotations
@@ -415,7 +421,6 @@ class HeteroHub:
         """The fed server at ``net.fed_address``, if one is set: then the clients'
         adapters go there and only aggregates come here."""
         return self._fed
-
 
     def present(self, round: int) -> Collection[int]:
         """The clients connected at the start of ``round`` (admitting those that came
