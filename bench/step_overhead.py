@@ -6,7 +6,10 @@ and gradients, and model-FLOPs utilisation: FLOPs of one training step (counted 
 torch's FlopCounterMode, so only what the step computes: the LM head runs on target
 positions only) / step time, against a bf16 matmul peak measured in this run.
 
-    python bench/step_overhead.py [--model smollm2-135m] [--steps 12] [--batch 4] [--seq 128]
+Step times are means over the timed steps (medians alongside).
+
+    python bench/step_overhead.py [--model smollm2-135m] [--steps 24] [--batch 4] [--seq 128]
+                                  [--system-malloc]
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -26,6 +31,7 @@ from hsplitlora.roles.client import Client
 from hsplitlora.roles.learner import Learner
 from hsplitlora.roles.server import MainServer
 from hsplitlora.train.optim import OptimSettings
+from hsplitlora.train.process import keep_freed_memory
 
 
 def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, reps: int = 5,
@@ -41,6 +47,17 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, reps: int = 
             a @ b
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
     return best
+
+
+def step_seconds(step: Callable[[], object], n: int) -> tuple[float, float]:
+    """Mean (throughput, what MFU uses) and median wall time of ``n`` calls; a median far
+    below the mean means some steps stalled (page faults, a busy machine)."""
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.fmean(times), statistics.median(times)
 
 
 def batches(vocab: int, count: int, batch: int, seq: int, seed: int = 0) -> list[dict]:
@@ -59,13 +76,16 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--cut", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=12, help="total mini-batches per mode")
+    ap.add_argument("--steps", type=int, default=24, help="timed mini-batches per mode")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--base-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--attention", default="auto", choices=["auto", "eager", "sdpa"],
                     help="as model.attention in a run config (auto: eager on CPU)")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's default (train.keep_memory: false) for comparison")
     args = ap.parse_args()
+    kept = not args.system_malloc and keep_freed_memory()
     model, _ = load_model(args.model, dtype=getattr(torch, args.base_dtype))
     attention = use_attention(model, args.attention, torch.device("cpu"))
     torch.manual_seed(0)
@@ -81,10 +101,7 @@ def main() -> None:
         learner.step()
     flops = counter.get_total_flops()
     learner.batches = iter(data[2:])
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        learner.step()
-    central = (time.perf_counter() - t) / args.steps
+    central, central_median = step_seconds(learner.step, args.steps)
 
     # SplitLoRA: the same timed batches, dealt round-robin over the clients; each client
     # first warms up on the warm-up batch.
@@ -104,18 +121,18 @@ def main() -> None:
 
     for c in clients:
         one(c)
-    t = time.perf_counter()
-    for c in itertools.islice(itertools.cycle(clients), args.steps):
-        one(c)
-    split = (time.perf_counter() - t) / args.steps
+    turn = itertools.cycle(clients)
+    split, split_median = step_seconds(lambda: one(next(turn)), args.steps)
 
     peak = matmul_peak()
     tokens = args.batch * args.seq
     print(f"model {args.model}  base {args.base_dtype}  attention {attention}  batch "
           f"{args.batch} x seq {args.seq} ({tokens} tokens, loss on the second half)  "
-          f"threads {torch.get_num_threads()}")
-    print(f"centralized LoRA : {central:.3f} s/step")
-    print(f"SplitLoRA ({args.clients} clients, cut {args.cut}): {split:.3f} s/step")
+          f"threads {torch.get_num_threads()}  freed memory "
+          f"{'kept for reuse' if kept else 'system default'}")
+    print(f"centralized LoRA : {central:.3f} s/step (median {central_median:.3f})")
+    print(f"SplitLoRA ({args.clients} clients, cut {args.cut}): {split:.3f} s/step (median "
+          f"{split_median:.3f})")
     print(f"ratio split/centralized: {split / central:.3f}  (target <= 1.05)")
     print(f"bytes per step: activations up {up:,} B, gradients down {down:,} B")
     print(f"FLOPs per step (FlopCounterMode): {flops / 1e9:.1f} GFLOP")

@@ -138,6 +138,10 @@ class TrainConfig(_Strict):
     precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast, or fp32")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present")
     threads: int | None = Field(None, ge=1, description="torch threads; null = CPU cores")
+    keep_memory: bool = Field(True, description="glibc: keep freed memory for reuse instead "
+                              "of returning it to the system (no page faults on each step's "
+                              "large temporaries; about 10 % faster CPU steps); false = the "
+                              "system default")
     backend: Literal["inprocess", "ray"] = Field(
         "inprocess", description="where the roles run: all in this process, or each client "
         "and the main server as a Ray actor (see the ray section)")

@@ -17,7 +17,8 @@ from hsplitlora.data.tokenize import TokenizedDataset, pad_id_for
 from hsplitlora.eval.generate import GenerationSettings, generate
 from hsplitlora.eval.metrics import score
 from hsplitlora.eval.perplexity import perplexity
-from hsplitlora.train.run import load_examples, load_trained, resolve_device, set_threads
+from hsplitlora.train.process import keep_freed_memory, set_threads
+from hsplitlora.train.run import load_examples, load_trained, resolve_device
 
 __all__ = [
     "PREDICTIONS_FILE",
@@ -119,6 +120,8 @@ def evaluate_run(
     max_mrs = max_mrs if max_mrs is not None else cfg.eval.max_mrs
     batch_size = batch_size or cfg.eval.batch_size
     set_threads(cfg.train.threads)
+    if cfg.train.keep_memory:
+        keep_freed_memory()
     dev = resolve_device(device or cfg.train.device)
     model, tokenizer, _ = load_trained(run_dir, device=str(dev))
 

@@ -31,6 +31,7 @@ import torch
 from hsplitlora.config import RayConfig
 from hsplitlora.roles.messages import Activations
 from hsplitlora.train.placement import Attendance, Deferred, Recipe
+from hsplitlora.train.process import keep_freed_memory
 
 __all__ = ["RayPlacement"]
 
@@ -60,8 +61,10 @@ def _cpu(x: Any) -> Any:
 class RoleActor:
     """Hosts one role in a Ray worker process."""
 
-    def __init__(self, recipe: Recipe, threads: int, gpus: float) -> None:
+    def __init__(self, recipe: Recipe, threads: int, gpus: float, keep_memory: bool) -> None:
         torch.set_num_threads(threads)
+        if keep_memory:
+            keep_freed_memory()
         cuda = gpus > 0 and torch.cuda.is_available()
         self.role = recipe.build(torch.device("cuda" if cuda else "cpu"))
 
@@ -229,10 +232,12 @@ _PROXIES = {"client": RemoteClient, "server": RemoteServer, "learner": RemoteLea
 class RayPlacement:
     """Starts (or joins) Ray and places each role in an actor with its resources."""
 
-    def __init__(self, settings: RayConfig, threads: int | None, num_actors: int) -> None:
+    def __init__(self, settings: RayConfig, threads: int | None, num_actors: int, *,
+                 keep_memory: bool = True) -> None:
         self.ray = _ray()
         self.settings = settings
         self.threads = threads
+        self.keep_memory = keep_memory
         self.actors: list[Any] = []
         self._proxies: list[_Remote] = []
         self._owns_ray = not self.ray.is_initialized()
@@ -263,7 +268,7 @@ class RayPlacement:
         threads = self.threads or max(1, int(cpus))
         actor = self.ray.remote(RoleActor).options(
             num_cpus=cpus, num_gpus=gpus, max_restarts=0,
-        ).remote(recipe, threads, gpus)
+        ).remote(recipe, threads, gpus, self.keep_memory)
         self.actors.append(actor)
         proxy = _PROXIES[kind](self.ray, actor, recipe)
         self._proxies.append(proxy)

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +47,7 @@ from hsplitlora.train.parties import (
     shard_stream,
 )
 from hsplitlora.train.placement import InProcess, Placement
+from hsplitlora.train.process import keep_freed_memory, set_threads
 from hsplitlora.train.recorder import Recorder, kept_records
 
 __all__ = ["RunResult", "load_examples", "load_trained", "party_seed", "prepare",
@@ -72,14 +72,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def set_threads(threads: int | None) -> int:
-    """One torch thread per available core: more only oversubscribes a small machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    n = threads or cores or 1
-    torch.set_num_threads(n)
-    return n
 
 
 def seed_everything(seed: int) -> None:
@@ -119,6 +111,8 @@ class Prepared:
 def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = None) -> Prepared:
     """Load (or take) the model, load and partition the data, attach the initial LoRA."""
     set_threads(cfg.train.threads)
+    if cfg.train.keep_memory:
+        keep_freed_memory()
     device = resolve_device(cfg.train.device)
     if model is None or tokenizer is None:
         from hsplitlora.models.load import load_model
@@ -266,7 +260,7 @@ def placement(p: Prepared) -> Placement:
     from hsplitlora.train.ray_backend import RayPlacement
 
     actors = {"centralized": 1, "federated": t.num_clients}.get(t.mode, t.num_clients + 1)
-    return RayPlacement(p.cfg.ray, t.threads, actors)
+    return RayPlacement(p.cfg.ray, t.threads, actors, keep_memory=t.keep_memory)
 
 
 # Builds the placement of a run from its prepared state (``hsplitlora serve`` passes one
