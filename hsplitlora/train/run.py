@@ -50,7 +50,7 @@ from hsplitlora.train.placement import InProcess, Placement
 from hsplitlora.train.process import keep_freed_memory, set_threads
 from hsplitlora.train.recorder import Recorder, kept_records
 
-__all__ = ["RunResult", "load_examples", "load_trained", "party_seed", "prepare",
+__all__ = ["RunResult", "check_same_run", "load_examples", "load_trained", "party_seed", "prepare",
            "resolve_device", "train"]
 
 log = logging.getLogger(__name__)
@@ -388,7 +388,7 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         saved = run_dir / "checkpoint" / "server.pt"
         if resume:
             p.resumed = load_checkpoint(saved)
-            _check_same_run(p.resumed["config"], cfg)
+            check_same_run(p.resumed["config"], cfg)
             history = kept_records(run_dir / "metrics.jsonl", p.resumed["round"])
         else:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -432,11 +432,11 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
 
 
 # Settings a resumed run may change: where and how fast it runs, not what it computes.
-_FREE_TO_CHANGE = {"train": {"threads", "device", "log_every", "backend"}}
+_FREE_TO_CHANGE = {"train": {"threads", "device", "log_every", "backend", "keep_memory"}}
 _SAME_RUN_SECTIONS = ("model", "lora", "data", "train", "hetero")
 
 
-def _check_same_run(saved: dict[str, Any], cfg: RunConfig) -> None:
+def check_same_run(saved: dict[str, Any], cfg: RunConfig) -> None:
     """A checkpoint only continues the run it came from: refuse a config that changed
     what the run computes, naming every changed setting."""
     now = cfg.model_dump(mode="json")

@@ -33,7 +33,7 @@ from hsplitlora.config import HETERO_MODES, RunConfig
 from hsplitlora.models.lora import matrix_shapes, save_peft_adapter
 from hsplitlora.models.split import arch_spec
 from hsplitlora.train.recorder import Recorder, kept_records
-from hsplitlora.train.run import prepare
+from hsplitlora.train.run import check_same_run, prepare
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.client import ClientRunner
 from hsplitlora.transport.config import NetConfig
@@ -119,6 +119,7 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     first_round, step = 0, 0
     if resume:
         state = load_checkpoint(checkpoint)
+        check_same_run(state["config"], cfg)
         server.load_state_dict(state["server"])
         if isinstance(fed, FedService) and state["fed"] is not None:
             fed.load_state_dict(state["fed"])
@@ -134,6 +135,7 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
         rec.step = step
         coordinator = Coordinator(server, plan, net, fed, rec, start_round=first_round,
                                   checkpoint=checkpoint,
+                                  run_info={"config": cfg.model_dump(mode="json")},
                                   server_fed=build_fed(p) if plan.mode == "splitfed" else None)
         grpc_server, port = listen(coordinator, net, tokens)
         _write_port(port_file, port)

@@ -196,7 +196,8 @@ class Coordinator:
 
     def __init__(self, server: MainServer, plan: Plan, net: NetConfig,
                  fed: FedService | RemoteFed, rec: Recorder, *, start_round: int = 0,
-                 checkpoint: Path | None = None, server_fed: FedServer | None = None) -> None:
+                 checkpoint: Path | None = None, server_fed: FedServer | None = None,
+                 run_info: Mapping[str, Any] | None = None) -> None:
         self.server = server
         self.plan = plan
         self.net = net
@@ -204,6 +205,7 @@ class Coordinator:
         self.rec = rec
         self.start_round = start_round
         self.checkpoint = checkpoint
+        self.run_info = dict(run_info or {})  # saved with every checkpoint (its config)
         self.server_fed = server_fed  # SFL-V1: averages the per-client server copies
         self._cond = threading.Condition()
         self._pending: dict[int, Session] = {}
@@ -344,7 +346,7 @@ class Coordinator:
 
     def _save(self, t: int) -> None:
         assert self.checkpoint is not None
-        state = {"round": t, "server": self.server.state_dict(),
+        state = {**self.run_info, "round": t, "server": self.server.state_dict(),
                  "fed": self.fed.state_dict() if isinstance(self.fed, FedService) else None,
                  "step": self.rec.step}
         atomic_save(state, self.checkpoint)

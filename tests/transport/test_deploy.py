@@ -150,3 +150,17 @@ def test_a_killed_client_restarts_from_its_checkpoint_and_rejoins(tmp_path, tiny
     assert rounds_of_1[:2] == [0, 1] and 2 not in rounds_of_1 and rounds_of_1[-1] == 39
     final = peft_adapter(tmp_path / "net")
     _assert_same(load_file(out), final)  # back in step: it ends with the last aggregate
+
+
+def test_serve_resume_refuses_a_config_that_changed_what_the_run_computes(tmp_path,
+                                                                         tiny_llama_dir):
+    from hsplitlora.checkpoint import atomic_save
+    from hsplitlora.config import ConfigError
+    from hsplitlora.transport.deploy import run_folder, serve
+
+    cfg = run_config(tiny_llama_dir, tmp_path, steps=4)
+    saved = run_config(tiny_llama_dir, tmp_path, steps=4, lr=1e-3)
+    atomic_save({"config": saved.model_dump(mode="json"), "round": 1},
+                run_folder(cfg) / "checkpoint" / "server.pt")
+    with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.005"):
+        serve(cfg, NetConfig(port=0), resume=True)
