@@ -190,7 +190,7 @@ class HeteroFedService:
             if not 0 <= cut <= self.blocks or n < 1:
                 raise WireError(f"{what}: party {cid} has cut {cut} and {n} samples")
             held = {m: s for m, s in self.shapes.items() if self.spec.block_of(m) < cut}
-            settings = settings_from_json(p["settings"])
+            settings = settings_from_json(p.get("settings") or {})
             layouts[cid] = {k: ("F32", s) for k, s in adapter_shapes(
                 held, settings, self.spec.default_targets).items()}
             weights[cid] = n

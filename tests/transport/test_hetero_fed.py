@@ -128,6 +128,8 @@ def test_the_fed_server_refuses_what_does_not_fit_the_plan(model):
         service.layout_for(3, 0)
     with pytest.raises(WireError, match="party 0 is malformed"):
         service.combine(1, _request(model, [0], cut="deep"))
+    with pytest.raises(WireError, match="LoRA settings in a call are malformed"):
+        service.combine(1, _request(model, [0], settings=None))
     with pytest.raises(WireError, match="cut 99"):
         service.combine(1, _request(model, [0], cut=99))
     threading.Thread(target=service.combine, args=(2, _request(model, [0])),
