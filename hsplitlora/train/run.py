@@ -381,15 +381,18 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         raise ValueError("checkpoint/resume inside train() needs a heterogeneous train.mode "
                          f"(one of {sorted(HETERO_MODES)}) and write=True; the other modes "
                          "checkpoint in `hsplitlora serve`")
-    p = prepare(cfg, model, tokenizer)
     run_dir = _run_dir(cfg) if write else None
+    resumed = None
+    if run_dir and resume:  # checked before the model loads: a wrong resume fails fast
+        resumed = load_checkpoint(run_dir / "checkpoint" / "server.pt")
+        check_same_run(resumed["config"], cfg)
+    p = prepare(cfg, model, tokenizer)
+    p.resumed = resumed
     history = None
     if run_dir:
         saved = run_dir / "checkpoint" / "server.pt"
-        if resume:
-            p.resumed = load_checkpoint(saved)
-            check_same_run(p.resumed["config"], cfg)
-            history = kept_records(run_dir / "metrics.jsonl", p.resumed["round"])
+        if resumed is not None:
+            history = kept_records(run_dir / "metrics.jsonl", resumed["round"])
         else:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             saved.unlink(missing_ok=True)

@@ -87,8 +87,7 @@ def _serve_hetero(cfg: RunConfig, net: NetConfig, resume: bool, port_file: Path 
 
     run_dir = run_folder(cfg)
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"name": run_dir.name})})
-    start = load_checkpoint(run_dir / "checkpoint" / "server.pt")["round"] + 1 if resume else 0
-    hub = HeteroHub(cfg, net, _tokens(net), port_file=port_file, start_round=start)
+    hub = HeteroHub(cfg, net, _tokens(net), port_file=port_file)
     try:
         result = train(cfg, show_progress=show_progress, placement=hub.bind, checkpoint=True,
                        resume=resume)

@@ -313,7 +313,7 @@ class HeteroHub:
     """
 
     def __init__(self, cfg: RunConfig, net: NetConfig, tokens: Mapping[str, str] | None,
-                 *, port_file: Path | None = None, start_round: int = 0) -> None:
+                 *, port_file: Path | None = None) -> None:
         t = cfg.train
         if t.mode not in HETERO_MODES:
             raise ValueError(f"HeteroHub runs the heterogeneous modes, not {t.mode!r}")
@@ -325,7 +325,7 @@ class HeteroHub:
                          max_length=cfg.data.max_length, hidden_size=0, vocab_size=0,
                          dtype=torch.float32)
         self.clients: dict[int, RemoteClient] = {}
-        self.start_round = start_round  # where a resumed run goes on
+        self.start_round = 0  # where the run goes on (set by bind() when it resumes)
         self.device = torch.device("cpu")
         self._cond = threading.Condition()
         self._pending: dict[int, Session] = {}
@@ -354,6 +354,8 @@ class HeteroHub:
         self.spec = arch_spec(mc)
         self._shapes = matrix_shapes(p.model, self.spec.targets)
         self.device = p.device
+        if p.resumed is not None:
+            self.start_round = p.resumed["round"] + 1
         if self.net.fed_address is not None:
             from hsplitlora.hetero.scheme import BASELINE_AGGREGATOR
 
