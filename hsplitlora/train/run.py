@@ -351,11 +351,9 @@ def _held_out(p: Prepared, state: dict[str, torch.Tensor] | None) -> tuple[float
                       device=p.device)
 
 
-def _run_dir(cfg: RunConfig) -> Path:
+def _run_path(cfg: RunConfig) -> Path:
     name = cfg.output.name or f"{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = Path(cfg.output.dir) / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(cfg.output.dir) / name
 
 
 def _sample(p: Prepared) -> str | None:
@@ -381,15 +379,16 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         raise ValueError("checkpoint/resume inside train() needs a heterogeneous train.mode "
                          f"(one of {sorted(HETERO_MODES)}) and write=True; the other modes "
                          "checkpoint in `hsplitlora serve`")
-    run_dir = _run_dir(cfg) if write else None
+    run_dir = _run_path(cfg) if write else None
     resumed = None
     if run_dir and resume:  # checked before the model loads: a wrong resume fails fast
         resumed = load_checkpoint(run_dir / "checkpoint" / "server.pt")
         check_same_run(resumed["config"], cfg)
-    p = prepare(cfg, model, tokenizer)
+    p = prepare(cfg, model, tokenizer)  # a bad config fails here, before any folder exists
     p.resumed = resumed
     history = None
     if run_dir:
+        run_dir.mkdir(parents=True, exist_ok=True)
         saved = run_dir / "checkpoint" / "server.pt"
         if resumed is not None:
             history = kept_records(run_dir / "metrics.jsonl", resumed["round"])
