@@ -45,11 +45,17 @@ from hsplitlora.models.split import arch_spec
 from hsplitlora.train.hetero import HeteroSystem, PartyPlan
 from hsplitlora.train.placement import PartyLost
 
-__all__ = ["BASELINE_AGGREGATOR", "Planner", "plan_run", "probe_importance", "uniform_rank"]
+__all__ = ["BASELINE_AGGREGATOR", "Planner", "aggregator_for", "plan_run", "probe_importance",
+           "uniform_rank"]
 
 log = logging.getLogger(__name__)
 
 BASELINE_AGGREGATOR = {"hetlora": "zeropad", "flexlora": "svd", "flora": "stack"}
+
+
+def aggregator_for(cfg: Any) -> str:
+    """The run's aggregation method: the baseline's own, or ``hetero.aggregator``."""
+    return BASELINE_AGGREGATOR.get(cfg.train.mode, cfg.hetero.aggregator)
 
 
 def probe_importance(system: HeteroSystem, n_batches: int, precision: str) -> dict[str, float]:
@@ -154,7 +160,7 @@ class Planner:
 
     @property
     def aggregator(self) -> str:
-        return BASELINE_AGGREGATOR.get(self.mode, self.hc.aggregator)
+        return aggregator_for(self.cfg)
 
     def provisional(self) -> list[PartyPlan]:
         """The plan importance is first measured under: the shallowest allowed cut, no

@@ -199,13 +199,13 @@ def serve_fed(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     last = cfg.train.steps - 1
     fed: FedService | HeteroFedService
     if cfg.train.mode in HETERO_MODES:
-        from hsplitlora.hetero.scheme import BASELINE_AGGREGATOR
+        from hsplitlora.hetero.scheme import aggregator_for
 
         if resume:
             log.info("the fed server of a %s run keeps nothing between rounds: it serves the "
                      "next round the main server resumes at", cfg.train.mode)
         spec = arch_spec(p.model.config)
-        fed = HeteroFedService(BASELINE_AGGREGATOR.get(cfg.train.mode, cfg.hetero.aggregator),
+        fed = HeteroFedService(aggregator_for(cfg),
                                cfg.lora.alpha, matrix_shapes(p.model, spec.targets), spec,
                                net.step_timeout_s, last)
     else:

@@ -357,12 +357,11 @@ class HeteroHub:
         if p.resumed is not None:
             self.start_round = p.resumed["round"] + 1
         if self.net.fed_address is not None:
-            from hsplitlora.hetero.scheme import BASELINE_AGGREGATOR
+            from hsplitlora.hetero.scheme import aggregator_for
 
             self._fed = RemoteFedAggregation(
                 self.net.fed_address, self.net, (self.tokens or {}).get("server"),
-                aggregator=BASELINE_AGGREGATOR.get(self.cfg.train.mode,
-                                                   self.cfg.hetero.aggregator),
+                aggregator=aggregator_for(self.cfg),
                 alpha=self.cfg.lora.alpha, shapes=self._shapes)
         return self
 
