@@ -9,7 +9,10 @@ positions only) / step time, against a bf16 matmul peak measured in this run.
 Step times are means over the timed steps (medians alongside).
 
     python bench/step_overhead.py [--model smollm2-135m] [--steps 24] [--batch 4] [--seq 128]
-                                  [--system-malloc]
+                                  [--compile] [--system-malloc]
+
+``--compile`` runs the decoder blocks compiled (``train.compile``); the compile itself
+happens in the warm-up steps, outside the timing.
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ def main() -> None:
     ap.add_argument("--base-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--attention", default="auto", choices=["auto", "eager", "sdpa"],
                     help="as model.attention in a run config (auto: eager on CPU)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the blocks' training forward (train.compile: true)")
     ap.add_argument("--system-malloc", action="store_true",
                     help="leave glibc's default (train.keep_memory: false) for comparison")
     args = ap.parse_args()
@@ -94,12 +99,14 @@ def main() -> None:
     assert args.steps % args.clients == 0, "--steps must be a multiple of --clients"
     optim = OptimSettings(lr=1e-4, total_steps=args.steps + 2)
 
-    # Centralized: one party, whole model.
+    # Centralized: one party, whole model. FLOPs are counted on an eager step: compiled or
+    # not, the step does the same arithmetic.
     learner = Learner(copy.deepcopy(model), iter(data), optim, precision="bf16")
-    learner.step()  # warm-up
     with FlopCounterMode(display=False) as counter:
         learner.step()
     flops = counter.get_total_flops()
+    learner.compile = args.compile
+    learner.step()  # warm-up (and compile)
     learner.batches = iter(data[2:])
     central, central_median = step_seconds(learner.step, args.steps)
 
@@ -108,8 +115,10 @@ def main() -> None:
     client_seg, server_seg = split_model(model, args.cut)
     timed = data[2:]
     clients = [Client(i, copy.deepcopy(client_seg), iter([data[0], *timed[i :: args.clients]]),
-                      1, optim, precision="bf16") for i in range(args.clients)]
-    server = MainServer(server_seg, range(args.clients), optim, precision="bf16")
+                      1, optim, precision="bf16", compile=args.compile)
+               for i in range(args.clients)]
+    server = MainServer(server_seg, range(args.clients), optim, precision="bf16",
+                        compile=args.compile)
     up = down = 0
 
     def one(client: Client) -> None:
@@ -128,6 +137,7 @@ def main() -> None:
     tokens = args.batch * args.seq
     print(f"model {args.model}  base {args.base_dtype}  attention {attention}  batch "
           f"{args.batch} x seq {args.seq} ({tokens} tokens, loss on the second half)  "
+          f"blocks {'compiled' if args.compile else 'eager'}  "
           f"threads {torch.get_num_threads()}  freed memory "
           f"{'kept for reuse' if kept else 'system default'}")
     print(f"centralized LoRA : {central:.3f} s/step (median {central_median:.3f})")

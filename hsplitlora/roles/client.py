@@ -19,6 +19,7 @@ from hsplitlora.models.lora import (
 )
 from hsplitlora.models.split import ClientSegment
 from hsplitlora.roles.messages import Activations, ServerReply
+from hsplitlora.train.compile import compiled_blocks
 from hsplitlora.train.optim import Optimizer, OptimSettings, autocast
 
 __all__ = ["Client", "Update"]
@@ -44,6 +45,7 @@ class Client:
         precision: str = "bf16",
         device: torch.device | str = "cpu",
         probes: Iterator[dict[str, torch.Tensor]] | None = None,
+        compile: bool = False,
     ) -> None:
         self.client_id = client_id
         self.device = torch.device(device)
@@ -52,6 +54,7 @@ class Client:
         self.probes = probes  # importance-probe batches (heterogeneous runs), apart from training's
         self.num_samples = num_samples
         self.precision = precision
+        self.compile = compile  # torch.compile the blocks in training (train.compile)
         self.optimizer = Optimizer(lora_parameters(self.segment), optim)
         self._pending: torch.Tensor | None = None
 
@@ -70,7 +73,8 @@ class Client:
             raise RuntimeError(f"client {self.client_id}: forward called twice without backward")
         batch = {k: v.to(self.device) for k, v in next(self.batches).items()}
         self.segment.train()
-        with autocast(self.precision, self.device):
+        with autocast(self.precision, self.device), \
+                compiled_blocks(self.segment.blocks, self.compile):
             hidden = self.segment(batch["input_ids"], batch["attention_mask"])
         self._pending = hidden
         return Activations(hidden.detach(), batch["attention_mask"], batch["labels"])

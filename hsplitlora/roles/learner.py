@@ -9,6 +9,7 @@ from torch import nn
 
 from hsplitlora.models.lora import load_lora_state, lora_parameters, lora_state
 from hsplitlora.models.split import arch_spec
+from hsplitlora.train.compile import compiled_blocks
 from hsplitlora.train.optim import Optimizer, OptimSettings, autocast, target_logits, token_loss
 
 __all__ = ["Learner"]
@@ -24,7 +25,8 @@ class Learner:
     def __init__(self, model: nn.Module, batches: Iterator[dict[str, torch.Tensor]],
                  optim: OptimSettings, *, precision: str = "bf16",
                  device: torch.device | str = "cpu", label_smoothing: float = 0.0,
-                 client_id: int | None = None, num_samples: int = 0) -> None:
+                 client_id: int | None = None, num_samples: int = 0,
+                 compile: bool = False) -> None:
         self.client_id = client_id
         self.num_samples = num_samples
         self.device = torch.device(device)
@@ -32,10 +34,13 @@ class Learner:
         self.batches = batches
         self.precision = precision
         self.label_smoothing = label_smoothing
+        self.compile = compile
         self.optimizer = Optimizer(lora_parameters(model), optim)
         # The decoder stack (final norm included) and the LM head, called apart so the
         # head runs on target positions only (train.optim.target_logits).
-        self._backbone = getattr(self.model, arch_spec(self.model.config).backbone)
+        spec = arch_spec(self.model.config)
+        self._backbone = getattr(self.model, spec.backbone)
+        self._blocks = getattr(self._backbone, spec.blocks)
         self._head = self.model.get_output_embeddings()
 
     @property
@@ -45,7 +50,7 @@ class Learner:
     def step(self) -> tuple[float, int]:
         batch = {k: v.to(self.device) for k, v in next(self.batches).items()}
         self.model.train()
-        with autocast(self.precision, self.device):
+        with autocast(self.precision, self.device), compiled_blocks(self._blocks, self.compile):
             hidden = self._backbone(input_ids=batch["input_ids"],
                                     attention_mask=batch["attention_mask"],
                                     use_cache=False).last_hidden_state

@@ -20,6 +20,7 @@ from hsplitlora.models.lora import (
 from hsplitlora.models.split import ServerSegment
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import Activations, ServerReply
+from hsplitlora.train.compile import compiled_blocks
 from hsplitlora.train.optim import Optimizer, OptimSettings, autocast, target_logits, token_loss
 
 __all__ = ["MainServer"]
@@ -43,9 +44,11 @@ class MainServer:
         precision: str = "bf16",
         device: torch.device | str = "cpu",
         label_smoothing: float = 0.0,
+        compile: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.precision = precision
+        self.compile = compile
         self.label_smoothing = label_smoothing
         self.per_client = per_client
         segment = segment.to(self.device)
@@ -103,7 +106,8 @@ class MainServer:
         hidden = acts.hidden.to(self.device).detach().requires_grad_(True)
         mask = acts.attention_mask.to(self.device)
         labels = acts.labels.to(self.device)
-        with autocast(self.precision, self.device):
+        with autocast(self.precision, self.device), \
+                compiled_blocks(segment.blocks, self.compile):
             logits, targets = target_logits(segment.hidden(hidden, mask), segment.lm_head,
                                             labels)
         loss, tokens = token_loss(logits, targets, self.label_smoothing)

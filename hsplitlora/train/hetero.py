@@ -88,6 +88,7 @@ class HeteroSystem:
         dropout: float = 0.0,
         aggregator: str = "noisefree",
         precision: str = "bf16",
+        compile: bool = False,
         device: torch.device | str = "cpu",
         label_smoothing: float = 0.0,
         federated: bool = False,
@@ -128,12 +129,12 @@ class HeteroSystem:
             client_seg, server_seg = hetero_segments(base, plan.cut, settings)
             clients.append(place.place(ClientRecipe(
                 client_id=cid, segment=client_seg, batches=stream, num_samples=num_samples[cid],
-                optim=client_optim, precision=precision, settings=settings,
+                optim=client_optim, precision=precision, compile=compile, settings=settings,
                 probes=None if probes is None else probes[cid]), "client"))
             segments[cid] = server_seg
         self.clients = clients
         self.server = place.place(HeteroServerRecipe(segments, server_optim, precision,
-                                                     label_smoothing), "server")
+                                                     label_smoothing, compile), "server")
         place.started()
 
     def settings(self, cid: int, side: str = "client") -> LoraSettings:

@@ -59,6 +59,7 @@ class ClientRecipe:
     num_samples: int
     optim: OptimSettings
     precision: str
+    compile: bool = False  # train.compile
     probes: BatchStream | None = None  # importance-probe batches (heterogeneous runs)
     # The LoRA the segment carries (heterogeneous runs), so a party elsewhere can rebuild
     # the very same segment from its own copy of the base model.
@@ -71,7 +72,8 @@ class ClientRecipe:
     def build(self, device: torch.device | str, batches: Batches | None = None) -> Client:
         """The client, drawing from ``batches`` (default: its own stream)."""
         return Client(self.client_id, self.segment, batches or self.batches, self.num_samples,
-                      self.optim, precision=self.precision, device=device, probes=self.probes)
+                      self.optim, precision=self.precision, device=device, probes=self.probes,
+                      compile=self.compile)
 
 
 @dataclass(kw_only=True)
@@ -83,11 +85,13 @@ class LearnerRecipe:
     precision: str
     label_smoothing: float
     client_id: int | None = None
+    compile: bool = False
 
     def build(self, device: torch.device | str) -> Learner:
         return Learner(self.model, self.batches, self.optim, precision=self.precision,
                        device=device, label_smoothing=self.label_smoothing,
-                       client_id=self.client_id, num_samples=self.num_samples)
+                       client_id=self.client_id, num_samples=self.num_samples,
+                       compile=self.compile)
 
 
 @dataclass
@@ -98,11 +102,12 @@ class ServerRecipe:
     per_client: bool
     precision: str
     label_smoothing: float
+    compile: bool = False
 
     def build(self, device: torch.device | str) -> MainServer:
         return MainServer(self.segment, range(self.num_clients), self.optim,
                           per_client=self.per_client, precision=self.precision, device=device,
-                          label_smoothing=self.label_smoothing)
+                          label_smoothing=self.label_smoothing, compile=self.compile)
 
 
 @dataclass
@@ -113,11 +118,13 @@ class HeteroServerRecipe:
     optim: OptimSettings
     precision: str
     label_smoothing: float
+    compile: bool = False
     per_client: bool = True
 
     def build(self, device: torch.device | str) -> MainServer:
         return MainServer.heterogeneous(self.segments, self.optim, precision=self.precision,
-                                        device=device, label_smoothing=self.label_smoothing)
+                                        device=device, label_smoothing=self.label_smoothing,
+                                        compile=self.compile)
 
 
 def shard_stream(p: Any, client_id: int) -> BatchStream:
@@ -153,8 +160,8 @@ def hetero_client_recipe(p: Any, client_id: int, cut: int,
     segment, _ = hetero_segments(p.model, cut, settings)
     return ClientRecipe(client_id=client_id, segment=segment, batches=shard_stream(p, client_id),
                         num_samples=len(p.shards[client_id]), optim=optim_settings(p.cfg, t.steps),
-                        precision=t.precision, probes=probe_stream(p, client_id),
-                        settings=settings)
+                        precision=t.precision, compile=t.compile,
+                        probes=probe_stream(p, client_id), settings=settings)
 
 
 def client_recipes(p: Any, ids: Sequence[int] | None = None) -> list[ClientRecipe]:
@@ -164,7 +171,8 @@ def client_recipes(p: Any, ids: Sequence[int] | None = None) -> list[ClientRecip
     ids = range(t.num_clients) if ids is None else ids
     return [ClientRecipe(client_id=cid, segment=copy.deepcopy(client_seg),
                          batches=shard_stream(p, cid), num_samples=len(p.shards[cid]),
-                         optim=optim_settings(p.cfg, t.steps), precision=t.precision)
+                         optim=optim_settings(p.cfg, t.steps), precision=t.precision,
+                         compile=t.compile)
             for cid in ids]
 
 
@@ -176,14 +184,14 @@ def server_recipe(p: Any) -> ServerRecipe:
     per_client = t.mode == "splitfed"
     return ServerRecipe(server_seg, t.num_clients,
                         optim_settings(p.cfg, t.steps if per_client else t.steps * t.num_clients),
-                        per_client, t.precision, t.label_smoothing)
+                        per_client, t.precision, t.label_smoothing, t.compile)
 
 
 def learner_recipes(p: Any) -> list[LearnerRecipe]:
     """Centralized: one learner over the union of the shards, batches drawn with client 0's
     seed. Federated: one learner per client, each with its own copy of the whole model."""
     t = p.cfg.train
-    common = dict(precision=t.precision, label_smoothing=t.label_smoothing)
+    common = dict(precision=t.precision, label_smoothing=t.label_smoothing, compile=t.compile)
     if t.mode == "centralized":
         union = [f for shard in p.shards for f in shard.features]
         stream = batch_stream(union, t.batch_size, party_seed(t.seed, 0),

@@ -36,6 +36,7 @@ from hsplitlora.models.split import arch_spec
 from hsplitlora.report import plot_loss
 from hsplitlora.train import modes
 from hsplitlora.train.attendance import present
+from hsplitlora.train.compile import check_compiler
 from hsplitlora.train.parties import (
     client_recipes,
     fed_server,
@@ -114,6 +115,8 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
     if cfg.train.keep_memory:
         keep_freed_memory()
     device = resolve_device(cfg.train.device)
+    if cfg.train.compile:
+        check_compiler(device)
     if model is None or tokenizer is None:
         from hsplitlora.models.load import load_model
 
@@ -204,8 +207,8 @@ def _run_hetero(p: Prepared, rec: Recorder,
         p.model, initial, _streams(p), [len(s) for s in p.shards],
         client_optim=optim_settings(cfg, t.steps), server_optim=optim_settings(cfg, t.steps),
         alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, aggregator=planner.aggregator,
-        precision=t.precision, device=p.device, label_smoothing=t.label_smoothing,
-        federated=cfg.hetero.federated, place=place, seed=t.seed,
+        precision=t.precision, compile=t.compile, device=p.device,
+        label_smoothing=t.label_smoothing, federated=cfg.hetero.federated, place=place, seed=t.seed,
         probes=[probe_stream(p, cid) for cid in range(t.num_clients)])
     start, trained = 0, set()
     if p.resumed is not None:
@@ -434,7 +437,8 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
 
 
 # Settings a resumed run may change: where and how fast it runs, not what it computes.
-_FREE_TO_CHANGE = {"train": {"threads", "device", "log_every", "backend", "keep_memory"}}
+_FREE_TO_CHANGE = {"train": {"threads", "device", "log_every", "backend", "keep_memory",
+                              "compile"}}
 _SAME_RUN_SECTIONS = ("model", "lora", "data", "train", "hetero")
 
 
