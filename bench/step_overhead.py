@@ -6,7 +6,10 @@ and gradients, and model-FLOPs utilisation: FLOPs of one training step (counted 
 torch's FlopCounterMode, so only what the step computes: the LM head runs on target
 positions only) / step time, against a bf16 matmul peak measured in this run.
 
-Step times are means over the timed steps (medians alongside).
+The two modes are timed in alternating rounds (one step per client of each, in turn), so
+a slow spell of a shared machine falls on both alike. Step times are means over the timed
+steps (throughput, what MFU uses), medians alongside; the ratio is given for both. The
+matmul peak is the best of trials before and after the steps.
 
     python bench/step_overhead.py [--model smollm2-135m] [--steps 24] [--batch 4] [--seq 128]
                                   [--compile] [--system-malloc]
@@ -37,8 +40,8 @@ from hsplitlora.train.optim import OptimSettings
 from hsplitlora.train.process import keep_freed_memory
 
 
-def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, reps: int = 5,
-                trials: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, reps: int = 10,
+                trials: int = 8) -> float:
     """Best sustained FLOP/s of an n x n x n matmul over a few trials, after warm-up."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
@@ -52,15 +55,14 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, reps: int = 
     return best
 
 
-def step_seconds(step: Callable[[], object], n: int) -> tuple[float, float]:
-    """Mean (throughput, what MFU uses) and median wall time of ``n`` calls; a median far
-    below the mean means some steps stalled (page faults, a busy machine)."""
+def step_times(step: Callable[[], object], n: int) -> list[float]:
+    """Wall time of each of ``n`` calls."""
     times = []
     for _ in range(n):
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    return statistics.fmean(times), statistics.median(times)
+    return times
 
 
 def batches(vocab: int, count: int, batch: int, seq: int, seed: int = 0) -> list[dict]:
@@ -108,7 +110,6 @@ def main() -> None:
     learner.compile = args.compile
     learner.step()  # warm-up (and compile)
     learner.batches = iter(data[2:])
-    central, central_median = step_seconds(learner.step, args.steps)
 
     # SplitLoRA: the same timed batches, dealt round-robin over the clients; each client
     # first warms up on the warm-up batch.
@@ -131,9 +132,15 @@ def main() -> None:
     for c in clients:
         one(c)
     turn = itertools.cycle(clients)
-    split, split_median = step_seconds(lambda: one(next(turn)), args.steps)
-
-    peak = matmul_peak()
+    peak_before = matmul_peak()
+    central_t: list[float] = []
+    split_t: list[float] = []
+    for _ in range(args.steps // args.clients):
+        central_t += step_times(learner.step, args.clients)
+        split_t += step_times(lambda: one(next(turn)), args.clients)
+    central, central_median = statistics.fmean(central_t), statistics.median(central_t)
+    split, split_median = statistics.fmean(split_t), statistics.median(split_t)
+    peak = max(peak_before, matmul_peak())
     tokens = args.batch * args.seq
     print(f"model {args.model}  base {args.base_dtype}  attention {attention}  batch "
           f"{args.batch} x seq {args.seq} ({tokens} tokens, loss on the second half)  "
@@ -143,7 +150,8 @@ def main() -> None:
     print(f"centralized LoRA : {central:.3f} s/step (median {central_median:.3f})")
     print(f"SplitLoRA ({args.clients} clients, cut {args.cut}): {split:.3f} s/step (median "
           f"{split_median:.3f})")
-    print(f"ratio split/centralized: {split / central:.3f}  (target <= 1.05)")
+    print(f"ratio split/centralized: {split / central:.3f} (medians "
+          f"{split_median / central_median:.3f})  (target <= 1.05)")
     print(f"bytes per step: activations up {up:,} B, gradients down {down:,} B")
     print(f"FLOPs per step (FlopCounterMode): {flops / 1e9:.1f} GFLOP")
     print(f"bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s")
