@@ -11,6 +11,11 @@ a slow spell of a shared machine falls on both alike. Step times are means over 
 steps (throughput, what MFU uses), medians alongside; the ratio is given for both. The
 matmul peak is the best of trials before and after the steps.
 
+To show where the rest of the step goes, the matmuls of one centralized step are also
+replayed alone (same ops, shapes, layouts and dtypes, on stand-in tensors): their time is
+what the step would take if everything between the matmuls were free, and so bounds the
+MFU this model reaches at this batch size on this machine.
+
     python bench/step_overhead.py [--model smollm2-135m] [--steps 24] [--batch 4] [--seq 128]
                                   [--compile] [--system-malloc]
 
@@ -26,8 +31,11 @@ import itertools
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from hsplitlora.models.load import load_model, use_attention
@@ -52,6 +60,52 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, reps: int = 
         for _ in range(reps):
             a @ b
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
+
+
+_aten = torch.ops.aten
+_MATMULS = {_aten.mm.default, _aten.bmm.default, _aten.addmm.default, _aten.baddbmm.default}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    def stand_in(self) -> torch.Tensor:
+        """A random tensor with this layout (transposed and broadcast views included)."""
+        size = 1 + sum((n - 1) * st for n, st in zip(self.shape, self.stride, strict=True))
+        return torch.randn(size, dtype=self.dtype).as_strided(self.shape, self.stride)
+
+
+class MatmulLog(TorchDispatchMode):
+    """Records every matmul a step runs: the op and its arguments' layouts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func in _MATMULS:
+            self.calls.append((func, tuple(
+                _Layout(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor)
+                else a for a in args)))
+        return func(*args, **(kwargs or {}))
+
+
+def matmul_seconds(calls: list[tuple[Any, tuple[Any, ...]]], trials: int = 5) -> float:
+    """Best time to run the recorded matmuls back to back on stand-in tensors (one per
+    distinct layout, so they run from warm caches: a floor, not an estimate)."""
+    tensors: dict[_Layout, torch.Tensor] = {}
+    replay = [(func, [tensors.setdefault(a, a.stand_in()) if isinstance(a, _Layout) else a
+                      for a in args]) for func, args in calls]
+    best = float("inf")
+    for _ in range(trials):
+        t = time.perf_counter()
+        for func, args in replay:
+            func(*args)
+        best = min(best, time.perf_counter() - t)
     return best
 
 
@@ -104,7 +158,7 @@ def main() -> None:
     # Centralized: one party, whole model. FLOPs are counted on an eager step: compiled or
     # not, the step does the same arithmetic.
     learner = Learner(copy.deepcopy(model), iter(data), optim, precision="bf16")
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, MatmulLog() as matmuls:
         learner.step()
     flops = counter.get_total_flops()
     learner.compile = args.compile
@@ -141,6 +195,7 @@ def main() -> None:
     central, central_median = statistics.fmean(central_t), statistics.median(central_t)
     split, split_median = statistics.fmean(split_t), statistics.median(split_t)
     peak = max(peak_before, matmul_peak())
+    floor = matmul_seconds(matmuls.calls)
     tokens = args.batch * args.seq
     print(f"model {args.model}  base {args.base_dtype}  attention {attention}  batch "
           f"{args.batch} x seq {args.seq} ({tokens} tokens, loss on the second half)  "
@@ -158,6 +213,10 @@ def main() -> None:
     for name, s in (("centralized", central), ("split", split)):
         print(f"MFU {name}: {flops / s / 1e9:.0f} GFLOP/s = {flops / s / peak:.0%} of peak "
               "(goal >= 60 %)")
+    print(f"the step's {len(matmuls.calls)} matmuls alone, replayed: {floor:.3f} s "
+          f"({floor / central:.0%} of the centralized step; the rest is the work between "
+          f"them, the optimizer and dispatch): MFU at most {flops / floor / peak:.0%} at "
+          "this batch on this machine")
 
 
 if __name__ == "__main__":
