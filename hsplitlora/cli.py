@@ -46,6 +46,10 @@ def train(
     backend: str = typer.Option(None, "--backend", help="where the roles run: inprocess, or "
                                 "ray (each client and the main server a Ray actor; the "
                                 "config's ray section says where and with what)"),
+    checkpoint: bool = typer.Option(False, "--checkpoint", help="save the run's state as "
+                                    "rounds end (<run folder>/checkpoint/server.pt)"),
+    resume: bool = typer.Option(False, "--resume", help="go on from the run folder's "
+                                "checkpoint (same config; keeps checkpointing)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log transformers' info too"),
 ) -> None:
@@ -56,8 +60,10 @@ def train(
     from hsplitlora.train.run import train as run_training
 
     try:
-        result = run_training(cfg, show_progress=not no_progress)
-    except (ConfigError, PlanError) as e:  # found once the model and data are known
+        result = run_training(cfg, show_progress=not no_progress,
+                              checkpoint=checkpoint or resume, resume=resume)
+    except (ConfigError, PlanError, FileNotFoundError) as e:  # found once the model and
+        # data are known (or: no checkpoint to resume)
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     s = result.summary

@@ -19,6 +19,7 @@ from hsplitlora.models.lora import (
 )
 from hsplitlora.models.split import ClientSegment
 from hsplitlora.roles.messages import Activations, ServerReply
+from hsplitlora.train.batches import stream_state
 from hsplitlora.train.compile import compiled_blocks
 from hsplitlora.train.optim import Optimizer, OptimSettings, autocast
 
@@ -103,7 +104,7 @@ class Client:
         The segment's base weights and ranks come from the run's plan, not from here."""
         return {"adapter": self.adapter_state(),
                 "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                "batches": _stream_state(self.batches), "probes": _stream_state(self.probes),
+                "batches": stream_state(self.batches), "probes": stream_state(self.probes),
                 "rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -147,9 +148,3 @@ class Client:
         from hsplitlora.hetero.importance import segment_importance
 
         return segment_importance(self.segment, self.probe_batches(n), reply, self.precision)
-
-
-def _stream_state(stream: Iterator[Any] | None) -> dict[str, Any] | None:
-    """A batch stream's position, if it can tell (a :class:`BatchStream` can)."""
-    save = getattr(stream, "state_dict", None)
-    return save() if save is not None else None

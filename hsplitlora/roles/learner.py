@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from hsplitlora.models.lora import load_lora_state, lora_parameters, lora_state
 from hsplitlora.models.split import arch_spec
+from hsplitlora.train.batches import stream_state
 from hsplitlora.train.compile import compiled_blocks
 from hsplitlora.train.optim import Optimizer, OptimSettings, autocast, target_logits, token_loss
 
@@ -65,3 +68,17 @@ class Learner:
 
     def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
         load_lora_state(self.model, state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on exactly as this learner would: adapters,
+        optimizer (with the LR schedule's position), batch-stream position and RNG."""
+        return {"adapter": self.adapter_state(),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "batches": stream_state(self.batches), "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.load_adapter_state(state["adapter"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        if state["batches"] is not None:
+            self.batches.load_state_dict(state["batches"])  # type: ignore[attr-defined]
+        torch.set_rng_state(state["rng"])

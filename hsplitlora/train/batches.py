@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from hsplitlora.data.tokenize import collate
 
-__all__ = ["BatchStream", "batch_stream"]
+__all__ = ["BatchStream", "batch_stream", "stream_state"]
 
 
 def batch_stream(
@@ -25,6 +25,12 @@ def batch_stream(
     if not features:
         raise ValueError("cannot draw batches from an empty shard")
     return BatchStream(features, batch_size, seed, pad_id)
+
+
+def stream_state(stream: Iterator[Any] | None) -> dict[str, Any] | None:
+    """A batch stream's position, if it can tell (a :class:`BatchStream` can)."""
+    save = getattr(stream, "state_dict", None)
+    return save() if save is not None else None
 
 
 class BatchStream:

@@ -18,11 +18,16 @@ and server halves together), ready for PEFT export.
 ``attendance(round)`` (default: everyone) gives the clients present in a round
 (:mod:`hsplitlora.train.attendance`); an aggregation averages over the clients that
 trained since the previous one and every client continues from the result.
+
+Resuming: ``checkpoint(round, loop)`` is called as each round ends, with the loop's own
+state (what is not in the roles: who trained since the last aggregation, the last
+aggregate, the relay's position); a resumed run passes that state back as ``loop`` with
+``start`` the round after the checkpoint's, its roles already restored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +44,7 @@ __all__ = ["MODES", "Attendance", "attending", "everyone", "run_centralized", "r
            "run_split", "run_splitfed", "run_splitlora"]
 
 State = dict[str, torch.Tensor]
+Checkpoint = Callable[[int, dict[str, Any]], None]
 
 
 def everyone(round: int) -> None:
@@ -77,20 +83,36 @@ def _trained(parties: Sequence[Client | Learner], ids: set[int | None]) -> list[
     return [p for p in parties if p.client_id in ids]
 
 
-def run_centralized(learner: Learner, steps: int, rec: Recorder) -> State:
-    for t in range(steps):
+def _averaging_loop(loop: Mapping[str, Any] | None) -> tuple[State, set[int | None]]:
+    """The last aggregate and who trained since, from a checkpoint's loop state."""
+    loop = loop or {}
+    return dict(loop.get("merged", {})), set(loop.get("trained", ()))
+
+
+def _saved(checkpoint: Checkpoint | None, t: int, merged: State,
+           trained: set[int | None]) -> None:
+    if checkpoint is not None:
+        checkpoint(t, {"merged": merged, "trained": sorted(trained)})
+
+
+def run_centralized(learner: Learner, steps: int, rec: Recorder, *, start: int = 0,
+                    checkpoint: Checkpoint | None = None) -> State:
+    for t in range(start, steps):
         loss, tokens = learner.step()
         rec.train_step(round=t, client=None, loss=loss, tokens=tokens, lr=learner.lr)
         rec.global_model(t, learner.adapter_state)
         rec.end_round(t)
+        if checkpoint is not None:
+            checkpoint(t, {})
     return learner.adapter_state()
 
 
 def run_federated(learners: Sequence[Learner], fed: FedServer, steps: int, interval: int,
-                  rec: Recorder, attendance: Attendance = everyone) -> State:
-    merged: State = {}
-    trained: set[int | None] = set()
-    for t in range(steps):
+                  rec: Recorder, attendance: Attendance = everyone, *, start: int = 0,
+                  loop: Mapping[str, Any] | None = None,
+                  checkpoint: Checkpoint | None = None) -> State:
+    merged, trained = _averaging_loop(loop)
+    for t in range(start, steps):
         for learner in attending(learners, attendance, t):
             loss, tokens = learner.step()
             rec.train_step(round=t, client=learner.client_id, loss=loss, tokens=tokens,
@@ -101,22 +123,23 @@ def run_federated(learners: Sequence[Learner], fed: FedServer, steps: int, inter
             trained = set()
             rec.global_model(t, lambda m=merged: m)
         rec.end_round(t)
+        _saved(checkpoint, t, merged, trained)
     return merged or learners[0].adapter_state()
 
 
 def run_split(clients: Sequence[Client], server: MainServer, steps: int, handoff: int,
-              rec: Recorder) -> State:
-    """Sequential split learning: each client trains ``handoff`` steps, then relays."""
-    done = [0] * len(clients)
-    holder = 0
-    rnd = 0
+              rec: Recorder, *, start: int = 0, loop: Mapping[str, Any] | None = None,
+              checkpoint: Checkpoint | None = None) -> State:
+    """Sequential split learning: each client trains ``handoff`` steps, then relays (one
+    round per turn; the hand-off is recorded in the round that ends with it)."""
+    done = list(loop["done"]) if loop else [0] * len(clients)
+    holder = loop["holder"] if loop else 0
+    rnd = start
     while any(d < steps for d in done):
         client = clients[holder]
         for _ in range(min(handoff, steps - done[holder])):
             _client_step(client, server, rec, rnd)
             done[holder] += 1
-        rec.end_round(rnd)
-        rnd += 1
         nxt = (holder + 1) % len(clients)
         if nxt != holder:
             state = client.adapter_state()
@@ -124,17 +147,22 @@ def run_split(clients: Sequence[Client], server: MainServer, steps: int, handoff
             rec.event("handoff", round=rnd, source=client.client_id,
                       target=clients[nxt].client_id, bytes_up=nbytes(state),
                       bytes_down=nbytes(state))
-        rec.global_model(rnd - 1, lambda c=client: {**c.adapter_state(), **server.adapter_state()})
+        rec.global_model(rnd, lambda c=client: {**c.adapter_state(), **server.adapter_state()})
+        rec.end_round(rnd)
         holder = nxt
+        if checkpoint is not None:
+            checkpoint(rnd, {"done": list(done), "holder": holder})
+        rnd += 1
     final = clients[(holder - 1) % len(clients)].adapter_state()
     return {**final, **server.adapter_state()}
 
 
 def run_splitlora(clients: Sequence[Client], server: MainServer, fed: FedServer, steps: int,
-                  interval: int, rec: Recorder, attendance: Attendance = everyone) -> State:
-    merged: State = {}
-    trained: set[int | None] = set()
-    for t in range(steps):
+                  interval: int, rec: Recorder, attendance: Attendance = everyone, *,
+                  start: int = 0, loop: Mapping[str, Any] | None = None,
+                  checkpoint: Checkpoint | None = None) -> State:
+    merged, trained = _averaging_loop(loop)
+    for t in range(start, steps):
         for client in attending(clients, attendance, t):
             _client_step(client, server, rec, t)
             trained.add(client.client_id)
@@ -143,16 +171,18 @@ def run_splitlora(clients: Sequence[Client], server: MainServer, fed: FedServer,
             trained = set()
             rec.global_model(t, lambda m=merged: {**m, **server.adapter_state()})
         rec.end_round(t)
+        _saved(checkpoint, t, merged, trained)
     return {**(merged or clients[0].adapter_state()), **server.adapter_state()}
 
 
 def run_splitfed(clients: Sequence[Client], server: MainServer, fed: FedServer, steps: int,
-                 interval: int, rec: Recorder, attendance: Attendance = everyone) -> State:
+                 interval: int, rec: Recorder, attendance: Attendance = everyone, *,
+                 start: int = 0, loop: Mapping[str, Any] | None = None,
+                 checkpoint: Checkpoint | None = None) -> State:
     if not server.per_client:
         raise ValueError("splitfed needs a MainServer with per_client=True (SFL-V1)")
-    merged: State = {}
-    trained: set[int | None] = set()
-    for t in range(steps):
+    merged, trained = _averaging_loop(loop)
+    for t in range(start, steps):
         for client in attending(clients, attendance, t):
             _client_step(client, server, rec, t)
             trained.add(client.client_id)
@@ -167,6 +197,7 @@ def run_splitfed(clients: Sequence[Client], server: MainServer, fed: FedServer, 
             merged = {**client_side, **server_side}
             rec.global_model(t, lambda m=merged: m)
         rec.end_round(t)
+        _saved(checkpoint, t, merged, trained)
     return merged or {**clients[0].adapter_state(), **server.adapter_state()}
 
 

@@ -105,8 +105,8 @@ class Prepared:
     device: torch.device
     plans: dict[int, tuple[int, dict[str, int]]] | None = None  # heterogeneous: (cut, ranks)
     attendance: modes.Attendance = modes.everyone  # the clients present in each round
-    checkpoint: Path | None = None  # heterogeneous: written as every round ends
-    resumed: dict[str, Any] | None = None  # heterogeneous: the checkpoint to go on from
+    checkpoint: Path | None = None  # written as rounds end (train(checkpoint=True))
+    resumed: dict[str, Any] | None = None  # the checkpoint to go on from
 
 
 def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = None) -> Prepared:
@@ -319,18 +319,59 @@ def _run_placed(p: Prepared, rec: Recorder, place: Placement) -> dict[str, torch
     t = p.cfg.train
     here = place.attendance(p.attendance)
     if t.mode in ("centralized", "federated"):
-        learners = [place.place(r, "learner") for r in learner_recipes(p)]
-        place.started()
-        if t.mode == "centralized":
-            return modes.run_centralized(learners[0], t.steps * t.num_clients, rec)
-        return modes.run_federated(learners, fed_server(p), t.steps, t.agg_interval, rec, here)
-    clients = [place.place(r, "client") for r in client_recipes(p)]
-    server = place.place(server_recipe(p), "server")
+        roles = {"learners": [place.place(r, "learner") for r in learner_recipes(p)]}
+    else:
+        roles = {"clients": [place.place(r, "client") for r in client_recipes(p)],
+                 "server": [place.place(server_recipe(p), "server")]}
     place.started()
+    resume = _restore(p, roles)
+    if t.mode == "centralized":
+        return modes.run_centralized(roles["learners"][0], t.steps * t.num_clients, rec,
+                                     start=resume["start"], checkpoint=resume["checkpoint"])
+    if t.mode == "federated":
+        return modes.run_federated(roles["learners"], fed_server(p), t.steps, t.agg_interval,
+                                   rec, here, **resume)
+    clients, (server,) = roles["clients"], roles["server"]
     if t.mode == "split":
-        return modes.run_split(clients, server, t.steps, t.agg_interval, rec)
+        return modes.run_split(clients, server, t.steps, t.agg_interval, rec, **resume)
     runner = modes.run_splitfed if t.mode == "splitfed" else modes.run_splitlora
-    return runner(clients, server, fed_server(p), t.steps, t.agg_interval, rec, here)
+    return runner(clients, server, fed_server(p), t.steps, t.agg_interval, rec, here, **resume)
+
+
+def _restore(p: Prepared, roles: dict[str, list[Any]]) -> dict[str, Any]:
+    """For a homogeneous mode: restore ``roles`` from ``p.resumed`` (if resuming) and
+    return the mode's ``start``, ``loop`` and ``checkpoint`` arguments.
+
+    The checkpoint holds every role's state (adapters, AdamW moments, LR schedule,
+    batch-stream position, RNG) and the loop's own; it is written as each round ends,
+    in the centralized mode after every ``num_clients`` steps (the data of one round of
+    the other modes), so a stopped run resumes to the very numbers of an unstopped one.
+    """
+    t = p.cfg.train
+    start, loop = 0, None
+    if p.resumed is not None:
+        if "roles" not in p.resumed:
+            raise ConfigError(f"the checkpoint in {p.checkpoint or 'the run folder'} was "
+                              "written by `hsplitlora serve` (its clients keep their own "
+                              "state): resume it with `hsplitlora serve --resume`")
+        for kind, states in p.resumed["roles"].items():
+            for role, state in zip(roles[kind], states, strict=True):
+                role.load_state_dict(state)
+        start, loop = p.resumed["round"] + 1, p.resumed["loop"]
+        log.info("resuming from the checkpoint of round %d", p.resumed["round"])
+    if p.checkpoint is None:
+        return {"start": start, "loop": loop, "checkpoint": None}
+    path, every = p.checkpoint, t.num_clients if t.mode == "centralized" else 1
+    total, config = _total_rounds(p.cfg), p.cfg.model_dump(mode="json")
+
+    def save(round: int, loop: dict[str, Any]) -> None:
+        if (round + 1) % every and round + 1 < total:
+            return
+        atomic_save({"round": round, "loop": loop, "config": config,
+                     "roles": {kind: [r.state_dict() for r in rs] for kind, rs in roles.items()}},
+                    path)
+
+    return {"start": start, "loop": loop, "checkpoint": save}
 
 
 def _eval_rounds(cfg: RunConfig) -> int:
@@ -374,14 +415,12 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     """Run one configured training job end to end (the Python API behind ``hsplitlora train``;
     ``hsplitlora serve`` runs the heterogeneous modes through it with remote clients).
 
-    ``checkpoint`` (heterogeneous modes) saves the run's state as every round ends, in
+    ``checkpoint`` saves the run's state as rounds end, in
     ``<run folder>/checkpoint/server.pt``; ``resume`` goes on from it, keeping the
     metrics of the rounds it covers, to the same result an uninterrupted run reaches.
     """
-    if (checkpoint or resume) and (cfg.train.mode not in HETERO_MODES or not write):
-        raise ValueError("checkpoint/resume inside train() needs a heterogeneous train.mode "
-                         f"(one of {sorted(HETERO_MODES)}) and write=True; the other modes "
-                         "checkpoint in `hsplitlora serve`")
+    if (checkpoint or resume) and not write:
+        raise ValueError("checkpoint/resume needs a run folder (write=True)")
     run_dir = _run_path(cfg) if write else None
     resumed = None
     if run_dir and resume:  # checked before the model loads: a wrong resume fails fast

@@ -1,0 +1,116 @@
+"""A run of any homogeneous mode stopped after a checkpoint and resumed ends exactly where
+the uninterrupted run does: same per-step losses and LRs, same events, same adapter.
+
+LoRA dropout is on, so a role restored with the wrong RNG, optimizer moments, LR-schedule
+position or batch-stream position shows up as different losses.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from hsplitlora import checkpoint as ckpt
+from hsplitlora.cli import app
+from hsplitlora.config import ConfigError, RunConfig
+from hsplitlora.train import run as run_module
+from hsplitlora.train.run import train
+from tests.conftest import E2E, REPO, tiny_model
+
+
+def _cfg(tmp_path, mode: str, availability: float | None = None, **train_kw) -> RunConfig:
+    scenario = {} if availability is None else {"scenario": {"availability": availability}}
+    return RunConfig.model_validate({
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"train_files": [str(E2E / "original" / "devset.csv")], "eval_file": None,
+                 "max_train_examples": 40, "max_length": 96},
+        "train": {"mode": mode, "num_clients": 2, "cut": 2, "steps": 4, "batch_size": 2,
+                  "agg_interval": 2, "lr": 0.01, "warmup_steps": 1, "precision": "fp32",
+                  **train_kw},
+        "hetero": scenario,
+        "eval": {"max_examples": 0},
+        "output": {"dir": str(tmp_path), "name": "run", "sample_prompt": None},
+    })
+
+
+class _Killed(Exception):
+    pass
+
+
+def _steps(records):
+    return [(r["round"], r["client"], r["loss"], r["tokens"], r["lr"]) for r in records
+            if "event" not in r]
+
+
+def _events(records):
+    return [(r["event"], r["round"]) for r in records if "event" in r]
+
+
+def _run(cfg, tok, **kw):
+    return train(cfg, model=tiny_model("llama"), tokenizer=tok, show_progress=False, **kw)
+
+
+# With availability 0.5 and seed 3, both clients train in round 0 and only client 1 in
+# round 1: the aggregation that ends round 1 must still count client 0, which a resumed
+# run knows only from the checkpoint.
+PARTIAL = {"availability": 0.5, "seed": 3}
+
+
+@pytest.mark.parametrize("mode,stop,kw", [
+    ("splitlora", 0, {}),       # mid-interval: both clients trained, not yet averaged
+    ("splitlora", 1, {}),       # right after an aggregation
+    ("splitlora", 0, PARTIAL),
+    ("splitfed", 0, PARTIAL),
+    ("federated", 2, PARTIAL),
+    ("split", 1, {}),           # after the first relay back to client 0
+    ("centralized", 3, {}),     # checkpoints every num_clients steps: rounds 1, 3, 5, 7
+])
+def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path, tiny_tokenizer,
+                                                              monkeypatch, mode, stop, kw):
+    whole = _run(_cfg(tmp_path / "whole", mode, **kw), tiny_tokenizer)
+
+    cfg = _cfg(tmp_path / "cut", mode, **kw)
+    save = ckpt.atomic_save
+    saved_rounds = []
+
+    def save_then_die(obj, path):
+        save(obj, path)
+        saved_rounds.append(obj["round"])
+        if obj["round"] == stop:
+            raise _Killed
+
+    monkeypatch.setattr(run_module, "atomic_save", save_then_die)
+    with pytest.raises(_Killed):
+        _run(cfg, tiny_tokenizer, checkpoint=True)
+    monkeypatch.undo()
+    if mode == "centralized":
+        assert saved_rounds == [1, 3]
+    run_dir = tmp_path / "cut" / "run"
+    assert ckpt.load_checkpoint(run_dir / "checkpoint" / "server.pt")["round"] == stop
+
+    resumed = _run(cfg, tiny_tokenizer, checkpoint=True, resume=True)
+    assert len(_steps(resumed.records)) == len(_steps(whole.records)) > 0
+    assert _steps(resumed.records) == _steps(whole.records)
+    assert _events(resumed.records) == _events(whole.records)
+    assert resumed.adapter.keys() == whole.adapter.keys()
+    for name, value in whole.adapter.items():
+        assert torch.equal(resumed.adapter[name], value), name
+    # the metrics file holds each step once
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert sum('"loss"' in line and '"event"' not in line for line in lines) == len(
+        _steps(whole.records))
+
+
+def test_resuming_with_a_changed_config_is_refused(tmp_path, tiny_tokenizer):
+    _run(_cfg(tmp_path, "splitlora", steps=2), tiny_tokenizer, checkpoint=True)
+    with pytest.raises(ConfigError, match=r"train\.lr: 0\.01 -> 0\.02"):
+        _run(_cfg(tmp_path, "splitlora", steps=2, lr=0.02), tiny_tokenizer, resume=True)
+
+
+def test_cli_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    result = CliRunner().invoke(app, ["train", "-c", str(REPO / "configs" / "tiny.yaml"),
+                                      "--resume", "--set", f"output.dir={tmp_path}",
+                                      "--no-progress"])
+    assert result.exit_code == 2
+    assert "no checkpoint at" in " ".join(result.output.split())
