@@ -103,7 +103,7 @@ def test_a_resumed_run_refuses_a_config_that_changes_what_it_computes(tmp_path,
               show_progress=False, resume=True)
 
 
-def test_checkpointing_in_process_is_refused_outside_the_heterogeneous_modes(tmp_path):
-    cfg = _cfg(tmp_path, "splitlora", "fedavg")
-    with pytest.raises(ValueError, match="checkpoint in `hsplitlora serve`"):
-        train(cfg, checkpoint=True)
+def test_checkpointing_needs_a_run_folder(tmp_path):
+    cfg = _cfg(tmp_path, "hsplitlora", "noisefree")
+    with pytest.raises(ValueError, match="needs a run folder"):
+        train(cfg, checkpoint=True, write=False)
