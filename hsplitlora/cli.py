@@ -158,6 +158,7 @@ def experiment(
     re-running resumes. Writes summary.md, summary.csv and plots into the grid folder."""
     _logging(verbose)
     from hsplitlora.experiment import PlannedRun, load_experiment, run_experiment
+    from hsplitlora.train.run import checkpoint_path
 
     try:
         exp = load_experiment(file)
@@ -171,7 +172,8 @@ def experiment(
         for run in exp.runs:
             folder = exp.output / run.name
             status = ("trained" if (folder / "summary.json").is_file()
-                      else "interrupted" if folder.exists() else "to do")
+                      else "interrupted, resumes" if checkpoint_path(folder).is_file()
+                      else "interrupted, restarts" if folder.exists() else "to do")
             if status == "trained" and (folder / "scores.json").is_file():
                 status = "trained, scored"
             plan.add_row(run.name, status)

@@ -3,9 +3,10 @@
 An experiment file holds a ``base`` run config (the train-config schema, inline or a path
 to a config file), a ``grid`` of values to sweep, an optional ``evaluate`` section, and the
 ``output`` folder. Every run gets a folder named by its grid values; a run whose folder has
-``summary.json`` (and ``scores.json`` when evaluation is asked) is done and skipped, and a
-folder without it is a crashed run, deleted and re-run, so an interrupted grid resumes
-where it stopped. The grid folder gets ``summary.md``, ``summary.csv`` and the plots.
+``summary.json`` (and ``scores.json`` when evaluation is asked) is done and skipped; a
+folder without it is an interrupted run, which goes on from its last checkpoint (runs are
+trained with checkpoints) or, with none, is deleted and re-run, so an interrupted grid
+resumes where it stopped. The grid folder gets ``summary.md``, ``summary.csv`` and the plots.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from hsplitlora.config import (
 from hsplitlora.eval.evaluate import SCORES_FILE, evaluate_run
 from hsplitlora.eval.generate import GenerationSettings
 from hsplitlora.eval.metrics import METRIC_NAMES
-from hsplitlora.train.run import train
+from hsplitlora.train.run import checkpoint_path, train
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -256,13 +257,16 @@ def run_experiment(
         if trained:
             _check_same_config(run_dir, run.config)
         else:
-            if run_dir.exists():
-                log.warning("%s has no summary.json (interrupted run): training it afresh",
-                            run_dir)
+            resume = checkpoint_path(run_dir).is_file()
+            if resume:
+                log.warning("%s was interrupted: resuming it from its checkpoint", run_dir)
+            elif run_dir.exists():
+                log.warning("%s has no summary.json and no checkpoint (interrupted run): "
+                            "training it afresh", run_dir)
                 shutil.rmtree(run_dir)
             if on_run:
                 on_run(index, run, "train")
-            train(run.config, show_progress=show_progress)
+            train(run.config, show_progress=show_progress, checkpoint=True, resume=resume)
             gc.collect()  # the finished run's model copies before the next one loads
         scoring = exp.evaluate is not None and _needs_evaluation(run_dir, exp.evaluate)
         if exp.evaluate is not None and scoring:

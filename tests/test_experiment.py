@@ -131,12 +131,24 @@ def test_runner_skips_finished_runs_and_resumes_an_interrupted_grid(
     assert out.output.count(": skip") == 2
     assert (grid / SPLIT / "summary.json").stat().st_mtime_ns == mtime
 
-    # a run killed mid-training (no summary.json, leftovers) is deleted and re-run alone
+    # a run killed after a checkpoint (no summary.json) goes on from it, to the same end
+    before = json.loads((grid / CENTRAL / "summary.json").read_text())
     (grid / CENTRAL / "summary.json").unlink()
+    calls = _spy_train(monkeypatch)
+    dry = CliRunner().invoke(app, ["experiment", str(path), "--dry-run"])
+    assert "interrupted, resumes" in dry.output and calls == []
+    run_experiment(path, show_progress=False)
+    assert calls == [CENTRAL]
+    after = json.loads((grid / CENTRAL / "summary.json").read_text())
+    assert after["final_loss"] == before["final_loss"] and after["steps"] == before["steps"]
+
+    # killed before any checkpoint (leftovers only): deleted and re-run alone
+    (grid / CENTRAL / "summary.json").unlink()
+    (grid / CENTRAL / "checkpoint" / "server.pt").unlink()
     (grid / CENTRAL / "leftover.txt").write_text("partial")
     calls = _spy_train(monkeypatch)
     dry = CliRunner().invoke(app, ["experiment", str(path), "--dry-run"])
-    assert "interrupted" in dry.output and calls == []
+    assert "interrupted, restarts" in dry.output and calls == []
     run_experiment(path, show_progress=False)
     assert calls == [CENTRAL]
     assert not (grid / CENTRAL / "leftover.txt").exists()

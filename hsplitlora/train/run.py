@@ -408,6 +408,11 @@ def _sample(p: Prepared) -> str | None:
                     settings, device=p.device)[0]
 
 
+def checkpoint_path(run_dir: Path) -> Path:
+    """Where a run folder keeps its checkpoint (in process and under ``serve`` alike)."""
+    return run_dir / "checkpoint" / "server.pt"
+
+
 def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = None,
           write: bool = True, show_progress: bool = True,
           placement: PlacementFactory | None = None, checkpoint: bool = False,
@@ -424,14 +429,14 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     run_dir = _run_path(cfg) if write else None
     resumed = None
     if run_dir and resume:  # checked before the model loads: a wrong resume fails fast
-        resumed = load_checkpoint(run_dir / "checkpoint" / "server.pt")
+        resumed = load_checkpoint(checkpoint_path(run_dir))
         check_same_run(resumed["config"], cfg)
     p = prepare(cfg, model, tokenizer)  # a bad config fails here, before any folder exists
     p.resumed = resumed
     history = None
     if run_dir:
         run_dir.mkdir(parents=True, exist_ok=True)
-        saved = run_dir / "checkpoint" / "server.pt"
+        saved = checkpoint_path(run_dir)
         if resumed is not None:
             history = kept_records(run_dir / "metrics.jsonl", resumed["round"])
         else:

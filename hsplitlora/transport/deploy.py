@@ -33,7 +33,7 @@ from hsplitlora.config import HETERO_MODES, RunConfig
 from hsplitlora.models.lora import matrix_shapes, save_peft_adapter
 from hsplitlora.models.split import arch_spec
 from hsplitlora.train.recorder import Recorder, kept_records
-from hsplitlora.train.run import check_same_run, prepare
+from hsplitlora.train.run import check_same_run, checkpoint_path, prepare
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.client import ClientRunner
 from hsplitlora.transport.config import NetConfig
@@ -107,7 +107,7 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     p = prepare(cfg)
     server, plan = build_server(p)
     run_dir = run_folder(cfg)
-    checkpoint = run_dir / "checkpoint" / "server.pt"
+    checkpoint = checkpoint_path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     tokens = _tokens(net)
     fed: FedService | RemoteFed
