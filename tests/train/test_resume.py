@@ -7,6 +7,8 @@ position or batch-stream position shows up as different losses.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -114,3 +116,32 @@ def test_cli_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
                                       "--no-progress"])
     assert result.exit_code == 2
     assert "no checkpoint at" in " ".join(result.output.split())
+
+
+def test_cli_checkpoint_then_resume_keeps_every_step_once(tmp_path, tiny_llama_dir):
+    """``--checkpoint`` writes the checkpoint; ``--resume`` after the last round trains
+    nothing more, keeps the metrics and writes the same summary (a kill between the last
+    round and the end of the run loses nothing)."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"""
+model: {{name: {tiny_llama_dir}}}
+lora: {{r: 4, alpha: 8, dropout: 0.1}}
+data: {{train_files: [{E2E / 'original' / 'devset.csv'}], max_train_examples: 40,
+        max_length: 96}}
+train: {{mode: splitlora, num_clients: 2, cut: 1, steps: 3, batch_size: 2, agg_interval: 2,
+        precision: fp32}}
+eval: {{max_examples: 0}}
+output: {{dir: {tmp_path / 'runs'}, name: tiny, sample_prompt: null}}
+""")
+    run = tmp_path / "runs" / "tiny"
+    first = CliRunner().invoke(app, ["train", "-c", str(cfg), "--checkpoint", "--no-progress"])
+    assert first.exit_code == 0, first.output
+    assert ckpt.load_checkpoint(run / "checkpoint" / "server.pt")["round"] == 2
+    summary = (run / "summary.json").read_text(encoding="utf-8")
+    again = CliRunner().invoke(app, ["train", "-c", str(cfg), "--resume", "--no-progress"])
+    assert again.exit_code == 0, again.output
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert sum('"event"' not in line for line in lines) == 6
+    for key in ("final_loss", "first_loss", "steps", "bytes_up"):
+        assert json.loads(summary)[key] == json.loads(
+            (run / "summary.json").read_text(encoding="utf-8"))[key], key
