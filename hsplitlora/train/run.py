@@ -350,10 +350,6 @@ def _restore(p: Prepared, roles: dict[str, list[Any]]) -> dict[str, Any]:
     t = p.cfg.train
     start, loop = 0, None
     if p.resumed is not None:
-        if "roles" not in p.resumed:
-            raise ConfigError(f"the checkpoint in {p.checkpoint or 'the run folder'} was "
-                              "written by `hsplitlora serve` (its clients keep their own "
-                              "state): resume it with `hsplitlora serve --resume`")
         for kind, states in p.resumed["roles"].items():
             for role, state in zip(roles[kind], states, strict=True):
                 role.load_state_dict(state)
@@ -431,6 +427,10 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     if run_dir and resume:  # checked before the model loads: a wrong resume fails fast
         resumed = load_checkpoint(checkpoint_path(run_dir))
         check_same_run(resumed["config"], cfg)
+        if cfg.train.mode not in HETERO_MODES and "roles" not in resumed:
+            raise ConfigError(f"{checkpoint_path(run_dir)} was written by `hsplitlora serve`, "
+                              "whose clients keep their own state: resume it with "
+                              "`hsplitlora serve --resume`")
     p = prepare(cfg, model, tokenizer)  # a bad config fails here, before any folder exists
     p.resumed = resumed
     history = None

@@ -145,3 +145,15 @@ output: {{dir: {tmp_path / 'runs'}, name: tiny, sample_prompt: null}}
     for key in ("final_loss", "first_loss", "steps", "bytes_up"):
         assert json.loads(summary)[key] == json.loads(
             (run / "summary.json").read_text(encoding="utf-8"))[key], key
+
+
+def test_a_serve_checkpoint_is_not_resumed_in_process(tmp_path, tiny_tokenizer):
+    """`hsplitlora serve` (homogeneous modes) checkpoints only the server side; its
+    clients keep their own state. Resuming that in process would lose the clients'."""
+    cfg = _cfg(tmp_path, "splitlora", steps=2)
+    path = tmp_path / "run" / "checkpoint" / "server.pt"
+    path.parent.mkdir(parents=True)
+    ckpt.atomic_save({"round": 0, "config": cfg.model_dump(mode="json"), "server": {},
+                      "fed": None}, path)
+    with pytest.raises(ConfigError, match="serve --resume"):
+        _run(cfg, tiny_tokenizer, resume=True)
