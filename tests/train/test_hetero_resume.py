@@ -16,9 +16,9 @@ import torch
 
 from hsplitlora import checkpoint as ckpt
 from hsplitlora.config import ConfigError, RunConfig
-from hsplitlora.train import run as run_module
 from hsplitlora.train.run import train
 from tests.conftest import E2E, tiny_model
+from tests.train.test_resume import events_of, killed_after_checkpoint, steps_of
 
 SCENARIO = {"kind": "heterogeneous", "memory_range": ["1.2 MiB", "3 MiB"], "seed": 1}
 
@@ -38,15 +38,6 @@ def _cfg(tmp_path, mode: str, aggregator: str, **train_kw) -> RunConfig:
     })
 
 
-class _Killed(Exception):
-    pass
-
-
-def _steps(records):
-    return [(r["round"], r["client"], r["loss"], r["tokens"], r["lr"]) for r in records
-            if "event" not in r]
-
-
 @pytest.mark.parametrize("mode,aggregator,stop", [
     ("hsplitlora", "noisefree", 2),  # mid-interval: two merges and re-plans still to come
     ("hsplitlora", "noisefree", 3),  # right after a merge and re-plan
@@ -58,35 +49,26 @@ def test_a_resumed_heterogeneous_run_ends_where_the_uninterrupted_one_does(
                   tokenizer=tiny_tokenizer, show_progress=False)
 
     cfg = _cfg(tmp_path / "cut", mode, aggregator)
-    save = ckpt.atomic_save
-
-    def save_then_die(obj, path):
-        save(obj, path)
-        if obj["round"] == stop:
-            raise _Killed
-
-    monkeypatch.setattr(run_module, "atomic_save", save_then_die)
-    with pytest.raises(_Killed):
-        train(cfg, model=tiny_model("llama"), tokenizer=tiny_tokenizer, show_progress=False,
-              checkpoint=True)
-    monkeypatch.undo()
+    killed_after_checkpoint(monkeypatch, stop, lambda: train(
+        cfg, model=tiny_model("llama"), tokenizer=tiny_tokenizer, show_progress=False,
+        checkpoint=True))
     run_dir = tmp_path / "cut" / "run"
     assert ckpt.load_checkpoint(run_dir / "checkpoint" / "server.pt")["round"] == stop
 
     resumed = train(cfg, model=tiny_model("llama"), tokenizer=tiny_tokenizer,
                     show_progress=False, checkpoint=True, resume=True)
-    assert _steps(resumed.records) == _steps(whole.records)
-    events = [(r["event"], r["round"]) for r in resumed.records if "event" in r]
-    assert events == [(r["event"], r["round"]) for r in whole.records if "event" in r]
+    assert steps_of(resumed.records) == steps_of(whole.records)
+    assert events_of(resumed.records) == events_of(whole.records)
     if mode == "hsplitlora" and stop == 2:
-        assert ("replan", 3) in events  # a merge and a re-plan happened after resuming
+        # a merge and a re-plan happened after resuming
+        assert ("replan", 3) in events_of(resumed.records)
     assert resumed.adapter.keys() == whole.adapter.keys() and resumed.adapter
     for k, v in whole.adapter.items():
         assert torch.equal(resumed.adapter[k], v), k
     # the metrics file holds each step once: the rounds after the checkpoint were dropped
     # and written again, the ones before kept
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert _steps(lines) == _steps(whole.records)
+    assert steps_of(lines) == steps_of(whole.records)
     assert [r["step"] for r in lines if "step" in r] == list(range(1, 19))
 
 

@@ -8,6 +8,7 @@ position or batch-stream position shows up as different losses.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -40,13 +41,32 @@ class _Killed(Exception):
     pass
 
 
-def _steps(records):
+def steps_of(records):
     return [(r["round"], r["client"], r["loss"], r["tokens"], r["lr"]) for r in records
             if "event" not in r]
 
 
-def _events(records):
+def events_of(records):
     return [(r["event"], r["round"]) for r in records if "event" in r]
+
+
+def killed_after_checkpoint(monkeypatch, stop: int, run: Callable[[], object]) -> list[int]:
+    """Call ``run`` (a training run with checkpoints) and kill it right after the
+    checkpoint of round ``stop`` is written; returns the rounds that were saved."""
+    save = ckpt.atomic_save
+    saved: list[int] = []
+
+    def save_then_die(obj, path):
+        save(obj, path)
+        saved.append(obj["round"])
+        if obj["round"] == stop:
+            raise _Killed
+
+    monkeypatch.setattr(run_module, "atomic_save", save_then_die)
+    with pytest.raises(_Killed):
+        run()
+    monkeypatch.undo()
+    return saved
 
 
 def _run(cfg, tok, **kw):
@@ -73,35 +93,24 @@ def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path, tiny_toke
     whole = _run(_cfg(tmp_path / "whole", mode, **kw), tiny_tokenizer)
 
     cfg = _cfg(tmp_path / "cut", mode, **kw)
-    save = ckpt.atomic_save
-    saved_rounds = []
-
-    def save_then_die(obj, path):
-        save(obj, path)
-        saved_rounds.append(obj["round"])
-        if obj["round"] == stop:
-            raise _Killed
-
-    monkeypatch.setattr(run_module, "atomic_save", save_then_die)
-    with pytest.raises(_Killed):
-        _run(cfg, tiny_tokenizer, checkpoint=True)
-    monkeypatch.undo()
+    saved_rounds = killed_after_checkpoint(
+        monkeypatch, stop, lambda: _run(cfg, tiny_tokenizer, checkpoint=True))
     if mode == "centralized":
         assert saved_rounds == [1, 3]
     run_dir = tmp_path / "cut" / "run"
     assert ckpt.load_checkpoint(run_dir / "checkpoint" / "server.pt")["round"] == stop
 
     resumed = _run(cfg, tiny_tokenizer, checkpoint=True, resume=True)
-    assert len(_steps(resumed.records)) == len(_steps(whole.records)) > 0
-    assert _steps(resumed.records) == _steps(whole.records)
-    assert _events(resumed.records) == _events(whole.records)
+    assert len(steps_of(resumed.records)) == len(steps_of(whole.records)) > 0
+    assert steps_of(resumed.records) == steps_of(whole.records)
+    assert events_of(resumed.records) == events_of(whole.records)
     assert resumed.adapter.keys() == whole.adapter.keys()
     for name, value in whole.adapter.items():
         assert torch.equal(resumed.adapter[name], value), name
     # the metrics file holds each step once
     lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     assert sum('"loss"' in line and '"event"' not in line for line in lines) == len(
-        _steps(whole.records))
+        steps_of(whole.records))
 
 
 def test_resuming_with_a_changed_config_is_refused(tmp_path, tiny_tokenizer):
