@@ -59,11 +59,11 @@ def train(
     from hsplitlora.hetero.planner import PlanError
     from hsplitlora.train.run import train as run_training
 
+    # Errors found once the model and data are known, or no checkpoint to resume from.
     try:
         result = run_training(cfg, show_progress=not no_progress,
                               checkpoint=checkpoint or resume, resume=resume)
-    except (ConfigError, PlanError, FileNotFoundError) as e:  # found once the model and
-        # data are known (or: no checkpoint to resume)
+    except (ConfigError, PlanError, FileNotFoundError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     s = result.summary

@@ -360,10 +360,10 @@ def _restore(p: Prepared, roles: dict[str, list[Any]]) -> dict[str, Any]:
     path, every = p.checkpoint, t.num_clients if t.mode == "centralized" else 1
     total, config = _total_rounds(p.cfg), p.cfg.model_dump(mode="json")
 
-    def save(round: int, loop: dict[str, Any]) -> None:
+    def save(round: int, loop_state: dict[str, Any]) -> None:
         if (round + 1) % every and round + 1 < total:
             return
-        atomic_save({"round": round, "loop": loop, "config": config,
+        atomic_save({"round": round, "loop": loop_state, "config": config,
                      "roles": {kind: [r.state_dict() for r in rs] for kind, rs in roles.items()}},
                     path)
 
