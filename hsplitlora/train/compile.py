@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -49,7 +49,13 @@ def _block_forward(block: nn.Module, *args: object, **kwargs: object) -> object:
     return type(block).forward(block, *args, **kwargs)
 
 
-_compiled_block_forward = torch.compile(_block_forward)
+@functools.cache
+def _compiled_block_forward() -> Callable[..., object]:
+    """The one compiled block function, made on first use: creating it loads inductor,
+    which costs every process that never compiles most of a second."""
+    return torch.compile(_block_forward)
+
+
 _VARIANTS = 64  # compiled variants of the one block function (see the module docstring)
 
 
@@ -64,8 +70,9 @@ def compiled_blocks(blocks: nn.ModuleList, enabled: bool = True) -> Iterator[Non
     if not enabled:
         yield
         return
+    compiled = _compiled_block_forward()
     for block in blocks:
-        block.forward = functools.partial(_compiled_block_forward, block)
+        block.forward = functools.partial(compiled, block)
     try:
         with torch._dynamo.config.patch(recompile_limit=_VARIANTS):
             yield
