@@ -146,8 +146,8 @@ class TrainConfig(_Strict):
                           "forward (one compiled graph shared by all blocks), fusing the "
                           "elementwise work between matmuls: 20-33 % faster SmolLM2 steps "
                           "on a 2-core AMX Xeon, after a one-off compile of 25-40 s (cached "
-                          "on disk); needs a C++ compiler on CPU; evaluation and generation "
-                          "stay eager")
+                          "on disk); needs a C++ compiler (CPU) or a C compiler (CUDA); "
+                          "evaluation and generation stay eager")
     backend: Literal["inprocess", "ray"] = Field(
         "inprocess", description="where the roles run: all in this process, or each client "
         "and the main server as a Ray actor (see the ray section)")

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import shutil
 from collections.abc import Callable, Iterator
 
 import torch
@@ -84,10 +86,18 @@ def compiled_blocks(blocks: nn.ModuleList, enabled: bool = True) -> Iterator[Non
 def check_compiler(device: torch.device) -> None:
     """Fail before the model loads if ``train.compile`` cannot work on ``device``.
 
-    Inductor turns CPU graphs into C++ and builds them with the system's compiler;
-    without one the first training step would fail deep inside torch. CUDA graphs
-    become Triton kernels, which ship with the CUDA build of torch.
+    Inductor turns CPU graphs into C++ and builds them with the system's C++ compiler;
+    on CUDA it writes Triton kernels, and Triton builds its small kernel launcher with
+    the system's C compiler ($CC, else gcc or clang, as Triton looks for it). Without
+    one, the first training step would fail deep inside torch.
     """
+    if device.type == "cuda":
+        if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+            raise CompileError(
+                "train.compile on CUDA needs a C compiler (Triton builds its kernel "
+                "launcher with it), and none was found ($CC, gcc or clang): install one, "
+                "e.g. `apt install gcc`, or set train.compile: false")
+        return
     if device.type != "cpu":
         return
     try:

@@ -126,8 +126,13 @@ def test_server_segment_hook_still_feeds_received_activations_when_compiled():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
-def test_missing_cpp_compiler_is_a_clear_error(monkeypatch):
+def test_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    check_compiler(torch.device("cpu"))  # this machine has both
+    check_compiler(torch.device("cuda"))
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler-hsplitlora",))
-    with pytest.raises(CompileError, match="train.compile: false"):
+    with pytest.raises(CompileError, match="C\\+\\+ compiler.*train.compile: false"):
         check_compiler(torch.device("cpu"))
-    check_compiler(torch.device("cuda"))  # Triton kernels: no host compiler needed
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gcc, no clang
+    with pytest.raises(CompileError, match="C compiler.*train.compile: false"):
+        check_compiler(torch.device("cuda"))
