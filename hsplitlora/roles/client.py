@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -19,7 +18,7 @@ from hsplitlora.models.lora import (
 )
 from hsplitlora.models.split import ClientSegment
 from hsplitlora.roles.messages import Activations, ServerReply
-from hsplitlora.train.batches import stream_state
+from hsplitlora.roles.party_state import load_party_state, party_state
 from hsplitlora.train.compile import compiled_blocks
 from hsplitlora.train.optim import Optimizer, OptimSettings, autocast
 
@@ -102,20 +101,15 @@ class Client:
         """What a resumed run needs to go on exactly as this client would: adapters,
         optimizer, the positions of its batch streams and its process's RNG (dropout).
         The segment's base weights and ranks come from the run's plan, not from here."""
-        return {"adapter": self.adapter_state(),
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                "batches": stream_state(self.batches), "probes": stream_state(self.probes),
-                "rng": torch.get_rng_state()}
+        return party_state(self, self._streams())
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict`, into a segment built for the same plan."""
-        self.load_adapter_state(state["adapter"])
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-        for stream, saved in ((self.batches, state["batches"]), (self.probes, state["probes"])):
-            if saved is not None:
-                stream.load_state_dict(saved)  # type: ignore[union-attr]
-        torch.set_rng_state(state["rng"])
+        load_party_state(self, state, self._streams())
         self._pending = None
+
+    def _streams(self) -> dict[str, Iterator[dict[str, torch.Tensor]] | None]:
+        return {"batches": self.batches, "probes": self.probes}
 
     def apply_update(self, updates: Mapping[str, Update], settings: LoraSettings) -> None:
         """Merge an aggregated update (noise-free aggregation) into this client's base

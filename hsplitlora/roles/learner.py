@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -11,7 +10,7 @@ from torch import nn
 
 from hsplitlora.models.lora import load_lora_state, lora_parameters, lora_state
 from hsplitlora.models.split import arch_spec
-from hsplitlora.train.batches import stream_state
+from hsplitlora.roles.party_state import load_party_state, party_state
 from hsplitlora.train.compile import compiled_blocks
 from hsplitlora.train.optim import Optimizer, OptimSettings, autocast, target_logits, token_loss
 
@@ -72,13 +71,7 @@ class Learner:
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on exactly as this learner would: adapters,
         optimizer (with the LR schedule's position), batch-stream position and RNG."""
-        return {"adapter": self.adapter_state(),
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                "batches": stream_state(self.batches), "rng": torch.get_rng_state()}
+        return party_state(self, {"batches": self.batches})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.load_adapter_state(state["adapter"])
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-        if state["batches"] is not None:
-            self.batches.load_state_dict(state["batches"])  # type: ignore[attr-defined]
-        torch.set_rng_state(state["rng"])
+        load_party_state(self, state, {"batches": self.batches})
