@@ -108,7 +108,7 @@ def predicted_rounds(cfg: RunConfig, model: Any, records: list[dict[str, Any]], 
     t = cfg.train
     targets = tuple(cfg.lora.targets or arch_spec(model.config).default_targets)
     ranks = {m: cfg.lora.r for m in target_module_names(model, targets)}
-    clock = simulate(records, mode=t.mode, dims=ModelDims.from_config(model.config),
+    clock = simulate(records, mode=cfg.mode, dims=ModelDims.from_config(model.config),
                      cuts={c: t.cut for c in range(t.num_clients)},
                      ranks={c: ranks for c in range(t.num_clients)},
                      clients=[device] * t.num_clients, server=server, batch=t.batch_size,

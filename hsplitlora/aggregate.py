@@ -50,6 +50,7 @@ __all__ = [
     "dense_or_factors",
     "fedavg",
     "from_peft_state_dict",
+    "dense_update",
     "merge_update",
     "noisefree",
     "normalise_weights",
@@ -711,26 +712,36 @@ def dense_or_factors(factors: Factors) -> Factors | Tensor:
     return factors
 
 
+def dense_update(update: Factors | Tensor | tuple[Tensor, Tensor], shape: tuple[int, ...],
+                 fan_in_fan_out: bool = False, dtype: torch.dtype = torch.float32) -> Tensor:
+    """An update (dense ``[d_out, n_in]``, :class:`Factors` or a ``(U, V)`` pair) as one
+    ``dtype`` tensor in the layout of a weight of ``shape``: ``fan_in_fan_out=True`` is for
+    GPT-2's ``Conv1D``, whose weight is stored ``[n_in, d_out]``."""
+    if isinstance(update, tuple) and not isinstance(update, Factors):
+        update = Factors(*update)
+    if isinstance(update, Tensor):
+        dense = update.to(dtype)
+    else:
+        dense = update.U.to(dtype) @ update.V.to(dtype)
+    if fan_in_fan_out:
+        dense = dense.T
+    if tuple(dense.shape) != tuple(shape):
+        hint = ""
+        if tuple(dense.T.shape) == tuple(shape):
+            hint = f"; the transpose fits, so set fan_in_fan_out={not fan_in_fan_out}"
+        raise ValueError(
+            f"update of shape {tuple(dense.shape)} (after fan_in_fan_out={fan_in_fan_out}) "
+            f"does not fit weight of shape {tuple(shape)}{hint}"
+        )
+    return dense
+
+
 def merge_update(weight: Tensor, factors: Factors | Tensor, fan_in_fan_out: bool = False) -> Tensor:
     """``weight + U @ V`` as a new tensor of ``weight``'s dtype; the input is left untouched.
 
     ``factors`` may also be the dense ``[d_out, n_in]`` update from :func:`dense_or_factors`.
-    ``fan_in_fan_out=True`` is for GPT-2's ``Conv1D``, whose weight is stored ``[n_in, d_out]``.
     The sum is formed in at least float32 so half-precision weights round only once.
     """
     work = _work_dtype(weight.dtype)
-    if isinstance(factors, Tensor):
-        update = factors.to(work)
-    else:
-        update = factors.U.to(work) @ factors.V.to(work)
-    if fan_in_fan_out:
-        update = update.T
-    if update.shape != weight.shape:
-        hint = ""
-        if update.T.shape == weight.shape:
-            hint = f"; the transpose fits, so set fan_in_fan_out={not fan_in_fan_out}"
-        raise ValueError(
-            f"update of shape {tuple(update.shape)} (after fan_in_fan_out={fan_in_fan_out}) "
-            f"does not fit weight of shape {tuple(weight.shape)}{hint}"
-        )
+    update = dense_update(factors, tuple(weight.shape), fan_in_fan_out, work)
     return (weight.to(work) + update).to(weight.dtype)

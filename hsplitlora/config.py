@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hsplitlora.hetero.profiles import ScenarioConfig
+from hsplitlora.modes import MODES, Mode, mode_names, mode_of
 from hsplitlora.transport.config import NetConfig
 
 __all__ = [
@@ -30,9 +31,7 @@ __all__ = [
     "load_config",
 ]
 
-Mode = Literal["centralized", "federated", "split", "splitfed", "splitlora",
-               "hsplitlora", "hetlora", "flexlora", "flora"]
-HETERO_MODES = ("hsplitlora", "hetlora", "flexlora", "flora")
+ModeName = Literal[mode_names()]  # type: ignore[valid-type]  # the registry's modes
 REPO_ROOT = Path(__file__).resolve().parent.parent
 E2E_DIR = REPO_ROOT / "data" / "e2e"
 
@@ -114,7 +113,8 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    mode: Mode = Field("splitlora", description="training mode")
+    mode: ModeName = Field("splitlora", description="training mode (hsplitlora/modes/: one "
+                           "module each)")
     num_clients: int = Field(4, ge=1, description="number of clients")
     cut: int = Field(3, ge=0, description="blocks [0, cut) run on the clients")
     steps: int = Field(100, ge=1, description="local steps per client (centralized runs "
@@ -242,13 +242,19 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.hetero.federated and self.train.mode not in ("hetlora", "flexlora", "flora"):
-            raise ValueError("hetero.federated applies to train.mode hetlora, flexlora or "
-                             f"flora, not {self.train.mode!r}")
+        if self.hetero.federated and not self.mode.unsplit_variant:
+            have = [m.name for m in MODES.values() if m.unsplit_variant]
+            raise ValueError(f"hetero.federated applies to train.mode {', '.join(have)}, not "
+                             f"{self.train.mode!r}")
         if self.model.dtype == "bfloat16" and self.train.precision == "fp32":
             raise ValueError("model.dtype 'bfloat16' needs train.precision 'bf16'; set "
                              "model.dtype: float32 for fp32 training")
         return self
+
+    @property
+    def mode(self) -> Mode:
+        """The facts of ``train.mode`` (:mod:`hsplitlora.modes`)."""
+        return mode_of(self.train.mode)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

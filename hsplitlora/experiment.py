@@ -38,6 +38,7 @@ from hsplitlora.config import (
 from hsplitlora.eval.evaluate import SCORES_FILE, evaluate_run
 from hsplitlora.eval.generate import GenerationSettings
 from hsplitlora.eval.metrics import METRIC_NAMES
+from hsplitlora.modes import MODES
 from hsplitlora.train.run import checkpoint_path, train
 
 matplotlib.use("Agg")
@@ -66,13 +67,8 @@ GRID_KEYS: dict[str, tuple[str, str]] = {
     "clients": ("train.num_clients", "clients"),
     "seed": ("train.seed", "seed"),
 }
-# Modes that never split the model: a cut means nothing there, so a grid over cuts runs
-# them once, and their rows show no cut.
-UNSPLIT_MODES = frozenset({"centralized", "federated"})
 CSV_COLUMNS = ("run", "mode", "rank", "cut", "clients", "seed", "eval_ppl", *METRIC_NAMES,
                "wall_s", "simulated_s", "client_trainable_params", "bytes_sent")
-MODE_COLORS = {"centralized": "Blues", "splitlora": "Oranges", "federated": "Greens",
-               "split": "Purples", "splitfed": "Reds", "hsplitlora": "RdPu"}
 
 
 class EvaluateSpec(BaseModel):
@@ -180,7 +176,8 @@ def load_experiment(path: Path) -> Experiment:
     runs: dict[str, PlannedRun] = {}
     for combo in itertools.product(*spec.grid.values()):
         values = dict(zip(spec.grid, combo, strict=True))
-        if _mode_of(values, base) in UNSPLIT_MODES:
+        mode = MODES.get(_mode_of(values, base))  # an unknown one fails validation below
+        if mode is not None and not mode.split:  # a cut means nothing there: run once
             values.pop("cut", None)
         name = run_name(values)
         if name in runs:
@@ -305,7 +302,7 @@ def collect_rows(exp: Experiment) -> list[dict[str, Any]]:
             "run": run.name,
             "mode": cfg.train.mode,
             "rank": cfg.lora.r,
-            "cut": None if cfg.train.mode in UNSPLIT_MODES else cfg.train.cut,
+            "cut": cfg.train.cut if cfg.mode.split else None,
             "clients": cfg.train.num_clients,
             "seed": cfg.train.seed,
             "eval_ppl": summary.get("eval_ppl", scores.get("eval_ppl")),
@@ -389,8 +386,13 @@ def _colors(rows: list[dict[str, Any]]) -> list[Any]:
     for row in rows:
         same = sorted({(r["rank"], r["cut"] or 0) for r in rows if r["mode"] == row["mode"]})
         shade = 0.45 + 0.5 * same.index((row["rank"], row["cut"] or 0)) / max(len(same) - 1, 1)
-        out.append(plt.get_cmap(MODE_COLORS.get(row["mode"], "Greys"))(shade))
+        out.append(plt.get_cmap(_color(row["mode"]))(shade))
     return out
+
+
+def _color(mode: str) -> str:
+    """The matplotlib colormap of a mode's bars and curves."""
+    return MODES[mode].color if mode in MODES else "Greys"
 
 
 def _plot_curves(exp: Experiment, rows: list[dict[str, Any]]) -> list[Path]:
@@ -457,7 +459,7 @@ def _plot_metrics(exp: Experiment, rows: list[dict[str, Any]]) -> Path | None:
                   if key in by_group]
             ys = [by_group[key] for key in groups if key in by_group]
             values += ys
-            color = plt.get_cmap(MODE_COLORS.get(mode, "Greys"))(0.65)
+            color = plt.get_cmap(_color(mode))(0.65)
             bars = ax.bar(xs, ys, width, color=color,
                           label=mode + (f" cut={cut}" if cut is not None else ""))
             ax.bar_label(bars, fmt="%.4g", fontsize=5, rotation=90, padding=1)

@@ -45,17 +45,14 @@ from hsplitlora.models.split import arch_spec
 from hsplitlora.train.hetero import HeteroSystem, PartyPlan
 from hsplitlora.train.placement import PartyLost
 
-__all__ = ["BASELINE_AGGREGATOR", "Planner", "aggregator_for", "plan_run", "probe_importance",
+__all__ = ["Planner", "aggregator_for", "plan_run", "probe_importance",
            "uniform_rank"]
 
 log = logging.getLogger(__name__)
 
-BASELINE_AGGREGATOR = {"hetlora": "zeropad", "flexlora": "svd", "flora": "stack"}
-
-
 def aggregator_for(cfg: Any) -> str:
-    """The run's aggregation method: the baseline's own, or ``hetero.aggregator``."""
-    return BASELINE_AGGREGATOR.get(cfg.train.mode, cfg.hetero.aggregator)
+    """The run's aggregation method: the mode's own, or ``hetero.aggregator``."""
+    return cfg.mode.aggregator or cfg.hetero.aggregator
 
 
 def probe_importance(system: HeteroSystem, n_batches: int, precision: str) -> dict[str, float]:
@@ -128,7 +125,7 @@ class Planner:
                  server: DeviceProfile, seq: int) -> None:
         self.cfg = cfg
         self.hc = cfg.hetero
-        self.mode = cfg.train.mode
+        self.mode = cfg.mode
         self.dims = ModelDims.from_config(model.config)
         self.spec = arch_spec(model.config)
         self.profiles, self.server = list(profiles), server
@@ -156,7 +153,7 @@ class Planner:
 
     @property
     def uses_importance(self) -> bool:
-        return self.mode == "hsplitlora" and self.hc.importance
+        return self.mode.importance and self.hc.importance
 
     @property
     def aggregator(self) -> str:
@@ -181,13 +178,13 @@ class Planner:
 
     def client_plans(self, importance_scores: dict[str, float] | None) -> Plan:
         """The plans with the cost model's figures (memory, step time, utility)."""
-        if self.mode not in ("hsplitlora", *BASELINE_AGGREGATOR):  # homogeneous modes
+        if not self.mode.planned:  # homogeneous modes
             rank = (self.cfg.lora.r if self.hc.scenario.kind == "homogeneous"
                     else self.weakest_rank())
             return self.describe([PartyPlan(self.cfg.train.cut,
                                             dict.fromkeys(self.default_modules, rank))
                                   for _ in self.profiles])
-        if self.mode in BASELINE_AGGREGATOR or not self.hc.adaptive:
+        if not (self.mode.adaptive and self.hc.adaptive):
             return self.describe(self._fixed_cut_plans(importance_scores))
         plan = plan_clients(self.profiles, self.server, self.dims,
                             importance_scores if self.uses_importance else None, self.work,
@@ -203,7 +200,7 @@ class Planner:
     def _fixed_cut_plans(self, scores: dict[str, float] | None) -> list[PartyPlan]:
         # Federated baselines: the client holds every block (the unsplit model).
         cut = self.dims.n_layers if self.hc.federated else self.cfg.train.cut
-        if self.mode == "hsplitlora":  # ARMSC off: lora.r everywhere, placed by IWI if on
+        if self.mode.adaptive:  # ARMSC off: lora.r everywhere, placed by IWI if on
             modules = self.default_modules
             if scores is not None and self.uses_importance:
                 per_cost = {}  # the same rank everywhere: the best matrices per unit cost

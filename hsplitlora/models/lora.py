@@ -9,7 +9,7 @@ translates with its ``full_name``/``local_name``; a whole model uses names as th
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +19,14 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
+from hsplitlora.models.shared import merge_into
 from hsplitlora.models.split import arch_spec
 
 __all__ = [
     "LoraSettings",
     "adapter_shapes",
     "attach_lora",
+    "base_weights",
     "lora_parameters",
     "lora_state",
     "load_lora_state",
@@ -58,6 +60,11 @@ class LoraSettings:
     # re-initialise adapters in different processes (Ray actors) then draw the very
     # same A matrices as they would in one process.
     init_seed: int | None = None
+    trains: tuple[str, ...] = ("A", "B")  # the factors trained; FFA-LoRA freezes A
+
+    def __post_init__(self) -> None:
+        if not self.trains or set(self.trains) - {"A", "B"}:
+            raise ValueError(f"LoRA trains factors 'A' and/or 'B', not {self.trains!r}")
 
     def rank_of(self, module: str) -> int:
         return int(self.ranks.get(module, self.r))
@@ -142,8 +149,9 @@ def attach_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.init_seed)
             peft.inject_adapter_in_model(config, module, adapter_name=_ADAPTER)
+    trained = tuple(f".lora_{part}." for part in settings.trains)
     for name, p in module.named_parameters():
-        p.requires_grad_(".lora_" in name)
+        p.requires_grad_(any(t in name for t in trained))
         if ".lora_" in name:  # updates and optimizer state in fp32 even on a bf16 base
             p.data = p.data.float()
     return module
@@ -182,8 +190,8 @@ def adapter_shapes(shapes: Mapping[str, tuple[int, int]], settings: LoraSettings
 
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The trainable LoRA parameters, in a stable order."""
-    return [p for n, p in module.named_parameters() if ".lora_" in n]
+    """The trained LoRA parameters, in a stable order (a frozen factor is left out)."""
+    return [p for n, p in module.named_parameters() if ".lora_" in n and p.requires_grad]
 
 
 def _named_lora(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -291,34 +299,49 @@ def strip_lora(module: nn.Module) -> nn.Module:
 def merge_base_update(
     module: nn.Module,
     updates: Mapping[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+    version: int,
     *,
     fan_in_fan_out: bool = False,
 ) -> list[str]:
-    """Add each update (dense ``[d_out, n_in]`` or factors ``(U, V)``) to the base weight of
-    the matching module this ``module`` holds, whether or not that module carries LoRA.
+    """Merge each update (dense ``[d_out, n_in]`` or factors ``(U, V)``) into the base
+    weight of the matching module this ``module`` holds, whether or not it carries LoRA.
 
     ``updates`` is keyed by the unsplit model's module names; names held elsewhere are
-    skipped. Returns the names merged here. Every holder of a weight applies the same
-    arithmetic to the same tensors, so all copies stay bit-identical.
+    skipped. ``version`` numbers the aggregation: parties sharing a frozen weight
+    (:mod:`hsplitlora.models.shared`) may all apply it, and it is merged once. Returns
+    the names merged here.
     """
-    from hsplitlora.aggregate import Factors, merge_update
+    from hsplitlora.aggregate import dense_update
 
     local_of = getattr(module, "local_name", _identity)
     merged = []
-    with torch.no_grad():
-        for full, update in updates.items():
-            try:
-                target = module.get_submodule(local_of(full))
-            except (KeyError, AttributeError):
-                continue
-            if isinstance(target, LoraLayer):
-                target = target.get_base_layer()
-            if isinstance(update, tuple):
-                update = Factors(*update)
-            weight = target.weight
-            weight.copy_(merge_update(weight, update, fan_in_fan_out=fan_in_fan_out))
-            merged.append(full)
+    for full, update in updates.items():
+        try:
+            target = module.get_submodule(local_of(full))
+        except (KeyError, AttributeError):
+            continue
+        if isinstance(target, LoraLayer):
+            target = target.get_base_layer()
+        dense = dense_update(update, tuple(target.weight.shape), fan_in_fan_out=fan_in_fan_out)
+        merge_into(target.weight, dense, version)
+        merged.append(full)
     return merged
+
+
+def base_weights(module: nn.Module, names: Collection[str]) -> dict[str, torch.Tensor]:
+    """The frozen base weight of each module in ``names`` (the unsplit model's names)
+    that ``module`` holds, LoRA-wrapped or not."""
+    local_of = getattr(module, "local_name", _identity)
+    out = {}
+    for full in names:
+        try:
+            target = module.get_submodule(local_of(full))
+        except (KeyError, AttributeError):
+            continue
+        if isinstance(target, LoraLayer):
+            target = target.get_base_layer()
+        out[full] = target.weight
+    return out
 
 
 def updates_as_adapter(

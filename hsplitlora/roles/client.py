@@ -16,6 +16,7 @@ from hsplitlora.models.lora import (
     merge_base_update,
     strip_lora,
 )
+from hsplitlora.models.shared import MergeState, adopt_merges
 from hsplitlora.models.split import ClientSegment
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.roles.party_state import load_party_state, party_state
@@ -111,16 +112,23 @@ class Client:
     def _streams(self) -> dict[str, Iterator[dict[str, torch.Tensor]] | None]:
         return {"batches": self.batches, "probes": self.probes}
 
-    def apply_update(self, updates: Mapping[str, Update], settings: LoraSettings) -> None:
-        """Merge an aggregated update (noise-free aggregation) into this client's base
-        weights, then restart its adapters at the ranks ``settings`` plans for it."""
-        merge_base_update(self.segment, updates, fan_in_fan_out=self.segment.spec.fan_in_fan_out)
+    def apply_update(self, updates: Mapping[str, Update], settings: LoraSettings,
+                     version: int) -> None:
+        """Merge aggregation ``version``'s update (noise-free aggregation) into the base
+        weights of this client's blocks (once per process: parties share them), then
+        restart its adapters at the ranks ``settings`` plans for it."""
+        merge_base_update(self.segment, updates, version,
+                          fan_in_fan_out=self.segment.spec.fan_in_fan_out)
         self.reset_adapters(settings)
 
-    def replace_segment(self, segment: ClientSegment) -> None:
+    def replace_segment(self, segment: ClientSegment,
+                        merges: Mapping[str, MergeState] | None = None) -> None:
         """Run a new segment from now on (the client's cut changed at a re-plan); the
-        caller restarts its adapters with :meth:`reset_adapters`."""
+        caller restarts its adapters with :meth:`reset_adapters`. ``merges``: what was
+        merged into its weights, when it arrives from another process."""
         self.segment = segment.to(self.device)
+        if merges:
+            adopt_merges(self.segment, merges)
         self._pending = None
 
     def reset_adapters(self, settings: LoraSettings) -> None:

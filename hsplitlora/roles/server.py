@@ -17,6 +17,7 @@ from hsplitlora.models.lora import (
     merge_base_update,
     strip_lora,
 )
+from hsplitlora.models.shared import MergeState, adopt_merges, share_frozen
 from hsplitlora.models.split import ServerSegment
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import Activations, ServerReply
@@ -54,7 +55,8 @@ class MainServer:
         segment = segment.to(self.device)
         ids = list(client_ids)
         if per_client:
-            self.segments = {cid: copy.deepcopy(segment) for cid in ids}
+            # SFL-V1: each client's own adapters over the one shared frozen base
+            self.segments = {cid: share_frozen(segment) for cid in ids}
             self.optimizers = {cid: Optimizer(lora_parameters(s), optim)
                                for cid, s in self.segments.items()}
         else:
@@ -78,17 +80,23 @@ class MainServer:
     def cut(self, client_id: int) -> int:
         return self._segment(client_id).first_block
 
-    def replace_segment(self, client_id: int, segment: ServerSegment) -> None:
-        """Serve ``client_id`` from a new copy (its cut changed at a re-plan)."""
+    def replace_segment(self, client_id: int, segment: ServerSegment,
+                        merges: Mapping[str, MergeState] | None = None) -> None:
+        """Serve ``client_id`` from a new segment (its cut changed at a re-plan);
+        ``merges``: what was merged into its weights, when it arrives from another process."""
         self.segments[client_id] = segment.to(self.device)
+        if merges:
+            adopt_merges(self.segments[client_id], merges)
         self.optimizers[client_id].reset(lora_parameters(segment))
 
     def apply_update(self, updates: Mapping[str, Update],
-                     settings: Mapping[int, LoraSettings]) -> None:
-        """Merge an aggregated update into every server-side copy's base weights and
-        restart each copy's adapters at the ranks planned for its client."""
+                     settings: Mapping[int, LoraSettings], version: int) -> None:
+        """Merge aggregation ``version``'s update into the base weights the server-side
+        participants share (once: they share them) and restart each participant's
+        adapters at the ranks planned for its client."""
         for cid, segment in self.segments.items():
-            merge_base_update(segment, updates, fan_in_fan_out=segment.spec.fan_in_fan_out)
+            merge_base_update(segment, updates, version,
+                              fan_in_fan_out=segment.spec.fan_in_fan_out)
             strip_lora(segment)
             attach_lora(segment, settings[cid])
             self.optimizers[cid].reset(lora_parameters(segment))

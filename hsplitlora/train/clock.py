@@ -4,15 +4,16 @@ A one-process simulation runs every party on the same CPU, so its wall time says
 about a deployment. This module replays a run's metrics (tokens and bytes of every step,
 bytes of every aggregation) against device profiles and the cost model:
 
-* split modes: within a round, clients compute their forward in parallel on their own
-  devices, upload, and queue at the main server, which serves one client at a time in
-  arrival order (SplitLoRA's server is one device); each client then downloads its
-  gradient and runs its backward. The round ends when the last client finishes.
-* ``split`` (vanilla SL): one client at a time, so steps add up.
-* ``federated``: each client runs the whole model on its own device; rounds take the
-  slowest client.
-* ``centralized``: one client-class device does everything (the CenLoRA baseline of the
-  papers: no parallelism).
+* split modes (a main server runs the blocks past the cut): within a round, clients
+  compute their forward in parallel on their own devices, upload, and queue at the main
+  server, which serves one client at a time in arrival order (SplitLoRA's server is one
+  device); each client then downloads its gradient and runs its backward. The round
+  ends when the last client finishes.
+* the relay schedule (vanilla SL): one client at a time, so steps add up.
+* unsplit modes (FedLoRA, the federated heterogeneous baselines): each client runs the
+  whole model on its own device; rounds take the slowest client.
+* the centralized schedule: one client-class device does everything (the CenLoRA
+  baseline of the papers: no parallelism).
 * every aggregation adds the slowest client's adapter upload + download.
 
 Compute time is cost-model FLOPs over the device's sustained FLOP/s; a transfer runs at
@@ -27,6 +28,7 @@ from typing import Any
 
 from hsplitlora.hetero.costmodel import ModelDims, Workload, client_flops, server_flops
 from hsplitlora.hetero.profiles import DeviceProfile
+from hsplitlora.modes import Mode
 
 __all__ = ["simulate"]
 
@@ -34,7 +36,8 @@ __all__ = ["simulate"]
 def simulate(
     records: Sequence[Mapping[str, Any]],
     *,
-    mode: str,
+    mode: Mode,
+    unsplit: bool = False,
     dims: ModelDims,
     cuts: Mapping[int, int],
     ranks: Mapping[int, Mapping[str, int]],
@@ -44,7 +47,8 @@ def simulate(
     seq: int,
     precision: str,
 ) -> list[float]:
-    """Simulated seconds at the end of each round (cumulative)."""
+    """Simulated seconds at the end of each round (cumulative). ``unsplit``: the clients
+    run the whole model although the mode splits it (``hetero.federated``)."""
     steps: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
     aggs: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
     for r in records:
@@ -56,15 +60,16 @@ def simulate(
     n_layers = dims.n_layers
     clock, out = 0.0, []
     for rnd in sorted(steps):
-        if mode in ("centralized", "federated"):
+        if unsplit or not mode.split:
             per = []
             for s in steps[rnd]:
                 device = clients[s["client"] or 0]
                 f = client_flops(dims, n_layers, ranks.get(s["client"] or 0, {}), work)
                 per.append(f.total / device.flops)
-            clock += sum(per) if mode == "centralized" else max(per)
+            clock += sum(per) if mode.schedule == "centralized" else max(per)
         else:
-            clock += _split_round(steps[rnd], mode, dims, cuts, ranks, clients, server, work)
+            clock += _split_round(steps[rnd], mode.schedule == "relay", dims, cuts, ranks,
+                                  clients, server, work)
         for a in aggs.get(rnd, []):
             n = max(len(clients), 1)
             slowest = min(clients, key=lambda p: min(p.uplink_bps, p.downlink_bps))
@@ -74,7 +79,7 @@ def simulate(
     return out
 
 
-def _split_round(steps: Sequence[Mapping[str, Any]], mode: str, dims: ModelDims,
+def _split_round(steps: Sequence[Mapping[str, Any]], sequential: bool, dims: ModelDims,
                  cuts: Mapping[int, int], ranks: Mapping[int, Mapping[str, int]],
                  clients: Sequence[DeviceProfile], server: DeviceProfile,
                  work: Workload) -> float:
@@ -91,7 +96,7 @@ def _split_round(steps: Sequence[Mapping[str, Any]], mode: str, dims: ModelDims,
             s["bytes_down"] / min(server.uplink_bps, dev.downlink_bps),
             cf.backward / dev.flops,
         ))
-    if mode == "split":  # sequential: one client at a time
+    if sequential:  # one client at a time
         return sum(sum(t) for t in timings)
     arrivals = sorted((fwd + up, i) for i, (fwd, up, _, _, _) in enumerate(timings))
     server_free, end = 0.0, 0.0

@@ -10,10 +10,11 @@ server-side for others is trained in both places and aggregated as one weight.
 Aggregation, every ``I`` local steps, over the participants' adapters (weights: shard sizes):
 
 * merging methods, ``noisefree`` (HSplitLoRA) and ``stack`` (FLoRA): the exact weighted sum
-  of every participant's ``scale * B A`` is merged into the base weight of *every copy*
-  (each client and each server-side copy merges locally, so all copies stay
-  bit-identical), and adapters restart at each participant's planned rank. Only the
-  stacked factors travel (or the dense update, when it is smaller).
+  of every participant's ``scale * B A`` is merged into the base weights, once per
+  process (every party of a process shares that process's frozen base:
+  :mod:`hsplitlora.models.shared`; a remote client merges into its own), and adapters
+  restart at each participant's planned rank. Only the stacked factors travel (or the
+  dense update, when it is smaller).
 * ``svd`` (FlexLoRA), ``zeropad`` (HetLoRA), ``fedavg`` (homogeneous ranks only): the
   method's per-participant adapters are loaded back; base weights never change.
 
@@ -35,10 +36,12 @@ from hsplitlora import aggregate as agg
 from hsplitlora.models.lora import (
     LoraSettings,
     adapter_shapes,
+    base_weights,
     matrix_shapes,
     merge_base_update,
     target_module_names,
 )
+from hsplitlora.models.shared import merged_delta, restore_original
 from hsplitlora.models.split import arch_spec
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import nbytes
@@ -101,8 +104,6 @@ class HeteroSystem:
         self.spec = arch_spec(base.config)
         self.base = base  # unsplit, no LoRA: the fed-level view of the merged base weights
         self.candidates = target_module_names(base, self.spec.targets)
-        wanted = {f"{m}.weight" for m in self.candidates}
-        self.original = {n: p.detach().clone() for n, p in base.named_parameters() if n in wanted}
         self.alpha, self.dropout, self.aggregator = alpha, dropout, aggregator
         self.seed = seed
         self.restarts = 0  # times the adapters restarted (merging aggregations, re-plans)
@@ -121,7 +122,7 @@ class HeteroSystem:
         # In process by default; the Ray backend places each client and the server in an
         # actor and hands back proxies with the same methods.
         place = place or InProcess(torch.device(device))
-        place.watch_base(base, self.original)
+        place.watch_base(base)
         self.fed: FedAggregation | None = place.fed_aggregation()
         clients, segments = [], {}
         for cid, (plan, stream) in enumerate(zip(self.plans, streams, strict=True)):
@@ -172,7 +173,12 @@ class HeteroSystem:
                 self.server.replace_segment(cid, server_seg)
         for cid, client in enumerate(self.clients):
             client.reset_adapters(self.settings(cid))
-        self.server.apply_update({}, self._server_settings())
+        self.server.apply_update({}, self._server_settings(), self.version)
+
+    @property
+    def version(self) -> int:
+        """The number of updates merged into the base so far."""
+        return len(self.merges)
 
     def aggregate(self, ids: Collection[int] | None = None, round: int = 0) -> tuple[int, int]:
         """Aggregate the adapters of the participants in ``ids`` (default all: those that
@@ -196,12 +202,13 @@ class HeteroSystem:
             return 0, 0
         if self.aggregator in MERGING:
             updates = result
-            merge_base_update(self.base, updates, fan_in_fan_out=self.spec.fan_in_fan_out)
             self.merges.append(updates)
+            merge_base_update(self.base, updates, self.version,
+                              fan_in_fan_out=self.spec.fan_in_fan_out)
             self.restarts += 1
             for cid, client in enumerate(self.clients):
-                client.apply_update(updates, self.settings(cid))
-            self.server.apply_update(updates, self._server_settings())
+                client.apply_update(updates, self.settings(cid), self.version)
+            self.server.apply_update(updates, self._server_settings(), self.version)
             # Each client downloads the update of the blocks it holds; the main server
             # downloads everything once and applies it to all of its copies.
             down = _update_bytes(updates, set(updates)) + sum(
@@ -268,9 +275,10 @@ class HeteroSystem:
     def restore(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict`, in a system freshly built over the pristine
         base: replay the merges, rebuild every party for the saved plans, load states."""
-        for updates in state["merges"]:
-            merge_base_update(self.base, updates, fan_in_fan_out=self.spec.fan_in_fan_out)
         self.merges = list(state["merges"])
+        for version, updates in enumerate(self.merges, 1):
+            merge_base_update(self.base, updates, version,
+                              fan_in_fan_out=self.spec.fan_in_fan_out)
         self.plans, self.restarts = list(state["plans"]), state["restarts"]
         self.outputs = dict(state["outputs"])
         for cid, plan in enumerate(self.plans):
@@ -278,7 +286,7 @@ class HeteroSystem:
             self.clients[cid].replace_segment(client_seg)
             self.clients[cid].reset_adapters(self.settings(cid))
             self.server.replace_segment(cid, server_seg)
-        self.server.apply_update({}, self._server_settings())  # adapters at planned ranks
+        self.server.apply_update({}, self._server_settings(), self.version)  # planned ranks
         self.server.load_state_dict(state["server"])
         for c in self.clients:
             saved = state["clients"].get(c.client_id)
@@ -294,10 +302,7 @@ class HeteroSystem:
     def restore_base(self) -> None:
         """Put the original base weights back into ``base`` (undo the merges), so the run's
         result can be expressed as base + adapter, as PEFT users will load it."""
-        with torch.no_grad():
-            for name, p in self.base.named_parameters():
-                if name in self.original:
-                    p.copy_(self.original[name])
+        restore_original(base_weights(self.base, self.candidates))
 
     def global_update(self) -> dict[str, torch.Tensor]:
         """The global model's total update to each adapted base weight (dense, fp32).
@@ -308,14 +313,10 @@ class HeteroSystem:
         """
         if self.aggregator in MERGING:
             out = {}
-            for name, p in self.base.named_parameters():
-                if name in self.original:
-                    module = name.removesuffix(".weight")
-                    delta = p.detach().float() - self.original[name].float()
-                    if self.spec.fan_in_fan_out:
-                        delta = delta.T
-                    if delta.abs().max() > 0:
-                        out[module] = delta
+            for module, weight in base_weights(self.base, self.candidates).items():
+                delta = merged_delta(weight)
+                if delta is not None and delta.abs().max() > 0:
+                    out[module] = delta.T if self.spec.fan_in_fan_out else delta.clone()
             return out
         ids = sorted(self.outputs)
         return agg.weighted_delta([self.outputs[cid] for cid in ids],

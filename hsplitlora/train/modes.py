@@ -40,7 +40,7 @@ from hsplitlora.roles.server import MainServer
 from hsplitlora.train.placement import Attendance
 from hsplitlora.train.recorder import Recorder
 
-__all__ = ["MODES", "Attendance", "attending", "everyone", "run_centralized", "run_federated",
+__all__ = ["Attendance", "attending", "everyone", "run_centralized", "run_federated",
            "run_split", "run_splitfed", "run_splitlora"]
 
 State = dict[str, torch.Tensor]
@@ -75,7 +75,8 @@ def _fedavg_clients(clients: Sequence[Client | Learner], among: Sequence[Client 
     for c in clients:
         c.load_adapter_state(merged)
     rec.event("aggregate", round=round, side="client", clients=[c.client_id for c in among],
-              bytes_up=sum(nbytes(s) for s in states), bytes_down=nbytes(merged) * len(clients))
+              bytes_up=sum(nbytes(fed.uploaded(s)) for s in states),
+              bytes_down=nbytes(fed.uploaded(merged)) * len(clients))
     return merged
 
 
@@ -200,5 +201,3 @@ def run_splitfed(clients: Sequence[Client], server: MainServer, fed: FedServer, 
         _saved(checkpoint, t, merged, trained)
     return merged or {**clients[0].adapter_state(), **server.adapter_state()}
 
-
-MODES = ("centralized", "federated", "split", "splitfed", "splitlora")

@@ -11,7 +11,6 @@ not generators), which is what lets them travel to an actor.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 
 from hsplitlora.data.tokenize import pad_id_for
 from hsplitlora.models.lora import LoraSettings, attach_lora
+from hsplitlora.models.shared import share_frozen
 from hsplitlora.models.split import ClientSegment, ServerSegment, split_model
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.fedserver import FedServer
@@ -147,9 +147,10 @@ def probe_stream(p: Any, client_id: int) -> BatchStream:
 
 def hetero_segments(base: nn.Module, cut: int,
                     settings: LoraSettings) -> tuple[ClientSegment, ServerSegment]:
-    """One participant's client segment and server-side copy: a copy of ``base`` with
-    ``settings``' adapters (seeded, so every process builds the same), cut at ``cut``."""
-    return split_model(attach_lora(copy.deepcopy(base), settings), cut)
+    """One participant's client segment and server-side segment: ``base`` with
+    ``settings``' adapters (seeded, so every process builds the same), cut at ``cut``,
+    over ``base``'s own frozen tensors."""
+    return split_model(attach_lora(share_frozen(base), settings), cut)
 
 
 def hetero_client_recipe(p: Any, client_id: int, cut: int,
@@ -165,11 +166,12 @@ def hetero_client_recipe(p: Any, client_id: int, cut: int,
 
 
 def client_recipes(p: Any, ids: Sequence[int] | None = None) -> list[ClientRecipe]:
-    """Each client's recipe: its own copy of the client segment, its shard, its optimizer."""
+    """Each client's recipe: its own client segment (its adapters over the shared frozen
+    base), its shard, its optimizer."""
     t = p.cfg.train
     client_seg, _ = split_model(p.model, t.cut)
     ids = range(t.num_clients) if ids is None else ids
-    return [ClientRecipe(client_id=cid, segment=copy.deepcopy(client_seg),
+    return [ClientRecipe(client_id=cid, segment=share_frozen(client_seg),
                          batches=shard_stream(p, cid), num_samples=len(p.shards[cid]),
                          optim=optim_settings(p.cfg, t.steps), precision=t.precision,
                          compile=t.compile)
@@ -179,30 +181,32 @@ def client_recipes(p: Any, ids: Sequence[int] | None = None) -> list[ClientRecip
 def server_recipe(p: Any) -> ServerRecipe:
     """The main server: SFL-V2's one shared server-side adapter (its schedule spans every
     client's steps), or SFL-V1's copy per client under ``splitfed``."""
-    t = p.cfg.train
+    t, mode = p.cfg.train, p.cfg.mode
     _, server_seg = split_model(p.model, t.cut)
-    per_client = t.mode == "splitfed"
     return ServerRecipe(server_seg, t.num_clients,
-                        optim_settings(p.cfg, t.steps if per_client else t.steps * t.num_clients),
-                        per_client, t.precision, t.label_smoothing, t.compile)
+                        optim_settings(p.cfg, mode.server_steps(t.steps, t.num_clients)),
+                        mode.server == "per_participant", t.precision, t.label_smoothing,
+                        t.compile)
 
 
 def learner_recipes(p: Any) -> list[LearnerRecipe]:
     """Centralized: one learner over the union of the shards, batches drawn with client 0's
-    seed. Federated: one learner per client, each with its own copy of the whole model."""
+    seed. Federated: one learner per client, each with its own adapters on the whole model
+    (over the shared frozen base)."""
     t = p.cfg.train
     common = dict(precision=t.precision, label_smoothing=t.label_smoothing, compile=t.compile)
-    if t.mode == "centralized":
+    if p.cfg.mode.schedule == "centralized":
         union = [f for shard in p.shards for f in shard.features]
         stream = batch_stream(union, t.batch_size, party_seed(t.seed, 0),
                               pad_id_for(p.tokenizer))
         return [LearnerRecipe(model=p.model, batches=stream, num_samples=len(union),
                               optim=optim_settings(p.cfg, t.steps * t.num_clients), **common)]
-    return [LearnerRecipe(model=copy.deepcopy(p.model), batches=shard_stream(p, cid),
+    return [LearnerRecipe(model=share_frozen(p.model), batches=shard_stream(p, cid),
                           num_samples=len(p.shards[cid]), optim=optim_settings(p.cfg, t.steps),
                           client_id=cid, **common)
             for cid in range(t.num_clients)]
 
 
 def fed_server(p: Any) -> FedServer:
-    return FedServer(weighting=p.cfg.train.agg_weighting, alpha=p.lora.alpha)
+    return FedServer(weighting=p.cfg.train.agg_weighting, alpha=p.lora.alpha,
+                     parts=p.cfg.mode.trains)

@@ -10,7 +10,7 @@ figures at the end of the round.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 import torch
@@ -55,10 +55,11 @@ class Placement(Protocol):
 
     def place(self, recipe: Recipe, kind: str) -> Any: ...
 
-    def watch_base(self, base: torch.nn.Module, pristine: Mapping[str, torch.Tensor]) -> None:
-        """Where the run's base weights live, and their values before any merge (keyed by
-        parameter name): a placement that rebuilds a segment elsewhere sends the merged
-        ones. Placements that ship whole segments, or keep them here, ignore it."""
+    def watch_base(self, base: torch.nn.Module) -> None:
+        """Where the run's base weights live (merges are recorded on them:
+        :mod:`hsplitlora.models.shared`): a placement whose parties rebuild their segments
+        from their own copy of the base sends what was merged. Placements that ship whole
+        segments, or keep them here, ignore it."""
 
     def started(self) -> None:
         """Return once every placed role is ready to work."""
@@ -84,7 +85,7 @@ class InProcess:
     def place(self, recipe: Recipe, kind: str) -> Any:
         return recipe.build(self.device)
 
-    def watch_base(self, base: torch.nn.Module, pristine: Mapping[str, torch.Tensor]) -> None:
+    def watch_base(self, base: torch.nn.Module) -> None:
         pass
 
     def started(self) -> None:

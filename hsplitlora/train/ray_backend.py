@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from hsplitlora.config import RayConfig
+from hsplitlora.models.shared import merge_states
 from hsplitlora.roles.messages import Activations
 from hsplitlora.train.placement import Attendance, Deferred, Recipe
 from hsplitlora.train.process import keep_freed_memory
@@ -125,11 +126,13 @@ class _Remote:
     def load_adapter_state(self, state: Mapping[str, torch.Tensor], *args: Any) -> None:
         self._fire("load_adapter_state", dict(state), *args)
 
-    def apply_update(self, updates: Mapping[str, Any], settings: Any) -> None:
-        self._fire("apply_update", dict(updates), settings)
+    def apply_update(self, updates: Mapping[str, Any], *args: Any) -> None:
+        self._fire("apply_update", dict(updates), *args)
 
     def replace_segment(self, *args: Any) -> None:
-        self._fire("replace_segment", *args)
+        """A new segment travels whole, with what was merged into its weights so far (the
+        actor goes on merging from there exactly as this process would)."""
+        self._fire("replace_segment", *args, merge_states(args[-1]))
 
     def state_dict(self) -> dict[str, Any]:
         return self._get(self.actor.call.remote("state_dict"))
@@ -274,7 +277,7 @@ class RayPlacement:
         self._proxies.append(proxy)
         return proxy
 
-    def watch_base(self, base: torch.nn.Module, pristine: Mapping[str, torch.Tensor]) -> None:
+    def watch_base(self, base: torch.nn.Module) -> None:
         pass  # segments travel whole, inside the recipes
 
     def attendance(self, simulated: Attendance) -> Attendance:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from hsplitlora.checkpoint import atomic_save, load_checkpoint
-from hsplitlora.config import HETERO_MODES, ConfigError, RunConfig
+from hsplitlora.config import ConfigError, RunConfig
 from hsplitlora.data.e2e import format_prompt, load_e2e, load_e2e_hub
 from hsplitlora.data.example import Example
 from hsplitlora.data.jsonl import load_jsonl
@@ -143,12 +143,13 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
             ev = [ev[i] for i in sorted(rng.sample(range(len(ev)), cfg.eval.max_examples))]
         eval_features = TokenizedDataset(ev, tokenizer, cfg.data.max_length)
     rank = cfg.lora.r
-    if cfg.train.mode == "splitlora" and cfg.hetero.scenario.kind != "homogeneous":
+    if cfg.mode.weakest_rank and cfg.hetero.scenario.kind != "homogeneous":
         rank = _weakest_rank(cfg, model, shards)
     lora = LoraSettings(r=rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                        targets=tuple(cfg.lora.targets) if cfg.lora.targets else None)
+                        targets=tuple(cfg.lora.targets) if cfg.lora.targets else None,
+                        trains=cfg.mode.trains)
     seed_everything(cfg.train.seed)
-    if cfg.train.mode not in HETERO_MODES:  # heterogeneous runs attach per client plan
+    if not cfg.mode.planned:  # heterogeneous runs attach per client plan
         attach_lora(model, lora)
     model.to(device)
     p = Prepared(cfg, model, tokenizer, shards, eval_features, lora, device)
@@ -170,10 +171,8 @@ def _weakest_rank(cfg: RunConfig, model: nn.Module, shards: list[TokenizedDatase
 
 
 def base_dtype(cfg: RunConfig) -> str:
-    """Storage dtype of the base weights. Heterogeneous modes merge aggregated updates into
-    them, and a bf16 weight would round a small update away, so ``auto`` is fp32 there."""
-    if cfg.model.dtype == "auto" and cfg.train.mode in HETERO_MODES:
-        return "float32"
+    """Storage dtype of the frozen base weights: bf16 when training runs in bf16, in every
+    mode (merged updates stay exact beside it: :mod:`hsplitlora.models.shared`)."""
     return cfg.model.torch_dtype(cfg.train.precision)
 
 
@@ -183,11 +182,7 @@ def _streams(p: Prepared) -> list[Any]:
 
 def _total_rounds(cfg: RunConfig) -> int:
     t = cfg.train
-    if t.mode == "centralized":
-        return t.steps * t.num_clients
-    if t.mode == "split":
-        return t.num_clients * -(-t.steps // t.agg_interval)
-    return t.steps
+    return cfg.mode.rounds(t.steps, t.num_clients, t.agg_interval)
 
 
 def _run_hetero(p: Prepared, rec: Recorder,
@@ -262,8 +257,8 @@ def placement(p: Prepared) -> Placement:
         return InProcess(p.device)
     from hsplitlora.train.ray_backend import RayPlacement
 
-    actors = {"centralized": 1, "federated": t.num_clients}.get(t.mode, t.num_clients + 1)
-    return RayPlacement(p.cfg.ray, t.threads, actors, keep_memory=t.keep_memory)
+    return RayPlacement(p.cfg.ray, t.threads, p.cfg.mode.parties(t.num_clients),
+                        keep_memory=t.keep_memory)
 
 
 # Builds the placement of a run from its prepared state (``hsplitlora serve`` passes one
@@ -289,7 +284,7 @@ def run_mode(p: Prepared, rec: Recorder,
              factory: PlacementFactory | None = None) -> dict[str, torch.Tensor]:
     """Build the roles for the configured mode and train; returns the final adapter."""
     with placed(p, factory) as place:
-        if p.cfg.train.mode in HETERO_MODES:
+        if p.cfg.mode.planned:
             state, p.lora = _run_hetero(p, rec, place)
             return state
         return _run_placed(p, rec, place)
@@ -302,9 +297,10 @@ def attendance(p: Prepared) -> modes.Attendance:
     available = [d.availability for d in p.cfg.hetero.scenario.profiles(t.num_clients, params)]
     if all(a >= 1 for a in available):
         return modes.everyone
-    if t.mode in ("centralized", "split"):
+    schedule = p.cfg.mode.schedule
+    if schedule != "parallel":
         log.warning("client availability is not simulated in mode %r (%s); every round "
-                    "trains", t.mode, "one party" if t.mode == "centralized"
+                    "trains", t.mode, "one party" if schedule == "centralized"
                     else "the relay waits for its next client")
         return modes.everyone
     if not any(present(available, t.seed, r) for r in range(t.steps)):
@@ -316,26 +312,27 @@ def attendance(p: Prepared) -> modes.Attendance:
 
 
 def _run_placed(p: Prepared, rec: Recorder, place: Placement) -> dict[str, torch.Tensor]:
-    t = p.cfg.train
+    t, mode = p.cfg.train, p.cfg.mode
     here = place.attendance(p.attendance)
-    if t.mode in ("centralized", "federated"):
+    if mode.learners:
         roles = {"learners": [place.place(r, "learner") for r in learner_recipes(p)]}
     else:
         roles = {"clients": [place.place(r, "client") for r in client_recipes(p)],
                  "server": [place.place(server_recipe(p), "server")]}
     place.started()
     resume = _restore(p, roles)
-    if t.mode == "centralized":
-        return modes.run_centralized(roles["learners"][0], t.steps * t.num_clients, rec,
+    if mode.schedule == "centralized":
+        return modes.run_centralized(roles["learners"][0], _total_rounds(p.cfg), rec,
                                      start=resume["start"], checkpoint=resume["checkpoint"])
-    if t.mode == "federated":
+    if mode.schedule == "relay":
+        return modes.run_split(roles["clients"], roles["server"][0], t.steps, t.agg_interval,
+                               rec, **resume)
+    if mode.learners:
         return modes.run_federated(roles["learners"], fed_server(p), t.steps, t.agg_interval,
                                    rec, here, **resume)
-    clients, (server,) = roles["clients"], roles["server"]
-    if t.mode == "split":
-        return modes.run_split(clients, server, t.steps, t.agg_interval, rec, **resume)
-    runner = modes.run_splitfed if t.mode == "splitfed" else modes.run_splitlora
-    return runner(clients, server, fed_server(p), t.steps, t.agg_interval, rec, here, **resume)
+    runner = modes.run_splitfed if mode.server == "per_participant" else modes.run_splitlora
+    return runner(roles["clients"], roles["server"][0], fed_server(p), t.steps, t.agg_interval,
+                  rec, here, **resume)
 
 
 def _restore(p: Prepared, roles: dict[str, list[Any]]) -> dict[str, Any]:
@@ -357,7 +354,7 @@ def _restore(p: Prepared, roles: dict[str, list[Any]]) -> dict[str, Any]:
         log.info("resuming from the checkpoint of round %d", p.resumed["round"])
     if p.checkpoint is None:
         return {"start": start, "loop": loop, "checkpoint": None}
-    path, every = p.checkpoint, t.num_clients if t.mode == "centralized" else 1
+    path, every = p.checkpoint, p.cfg.mode.checkpoint_every(t.num_clients)
     total, config = _total_rounds(p.cfg), p.cfg.model_dump(mode="json")
 
     def save(round: int, loop_state: dict[str, Any]) -> None:
@@ -373,11 +370,7 @@ def _restore(p: Prepared, roles: dict[str, list[Any]]) -> dict[str, Any]:
 def _eval_rounds(cfg: RunConfig) -> int:
     """``eval.every`` aggregations, in the mode's own rounds."""
     t = cfg.train
-    if t.mode == "centralized":
-        return cfg.eval.every * t.agg_interval * t.num_clients
-    if t.mode == "split":
-        return cfg.eval.every  # one round per hand-off
-    return cfg.eval.every * t.agg_interval
+    return cfg.mode.eval_rounds(cfg.eval.every, t.agg_interval, t.num_clients)
 
 
 def _held_out(p: Prepared, state: dict[str, torch.Tensor] | None) -> tuple[float, float]:
@@ -427,7 +420,7 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     if run_dir and resume:  # checked before the model loads: a wrong resume fails fast
         resumed = load_checkpoint(checkpoint_path(run_dir))
         check_same_run(resumed["config"], cfg)
-        if cfg.train.mode not in HETERO_MODES and "roles" not in resumed:
+        if not cfg.mode.planned and "roles" not in resumed:
             raise ConfigError(f"{checkpoint_path(run_dir)} was written by `hsplitlora serve`, "
                               "whose clients keep their own state: resume it with "
                               "`hsplitlora serve --resume`")
@@ -522,8 +515,7 @@ def simulated_times(p: Prepared, records: list[dict[str, Any]],
         ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0])
                  for k, v in adapter.items() if k.endswith(".lora_A.weight")}
         plans = {cid: (cfg.train.cut, ranks) for cid in range(cfg.train.num_clients)}
-    mode = "federated" if cfg.hetero.federated else cfg.train.mode
-    return simulate(records, mode=mode, dims=dims,
+    return simulate(records, mode=cfg.mode, unsplit=cfg.hetero.federated, dims=dims,
                     cuts={c: cut for c, (cut, _) in plans.items()},
                     ranks={c: r for c, (_, r) in plans.items()},
                     clients=profiles, server=cfg.hetero.scenario.server_profile(),
@@ -551,7 +543,7 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
                 own += matrix.lora_params(r) if block < pcut else 0
             per_client.append(own)
         client_params = round(sum(per_client) / len(per_client))
-    elif p.cfg.train.mode in ("centralized", "federated"):
+    elif not p.cfg.mode.split:
         client_params = total  # one party holds everything
     else:
         client_params = sum(p_.numel() for n, p_ in p.model.named_parameters()

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from hsplitlora.config import HETERO_MODES
 from hsplitlora.transport.security import AuthError, ConnectionFailed, Refused
 
 if TYPE_CHECKING:
@@ -118,7 +117,7 @@ def fedserver(config: ConfigOpt, set_: SetOpt = [], resume: ResumeOpt = False,  
         run_dir = serve_fed(cfg, cfg.net, resume=resume, port_file=port_file)
     except _FAILURES as e:
         raise _fail(console, e) from None
-    if cfg.train.mode in HETERO_MODES:
+    if cfg.mode.planned:
         console.print("fed server done; the main server's run folder holds the result")
     else:
         console.print(f"fed server done; the client-side adapter is in {run_dir}")

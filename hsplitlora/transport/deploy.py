@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from hsplitlora.checkpoint import load_checkpoint
-from hsplitlora.config import HETERO_MODES, RunConfig
+from hsplitlora.config import RunConfig
 from hsplitlora.models.lora import matrix_shapes, save_peft_adapter
 from hsplitlora.models.split import arch_spec
 from hsplitlora.train.recorder import Recorder, kept_records
@@ -101,7 +101,7 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
           port_file: Path | None = None, show_progress: bool = False) -> Path:
     """Run the main server (and, unless ``net.fed_address`` is set, the fed server) until
     the last round; returns the run folder."""
-    if cfg.train.mode in HETERO_MODES:
+    if cfg.mode.planned:
         return _serve_hetero(cfg, net, resume, port_file, show_progress)
     start = time.perf_counter()
     p = prepare(cfg)
@@ -135,7 +135,8 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
         coordinator = Coordinator(server, plan, net, fed, rec, start_round=first_round,
                                   checkpoint=checkpoint,
                                   run_info={"config": cfg.model_dump(mode="json")},
-                                  server_fed=build_fed(p) if plan.mode == "splitfed" else None)
+                                  server_fed=build_fed(p) if cfg.mode.server == "per_participant"
+                                  else None)
         grpc_server, port = listen(coordinator, net, tokens)
         _write_port(port_file, port)
         log.info("main server listening on %s:%d for %d clients", net.host, port,
@@ -177,7 +178,7 @@ def join(cfg: RunConfig, net: NetConfig, client_id: int, server: str, *,
          resume: bool = False) -> dict[str, torch.Tensor]:
     """Run client ``client_id`` against the main server at ``server`` (HOST:PORT) until the
     run is over; returns its final adapter (the last aggregate)."""
-    if cfg.train.mode in HETERO_MODES:
+    if cfg.mode.planned:
         from hsplitlora.transport.host import RoleHost
 
         p = prepare(cfg)
@@ -198,7 +199,7 @@ def serve_fed(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     run_dir = run_folder(cfg, "fed")
     last = cfg.train.steps - 1
     fed: FedService | HeteroFedService
-    if cfg.train.mode in HETERO_MODES:
+    if cfg.mode.planned:
         from hsplitlora.hetero.scheme import aggregator_for
 
         if resume:

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft.tuners.lora import LoraLayer
 
 from hsplitlora.checkpoint import atomic_save, load_checkpoint
-from hsplitlora.config import HETERO_MODES
-from hsplitlora.models.lora import matrix_shapes
+from hsplitlora.models.lora import base_weights, matrix_shapes
+from hsplitlora.models.shared import set_delta
 from hsplitlora.models.split import arch_spec
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.messages import Activations, ServerReply
@@ -56,7 +55,7 @@ class RoleHost:
                  token: str | None = None, device: torch.device | str = "cpu",
                  checkpoint: Path | None = None, resume: bool = False) -> None:
         t = p.cfg.train
-        if t.mode not in HETERO_MODES:
+        if not p.cfg.mode.planned:
             raise ValueError(f"RoleHost runs the heterogeneous modes, not {t.mode!r}")
         if not 0 <= client_id < t.num_clients:
             raise ValueError(f"client id {client_id} is out of range: the config has "
@@ -150,11 +149,11 @@ class RoleHost:
         settings = settings_from_json(call.args["settings"])
         if self.client is None:
             recipe = hetero_client_recipe(self.p, self.client_id, cut, settings)
-            self._load_base(recipe.segment, call.tensors, cut)
+            self._load_base(recipe.segment, call.tensors, cut, int(call.args["version"]))
             self.client = recipe.build(self.device)
         else:
             segment, _ = hetero_segments(self.p.model, cut, settings)
-            self._load_base(segment, call.tensors, cut)
+            self._load_base(segment, call.tensors, cut, int(call.args["version"]))
             self.client.replace_segment(segment)
             self.client.reset_adapters(settings)
         log.info("client %d runs blocks [0, %d)", self.client_id, cut)
@@ -162,25 +161,25 @@ class RoleHost:
     def _held(self, cut: int) -> dict[str, tuple[int, int]]:
         return {m: s for m, s in self._shapes.items() if self._spec.block_of(m) < cut}
 
-    def _load_base(self, segment: torch.nn.Module, weights: Mapping[str, torch.Tensor],
-                   cut: int) -> None:
-        """The merged base weights the server sent, into a freshly built segment."""
+    def _load_base(self, segment: torch.nn.Module, deltas: Mapping[str, torch.Tensor],
+                   cut: int, version: int) -> None:
+        """What the server says was merged into the base weights of a freshly built
+        segment's blocks (as of merge ``version``), added to this process's own pristine
+        weights."""
         held = self._held(cut)
-        check_finite(weights, "merged base weights")
-        with torch.no_grad():
-            for name, value in weights.items():
-                module = name.removesuffix(".weight")
-                if module not in held:
-                    raise WireError(f"merged weight {name!r} is not a matrix of blocks "
-                                    f"[0, {cut})")
-                layer = segment.get_submodule(segment.local_name(module))  # type: ignore[operator]
-                if isinstance(layer, LoraLayer):
-                    layer = layer.get_base_layer()
-                if value.shape != layer.weight.shape or value.dtype != layer.weight.dtype:
-                    raise WireError(f"merged weight {name!r}: {value.dtype} "
-                                    f"{tuple(value.shape)}, expected {layer.weight.dtype} "
-                                    f"{tuple(layer.weight.shape)}")
-                layer.weight.copy_(value)
+        check_finite(deltas, "merged base updates")
+        checked = {}
+        for name, value in deltas.items():
+            module = name.removesuffix(".weight")
+            if module not in held:
+                raise WireError(f"merged update {name!r} is not a matrix of blocks [0, {cut})")
+            weight = base_weights(segment, [module])[module]
+            if value.shape != weight.shape or value.dtype != torch.float32:
+                raise WireError(f"merged update {name!r}: {value.dtype} {tuple(value.shape)}, "
+                                f"expected torch.float32 {tuple(weight.shape)}")
+            checked[module] = (weight, value)
+        for weight, value in checked.values():
+            set_delta(weight, value, version)
 
     def _forward(self, link: Link, call: Call) -> None:
         assert self.client is not None
@@ -216,7 +215,8 @@ class RoleHost:
         assert self.client is not None
         updates = unpack_updates(call.tensors, self._held(self.client.cut),
                                  f"aggregated update of round {self.round}")
-        self.client.apply_update(updates, settings_from_json(call.args["settings"]))
+        self.client.apply_update(updates, settings_from_json(call.args["settings"]),
+                                 int(call.args["version"]))
 
     def _reset(self, link: Link, call: Call) -> None:
         assert self.client is not None

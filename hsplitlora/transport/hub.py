@@ -38,8 +38,9 @@ import grpc
 import torch
 from torch import nn
 
-from hsplitlora.config import HETERO_MODES, RunConfig
+from hsplitlora.config import RunConfig
 from hsplitlora.models.lora import LoraSettings, adapter_shapes, matrix_shapes
+from hsplitlora.models.shared import merge_state
 from hsplitlora.models.split import ArchSpec, arch_spec
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.roles.server import MainServer
@@ -228,10 +229,12 @@ class RemoteClient:
         self.adapters, self.snapshot = dict(state), None
         self._send("load_adapter_state", tensors=state)
 
-    def apply_update(self, updates: Mapping[str, Any], settings: LoraSettings) -> None:
+    def apply_update(self, updates: Mapping[str, Any], settings: LoraSettings,
+                     version: int) -> None:
         self.settings, self.adapters, self.snapshot = settings, None, None
         mine = {m: u for m, u in updates.items() if self.hub.block_of(m) < self.cut}
-        self._send("apply_update", {"settings": settings_to_json(settings)}, pack_updates(mine))
+        self._send("apply_update", {"settings": settings_to_json(settings), "version": version},
+                   pack_updates(mine))
 
     def reset_adapters(self, settings: LoraSettings) -> None:
         self.settings, self.adapters, self.snapshot = settings, None, None
@@ -290,8 +293,9 @@ class RemoteClient:
 
     # -- (re)admission -------------------------------------------------------------------
     def _build(self) -> None:
-        self._send("build", {"cut": self.cut, "settings": settings_to_json(self.settings)},
-                   self.hub.merged_weights(self.cut))
+        deltas, version = self.hub.merged_deltas(self.cut)
+        self._send("build", {"cut": self.cut, "settings": settings_to_json(self.settings),
+                             "version": version}, deltas)
 
     def admit(self, session: Session, round: int) -> None:
         """Bring a (re)connected client to the run's state at the start of ``round``."""
@@ -315,7 +319,7 @@ class HeteroHub:
     def __init__(self, cfg: RunConfig, net: NetConfig, tokens: Mapping[str, str] | None,
                  *, port_file: Path | None = None) -> None:
         t = cfg.train
-        if t.mode not in HETERO_MODES:
+        if not cfg.mode.planned:
             raise ValueError(f"HeteroHub runs the heterogeneous modes, not {t.mode!r}")
         self.cfg, self.net = cfg, net
         self.fed = None  # aggregation runs inside the training loop, in this process
@@ -330,7 +334,6 @@ class HeteroHub:
         self._cond = threading.Condition()
         self._pending: dict[int, Session] = {}
         self._base: nn.Module | None = None
-        self._pristine: Mapping[str, torch.Tensor] = {}
         self._shapes: dict[str, tuple[int, int]] = {}
         self.spec: ArchSpec | None = None
         self.tokens = tokens
@@ -393,8 +396,8 @@ class HeteroHub:
         self.clients[r.client_id] = proxy
         return proxy
 
-    def watch_base(self, base: nn.Module, pristine: Mapping[str, torch.Tensor]) -> None:
-        self._base, self._pristine = base, pristine
+    def watch_base(self, base: nn.Module) -> None:
+        self._base = base
 
     def started(self) -> None:
         """Wait for every client (or ``net.min_clients`` once ``net.join_timeout_s`` is
@@ -485,15 +488,17 @@ class HeteroHub:
         assert self.spec is not None, "bind() the prepared run first"
         return adapter_shapes(self._held(cut), settings, self.spec.default_targets)
 
-    def merged_weights(self, cut: int) -> dict[str, torch.Tensor]:
-        """Base weights of the blocks below ``cut`` that aggregations have merged into
-        (they differ from the pristine ones every process loads)."""
+    def merged_deltas(self, cut: int) -> tuple[dict[str, torch.Tensor], int]:
+        """What aggregations have merged into the base weights of the blocks below ``cut``
+        (fp32, in each weight's layout, keyed ``<module>.weight``), and the last merge's
+        version: a client adds them to the pristine weights every process loads."""
         if self._base is None:
-            return {}
-        out = {}
+            return {}, 0
+        out, version = {}, 0
         for name, w in self._base.named_parameters():
-            before = self._pristine.get(name)
-            if before is not None and self.block_of(name) < cut and not torch.equal(w, before):
-                out[name] = w.detach()
-        return out
+            state = merge_state(w)
+            if state is not None and self.block_of(name) < cut:
+                out[name] = state.delta
+                version = max(version, state.version)
+        return out, version
 

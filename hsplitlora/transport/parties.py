@@ -13,25 +13,25 @@ from typing import Any
 
 import torch
 
-from hsplitlora.config import HETERO_MODES
 from hsplitlora.models.lora import lora_state
 from hsplitlora.models.split import split_model
+from hsplitlora.modes import MODES
 from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.roles.server import MainServer
 from hsplitlora.train.parties import ClientRecipe, client_recipes, fed_server, server_recipe
 from hsplitlora.train.run import Prepared
 from hsplitlora.transport.fed import adapter_layout
-from hsplitlora.transport.plan import NETWORKED_MODES, Plan
+from hsplitlora.transport.plan import Plan
 from hsplitlora.transport.validate import Layout
 
 __all__ = ["build_client", "build_fed", "build_server", "client_adapter_layout"]
 
 
 def _check_mode(p: Prepared) -> None:
-    if p.cfg.train.mode not in NETWORKED_MODES:
+    if "grpc" not in p.cfg.mode.placements:
+        networked = [m.name for m in MODES.values() if "grpc" in m.placements]
         raise ValueError(f"train.mode {p.cfg.train.mode!r} cannot run over the network: "
-                         f"serve and join support {', '.join(NETWORKED_MODES)} and the "
-                         f"heterogeneous modes ({', '.join(HETERO_MODES)})")
+                         f"serve and join support {', '.join(networked)}")
 
 
 def build_client(p: Prepared, client_id: int) -> ClientRecipe:

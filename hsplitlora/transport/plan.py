@@ -9,12 +9,7 @@ import torch
 from hsplitlora.transport.codec import wire_layout
 from hsplitlora.transport.validate import Layout, Limit
 
-__all__ = ["NETWORKED_MODES", "Plan", "aggregates_at"]
-
-# SFL-V2 (one shared server adapter) and SFL-V1 (one per client), which the Coordinator
-# runs; the heterogeneous modes run through transport/hub.py instead. The sequential and
-# whole-model modes have no main server to put behind a network.
-NETWORKED_MODES = ("splitlora", "splitfed")
+__all__ = ["Plan", "aggregates_at"]
 
 
 def aggregates_at(round: int, steps: int, interval: int) -> bool:

@@ -4,6 +4,7 @@ import pytest
 
 from hsplitlora.hetero.costmodel import ModelDims, Workload, client_flops, server_flops
 from hsplitlora.hetero.profiles import DeviceProfile
+from hsplitlora.modes import mode_of
 from hsplitlora.train.clock import simulate
 from tests.conftest import tiny_config
 
@@ -25,10 +26,10 @@ def test_split_round_queues_at_the_server_and_sequential_sl_adds_up():
                                                                        DEV.downlink_bps)
     kw = dict(dims=dims, cuts={0: 2, 1: 2}, ranks={}, clients=[DEV, DEV], server=SRV, batch=2,
               seq=8, precision="fp32")
-    parallel = simulate(_records(2), mode="splitlora", **kw)
+    parallel = simulate(_records(2), mode=mode_of("splitlora"), **kw)
     # both arrive together; the second waits for the first's server compute
     assert parallel == [pytest.approx(fwd + up + 2 * srv + down + bwd)]
-    sequential = simulate(_records(2), mode="split", **kw)
+    sequential = simulate(_records(2), mode=mode_of("split"), **kw)
     assert sequential == [pytest.approx(2 * (fwd + up + srv + down + bwd))]
     assert sequential[0] > parallel[0]
 
@@ -39,8 +40,8 @@ def test_federated_takes_the_slowest_client_and_aggregation_costs_bandwidth():
     records = [{"round": 0, "client": c, "loss": 1.0, "tokens": 8} for c in (0, 1)]
     records.append({"event": "aggregate", "round": 0, "bytes_up": 4000, "bytes_down": 8000})
     kw = dict(dims=dims, cuts={}, ranks={}, server=SRV, batch=2, seq=8, precision="fp32")
-    t = simulate(records, mode="federated", clients=[DEV, slow], **kw)
+    t = simulate(records, mode=mode_of("federated"), clients=[DEV, slow], **kw)
     full = client_flops(dims, dims.n_layers, {}, Workload.for_precision("fp32", 2, 8)).total
     assert t == [pytest.approx(full / 5e8 + 2000 / 1e6 + 4000 / 2e6)]
-    central = simulate(records, mode="centralized", clients=[DEV, slow], **kw)
+    central = simulate(records, mode=mode_of("centralized"), clients=[DEV, slow], **kw)
     assert central[0] > t[0] - 4000 / 2e6 - 2000 / 1e6  # one device, no parallelism

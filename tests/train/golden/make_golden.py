@@ -12,6 +12,7 @@ engine must reproduce them (tests/train/test_uniform_plans.py).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -27,8 +28,6 @@ def main() -> None:
 
     tok = fixture.__wrapped__()  # the session fixture's body, called directly
     from hsplitlora.train.run import train
-
-    import sys
 
     for name in sys.argv[1:] or RUNS:
         cfg = config_for(name)
