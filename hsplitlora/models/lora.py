@@ -19,7 +19,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
-from hsplitlora.models.shared import merge_into
+from hsplitlora.models.shared import merge_into, merge_state
 from hsplitlora.models.split import arch_spec
 
 __all__ = [
@@ -322,9 +322,12 @@ def merge_base_update(
             continue
         if isinstance(target, LoraLayer):
             target = target.get_base_layer()
+        merged.append(full)
+        state = merge_state(target.weight)
+        if state is not None and state.version >= version:
+            continue  # a party sharing this weight merged it already
         dense = dense_update(update, tuple(target.weight.shape), fan_in_fan_out=fan_in_fan_out)
         merge_into(target.weight, dense, version)
-        merged.append(full)
     return merged
 
 

@@ -45,7 +45,7 @@ from hsplitlora.models.shared import merged_delta, restore_original
 from hsplitlora.models.split import arch_spec
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import nbytes
-from hsplitlora.train.modes import Attendance, attending, everyone
+from hsplitlora.train.engine import Attendance, Parallel, client_step, everyone, run_rounds
 from hsplitlora.train.optim import OptimSettings
 from hsplitlora.train.parties import ClientRecipe, HeteroServerRecipe, hetero_segments
 from hsplitlora.train.placement import InProcess, PartyLost, Placement
@@ -379,45 +379,38 @@ def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
                replan: Callable[[int], Sequence[PartyPlan] | None] | None = None,
                attendance: Attendance = everyone, *, start: int = 0,
                trained: Collection[int] = (),
-               checkpoint: Callable[[int, set[int]], None] | None = None) -> None:
-    """Train all participants for ``steps`` local steps, aggregating every ``interval``.
+               checkpoint: Callable[[int, dict[str, Any]], None] | None = None) -> None:
+    """Train all participants for ``steps`` local steps, aggregating every ``interval``:
+    the :class:`~hsplitlora.train.engine.Parallel` schedule with the heterogeneous step
+    and aggregation.
 
     ``replan(round)`` is asked after each merging aggregation; a non-None answer becomes
     the new plans (it logs its own reasons). ``attendance(round)`` gives the clients
     present in a round (None: all); an aggregation covers those that trained since the
-    previous one. ``checkpoint(round, trained)`` is called as each round ends; a resumed
+    previous one. ``checkpoint(round, loop)`` is called as each round ends; a resumed
     run starts at round ``start`` with the clients that had ``trained`` since the last
     aggregation.
     """
-    server = system.server
-    trained = set(trained)
-    for t in range(start, steps):
-        for client in attending(system.clients, attendance, t):
-            try:
-                acts = client.forward()
-            except PartyLost as e:  # a remote client went away: the round goes on
-                log.warning("round %d goes on without client %d: %s", t, client.client_id, e)
-                continue
-            trained.add(client.client_id)
-            reply = server.step(client.client_id, acts)
-            client.backward(reply.grad)
-            local = system.federated
-            rec.train_step(round=t, client=client.client_id, loss=reply.loss,
-                           tokens=reply.tokens, bytes_up=0 if local else acts.nbytes,
-                           bytes_down=0 if local else reply.nbytes, lr=server.lr)
-        if ((t + 1) % interval == 0 or t + 1 == steps) and trained:
-            up, down = system.aggregate(trained, t)
-            rec.event("aggregate", round=t, side="all", method=system.aggregator,
-                      clients=sorted(trained), bytes_up=up, bytes_down=down)
-            trained = set()
-            if system.aggregator in MERGING:  # the global model is the merged base itself
-                rec.global_model(t, lambda: None)
-            if replan is not None and system.aggregator in MERGING and t + 1 < steps:
-                plans = replan(t)
-                if plans is not None:
-                    system.replan(plans)
-                    rec.event("replan", round=t,
-                              plans=[{"cut": p.cut, "adapted": len(p.ranks)} for p in plans])
-        rec.end_round(t)
-        if checkpoint is not None:
-            checkpoint(t, trained)
+
+    def aggregate(among: list[Any], t: int, last: bool) -> None:
+        ids = {c.client_id for c in among}
+        up, down = system.aggregate(ids, t)
+        rec.event("aggregate", round=t, side="all", method=system.aggregator,
+                  clients=sorted(ids), bytes_up=up, bytes_down=down)
+        if system.aggregator not in MERGING:
+            return None
+        rec.global_model(t, lambda: None)  # the global model is the merged base itself
+        if replan is not None and not last:
+            plans = replan(t)
+            if plans is not None:
+                system.replan(plans)
+                rec.event("replan", round=t,
+                          plans=[{"cut": p.cut, "adapted": len(p.ranks)} for p in plans])
+        return None
+
+    schedule = Parallel(
+        system.clients,
+        lambda c, t: client_step(c, system.server, rec, t, local=system.federated),
+        aggregate, lambda merged: {}, interval, rec, attendance,
+        {"trained": sorted(trained)})
+    run_rounds(schedule, steps, rec, start=start, checkpoint=checkpoint)

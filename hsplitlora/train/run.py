@@ -34,7 +34,7 @@ from hsplitlora.eval.perplexity import perplexity
 from hsplitlora.models.lora import LoraSettings, attach_lora, load_lora_state, save_peft_adapter
 from hsplitlora.models.split import arch_spec
 from hsplitlora.report import plot_loss
-from hsplitlora.train import modes
+from hsplitlora.train import engine
 from hsplitlora.train.attendance import present
 from hsplitlora.train.compile import check_compiler
 from hsplitlora.train.parties import (
@@ -104,7 +104,7 @@ class Prepared:
     lora: LoraSettings
     device: torch.device
     plans: dict[int, tuple[int, dict[str, int]]] | None = None  # heterogeneous: (cut, ranks)
-    attendance: modes.Attendance = modes.everyone  # the clients present in each round
+    attendance: engine.Attendance = engine.everyone  # the clients present in each round
     checkpoint: Path | None = None  # written as rounds end (train(checkpoint=True))
     resumed: dict[str, Any] | None = None  # the checkpoint to go on from
 
@@ -221,9 +221,9 @@ def _run_hetero(p: Prepared, rec: Recorder,
                                           for pl in system.plans])
         p.plans = {cid: (pl.cut, dict(pl.ranks)) for cid, pl in enumerate(system.plans)}
 
-    def save(round: int, trained: set[int]) -> None:
+    def save(round: int, loop: dict[str, Any]) -> None:
         assert p.checkpoint is not None
-        atomic_save({"round": round, "trained": set(trained), "plans": p.plans,
+        atomic_save({"round": round, "trained": set(loop["trained"]), "plans": p.plans,
                      "config": cfg.model_dump(mode="json"), "system": system.state_dict(),
                      "planner": planner.state_dict()}, p.checkpoint)
 
@@ -290,19 +290,19 @@ def run_mode(p: Prepared, rec: Recorder,
         return _run_placed(p, rec, place)
 
 
-def attendance(p: Prepared) -> modes.Attendance:
+def attendance(p: Prepared) -> engine.Attendance:
     """Each round's clients, drawn from the scenario's availability (train/attendance.py)."""
     t = p.cfg.train
     params = sum(x.numel() for n, x in p.model.named_parameters() if ".lora_" not in n)
     available = [d.availability for d in p.cfg.hetero.scenario.profiles(t.num_clients, params)]
     if all(a >= 1 for a in available):
-        return modes.everyone
+        return engine.everyone
     schedule = p.cfg.mode.schedule
     if schedule != "parallel":
         log.warning("client availability is not simulated in mode %r (%s); every round "
                     "trains", t.mode, "one party" if schedule == "centralized"
                     else "the relay waits for its next client")
-        return modes.everyone
+        return engine.everyone
     if not any(present(available, t.seed, r) for r in range(t.steps)):
         raise ConfigError(
             f"with client availability {sorted(set(available))} no client takes part in any "
@@ -322,15 +322,15 @@ def _run_placed(p: Prepared, rec: Recorder, place: Placement) -> dict[str, torch
     place.started()
     resume = _restore(p, roles)
     if mode.schedule == "centralized":
-        return modes.run_centralized(roles["learners"][0], _total_rounds(p.cfg), rec,
+        return engine.run_centralized(roles["learners"][0], _total_rounds(p.cfg), rec,
                                      start=resume["start"], checkpoint=resume["checkpoint"])
     if mode.schedule == "relay":
-        return modes.run_split(roles["clients"], roles["server"][0], t.steps, t.agg_interval,
+        return engine.run_split(roles["clients"], roles["server"][0], t.steps, t.agg_interval,
                                rec, **resume)
     if mode.learners:
-        return modes.run_federated(roles["learners"], fed_server(p), t.steps, t.agg_interval,
+        return engine.run_federated(roles["learners"], fed_server(p), t.steps, t.agg_interval,
                                    rec, here, **resume)
-    runner = modes.run_splitfed if mode.server == "per_participant" else modes.run_splitlora
+    runner = engine.run_splitfed if mode.server == "per_participant" else engine.run_splitlora
     return runner(roles["clients"], roles["server"][0], fed_server(p), t.steps, t.agg_interval,
                   rec, here, **resume)
 

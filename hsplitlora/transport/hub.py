@@ -44,7 +44,7 @@ from hsplitlora.models.shared import merge_state
 from hsplitlora.models.split import ArchSpec, arch_spec
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.roles.server import MainServer
-from hsplitlora.train.modes import everyone
+from hsplitlora.train.engine import everyone
 from hsplitlora.train.placement import Attendance, PartyLost, Recipe
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport.calls import pack_call, pack_updates, read_scores, settings_to_json

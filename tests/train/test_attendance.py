@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hsplitlora.config import RunConfig
-from hsplitlora.train import modes
+from hsplitlora.train import engine
 from hsplitlora.train.attendance import present
 from hsplitlora.train.parties import client_recipes, fed_server, server_recipe
 from hsplitlora.train.recorder import Recorder
@@ -49,10 +49,10 @@ def test_an_absent_client_is_left_out_of_steps_and_averages(tiny_tokenizer):
 
     clients, server, p = parties()
     rec = Recorder(None, 6, show_progress=False)
-    absent = modes.run_splitlora(clients, server, fed_server(p), 6, 2, rec,
+    absent = engine.run_splitlora(clients, server, fed_server(p), 6, 2, rec,
                                  attendance=lambda t: {0, 2})
     alone_clients, alone_server, q = parties()
-    alone = modes.run_splitlora([alone_clients[0], alone_clients[2]], alone_server,
+    alone = engine.run_splitlora([alone_clients[0], alone_clients[2]], alone_server,
                                 fed_server(q), 6, 2, Recorder(None, 6, show_progress=False))
     for k, v in alone.items():
         assert torch.equal(absent[k], v), k

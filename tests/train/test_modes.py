@@ -68,10 +68,10 @@ def test_base_weights_stay_bit_identical_only_lora_changes(tiny_tokenizer, mode)
 def test_splitlora_aggregation_is_sample_weighted_fedavg(tiny_tokenizer):
     """With I=2 and 3 steps, the final aggregate is the weighted mean of the clients' states."""
     cfg = _cfg(mode="splitlora", num_clients=3, steps=3, agg_interval=2)
-    from hsplitlora.train import modes
+    from hsplitlora.train import engine
 
     captured = {}
-    original = modes._fedavg_clients
+    original = engine.fedavg_clients
 
     def spy(clients, among, fed, rec, round):
         assert among == clients  # every client trained
@@ -81,11 +81,11 @@ def test_splitlora_aggregation_is_sample_weighted_fedavg(tiny_tokenizer):
         captured["after"] = [c.adapter_state() for c in clients]
         return out
 
-    modes._fedavg_clients = spy
+    engine.fedavg_clients = spy
     try:
         result = train_once(tiny_tokenizer, cfg)
     finally:
-        modes._fedavg_clients = original
+        engine.fedavg_clients = original
     n = torch.tensor(captured["n"], dtype=torch.float64)
     w = n / n.sum()
     for key in captured["states"][0]:

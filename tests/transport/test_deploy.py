@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from hsplitlora.checkpoint import load_checkpoint
 from hsplitlora.roles.fedserver import FedServer
-from hsplitlora.train import modes
+from hsplitlora.train import engine
 from hsplitlora.train.recorder import Recorder
 from hsplitlora.train.run import prepare, train
 from hsplitlora.transport.config import NetConfig
@@ -95,8 +95,8 @@ def test_a_client_killed_mid_round_is_dropped_and_the_others_finish(tmp_path, ti
     clients = [party.build(p.device) for party in parties]
     fed = FedServer(weighting=cfg.train.agg_weighting, alpha=p.lora.alpha)
     rec = Recorder(None, 4, show_progress=False)
-    modes.run_splitlora(clients, main, fed, 2, 2, rec)
-    expected = modes.run_splitlora([clients[0], clients[2]], main, fed, 2, 2, rec)
+    engine.run_splitlora(clients, main, fed, 2, 2, rec)
+    expected = engine.run_splitlora([clients[0], clients[2]], main, fed, 2, 2, rec)
     _assert_same(peft_adapter(tmp_path / "net"), expected)
     for i in (0, 2):
         _assert_same(load_file(tmp_path / f"client-{i}.safetensors"), expected)
