@@ -9,12 +9,11 @@ import torch
 
 from hsplitlora.models.lora import (
     LoraSettings,
-    attach_lora,
     load_lora_state,
     lora_parameters,
     lora_state,
     merge_base_update,
-    strip_lora,
+    restart_lora,
 )
 from hsplitlora.models.shared import MergeState, adopt_merges
 from hsplitlora.models.split import ClientSegment
@@ -133,8 +132,7 @@ class Client:
 
     def reset_adapters(self, settings: LoraSettings) -> None:
         """Fresh adapters (A random, B zero) at the planned ranks, and a fresh AdamW."""
-        strip_lora(self.segment)
-        attach_lora(self.segment, settings)
+        restart_lora(self.segment, settings)
         self.optimizer.reset(lora_parameters(self.segment))
 
     def probe_batches(self, n: int) -> list[dict[str, torch.Tensor]]:

@@ -10,12 +10,11 @@ import torch
 
 from hsplitlora.models.lora import (
     LoraSettings,
-    attach_lora,
     load_lora_state,
     lora_parameters,
     lora_state,
     merge_base_update,
-    strip_lora,
+    restart_lora,
 )
 from hsplitlora.models.shared import MergeState, adopt_merges, share_frozen
 from hsplitlora.models.split import ServerSegment
@@ -97,8 +96,7 @@ class MainServer:
         for cid, segment in self.segments.items():
             merge_base_update(segment, updates, version,
                               fan_in_fan_out=segment.spec.fan_in_fan_out)
-            strip_lora(segment)
-            attach_lora(segment, settings[cid])
+            restart_lora(segment, settings[cid])
             self.optimizers[cid].reset(lora_parameters(segment))
 
     def _segment(self, client_id: int) -> ServerSegment:

@@ -109,3 +109,34 @@ def test_deep_copies_do_not_inherit_merge_states():
     merge_base_update(model, {name: torch.ones(16, 32)}, 1)
     clone = copy.deepcopy(model)
     assert merge_state(clone.get_submodule(name).weight) is None
+
+
+def test_restarting_adapters_in_place_draws_what_a_fresh_attach_draws():
+    from hsplitlora.models.lora import lora_state, restart_lora, strip_lora
+
+    ranks = {f"model.layers.{b}.self_attn.{m}": r for b in range(4)
+             for m, r in (("q_proj", 2), ("v_proj", 4))}
+    first = LoraSettings(r=4, alpha=8, ranks=ranks, init_seed=11)
+    again = LoraSettings(r=4, alpha=8, ranks=ranks, init_seed=12)
+    for arch in ("llama", "gpt2"):
+        if arch == "gpt2":
+            first = again = LoraSettings(r=2, alpha=4, init_seed=5)
+            again = LoraSettings(r=2, alpha=4, init_seed=6)
+        model = attach_lora(tiny_model(arch), first)
+        params = [p for n, p in model.named_parameters() if ".lora_" in n]
+        with torch.no_grad():
+            for p in params:
+                p.add_(0.5)  # trained
+        restart_lora(model, again)
+        reference = strip_lora(attach_lora(tiny_model(arch), first))
+        attach_lora(reference, again)
+        got, want = lora_state(model), lora_state(reference)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), (arch, k)
+        assert [p for n, p in model.named_parameters() if ".lora_" in n] == params  # in place
+        assert all(torch.equal(v, torch.zeros_like(v)) for k, v in got.items() if "lora_B" in k)
+    # a different plan is attached anew
+    model = attach_lora(tiny_model("llama"), first)
+    restart_lora(model, LoraSettings(r=3, alpha=8, init_seed=12))
+    assert {v.shape[0] for k, v in lora_state(model).items() if "lora_A" in k} == {3}
