@@ -151,7 +151,7 @@ def test_an_adapter_of_the_wrong_rank_is_refused(hub):
 
 def test_a_client_that_joins_after_merges_is_built_exactly_like_the_simulated_one(
         tmp_path, tiny_llama_dir):
-    """The server sends the plan and the merged weights of the client's blocks; the
+    """The server sends the plan and what was merged into the client's blocks; the
     client builds from its own pristine base and ends up with the simulated client's
     segment: same base weights, same (seeded) adapters."""
     cfg = hetero_config(tiny_llama_dir, tmp_path)
@@ -164,13 +164,15 @@ def test_a_client_that_joins_after_merges_is_built_exactly_like_the_simulated_on
     run_hetero(system, 2, 1, Recorder(None, 2, show_progress=False))
     hub = HeteroHub(cfg, NetConfig(port=0), None).bind(p)
     try:
-        hub.watch_base(system.base, system.original)
+        hub.watch_base(system.base)
         for cid, plan in enumerate(PLANS):
-            weights = hub.merged_weights(plan.cut)
-            assert weights and all(hub.block_of(n) < plan.cut for n in weights)
+            deltas, version = hub.merged_deltas(plan.cut)
+            assert deltas and all(hub.block_of(n) < plan.cut for n in deltas)
+            assert version == system.version == 2
             host = RoleHost(prepare(cfg), cid, NetConfig(), "unused:1")
-            args = {"cut": plan.cut, "settings": settings_to_json(system.settings(cid))}
-            host._build(None, Call("build", args, weights, None))  # type: ignore[arg-type]
+            args = {"cut": plan.cut, "settings": settings_to_json(system.settings(cid)),
+                    "version": version}
+            host._build(None, Call("build", args, deltas, None))  # type: ignore[arg-type]
             assert host.client is not None
             want = dict(system.clients[cid].segment.named_parameters())
             got = dict(host.client.segment.named_parameters())
