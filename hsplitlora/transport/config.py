@@ -50,6 +50,9 @@ class NetConfig(BaseModel):
                                 "4 MB gRPC default is raised to this); must exceed chunk_kb")
     max_tensor_mb: int = Field(2048, ge=1, description="largest tensor blob (one upload, "
                                "all chunks together) accepted")
+    max_activation: float | None = Field(
+        None, gt=0, description="largest |value| of an activation or gradient accepted; "
+        "null = derived from the model's hidden size (see Plan.value_bound)")
     step_timeout_s: float = Field(60.0, gt=0, description="a client whose activations (or "
                                   "adapter) are this late is dropped from the round")
     join_timeout_s: float = Field(120.0, gt=0, description="how long the server waits for "

@@ -50,7 +50,8 @@ def _plan(p: Prepared, dtype: torch.dtype) -> Plan:
     return Plan(mode=t.mode, steps=t.steps, interval=t.agg_interval, cut=t.cut,
                 num_clients=t.num_clients, batch_size=t.batch_size,
                 max_length=p.cfg.data.max_length, hidden_size=int(mc.hidden_size),
-                vocab_size=int(mc.vocab_size), dtype=dtype)
+                vocab_size=int(mc.vocab_size), dtype=dtype,
+                samples=tuple(len(shard) for shard in p.shards))
 
 
 def build_server(p: Prepared) -> tuple[MainServer, Plan]:

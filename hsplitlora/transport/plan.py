@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,26 @@ class Plan:
     hidden_size: int
     vocab_size: int
     dtype: torch.dtype  # of the activations the clients' segments produce
+    samples: tuple[int, ...] = ()  # each client's shard size (empty: not known here)
+
+    def value_bound(self, configured: float | None) -> float:
+        """The largest ``|value|`` an activation or gradient may carry: ``net.max_activation``,
+        or by default the bound under which the sum of squares of one hidden vector (what
+        every norm layer computes, in fp32) stays finite with a 256x margin. Real residual
+        streams sit many orders below it; an attacker's 3e38 sits far above."""
+        if configured is not None:
+            return configured
+        return math.sqrt(torch.finfo(torch.float32).max / max(self.hidden_size, 1)) / 16
+
+    def samples_problem(self, client_id: int, claimed: int) -> str | None:
+        """Why ``claimed`` cannot be client ``client_id``'s sample count (None: it can)."""
+        if not self.samples or not 0 <= client_id < len(self.samples):
+            return None if claimed >= 1 else "num_samples must be positive"
+        expected = self.samples[client_id]
+        if claimed != expected:
+            return (f"client {client_id} claims {claimed} samples but its shard of this run "
+                    f"holds {expected}; use the same config (data section) on both sides")
+        return None
 
     def aggregates_at(self, round: int) -> bool:
         return aggregates_at(round, self.steps, self.interval)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -35,9 +36,14 @@ from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.codec import CODECS, decode_activations, encode
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FederationServicer, FedService, RemoteFed
+from hsplitlora.transport.guard import guarded_step
 from hsplitlora.transport.plan import Plan
 from hsplitlora.transport.security import Authenticator, bind, options
-from hsplitlora.transport.validate import check_activation_values, check_header
+from hsplitlora.transport.validate import (
+    check_activation_values,
+    check_header,
+    check_magnitude,
+)
 from hsplitlora.transport.wire import (
     Blob,
     Reassembler,
@@ -111,18 +117,29 @@ def hello_problem(party: str, frame: pb.ClientFrame, plan: Plan) -> str | None:
                 f"{plan.cut}; use the same train.cut on both sides")
     if h.codec not in CODECS:
         return f"unknown codec {h.codec!r}; use one of {', '.join(CODECS)}"
-    if h.num_samples < 1:
-        return "num_samples must be positive"
-    return None
+    return plan.samples_problem(h.client_id, h.num_samples)
 
 
-def decode_upload(data: bytes, plan: Plan, codec: str, what: str) -> Activations:
-    """A client's activations, checked against the run's layout and bounds before use."""
-    layout, limits = plan.activation_layout(codec)
-    check_header(read_header(data), layout, limits, what)
-    wire = unpack(data)
-    check_activation_values(wire, plan.vocab_size, what)
-    return decode_activations(wire, codec, plan.dtype)
+def decode_upload(data: bytes, plan: Plan, codec: str, what: str,
+                  bound: float = math.inf) -> Activations:
+    """A client's activations, checked against the run's layout and bounds before use.
+
+    Any failure is a :class:`WireError`: whatever a peer sends, the caller refuses that
+    message and nothing else (a bug of ours that bad input trips counts as bad input).
+    """
+    try:
+        layout, limits = plan.activation_layout(codec)
+        check_header(read_header(data), layout, limits, what)
+        wire = unpack(data)
+        check_activation_values(wire, plan.vocab_size, what)
+        acts = decode_activations(wire, codec, plan.dtype)
+        check_magnitude({"hidden": acts.hidden}, bound, what)
+    except WireError as e:
+        raise e if str(e).startswith(what) else WireError(f"{what}: {e}") from None
+    except Exception as e:
+        log.exception("%s: unexpected failure while checking it", what)
+        raise WireError(f"{what}: could not be read ({type(e).__name__}: {e})") from None
+    return acts
 
 
 class Admission(Protocol):
@@ -207,6 +224,7 @@ class Coordinator:
         self.checkpoint = checkpoint
         self.run_info = dict(run_info or {})  # saved with every checkpoint (its config)
         self.server_fed = server_fed  # SFL-V1: averages the per-client server copies
+        self.bound = plan.value_bound(net.max_activation)
         self._cond = threading.Condition()
         self._pending: dict[int, Session] = {}
         self._active: dict[int, Session] = {}
@@ -305,12 +323,13 @@ class Coordinator:
         if isinstance(item, WireError):
             self._refuse(session, t, f"upload of client {cid}, round {t}: {item}")
             return None
+        what = f"activations of client {cid}, round {t}"
         try:
             acts = self._decode(t, session, item)
+            reply = guarded_step(self.server, cid, acts, self.bound, what)
         except WireError as e:
             self._refuse(session, t, str(e))
             return None
-        reply = self.server.step(cid, acts)
         data = pack(encode("grad", reply.grad, session.codec),
                     {"loss": repr(reply.loss), "tokens": str(reply.tokens)})
         session.send("grad", t, data)
@@ -324,7 +343,7 @@ class Coordinator:
         what = f"activations of client {session.client_id}, round {t}"
         if blob.kind != "acts" or blob.round != t:
             raise WireError(f"{what}: got a {blob.kind!r} blob of round {blob.round} instead")
-        return decode_upload(blob.data, self.plan, session.codec, what)
+        return decode_upload(blob.data, self.plan, session.codec, what, self.bound)
 
     def _aggregate(self, t: int, present: list[int], samples: dict[int, int]) -> None:
         self.fed.open(t, present)

@@ -1,0 +1,117 @@
+"""Hostile uploads against a live main server: refused, and the run is what it would be
+without them.
+
+Each test first sends what used to kill or poison the server (issue 15), then checks the
+server is still up, the attacker got a refusal naming the problem, and the honest
+client's steps equal an in-process replay of the accepted uploads alone.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from hsplitlora.checkpoint import load_checkpoint
+from hsplitlora.models.lora import lora_state
+from hsplitlora.transport import hsplitlora_pb2 as pb
+from hsplitlora.transport.client import StepRefused
+from hsplitlora.transport.config import NetConfig
+from tests.transport.live import activations, remote, start_live
+from tests.transport.test_wire_fuzz import KILLERS
+
+
+def _state(server):
+    return lora_state(server.segments[0])
+
+
+def _equal(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _raw(header: object) -> bytes:
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
+    return struct.pack("<Q", len(text)) + text + b"\0" * 4
+
+
+def _refusal(link, timeout=10.0) -> str:
+    got = link.receive(timeout)
+    assert isinstance(got, pb.Control) and got.kind == pb.Control.REFUSED, got
+    return got.message
+
+
+def _honest_round(live, good, t, seed):
+    upload = activations(seed)
+    good.round = t
+    reply = good.step(1, upload)
+    expected = live.reference.step(1, upload)
+    assert reply.loss == expected.loss and torch.equal(reply.grad, expected.grad)
+
+
+def test_headers_that_killed_the_server_are_refused_and_the_run_goes_on():
+    killers = [h for h, _ in KILLERS][:8]
+    steps = len(killers)
+    live = start_live(NetConfig(step_timeout_s=10, join_timeout_s=10), steps=steps,
+                      interval=steps)
+    try:
+        evil, honest = live.link(0), live.link(1)
+        evil.welcome(5)
+        honest.welcome(5)
+        good = remote(honest)
+        for t, header in enumerate(killers):
+            evil.send("acts", t, _raw(header))
+            assert f"client 0, round {t}" in _refusal(evil)
+            assert live.thread.is_alive(), f"the server died on {header!r:.60}"
+            _honest_round(live, good, t, 200 + t)
+        assert not live.errors
+        assert _equal(_state(live.server), _state(live.reference))
+    finally:
+        live.stop()
+
+
+def test_huge_finite_activations_are_refused_before_they_reach_the_server():
+    live = start_live(NetConfig(step_timeout_s=10, join_timeout_s=10), steps=2, interval=2)
+    try:
+        evil, honest = live.link(0), live.link(1)
+        evil.welcome(5)
+        honest.welcome(5)
+        bad, good = remote(evil), remote(honest)
+        poison = activations(0, hidden=torch.full((2, 12, 32), 3.0e38))
+        for t in range(2):
+            bad.round = t
+            with pytest.raises(StepRefused, match=r"magnitude 3e\+38, beyond the bound"):
+                bad.step(0, poison)
+            _honest_round(live, good, t, 300 + t)
+        assert not live.errors
+        assert _equal(_state(live.server), _state(live.reference))
+    finally:
+        live.stop()
+
+
+def test_a_step_whose_result_is_not_finite_is_undone_and_never_checkpointed(tmp_path):
+    # A bound as loose as fp32 allows: 3e38 passes validation, and the step must catch it.
+    net = NetConfig(step_timeout_s=10, join_timeout_s=10, max_activation=3.4e38)
+    live = start_live(net, steps=2, interval=2)
+    live.coordinator.checkpoint = tmp_path / "server.pt"
+    try:
+        evil, honest = live.link(0), live.link(1)
+        evil.welcome(5)
+        honest.welcome(5)
+        bad, good = remote(evil), remote(honest)
+        poison = activations(0, hidden=torch.full((2, 12, 32), 3.0e38))
+        for t in range(2):
+            bad.round = t
+            with pytest.raises(StepRefused, match="the step was undone"):
+                bad.step(0, poison)
+            _honest_round(live, good, t, 400 + t)
+        live.remote_fed(1).aggregate(1, lora_state(live.client_segment), 11)
+        live.thread.join(10)
+        assert not live.errors
+        assert _equal(_state(live.server), _state(live.reference))
+        saved = load_checkpoint(tmp_path / "server.pt")["server"]
+        for group in saved["groups"]:
+            assert all(torch.isfinite(v).all() for v in group["adapter"].values())
+    finally:
+        live.stop()
