@@ -42,8 +42,8 @@ from hsplitlora.transport.hetero_fed import HeteroFedService
 from hsplitlora.transport.parties import (
     build_client,
     build_fed,
+    build_fed_service,
     build_server,
-    client_adapter_layout,
 )
 from hsplitlora.transport.security import Authenticator, bind, load_tokens, options
 from hsplitlora.transport.server import Coordinator, listen
@@ -112,7 +112,7 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     tokens = _tokens(net)
     fed: FedService | RemoteFed
     if net.fed_address is None:
-        fed = FedService(build_fed(p), client_adapter_layout(p), net.step_timeout_s)
+        fed = build_fed_service(p, net)
     else:
         fed = RemoteFed(net.fed_address, net, "server", (tokens or {}).get("server"))
     first_round, step = 0, 0
@@ -211,8 +211,7 @@ def serve_fed(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
                                net.step_timeout_s, last)
     else:
         checkpoint = run_dir / "checkpoint" / "fed.pt"
-        fed = FedService(build_fed(p), client_adapter_layout(p), net.step_timeout_s,
-                         checkpoint=checkpoint)
+        fed = build_fed_service(p, net, checkpoint=checkpoint)
         if resume:
             fed.load_state_dict(load_checkpoint(checkpoint))
     n = cfg.train.num_clients

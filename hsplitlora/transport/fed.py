@@ -11,6 +11,7 @@ order, which is what makes a networked run bit-identical to the in-process one.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,11 +27,12 @@ from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.plan import samples_problem
 from hsplitlora.transport.security import Authenticator, call_metadata, explain, open_channel
-from hsplitlora.transport.validate import Layout, check_finite, check_header
+from hsplitlora.transport.validate import Layout, check_finite, check_header, check_magnitude
 from hsplitlora.transport.wire import Reassembler, WireError, frames, pack, read_header, unpack
 
-__all__ = ["FedService", "FederationServicer", "RemoteFed", "adapter_layout"]
+__all__ = ["FedService", "FederationServicer", "RemoteFed", "adapter_layout", "round_timeout"]
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,23 @@ def adapter_layout(state: Mapping[str, torch.Tensor]) -> Layout:
     return {k: ("F32", tuple(v.shape)) for k, v in state.items()}
 
 
-def _decode_adapter(data: bytes, layout: Layout, what: str) -> tuple[State, dict[str, str]]:
-    header = read_header(data)
+def round_timeout(net: NetConfig, num_clients: int) -> float:
+    """How long an aggregation round may take to open: the main server serves its clients
+    one after another, each up to ``net.step_timeout_s``, so a client served early waits
+    for every later one (and a stalled one) before the round is opened."""
+    return net.step_timeout_s * (num_clients + 1)
+
+
+def _decode_adapter(data: bytes, layout: Layout, what: str,
+                    bound: float = math.inf) -> tuple[State, dict[str, str]]:
+    try:
+        header = read_header(data)
+    except WireError as e:
+        raise WireError(f"{what}: {e}") from None
     check_header(header, layout, {}, what)
     tensors = unpack(data)
     check_finite(tensors, what)
+    check_magnitude(tensors, bound, what)
     return tensors, header.meta
 
 
@@ -72,16 +86,22 @@ class _Round:
     received: dict[int, tuple[State, int]] = field(default_factory=dict)
     done: bool = False
     blob: bytes | None = None  # the packed aggregate, sent to every client of the round
+    aggregated: list[int] = field(default_factory=list)  # whose adapters the blob holds
 
 
 class FedService:
     """Thread-safe aggregation rounds over a :class:`FedServer` (one per process)."""
 
     def __init__(self, fed: FedServer, layout: Layout, timeout_s: float, *,
-                 checkpoint: Path | None = None) -> None:
+                 checkpoint: Path | None = None, open_timeout_s: float | None = None,
+                 samples: tuple[int, ...] = (), bound: float = math.inf) -> None:
         self.fed = fed
         self.layout = layout
         self.timeout_s = timeout_s
+        # An upload may come long before its round opens (see round_timeout).
+        self.open_timeout_s = timeout_s if open_timeout_s is None else open_timeout_s
+        self.samples = samples  # each client's shard size, to check what uploads claim
+        self.bound = bound  # largest |value| an adapter may hold
         self.checkpoint = checkpoint  # a fed server in its own process saves itself
         self.latest_round = -1
         self._blob: bytes | None = None
@@ -107,7 +127,7 @@ class FedService:
         """Add one client's adapter; block until the round's aggregate exists; return it
         packed. Raises ``LookupError`` when the client has no part in this round."""
         with self._cond:
-            r = opened_round(self._cond, self._rounds, round, self.timeout_s)
+            r = opened_round(self._cond, self._rounds, round, self.open_timeout_s)
             if r.done or client_id not in r.expected:
                 raise LookupError(f"client {client_id} has no part in aggregation round {round}"
                                   " (it did not finish that round, or the round is over)")
@@ -129,6 +149,12 @@ class FedService:
                     break
                 self._cond.wait(min(end, r.opened + self.timeout_s) - time.monotonic())
             return r is not None and r.done
+
+    def aggregated(self, round: int) -> list[int] | None:
+        """The clients whose adapters ``round``'s aggregate holds (None: not finished)."""
+        with self._cond:
+            r = self._rounds.get(round)
+            return list(r.aggregated) if r is not None and r.done else None
 
     def latest(self, min_round: int, wait_s: float) -> tuple[int, bytes] | None:
         """The newest aggregate if its round is at least ``min_round`` (waiting for it)."""
@@ -160,6 +186,13 @@ class FedService:
         if ids:
             states = [r.received[i][0] for i in ids]
             merged = self.fed.aggregate(states, [r.received[i][1] for i in ids])
+            bad = [k for k, v in merged.items() if not bool(torch.isfinite(v).all())]
+            if bad:  # cannot happen within the bound; never hand it out if it does
+                log.error("aggregation round %d: the aggregate of clients %s is not finite "
+                          "(%s); the round gives no aggregate", round, ids, bad[0])
+                ids = []
+        if ids:
+            r.aggregated = ids
             r.blob = pack(merged, {"round": str(round), "clients": ",".join(map(str, ids))})
             self._blob, self.latest_round = r.blob, round
             log.info("aggregation round %d: clients %s", round, ids)
@@ -219,11 +252,15 @@ class FederationServicer(pb_grpc.FederationServicer):
         what = f"{what}, round {blob.round}"
         if blob.kind != "adapter":
             raise WireError(f"{what}: got a {blob.kind!r} blob instead")
-        state, meta = _decode_adapter(blob.data, self.service.layout_for(blob.round, cid), what)
+        state, meta = _decode_adapter(blob.data, self.service.layout_for(blob.round, cid), what,
+                                      getattr(self.service, "bound", math.inf))
         text = meta.get("num_samples", "")
-        num_samples = int(text) if text.isdigit() else 0
+        num_samples = int(text) if text.isdigit() and len(text) < 19 else 0
         if num_samples < 1:
             raise WireError(f"{what}: metadata num_samples must be a positive integer")
+        problem = samples_problem(getattr(self.service, "samples", ()), cid, num_samples)
+        if problem:
+            raise WireError(f"{what}: {problem}")
         return blob.round, state, num_samples
 
     def Aggregate(self, request_iterator: Iterator[pb.Chunk],  # noqa: N802 (gRPC's name)
@@ -238,6 +275,13 @@ class FederationServicer(pb_grpc.FederationServicer):
         except LookupError as e:
             log.warning("adapter of client %d: %s", cid, e)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            return
+        except grpc.RpcError:
+            return  # the client went away mid-upload
+        except Exception as e:  # a bug of ours that input trips is still only a refusal
+            log.exception("adapter of client %d: unexpected failure while reading it", cid)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"adapter of client {cid} could "
+                          f"not be read ({type(e).__name__}: {e})")
             return
         try:
             packed = self.service.submit(round, cid, state, num_samples)

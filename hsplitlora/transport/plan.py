@@ -10,12 +10,37 @@ import torch
 from hsplitlora.transport.codec import wire_layout
 from hsplitlora.transport.validate import Layout, Limit
 
-__all__ = ["Plan", "aggregates_at"]
+__all__ = ["Plan", "aggregates_at", "samples_problem", "value_bound"]
 
 
 def aggregates_at(round: int, steps: int, interval: int) -> bool:
     """Whether the fed server aggregates after ``round`` (every ``interval``, and last)."""
     return (round + 1) % interval == 0 or round + 1 == steps
+
+
+def value_bound(hidden_size: int, configured: float | None) -> float:
+    """The largest ``|value|`` an activation, gradient or adapter may carry:
+    ``net.max_activation``, or by default the bound under which the sum of squares of one
+    hidden vector (what every norm layer computes, in fp32) stays finite with a 256x
+    margin. Real residual streams and adapters sit many orders below it; an attacker's
+    3e38 sits far above."""
+    if configured is not None:
+        return configured
+    return math.sqrt(torch.finfo(torch.float32).max / max(hidden_size, 1)) / 16
+
+
+def samples_problem(samples: tuple[int, ...], client_id: int, claimed: int) -> str | None:
+    """Why ``claimed`` cannot be client ``client_id``'s sample count, given every client's
+    shard size (None: it can; an empty ``samples`` checks only that it is positive)."""
+    if claimed < 1:
+        return "num_samples must be positive"
+    if not samples or not 0 <= client_id < len(samples):
+        return None
+    expected = samples[client_id]
+    if claimed != expected:
+        return (f"client {client_id} claims {claimed} samples but its shard of this run "
+                f"holds {expected}; use the same config (data section) on both sides")
+    return None
 
 
 @dataclass(frozen=True)
@@ -32,27 +57,14 @@ class Plan:
     dtype: torch.dtype  # of the activations the clients' segments produce
     samples: tuple[int, ...] = ()  # each client's shard size (empty: not known here)
 
-    def value_bound(self, configured: float | None) -> float:
-        """The largest ``|value|`` an activation or gradient may carry: ``net.max_activation``,
-        or by default the bound under which the sum of squares of one hidden vector (what
-        every norm layer computes, in fp32) stays finite with a 256x margin. Real residual
-        streams sit many orders below it; an attacker's 3e38 sits far above."""
-        if configured is not None:
-            return configured
-        return math.sqrt(torch.finfo(torch.float32).max / max(self.hidden_size, 1)) / 16
-
-    def samples_problem(self, client_id: int, claimed: int) -> str | None:
-        """Why ``claimed`` cannot be client ``client_id``'s sample count (None: it can)."""
-        if not self.samples or not 0 <= client_id < len(self.samples):
-            return None if claimed >= 1 else "num_samples must be positive"
-        expected = self.samples[client_id]
-        if claimed != expected:
-            return (f"client {client_id} claims {claimed} samples but its shard of this run "
-                    f"holds {expected}; use the same config (data section) on both sides")
-        return None
-
     def aggregates_at(self, round: int) -> bool:
         return aggregates_at(round, self.steps, self.interval)
+
+    def value_bound(self, configured: float | None) -> float:
+        return value_bound(self.hidden_size, configured)
+
+    def samples_problem(self, client_id: int, claimed: int) -> str | None:
+        return samples_problem(self.samples, client_id, claimed)
 
     def activation_layout(self, codec: str) -> tuple[Layout, dict[str, Limit]]:
         """The tensors a client's upload must hold, with the bounds of its batch."""

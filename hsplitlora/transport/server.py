@@ -352,16 +352,20 @@ class Coordinator:
             merged = self.server_fed.aggregate(states, [samples[cid] for cid in present])
             self.server.load_adapter_state(merged)
             self.rec.event("aggregate", round=t, side="server", clients=present)
-        if isinstance(self.fed, FedService):
-            # Wait for the clients' aggregate so the checkpoint of this round holds it;
-            # shrink the round when a client leaves instead of waiting out its timeout.
-            while not self.fed.wait(t, 0.05):
-                alive = [c for c in present if c in self._active and
-                         not self._active[c].gone.is_set()]
-                if alive != present:
-                    present = alive
-                    self.fed.open(t, present)
-        self.rec.event("aggregate", round=t, side="client", clients=present)
+        if not isinstance(self.fed, FedService):
+            # The fed server runs elsewhere: which clients it aggregated is its record.
+            self.rec.event("aggregate", round=t, side="client", opened=present)
+            return
+        # Wait for the clients' aggregate so the checkpoint of this round holds it;
+        # shrink the round when a client leaves instead of waiting out its timeout.
+        while not self.fed.wait(t, 0.05):
+            alive = [c for c in present if c in self._active and
+                     not self._active[c].gone.is_set()]
+            if alive != present:
+                present = alive
+                self.fed.open(t, present)
+        self.rec.event("aggregate", round=t, side="client",
+                       clients=self.fed.aggregated(t) or [])
 
     def _save(self, t: int) -> None:
         assert self.checkpoint is not None

@@ -25,7 +25,7 @@ from hsplitlora.train.recorder import Recorder
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport.client import Link, RemoteMainServer
 from hsplitlora.transport.config import NetConfig
-from hsplitlora.transport.fed import FedService, RemoteFed, adapter_layout
+from hsplitlora.transport.fed import FedService, RemoteFed, adapter_layout, round_timeout
 from hsplitlora.transport.plan import Plan
 from hsplitlora.transport.server import Coordinator, listen
 from tests.conftest import tiny_model
@@ -77,8 +77,9 @@ def start_live(net: NetConfig, *, num_clients: int = 2, steps: int = 3, interval
     plan = Plan("splitlora", steps, interval, 2, num_clients, BATCH, MAX_LEN, HIDDEN, VOCAB,
                 torch.float32)
     fed = FedService(FedServer(alpha=8), adapter_layout(lora_state(client_seg)),
-                     net.step_timeout_s)
-    coordinator = Coordinator(server, plan, net, fed, Recorder(None, steps, show_progress=False))
+                     net.step_timeout_s, open_timeout_s=round_timeout(net, num_clients))
+    rec = Recorder(None, steps, show_progress=False)
+    coordinator = Coordinator(server, plan, net, fed, rec)
     grpc_server, port = listen(coordinator, net, tokens, address="127.0.0.1:0")
     live = Live(net, port, server, reference, client_seg, fed, coordinator, grpc_server,
                 threading.Thread(target=lambda: None))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
+import time
 
 import pytest
 import torch
@@ -113,5 +115,36 @@ def test_a_step_whose_result_is_not_finite_is_undone_and_never_checkpointed(tmp_
         saved = load_checkpoint(tmp_path / "server.pt")["server"]
         for group in saved["groups"]:
             assert all(torch.isfinite(v).all() for v in group["adapter"].values())
+    finally:
+        live.stop()
+
+
+def test_a_stall_in_an_aggregation_round_keeps_earlier_uploads_and_records_the_truth():
+    """Client 0 steps and uploads its adapter at once; client 1 stalls past the step
+    timeout; client 2 steps late and never uploads. The round opens long after client 0's
+    upload arrived: it must still count, and the metrics must name exactly who was
+    aggregated (client 0 alone, as the fed server forced the round without client 2)."""
+    net = NetConfig(step_timeout_s=1.0, join_timeout_s=10)
+    live = start_live(net, num_clients=3, steps=1, interval=1)
+    try:
+        links = [live.link(i) for i in range(3)]
+        for link in links:
+            link.welcome(5)
+        adapter = lora_state(live.client_segment)
+        remote(links[0]).step(0, activations(1))
+        merged: dict = {}
+        upload = threading.Thread(target=lambda: merged.update(
+            live.remote_fed(0).aggregate(0, adapter, 10)))
+        upload.start()
+        time.sleep(1.5)  # client 1 is dropped after 1 s; client 2 then sends late
+        remote(links[2]).step(2, activations(2))
+        upload.join(15)
+        assert not live.errors, live.errors
+        assert _equal(merged, adapter)  # client 0's own adapter: it was aggregated alone
+        live.thread.join(15)
+        assert not live.errors
+        events = [r for r in live.coordinator.rec.records if r.get("event") == "aggregate"]
+        assert [e["clients"] for e in events] == [[0]]
+        assert live.fed.aggregated(0) == [0]
     finally:
         live.stop()
