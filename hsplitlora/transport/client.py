@@ -101,7 +101,7 @@ class Link:
         self._responses: queue.Queue[Any] = queue.Queue()
         self._requests.put(pb.ClientFrame(hello=hello))
         self._call = pb_grpc.SplitTrainingStub(self._channel).Train(
-            self._outgoing(), metadata=call_metadata(str(hello.client_id), token))
+            self._outgoing(), metadata=call_metadata(str(hello.client_id), token, "Train", net))
         self._seq = itertools.count()
         self._assembler = Reassembler(net.max_tensor_bytes)
         threading.Thread(target=self._read, name=f"link-{hello.client_id}", daemon=True).start()

@@ -27,7 +27,8 @@ from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.config import NetConfig
-from hsplitlora.transport.plan import samples_problem
+from hsplitlora.transport.limits import StreamGate, Ticket, deadline_reader
+from hsplitlora.transport.plan import layout_bytes, samples_problem
 from hsplitlora.transport.security import Authenticator, call_metadata, explain, open_channel
 from hsplitlora.transport.validate import Layout, check_finite, check_header, check_magnitude
 from hsplitlora.transport.wire import Reassembler, WireError, frames, pack, read_header, unpack
@@ -226,24 +227,41 @@ class FederationServicer(pb_grpc.FederationServicer):
     :class:`~hsplitlora.transport.hetero_fed.HeteroFedService`); clients aggregate, the
     main server opens rounds (and, heterogeneous, sends its side of each)."""
 
-    def __init__(self, service: Any, auth: Authenticator, net: NetConfig) -> None:
+    def __init__(self, service: Any, auth: Authenticator, net: NetConfig,
+                 gate: StreamGate | None = None) -> None:
         self.service = service
         self.auth = auth
         self.net = net
+        self.gate = gate  # caps the calls each party holds open (see limits.StreamGate)
+
+    def _admit(self, party: str, context: grpc.ServicerContext) -> None:
+        if self.gate is None:
+            return
+        got = self.gate.enter("Federation", party)
+        if isinstance(got, str):
+            log.warning("refused a federation call from %s: %s", context.peer(), got)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, got)
+        assert isinstance(got, Ticket)
+        context.add_callback(got.release)  # the call is over, however it ended
 
     def _client(self, context: grpc.ServicerContext) -> int:
-        party = self.auth.identify(context)
+        party = self.auth.identify(context, "Aggregate")
         if party == "server":
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "the main server does not upload "
                           "adapters")
+        self._admit(party, context)
         return int(party)
 
     def _receive(self, requests: Iterator[pb.Chunk],
                  cid: int) -> tuple[int, State, int]:
         """One adapter upload: its round, the validated state and its sample count."""
-        assembler = Reassembler(self.net.max_tensor_bytes)
+        layout = getattr(self.service, "layout", None)
+        limit = (self.net.tensor_limit(layout_bytes(layout)) if layout is not None
+                 else self.net.max_tensor_bytes)
+        assembler = Reassembler(limit)
         what = f"adapter of client {cid}"
-        for chunk in requests:
+        # Every chunk must come within the step timeout: a silent upload holds a worker.
+        for chunk in deadline_reader(requests, self.net.step_timeout_s):
             blob = assembler.feed(chunk)
             if blob is not None:
                 break
@@ -276,6 +294,11 @@ class FederationServicer(pb_grpc.FederationServicer):
             log.warning("adapter of client %d: %s", cid, e)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             return
+        except TimeoutError as e:
+            log.warning("adapter of client %d: %s", cid, e)
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"adapter of client {cid}: {e} "
+                          f"(net.step_timeout_s)")
+            return
         except grpc.RpcError:
             return  # the client went away mid-upload
         except Exception as e:  # a bug of ours that input trips is still only a refusal
@@ -293,14 +316,14 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def Latest(self, request: pb.LatestRequest,  # noqa: N802
                context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
-        self.auth.identify(context)
+        self._admit(self.auth.identify(context, "Latest"), context)
         found = self.service.latest(request.min_round, min(request.wait_s,
                                                            self.service.timeout_s))
         if found is not None:
             yield from frames(found[1], "aggregate", found[0], 0, self.net.chunk_bytes)
 
     def Open(self, request: pb.RoundOpen, context: grpc.ServicerContext) -> pb.Ack:  # noqa: N802
-        self._main_server(context, "opens aggregation rounds")
+        self._main_server(context, "opens aggregation rounds", "Open")
         self.service.open(request.round, list(request.client_ids))
         return pb.Ack()
 
@@ -308,12 +331,13 @@ class FederationServicer(pb_grpc.FederationServicer):
                 context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
         from hsplitlora.transport.hetero_fed import combine_call
 
-        self._main_server(context, "sends its side of an aggregation")
+        self._main_server(context, "sends its side of an aggregation", "Combine")
         yield from combine_call(self.service, request_iterator, self.net, context)
 
-    def _main_server(self, context: grpc.ServicerContext, what: str) -> None:
-        if self.auth.identify(context) != "server":
+    def _main_server(self, context: grpc.ServicerContext, what: str, method: str) -> None:
+        if self.auth.identify(context, method) != "server":
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"only the main server {what}")
+        self._admit("server", context)
 
 
 class RemoteFed:
@@ -325,7 +349,10 @@ class RemoteFed:
         self.net = net
         self._channel = open_channel(address, net)
         self._stub = pb_grpc.FederationStub(self._channel)
-        self._meta = call_metadata(party, token)
+        self._party, self._token = party, token
+
+    def _meta(self, method: str) -> tuple[tuple[str, str], ...]:
+        return call_metadata(self._party, self._token, method, self.net)
 
     def close(self) -> None:
         self._channel.close()
@@ -333,7 +360,7 @@ class RemoteFed:
     def open(self, round: int, client_ids: Sequence[int]) -> None:
         try:
             self._stub.Open(pb.RoundOpen(round=round, client_ids=list(client_ids)),
-                            metadata=self._meta, timeout=self.net.reply_timeout_s)
+                            metadata=self._meta("Open"), timeout=self.net.reply_timeout_s)
         except grpc.RpcError as e:
             raise explain(e, self.address, self.net) from None
 
@@ -355,7 +382,7 @@ class RemoteFed:
         up = frames(data, "adapter", round, 0, self.net.chunk_bytes)
         layout = adapter_layout(state) if reply is None else reply
         try:
-            got = self._collect(self._stub.Aggregate(up, metadata=self._meta,
+            got = self._collect(self._stub.Aggregate(up, metadata=self._meta("Aggregate"),
                                                      timeout=self.net.reply_timeout_s),
                                 layout, f"aggregate of round {round}")
         except grpc.RpcError as e:
@@ -370,7 +397,7 @@ class RemoteFed:
         """The newest aggregate of round ``>= min_round`` (shaped ``like``), if any."""
         try:
             stream = self._stub.Latest(pb.LatestRequest(min_round=min_round, wait_s=wait_s),
-                                       metadata=self._meta,
+                                       metadata=self._meta("Latest"),
                                        timeout=wait_s + self.net.reply_timeout_s)
             return self._collect(stream, adapter_layout(like), "latest aggregate")
         except grpc.RpcError as e:

@@ -181,7 +181,9 @@ class RemoteClient:
 
     def _activations(self, blob: Blob, what: str) -> Activations:
         try:
-            acts = decode_upload(blob.data, self.hub.plan, self.codec, what)
+            plan = self.hub.plan
+            acts = decode_upload(blob.data, plan, self.codec, what,
+                                 plan.value_bound(self.hub.net.max_activation))
         except WireError as e:
             raise self._lose(f"its {what} were refused: {e}",
                              grpc.StatusCode.INVALID_ARGUMENT) from None
@@ -371,6 +373,11 @@ class HeteroHub:
     # -- the gRPC front's side -----------------------------------------------------------
     def check_hello(self, party: str, frame: pb.ClientFrame) -> str | None:
         return hello_problem(party, frame, self.plan)
+
+    def upload_limit(self, codec: str) -> int:
+        """Clients send activations, adapters and scores here, whose sizes the plans change
+        from round to round: ``net.max_tensor_mb`` (2048 MB when unset) bounds them all."""
+        return self.net.max_tensor_bytes
 
     def register(self, session: Session) -> None:
         with self._cond:

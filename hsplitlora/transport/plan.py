@@ -10,12 +10,28 @@ import torch
 from hsplitlora.transport.codec import wire_layout
 from hsplitlora.transport.validate import Layout, Limit
 
-__all__ = ["Plan", "aggregates_at", "samples_problem", "value_bound"]
+__all__ = ["Plan", "aggregates_at", "layout_bytes", "samples_problem", "value_bound"]
 
 
 def aggregates_at(round: int, steps: int, interval: int) -> bool:
     """Whether the fed server aggregates after ``round`` (every ``interval``, and last)."""
     return (round + 1) % interval == 0 or round + 1 == steps
+
+
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8, "F64": 8}
+_HEADER_ROOM = 1 << 16  # safetensors header and metadata of any blob of ours
+
+
+def layout_bytes(layout: Layout, dims: dict[str, int] | None = None) -> int:
+    """Bytes of a blob holding ``layout`` with symbolic dimensions at ``dims``, plus room
+    for its header: the size limit a receiver can derive instead of a fixed one."""
+    total = _HEADER_ROOM
+    for dtype, shape in layout.values():
+        n = _ITEMSIZE.get(dtype, 8)
+        for d in shape:
+            n *= d if isinstance(d, int) else (dims or {})[d]
+        total += n
+    return total
 
 
 def value_bound(hidden_size: int, configured: float | None) -> float:
@@ -65,6 +81,12 @@ class Plan:
 
     def samples_problem(self, client_id: int, claimed: int) -> str | None:
         return samples_problem(self.samples, client_id, claimed)
+
+    def upload_bytes(self, codec: str) -> int:
+        """The largest upload of this run: one full batch of activations, with room for its
+        header."""
+        layout, limits = self.activation_layout(codec)
+        return layout_bytes(layout, {k: high for k, (_, high, _) in limits.items()})
 
     def activation_layout(self, codec: str) -> tuple[Layout, dict[str, Limit]]:
         """The tensors a client's upload must hold, with the bounds of its batch."""

@@ -37,6 +37,7 @@ from hsplitlora.transport.codec import CODECS, decode_activations, encode
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FederationServicer, FedService, RemoteFed
 from hsplitlora.transport.guard import guarded_step
+from hsplitlora.transport.limits import StreamGate, Ticket, first_within
 from hsplitlora.transport.plan import Plan
 from hsplitlora.transport.security import Authenticator, bind, options
 from hsplitlora.transport.validate import (
@@ -54,8 +55,8 @@ from hsplitlora.transport.wire import (
     unpack,
 )
 
-__all__ = ["GONE", "Admission", "Coordinator", "Session", "TrainingServicer", "decode_upload",
-           "hello_problem", "listen"]
+__all__ = ["GONE", "Admission", "Coordinator", "Session", "TrainingServicer", "admit",
+           "decode_upload", "hello_problem", "listen", "stream_gate"]
 
 log = logging.getLogger(__name__)
 
@@ -153,19 +154,45 @@ class Admission(Protocol):
 
     def register(self, session: Session) -> None: ...
 
+    def upload_limit(self, codec: str) -> int: ...
+
 
 class TrainingServicer(pb_grpc.SplitTrainingServicer):
-    """Authenticates each stream, checks its hello, and hands it to the coordinator."""
+    """Authenticates each stream, checks its hello, and hands it to the coordinator.
 
-    def __init__(self, coordinator: Admission, auth: Authenticator, net: NetConfig) -> None:
+    Each party may hold ``net.streams_per_party`` streams (the gate), a stream must say
+    hello within ``net.hello_timeout_s``, and a client may have at most
+    ``INBOX`` messages waiting for the coordinator: a flood of uploads ends its stream
+    instead of growing the server.
+    """
+
+    INBOX = 2  # an honest client has one upload outstanding (and at most one refusal)
+
+    def __init__(self, coordinator: Admission, auth: Authenticator, net: NetConfig,
+                 gate: StreamGate | None = None) -> None:
         self.coordinator = coordinator
         self.auth = auth
         self.net = net
+        self.gate = gate
 
     def Train(self, request_iterator: Iterator[pb.ClientFrame],  # noqa: N802 (gRPC's name)
               context: grpc.ServicerContext) -> Iterator[pb.ServerFrame]:
-        party = self.auth.identify(context)
-        first = next(request_iterator, None)
+        party = self.auth.identify(context, "Train")
+        ticket = admit(self.gate, "Train", party, context)
+        try:
+            yield from self._train(party, request_iterator, context)
+        finally:
+            if ticket is not None:
+                ticket.release()
+
+    def _train(self, party: str, request_iterator: Iterator[pb.ClientFrame],
+               context: grpc.ServicerContext) -> Iterator[pb.ServerFrame]:
+        first = first_within(request_iterator, self.net.hello_timeout_s)
+        if isinstance(first, TimeoutError):
+            reason = (f"no hello within net.hello_timeout_s={self.net.hello_timeout_s:g} s "
+                      "of opening the stream")
+            log.warning("closed a stream of party %s from %s: %s", party, context.peer(), reason)
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, reason)
         if first is None:
             return
         problem = self.coordinator.check_hello(party, first)
@@ -188,19 +215,30 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
             yield item
 
     def _read(self, requests: Iterator[pb.ClientFrame], session: Session) -> None:
-        assembler = Reassembler(self.net.max_tensor_bytes)
+        assembler = Reassembler(self.coordinator.upload_limit(session.codec))
         try:
             for frame in requests:
+                if session.gone.is_set():
+                    return
+                item: Any = None
                 if frame.WhichOneof("body") != "chunk":
-                    session.inbox.put(WireError("a second hello in one stream"))
+                    item = WireError("a second hello in one stream")
+                else:
+                    try:
+                        item = assembler.feed(frame.chunk)
+                    except WireError as e:
+                        item = e
+                    except Exception as e:  # refuse; never let a frame end the reader
+                        item = WireError(f"unreadable chunk ({type(e).__name__}: {e})")
+                if item is None:
                     continue
-                try:
-                    blob = assembler.feed(frame.chunk)
-                except WireError as e:
-                    session.inbox.put(e)
-                    continue
-                if blob is not None:
-                    session.inbox.put(blob)
+                if session.inbox.qsize() >= self.INBOX:
+                    reason = (f"client {session.client_id} sent more than {self.INBOX} "
+                              "messages the server had not asked for; the stream is closed")
+                    log.warning("%s", reason)
+                    session.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+                    return
+                session.inbox.put(item)
         except grpc.RpcError:
             pass  # the client went away; the coordinator learns it from GONE
         finally:
@@ -232,6 +270,10 @@ class Coordinator:
     # -- called from stream threads ------------------------------------------------------
     def check_hello(self, party: str, frame: pb.ClientFrame) -> str | None:
         return hello_problem(party, frame, self.plan)
+
+    def upload_limit(self, codec: str) -> int:
+        """One batch of activations (``net.max_tensor_mb`` when set)."""
+        return self.net.tensor_limit(self.plan.upload_bytes(codec))
 
     def register(self, session: Session) -> None:
         with self._cond:
@@ -383,19 +425,49 @@ class Coordinator:
         log.info("run complete after %d rounds", self.plan.steps)
 
 
+def admit(gate: StreamGate | None, service: str, party: str,
+          context: grpc.ServicerContext) -> Ticket | None:
+    """A place for this call under the gate, or abort it with RESOURCE_EXHAUSTED."""
+    if gate is None:
+        return None
+    got = gate.enter(service, party)
+    if isinstance(got, str):
+        log.warning("refused a %s call from %s: %s", service, context.peer(), got)
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, got)
+    assert isinstance(got, Ticket)
+    context.add_callback(got.release)  # the call is over, however it ended
+    return got
+
+
+def stream_gate(net: NetConfig, num_clients: int, *, federation: bool) -> StreamGate:
+    """Caps for a server of ``num_clients``: ``net.streams_per_party`` calls per party and
+    service, the main server's own calls to a fed server included."""
+    k = net.streams_per_party
+    per_party = {"Train": k, "Federation": k}
+    per_service = {"Train": k * num_clients}
+    if federation:
+        per_service["Federation"] = k * (num_clients + 1)
+    return StreamGate(per_party, per_service)
+
+
 def listen(coordinator: Admission, net: NetConfig, tokens: Mapping[str, str] | None, *,
            address: str | None = None) -> tuple[grpc.Server, int]:
     """Serve the coordinator's clients (and its fed service, when it runs in this process)
     on ``address`` (default ``net.host:net.port``); returns the started server and its port.
     """
     n = coordinator.plan.num_clients
-    # Every open stream, and every client waiting for an aggregate, holds a worker thread.
-    server = grpc.server(ThreadPoolExecutor(max_workers=2 * n + 8), options=options(net))
-    auth = Authenticator(tokens, {str(i) for i in range(n)})
-    pb_grpc.add_SplitTrainingServicer_to_server(TrainingServicer(coordinator, auth, net), server)
+    # Every open call holds a worker thread: the gate caps them per party and per service
+    # (so training and federation cannot starve each other), the pool has a worker for
+    # each admitted call, and gRPC refuses what is beyond at once instead of queueing it.
+    gate = stream_gate(net, n, federation=isinstance(coordinator.fed, FedService))
+    server = grpc.server(ThreadPoolExecutor(max_workers=gate.workers), options=options(net),
+                         maximum_concurrent_rpcs=gate.workers)
+    auth = Authenticator(tokens, {str(i) for i in range(n)}, net)
+    pb_grpc.add_SplitTrainingServicer_to_server(TrainingServicer(coordinator, auth, net, gate),
+                                                server)
     if isinstance(coordinator.fed, FedService):
-        pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator.fed, auth, net),
-                                                 server)
+        pb_grpc.add_FederationServicer_to_server(
+            FederationServicer(coordinator.fed, auth, net, gate), server)
     port = bind(server, address or f"{net.host}:{net.port}", net)
     server.start()
     return server, port
