@@ -53,7 +53,7 @@ from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.hetero_fed import RemoteFedAggregation
 from hsplitlora.transport.plan import Plan
 from hsplitlora.transport.server import GONE, Session, decode_upload, hello_problem, listen
-from hsplitlora.transport.validate import check_finite, check_header
+from hsplitlora.transport.validate import check_finite, check_header, check_magnitude
 from hsplitlora.transport.wire import Blob, WireError, pack, read_header, unpack
 
 __all__ = ["HeteroHub", "RemoteClient"]
@@ -172,7 +172,10 @@ class RemoteClient:
         if isinstance(item, WireError):
             raise self._lose(f"its {what} was refused: {item}", grpc.StatusCode.INVALID_ARGUMENT)
         if item.kind == "error":
-            message = read_header(item.data).meta.get("message", "no reason given")
+            try:
+                message = read_header(item.data).meta.get("message", "no reason given")
+            except WireError as e:
+                message = f"(its error report was unreadable: {e})"
             raise self._lose(f"it failed a call: {message}", grpc.StatusCode.ABORTED)
         if item.kind != kind:
             raise self._lose(f"it sent a {item.kind!r} blob where its {what} was due",
@@ -223,6 +226,7 @@ class RemoteClient:
             check_header(read_header(blob.data), layout, {}, what)
             state = unpack(blob.data)
             check_finite(state, what)
+            check_magnitude(state, self.hub.plan.value_bound(self.hub.net.max_activation), what)
         except WireError as e:
             raise self._lose(str(e), grpc.StatusCode.INVALID_ARGUMENT) from None
         return state
