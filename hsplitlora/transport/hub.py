@@ -378,6 +378,9 @@ class HeteroHub:
     def check_hello(self, party: str, frame: pb.ClientFrame) -> str | None:
         return hello_problem(party, frame, self.plan)
 
+    # A reply may wait while the server serves others, beside an error report.
+    inbox_limit = 2
+
     def upload_limit(self, codec: str) -> int:
         """Clients send activations, adapters and scores here, whose sizes the plans change
         from round to round: ``net.max_tensor_mb`` (2048 MB when unset) bounds them all."""

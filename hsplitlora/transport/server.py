@@ -149,6 +149,7 @@ class Admission(Protocol):
 
     plan: Plan
     fed: FedService | RemoteFed | None
+    inbox_limit: int  # messages a client may have waiting (more: its stream is closed)
 
     def check_hello(self, party: str, frame: pb.ClientFrame) -> str | None: ...
 
@@ -161,12 +162,10 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
     """Authenticates each stream, checks its hello, and hands it to the coordinator.
 
     Each party may hold ``net.streams_per_party`` streams (the gate), a stream must say
-    hello within ``net.hello_timeout_s``, and a client may have at most
-    ``INBOX`` messages waiting for the coordinator: a flood of uploads ends its stream
-    instead of growing the server.
+    hello within ``net.hello_timeout_s``, and a client may have at most the coordinator's
+    ``inbox_limit`` messages waiting: a flood of uploads ends its stream instead of
+    growing the server (or keeping it busy refusing).
     """
-
-    INBOX = 2  # an honest client has one upload outstanding (and at most one refusal)
 
     def __init__(self, coordinator: Admission, auth: Authenticator, net: NetConfig,
                  gate: StreamGate | None = None) -> None:
@@ -232,9 +231,10 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
                         item = WireError(f"unreadable chunk ({type(e).__name__}: {e})")
                 if item is None:
                     continue
-                if session.inbox.qsize() >= self.INBOX:
-                    reason = (f"client {session.client_id} sent more than {self.INBOX} "
-                              "messages the server had not asked for; the stream is closed")
+                limit = self.coordinator.inbox_limit
+                if session.inbox.qsize() >= limit:
+                    reason = (f"client {session.client_id} sent a message while {limit} "
+                              "were still waiting for the server; the stream is closed")
                     log.warning("%s", reason)
                     session.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
                     return
@@ -248,6 +248,8 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
 
 class Coordinator:
     """Runs the rounds: admit clients, serve their steps in id order, aggregate, checkpoint."""
+
+    inbox_limit = 1  # a client uploads once per round and waits for the answer
 
     def __init__(self, server: MainServer, plan: Plan, net: NetConfig,
                  fed: FedService | RemoteFed, rec: Recorder, *, start_round: int = 0,
@@ -448,6 +450,26 @@ class Coordinator:
         log.info("run complete after %d rounds", self.plan.steps)
 
 
+class _Throttle:
+    """Says whether a message about ``key`` is due (at most once per ``every_s``)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last: dict[Any, float] = {}
+        self._lock = threading.Lock()
+
+    def due(self, key: Any) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -self.every_s) < self.every_s:
+                return False
+            self._last[key] = now
+            return True
+
+
+_REFUSALS = _Throttle(60.0)
+
+
 def admit(gate: StreamGate | None, service: str, party: str,
           context: grpc.ServicerContext) -> Ticket | None:
     """A place for this call under the gate, or abort it with RESOURCE_EXHAUSTED."""
@@ -455,7 +477,9 @@ def admit(gate: StreamGate | None, service: str, party: str,
         return None
     got = gate.enter(service, party)
     if isinstance(got, str):
-        log.warning("refused a %s call from %s: %s", service, context.peer(), got)
+        if _REFUSALS.due((service, party)):  # a flood of refusals must not flood the log
+            log.warning("refused a %s call from %s: %s (further refusals of this party "
+                        "are logged once a minute)", service, context.peer(), got)
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, got)
     assert isinstance(got, Ticket)
     context.add_callback(got.release)  # the call is over, however it ended
