@@ -19,8 +19,9 @@ import torch
 from hsplitlora.checkpoint import load_checkpoint
 from hsplitlora.models.lora import lora_state
 from hsplitlora.transport import hsplitlora_pb2 as pb
-from hsplitlora.transport.client import StepRefused
+from hsplitlora.transport.client import Link, StepRefused
 from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.security import Refused
 from tests.transport.live import activations, remote, start_live
 from tests.transport.test_wire_fuzz import KILLERS
 
@@ -146,5 +147,27 @@ def test_a_stall_in_an_aggregation_round_keeps_earlier_uploads_and_records_the_t
         events = [r for r in live.coordinator.rec.records if r.get("event") == "aggregate"]
         assert [e["clients"] for e in events] == [[0]]
         assert live.fed.aggregated(0) == [0]
+    finally:
+        live.stop()
+
+
+def test_claimed_sample_counts_must_match_the_shard_in_the_hello_and_at_the_fed_server():
+    live = start_live(NetConfig(step_timeout_s=1, join_timeout_s=2))
+    try:
+        hello = pb.Hello(client_id=1, cut=2, num_samples=10**6, codec="none", mode="splitlora")
+        greedy = Link(live.address, live.net, hello, None)
+        with pytest.raises(Refused, match="client 1 claims 1000000 samples but its shard of "
+                                          "this run holds 11"):
+            greedy.welcome(5)
+        greedy.close()
+        fed = live.remote_fed(1)
+        adapter = lora_state(live.client_segment)
+        with pytest.raises(Refused, match="claims 500 samples but its shard"):
+            fed.aggregate(0, adapter, 500)
+        key = next(iter(adapter))
+        huge = {**adapter, key: torch.full_like(adapter[key], 3e38)}
+        with pytest.raises(Refused, match=r"magnitude 3e\+38, beyond the bound"):
+            fed.aggregate(0, huge, 11)
+        fed.close()
     finally:
         live.stop()
