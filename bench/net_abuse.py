@@ -63,23 +63,33 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
+_FRAMES: dict[str, list] = {}  # made once per kind: the attacker's own CPU is not the test
+
+
 def hostile_frames(kind: str, stop: threading.Event) -> Iterator:
     from hsplitlora.transport import hsplitlora_pb2 as pb
     from hsplitlora.transport.wire import frames
 
-    if kind != "helloless":
-        yield pb.ClientFrame(hello=pb.Hello(client_id=0, cut=2, num_samples=10, codec="none",
-                                            mode="splitlora"))
-    if kind in ("helloless", "unauth"):
-        stop.wait(60)
-        return
-    blob = (b"\x07" * (4 << 20) if kind == "flood"
-            else len(KILLER).to_bytes(8, "little") + KILLER + b"\0" * 4)
-    seq = 0
-    while not stop.is_set() and seq < 250:
-        for f in frames(blob, "acts", 0, seq, 1 << 20):
-            yield pb.ClientFrame(chunk=f)
-        seq += 1
+    if kind not in _FRAMES:
+        out = []
+        if kind != "helloless":
+            out.append(pb.ClientFrame(hello=pb.Hello(client_id=0, cut=2, num_samples=10,
+                                                     codec="none", mode="splitlora")))
+        if kind in ("flood", "malformed"):
+            blob = (b"\x07" * (4 << 20) if kind == "flood"
+                    else len(KILLER).to_bytes(8, "little") + KILLER + b"\0" * 4)
+            out += [pb.ClientFrame(chunk=f) for f in frames(blob, "acts", 0, 0, 1 << 20)]
+        _FRAMES[kind] = out
+    hello, uploads = _FRAMES[kind][:1], _FRAMES[kind][1:]
+    yield from hello if kind != "helloless" else _FRAMES[kind]
+    for seq in range(250 if uploads else 0):
+        if stop.is_set():
+            return
+        for f in uploads:  # a fresh sequence number per upload, as a client would send
+            c = f.chunk
+            yield pb.ClientFrame(chunk=pb.Chunk(seq=seq, kind=c.kind, round=c.round,
+                                                total_bytes=c.total_bytes, index=c.index,
+                                                last=c.last, data=c.data))
     stop.wait(60)
 
 
