@@ -56,6 +56,7 @@ def train(
     """Train one run (mode, model, data from the config); writes a run folder."""
     _logging(verbose)
     cfg = _config(config, [*set_, *([f"train.backend={backend}"] if backend else [])])
+    from hsplitlora.checkpoint import CheckpointError
     from hsplitlora.hetero.planner import PlanError
     from hsplitlora.train.run import train as run_training
 
@@ -63,7 +64,7 @@ def train(
     try:
         result = run_training(cfg, show_progress=not no_progress,
                               checkpoint=checkpoint or resume, resume=resume)
-    except (ConfigError, PlanError, FileNotFoundError) as e:
+    except (ConfigError, PlanError, FileNotFoundError, CheckpointError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     s = result.summary

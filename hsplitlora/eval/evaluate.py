@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ __all__ = [
     "REFERENCES_FILE",
     "SCORES_FILE",
     "RunDirError",
+    "check_adapter",
     "check_run_dir",
     "evaluate_run",
     "spread_subset",
@@ -53,6 +55,25 @@ def check_run_dir(run_dir: Path) -> Path:
             raise RunDirError(f"{run_dir} is not a finished run: {needed} is missing (a run "
                               "writes its adapter when training ends; re-run it if it stopped)")
     return run_dir
+
+
+def check_adapter(path: Path) -> None:
+    """Refuse an adapter file that is damaged (unreadable safetensors) or holds non-finite
+    weights: evaluating it would give tracebacks, or a NaN score that looks like a result."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunDirError(f"adapter {path} is damaged and cannot be read ({e}); re-export it "
+                          "from the run's checkpoint or re-run training") from None
+    bad = sorted(k for k, v in state.items()
+                 if v.is_floating_point() and not bool(v.isfinite().all()))
+    if bad:
+        raise RunDirError(f"adapter {path} holds non-finite weights (NaN/inf) in {bad[0]}"
+                          + (f" and {len(bad) - 1} more tensors" if len(bad) > 1 else "")
+                          + "; it is corrupted or the run diverged: re-run training")
 
 
 def spread_subset(n_items: int, limit: int | None) -> list[int]:
@@ -108,6 +129,7 @@ def evaluate_run(
     (``result["untuned"]``, and ``untuned_predictions.txt``), for a before/after table.
     """
     run_dir = check_run_dir(run_dir)
+    check_adapter(run_dir / "adapter" / "adapter_model.safetensors")
     try:
         cfg = load_config(run_dir / "config.yaml")
     except ConfigError as e:
@@ -142,6 +164,10 @@ def evaluate_run(
     if features is not None:
         loss, ppl = perplexity(model, features.features, pad_id=pad_id_for(tokenizer),
                                batch_size=batch_size, precision=cfg.train.precision, device=dev)
+
+    if loss is not None and not math.isfinite(loss):
+        raise RunDirError(f"{run_dir}: the adapter gives a non-finite eval_loss ({loss}); "
+                          "it is damaged or the run diverged, so no score is written")
 
     baseline: dict[str, Any] | None = None
     if untuned:

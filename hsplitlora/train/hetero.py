@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from hsplitlora import aggregate as agg
+from hsplitlora.checkpoint import trusted_types
 from hsplitlora.models.lora import (
     LoraSettings,
     adapter_shapes,
@@ -73,6 +74,9 @@ class PartyPlan:
         top = max(ranks.values(), default=0)
         return LoraSettings(r=max(top, 1), alpha=alpha, dropout=dropout,
                             targets=targets, ranks=ranks, init_seed=init_seed)
+
+
+trusted_types([PartyPlan, agg.LoraPair])  # what checkpoints hold besides tensors and containers
 
 
 class HeteroSystem:

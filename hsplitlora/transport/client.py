@@ -101,7 +101,7 @@ class Link:
         self._responses: queue.Queue[Any] = queue.Queue()
         self._requests.put(pb.ClientFrame(hello=hello))
         self._call = pb_grpc.SplitTrainingStub(self._channel).Train(
-            self._outgoing(), metadata=call_metadata(str(hello.client_id), token))
+            self._outgoing(), metadata=call_metadata(str(hello.client_id), token, "Train", net))
         self._seq = itertools.count()
         self._assembler = Reassembler(net.max_tensor_bytes)
         threading.Thread(target=self._read, name=f"link-{hello.client_id}", daemon=True).start()
@@ -354,6 +354,10 @@ class ClientRunner:
             self._catch_up(fed, r - 1)  # we finished round r-1 but missed its aggregate
             self.awaiting = None
         else:
+            if self.client.pending is not None and self.round in self.snapshots:
+                # The stream dropped between our forward and its gradient: go back to the
+                # start of that round, as if we had missed it (batch, RNG, optimizer).
+                self._restore(self.snapshots[self.round])
             if r != self.round:
                 log.warning("client %d rejoins at round %d after local round %d: it takes "
                             "the latest aggregate and goes on from there", self.client_id, r,

@@ -43,15 +43,33 @@ class NetConfig(BaseModel):
         None, description="server and fed server: YAML/JSON mapping client id -> secret "
         "token (and 'server' -> token for the main server's calls to a separate fed server); "
         "null = no token check")
+    signed_tokens: bool = Field(
+        False, description="sign every call with its party's token (HMAC over party, method, "
+        "time and a nonce) instead of sending the token: a captured call cannot be replayed; "
+        "for deployments without TLS. Server and clients must agree")
+    token_window_s: float = Field(60.0, gt=0, description="with signed_tokens: how old a "
+                                  "signature may be (the parties' clocks must agree to this)")
     codec: Codec = Field("none", description="activations and gradients on the wire: none "
                          "(exact), bf16, fp16, or int8 with per-channel scales")
     chunk_kb: int = Field(1024, ge=1, description="size of one frame of a tensor blob")
     max_message_mb: int = Field(16, ge=1, description="largest gRPC message accepted (the "
                                 "4 MB gRPC default is raised to this); must exceed chunk_kb")
-    max_tensor_mb: int = Field(2048, ge=1, description="largest tensor blob (one upload, "
-                               "all chunks together) accepted")
+    max_tensor_mb: int | None = Field(
+        None, ge=1, description="largest tensor blob (one upload, all chunks together) "
+        "accepted; null = derived from the run: one batch of activations (main server), one "
+        "adapter (fed server), 2048 MB where nothing bounds it (what a client receives, "
+        "the heterogeneous modes)")
+    max_activation: float | None = Field(
+        None, gt=0, description="largest |value| of an activation or gradient accepted; "
+        "null = derived from the model's hidden size (see Plan.value_bound)")
     step_timeout_s: float = Field(60.0, gt=0, description="a client whose activations (or "
                                   "adapter) are this late is dropped from the round")
+    hello_timeout_s: float = Field(10.0, gt=0, description="a stream that sends no hello "
+                                   "this long after it opens is closed")
+    idle_timeout_s: float = Field(300.0, gt=0, description="a connection with no open call "
+                                  "this long is closed")
+    streams_per_party: int = Field(2, ge=1, description="open calls one party may hold per "
+                                   "service (a reconnecting client briefly holds two)")
     join_timeout_s: float = Field(120.0, gt=0, description="how long the server waits for "
                                   "clients before the first round (and after a resume)")
     reply_timeout_s: float = Field(600.0, gt=0, description="client: how long to wait for the "
@@ -93,4 +111,9 @@ class NetConfig(BaseModel):
 
     @property
     def max_tensor_bytes(self) -> int:
-        return self.max_tensor_mb * 2**20
+        """The configured limit, or 2 GB where the receiver cannot derive one."""
+        return (self.max_tensor_mb or 2048) * 2**20
+
+    def tensor_limit(self, derived: int) -> int:
+        """The configured limit, else ``derived`` (what the run's plan says one blob holds)."""
+        return self.max_tensor_mb * 2**20 if self.max_tensor_mb is not None else derived

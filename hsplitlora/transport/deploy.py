@@ -39,11 +39,12 @@ from hsplitlora.transport.client import ClientRunner
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FederationServicer, FedService, RemoteFed
 from hsplitlora.transport.hetero_fed import HeteroFedService
+from hsplitlora.transport.limits import StreamGate
 from hsplitlora.transport.parties import (
     build_client,
     build_fed,
+    build_fed_service,
     build_server,
-    client_adapter_layout,
 )
 from hsplitlora.transport.security import Authenticator, bind, load_tokens, options
 from hsplitlora.transport.server import Coordinator, listen
@@ -112,7 +113,7 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     tokens = _tokens(net)
     fed: FedService | RemoteFed
     if net.fed_address is None:
-        fed = FedService(build_fed(p), client_adapter_layout(p), net.step_timeout_s)
+        fed = build_fed_service(p, net)
     else:
         fed = RemoteFed(net.fed_address, net, "server", (tokens or {}).get("server"))
     first_round, step = 0, 0
@@ -211,14 +212,17 @@ def serve_fed(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
                                net.step_timeout_s, last)
     else:
         checkpoint = run_dir / "checkpoint" / "fed.pt"
-        fed = FedService(build_fed(p), client_adapter_layout(p), net.step_timeout_s,
-                         checkpoint=checkpoint)
+        fed = build_fed_service(p, net, checkpoint=checkpoint)
         if resume:
             fed.load_state_dict(load_checkpoint(checkpoint))
     n = cfg.train.num_clients
-    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=2 * n + 8), options=options(net))
-    auth = Authenticator(_tokens(net), {*(str(i) for i in range(n)), "server"})
-    pb_grpc.add_FederationServicer_to_server(FederationServicer(fed, auth, net), grpc_server)
+    gate = StreamGate({"Federation": net.streams_per_party},
+                      {"Federation": net.streams_per_party * (n + 1)})
+    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=gate.workers), options=options(net),
+                              maximum_concurrent_rpcs=gate.workers)
+    auth = Authenticator(_tokens(net), {*(str(i) for i in range(n)), "server"}, net)
+    pb_grpc.add_FederationServicer_to_server(FederationServicer(fed, auth, net, gate),
+                                             grpc_server)
     port = bind(grpc_server, f"{net.host}:{net.fed_port}", net)
     grpc_server.start()
     _write_port(port_file, port)

@@ -11,6 +11,7 @@ order, which is what makes a networked run bit-identical to the in-process one.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -26,11 +27,13 @@ from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.limits import StreamGate, Ticket, deadline_reader
+from hsplitlora.transport.plan import layout_bytes, samples_problem
 from hsplitlora.transport.security import Authenticator, call_metadata, explain, open_channel
-from hsplitlora.transport.validate import Layout, check_finite, check_header
+from hsplitlora.transport.validate import Layout, check_finite, check_header, check_magnitude
 from hsplitlora.transport.wire import Reassembler, WireError, frames, pack, read_header, unpack
 
-__all__ = ["FedService", "FederationServicer", "RemoteFed", "adapter_layout"]
+__all__ = ["FedService", "FederationServicer", "RemoteFed", "adapter_layout", "round_timeout"]
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +45,23 @@ def adapter_layout(state: Mapping[str, torch.Tensor]) -> Layout:
     return {k: ("F32", tuple(v.shape)) for k, v in state.items()}
 
 
-def _decode_adapter(data: bytes, layout: Layout, what: str) -> tuple[State, dict[str, str]]:
-    header = read_header(data)
+def round_timeout(net: NetConfig, num_clients: int) -> float:
+    """How long an aggregation round may take to open: the main server serves its clients
+    one after another, each up to ``net.step_timeout_s``, so a client served early waits
+    for every later one (and a stalled one) before the round is opened."""
+    return net.step_timeout_s * (num_clients + 1)
+
+
+def _decode_adapter(data: bytes, layout: Layout, what: str,
+                    bound: float = math.inf) -> tuple[State, dict[str, str]]:
+    try:
+        header = read_header(data)
+    except WireError as e:
+        raise WireError(f"{what}: {e}") from None
     check_header(header, layout, {}, what)
     tensors = unpack(data)
     check_finite(tensors, what)
+    check_magnitude(tensors, bound, what)
     return tensors, header.meta
 
 
@@ -72,16 +87,22 @@ class _Round:
     received: dict[int, tuple[State, int]] = field(default_factory=dict)
     done: bool = False
     blob: bytes | None = None  # the packed aggregate, sent to every client of the round
+    aggregated: list[int] = field(default_factory=list)  # whose adapters the blob holds
 
 
 class FedService:
     """Thread-safe aggregation rounds over a :class:`FedServer` (one per process)."""
 
     def __init__(self, fed: FedServer, layout: Layout, timeout_s: float, *,
-                 checkpoint: Path | None = None) -> None:
+                 checkpoint: Path | None = None, open_timeout_s: float | None = None,
+                 samples: tuple[int, ...] = (), bound: float = math.inf) -> None:
         self.fed = fed
         self.layout = layout
         self.timeout_s = timeout_s
+        # An upload may come long before its round opens (see round_timeout).
+        self.open_timeout_s = timeout_s if open_timeout_s is None else open_timeout_s
+        self.samples = samples  # each client's shard size, to check what uploads claim
+        self.bound = bound  # largest |value| an adapter may hold
         self.checkpoint = checkpoint  # a fed server in its own process saves itself
         self.latest_round = -1
         self._blob: bytes | None = None
@@ -107,7 +128,7 @@ class FedService:
         """Add one client's adapter; block until the round's aggregate exists; return it
         packed. Raises ``LookupError`` when the client has no part in this round."""
         with self._cond:
-            r = opened_round(self._cond, self._rounds, round, self.timeout_s)
+            r = opened_round(self._cond, self._rounds, round, self.open_timeout_s)
             if r.done or client_id not in r.expected:
                 raise LookupError(f"client {client_id} has no part in aggregation round {round}"
                                   " (it did not finish that round, or the round is over)")
@@ -129,6 +150,12 @@ class FedService:
                     break
                 self._cond.wait(min(end, r.opened + self.timeout_s) - time.monotonic())
             return r is not None and r.done
+
+    def aggregated(self, round: int) -> list[int] | None:
+        """The clients whose adapters ``round``'s aggregate holds (None: not finished)."""
+        with self._cond:
+            r = self._rounds.get(round)
+            return list(r.aggregated) if r is not None and r.done else None
 
     def latest(self, min_round: int, wait_s: float) -> tuple[int, bytes] | None:
         """The newest aggregate if its round is at least ``min_round`` (waiting for it)."""
@@ -160,6 +187,13 @@ class FedService:
         if ids:
             states = [r.received[i][0] for i in ids]
             merged = self.fed.aggregate(states, [r.received[i][1] for i in ids])
+            bad = [k for k, v in merged.items() if not bool(torch.isfinite(v).all())]
+            if bad:  # cannot happen within the bound; never hand it out if it does
+                log.error("aggregation round %d: the aggregate of clients %s is not finite "
+                          "(%s); the round gives no aggregate", round, ids, bad[0])
+                ids = []
+        if ids:
+            r.aggregated = ids
             r.blob = pack(merged, {"round": str(round), "clients": ",".join(map(str, ids))})
             self._blob, self.latest_round = r.blob, round
             log.info("aggregation round %d: clients %s", round, ids)
@@ -193,24 +227,41 @@ class FederationServicer(pb_grpc.FederationServicer):
     :class:`~hsplitlora.transport.hetero_fed.HeteroFedService`); clients aggregate, the
     main server opens rounds (and, heterogeneous, sends its side of each)."""
 
-    def __init__(self, service: Any, auth: Authenticator, net: NetConfig) -> None:
+    def __init__(self, service: Any, auth: Authenticator, net: NetConfig,
+                 gate: StreamGate | None = None) -> None:
         self.service = service
         self.auth = auth
         self.net = net
+        self.gate = gate  # caps the calls each party holds open (see limits.StreamGate)
+
+    def _admit(self, party: str, context: grpc.ServicerContext) -> None:
+        if self.gate is None:
+            return
+        got = self.gate.enter("Federation", party)
+        if isinstance(got, str):
+            log.warning("refused a federation call from %s: %s", context.peer(), got)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, got)
+        assert isinstance(got, Ticket)
+        context.add_callback(got.release)  # the call is over, however it ended
 
     def _client(self, context: grpc.ServicerContext) -> int:
-        party = self.auth.identify(context)
+        party = self.auth.identify(context, "Aggregate")
         if party == "server":
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "the main server does not upload "
                           "adapters")
+        self._admit(party, context)
         return int(party)
 
     def _receive(self, requests: Iterator[pb.Chunk],
                  cid: int) -> tuple[int, State, int]:
         """One adapter upload: its round, the validated state and its sample count."""
-        assembler = Reassembler(self.net.max_tensor_bytes)
+        layout = getattr(self.service, "layout", None)
+        limit = (self.net.tensor_limit(layout_bytes(layout)) if layout is not None
+                 else self.net.max_tensor_bytes)
+        assembler = Reassembler(limit)
         what = f"adapter of client {cid}"
-        for chunk in requests:
+        # Every chunk must come within the step timeout: a silent upload holds a worker.
+        for chunk in deadline_reader(requests, self.net.step_timeout_s):
             blob = assembler.feed(chunk)
             if blob is not None:
                 break
@@ -219,11 +270,15 @@ class FederationServicer(pb_grpc.FederationServicer):
         what = f"{what}, round {blob.round}"
         if blob.kind != "adapter":
             raise WireError(f"{what}: got a {blob.kind!r} blob instead")
-        state, meta = _decode_adapter(blob.data, self.service.layout_for(blob.round, cid), what)
+        state, meta = _decode_adapter(blob.data, self.service.layout_for(blob.round, cid), what,
+                                      getattr(self.service, "bound", math.inf))
         text = meta.get("num_samples", "")
-        num_samples = int(text) if text.isdigit() else 0
+        num_samples = int(text) if text.isdigit() and len(text) < 19 else 0
         if num_samples < 1:
             raise WireError(f"{what}: metadata num_samples must be a positive integer")
+        problem = samples_problem(getattr(self.service, "samples", ()), cid, num_samples)
+        if problem:
+            raise WireError(f"{what}: {problem}")
         return blob.round, state, num_samples
 
     def Aggregate(self, request_iterator: Iterator[pb.Chunk],  # noqa: N802 (gRPC's name)
@@ -239,6 +294,18 @@ class FederationServicer(pb_grpc.FederationServicer):
             log.warning("adapter of client %d: %s", cid, e)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             return
+        except TimeoutError as e:
+            log.warning("adapter of client %d: %s", cid, e)
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"adapter of client {cid}: {e} "
+                          f"(net.step_timeout_s)")
+            return
+        except grpc.RpcError:
+            return  # the client went away mid-upload
+        except Exception as e:  # a bug of ours that input trips is still only a refusal
+            log.exception("adapter of client %d: unexpected failure while reading it", cid)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"adapter of client {cid} could "
+                          f"not be read ({type(e).__name__}: {e})")
+            return
         try:
             packed = self.service.submit(round, cid, state, num_samples)
         except LookupError as e:
@@ -249,14 +316,14 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def Latest(self, request: pb.LatestRequest,  # noqa: N802
                context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
-        self.auth.identify(context)
+        self._admit(self.auth.identify(context, "Latest"), context)
         found = self.service.latest(request.min_round, min(request.wait_s,
                                                            self.service.timeout_s))
         if found is not None:
             yield from frames(found[1], "aggregate", found[0], 0, self.net.chunk_bytes)
 
     def Open(self, request: pb.RoundOpen, context: grpc.ServicerContext) -> pb.Ack:  # noqa: N802
-        self._main_server(context, "opens aggregation rounds")
+        self._main_server(context, "opens aggregation rounds", "Open")
         self.service.open(request.round, list(request.client_ids))
         return pb.Ack()
 
@@ -264,12 +331,13 @@ class FederationServicer(pb_grpc.FederationServicer):
                 context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
         from hsplitlora.transport.hetero_fed import combine_call
 
-        self._main_server(context, "sends its side of an aggregation")
+        self._main_server(context, "sends its side of an aggregation", "Combine")
         yield from combine_call(self.service, request_iterator, self.net, context)
 
-    def _main_server(self, context: grpc.ServicerContext, what: str) -> None:
-        if self.auth.identify(context) != "server":
+    def _main_server(self, context: grpc.ServicerContext, what: str, method: str) -> None:
+        if self.auth.identify(context, method) != "server":
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"only the main server {what}")
+        self._admit("server", context)
 
 
 class RemoteFed:
@@ -281,7 +349,10 @@ class RemoteFed:
         self.net = net
         self._channel = open_channel(address, net)
         self._stub = pb_grpc.FederationStub(self._channel)
-        self._meta = call_metadata(party, token)
+        self._party, self._token = party, token
+
+    def _meta(self, method: str) -> tuple[tuple[str, str], ...]:
+        return call_metadata(self._party, self._token, method, self.net)
 
     def close(self) -> None:
         self._channel.close()
@@ -289,7 +360,7 @@ class RemoteFed:
     def open(self, round: int, client_ids: Sequence[int]) -> None:
         try:
             self._stub.Open(pb.RoundOpen(round=round, client_ids=list(client_ids)),
-                            metadata=self._meta, timeout=self.net.reply_timeout_s)
+                            metadata=self._meta("Open"), timeout=self.net.reply_timeout_s)
         except grpc.RpcError as e:
             raise explain(e, self.address, self.net) from None
 
@@ -311,7 +382,7 @@ class RemoteFed:
         up = frames(data, "adapter", round, 0, self.net.chunk_bytes)
         layout = adapter_layout(state) if reply is None else reply
         try:
-            got = self._collect(self._stub.Aggregate(up, metadata=self._meta,
+            got = self._collect(self._stub.Aggregate(up, metadata=self._meta("Aggregate"),
                                                      timeout=self.net.reply_timeout_s),
                                 layout, f"aggregate of round {round}")
         except grpc.RpcError as e:
@@ -326,7 +397,7 @@ class RemoteFed:
         """The newest aggregate of round ``>= min_round`` (shaped ``like``), if any."""
         try:
             stream = self._stub.Latest(pb.LatestRequest(min_round=min_round, wait_s=wait_s),
-                                       metadata=self._meta,
+                                       metadata=self._meta("Latest"),
                                        timeout=wait_s + self.net.reply_timeout_s)
             return self._collect(stream, adapter_layout(like), "latest aggregate")
         except grpc.RpcError as e:

@@ -247,7 +247,10 @@ class RemoteFedAggregation:
         self.aggregator, self.alpha, self.shapes = aggregator, alpha, dict(shapes)
         self._channel = open_channel(address, net)
         self._stub = pb_grpc.FederationStub(self._channel)
-        self._meta = call_metadata("server", token)
+        self._token = token
+
+    def _meta(self, method: str) -> tuple[tuple[str, str], ...]:
+        return call_metadata("server", self._token, method, self.net)
 
     def combine(self, round: int, parties: Mapping[int, Contribution]
                 ) -> tuple[list[int], Any, int]:
@@ -261,7 +264,8 @@ class RemoteFedAggregation:
                                     for cid, p in asked.items()})})
         try:
             stream = self._stub.Combine(
-                frames(request, "combine", round, 0, self.net.chunk_bytes), metadata=self._meta,
+                frames(request, "combine", round, 0, self.net.chunk_bytes),
+                metadata=self._meta("Combine"),
                 timeout=self.net.step_timeout_s + self.net.reply_timeout_s)
             assembler = Reassembler(self.net.max_tensor_bytes)
             blob = next((b for b in map(assembler.feed, stream) if b is not None), None)
@@ -301,7 +305,7 @@ class RemoteFedAggregation:
     def finish(self, last_round: int) -> None:
         """Tell the fed server the run is over (it may be gone already)."""
         try:
-            self._stub.Open(pb.RoundOpen(round=last_round + 1), metadata=self._meta,
+            self._stub.Open(pb.RoundOpen(round=last_round + 1), metadata=self._meta("Open"),
                             timeout=self.net.reply_timeout_s)
         except grpc.RpcError as e:
             log.warning("could not tell the fed server the run is over: %s", e.details())

@@ -53,7 +53,7 @@ from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.hetero_fed import RemoteFedAggregation
 from hsplitlora.transport.plan import Plan
 from hsplitlora.transport.server import GONE, Session, decode_upload, hello_problem, listen
-from hsplitlora.transport.validate import check_finite, check_header
+from hsplitlora.transport.validate import check_finite, check_header, check_magnitude
 from hsplitlora.transport.wire import Blob, WireError, pack, read_header, unpack
 
 __all__ = ["HeteroHub", "RemoteClient"]
@@ -172,7 +172,10 @@ class RemoteClient:
         if isinstance(item, WireError):
             raise self._lose(f"its {what} was refused: {item}", grpc.StatusCode.INVALID_ARGUMENT)
         if item.kind == "error":
-            message = read_header(item.data).meta.get("message", "no reason given")
+            try:
+                message = read_header(item.data).meta.get("message", "no reason given")
+            except WireError as e:
+                message = f"(its error report was unreadable: {e})"
             raise self._lose(f"it failed a call: {message}", grpc.StatusCode.ABORTED)
         if item.kind != kind:
             raise self._lose(f"it sent a {item.kind!r} blob where its {what} was due",
@@ -181,7 +184,9 @@ class RemoteClient:
 
     def _activations(self, blob: Blob, what: str) -> Activations:
         try:
-            acts = decode_upload(blob.data, self.hub.plan, self.codec, what)
+            plan = self.hub.plan
+            acts = decode_upload(blob.data, plan, self.codec, what,
+                                 plan.value_bound(self.hub.net.max_activation))
         except WireError as e:
             raise self._lose(f"its {what} were refused: {e}",
                              grpc.StatusCode.INVALID_ARGUMENT) from None
@@ -221,6 +226,7 @@ class RemoteClient:
             check_header(read_header(blob.data), layout, {}, what)
             state = unpack(blob.data)
             check_finite(state, what)
+            check_magnitude(state, self.hub.plan.value_bound(self.hub.net.max_activation), what)
         except WireError as e:
             raise self._lose(str(e), grpc.StatusCode.INVALID_ARGUMENT) from None
         return state
@@ -371,6 +377,14 @@ class HeteroHub:
     # -- the gRPC front's side -----------------------------------------------------------
     def check_hello(self, party: str, frame: pb.ClientFrame) -> str | None:
         return hello_problem(party, frame, self.plan)
+
+    # A reply may wait while the server serves others, beside an error report.
+    inbox_limit = 2
+
+    def upload_limit(self, codec: str) -> int:
+        """Clients send activations, adapters and scores here, whose sizes the plans change
+        from round to round: ``net.max_tensor_mb`` (2048 MB when unset) bounds them all."""
+        return self.net.max_tensor_bytes
 
     def register(self, session: Session) -> None:
         with self._cond:

@@ -9,6 +9,7 @@ makes a networked run bit-identical to the simulation.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,11 +21,13 @@ from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.roles.server import MainServer
 from hsplitlora.train.parties import ClientRecipe, client_recipes, fed_server, server_recipe
 from hsplitlora.train.run import Prepared
-from hsplitlora.transport.fed import adapter_layout
-from hsplitlora.transport.plan import Plan
+from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.fed import FedService, adapter_layout, round_timeout
+from hsplitlora.transport.plan import Plan, value_bound
 from hsplitlora.transport.validate import Layout
 
-__all__ = ["build_client", "build_fed", "build_server", "client_adapter_layout"]
+__all__ = ["build_client", "build_fed", "build_fed_service", "build_server",
+           "client_adapter_layout"]
 
 
 def _check_mode(p: Prepared) -> None:
@@ -50,7 +53,8 @@ def _plan(p: Prepared, dtype: torch.dtype) -> Plan:
     return Plan(mode=t.mode, steps=t.steps, interval=t.agg_interval, cut=t.cut,
                 num_clients=t.num_clients, batch_size=t.batch_size,
                 max_length=p.cfg.data.max_length, hidden_size=int(mc.hidden_size),
-                vocab_size=int(mc.vocab_size), dtype=dtype)
+                vocab_size=int(mc.vocab_size), dtype=dtype,
+                samples=tuple(len(shard) for shard in p.shards))
 
 
 def build_server(p: Prepared) -> tuple[MainServer, Plan]:
@@ -70,3 +74,16 @@ def client_adapter_layout(p: Prepared) -> Layout:
     """Names, dtypes and shapes of a client-side adapter: what the fed server accepts."""
     client_seg, _ = split_model(p.model, p.cfg.train.cut)
     return adapter_layout(lora_state(client_seg))
+
+
+def build_fed_service(p: Prepared, net: NetConfig, *,
+                      checkpoint: Path | None = None) -> FedService:
+    """The fed server's rounds, with what it checks uploads against: the adapter layout,
+    each client's shard size and the value bound; a round may open as late as the main
+    server's slowest round allows."""
+    mc: Any = p.model.config
+    return FedService(build_fed(p), client_adapter_layout(p), net.step_timeout_s,
+                      checkpoint=checkpoint,
+                      open_timeout_s=round_timeout(net, p.cfg.train.num_clients),
+                      samples=tuple(len(shard) for shard in p.shards),
+                      bound=value_bound(int(mc.hidden_size), net.max_activation))

@@ -1,17 +1,26 @@
 """Channels and credentials: TLS (optionally mutual), per-party tokens, clear refusals.
 
-Every call carries two metadata entries: ``x-hsplitlora-party`` (a client id, or
-``server`` for the main server's calls to a separate fed server) and ``authorization:
-Bearer <token>``. The receiver checks the token in constant time against its tokens file
-and refuses an unknown party or a wrong token with ``UNAUTHENTICATED``; the caller turns
-that, and the opaque errors gRPC gives for a TLS mismatch, into sentences that say what to
-fix.
+Every call carries ``x-hsplitlora-party`` (a client id, or ``server`` for the main
+server's calls to a separate fed server) and, with a tokens file, ``authorization``:
+either ``Bearer <token>`` (static: whoever captures it can replay it, so use it under
+TLS) or, with ``net.signed_tokens``, ``HMAC <signature>`` over the party, the method, a
+timestamp and a nonce, keyed by the token: the token never travels, a signature is good
+for ``net.token_window_s`` and once only, so a captured call cannot be replayed. Under
+mutual TLS the client certificate's CN or a SAN must name the party (``client-<id>`` or
+``<id>``; ``server`` for the main server), so one certificate cannot serve other ids.
+The receiver refuses an unknown party, a wrong token or signature, a replay or a
+borrowed certificate with ``UNAUTHENTICATED``; the caller turns that, and the opaque
+errors gRPC gives for a TLS mismatch, into sentences that say what to fix.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
+import secrets
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,12 +31,15 @@ import yaml
 from hsplitlora.transport.config import NetConfig
 
 __all__ = ["AuthError", "Authenticator", "ConnectionFailed", "Refused", "bind",
-           "call_metadata", "explain", "load_tokens", "open_channel", "options"]
+           "call_metadata", "certificate_names", "explain", "load_tokens", "open_channel",
+           "options"]
 
 log = logging.getLogger(__name__)
 
 PARTY_KEY = "x-hsplitlora-party"
 TOKEN_KEY = "authorization"
+TIME_KEY = "x-hsplitlora-time"
+NONCE_KEY = "x-hsplitlora-nonce"
 
 
 class AuthError(PermissionError):
@@ -70,6 +82,10 @@ def options(net: NetConfig) -> list[tuple[str, Any]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.min_time_between_pings_ms", 10_000),
+        # Server side: a connection without calls is closed, and one connection carries
+        # few streams (a client's link and its fed calls), so caps cannot be sidestepped.
+        ("grpc.max_connection_idle_ms", int(net.idle_timeout_s * 1000)),
+        ("grpc.max_concurrent_streams", 4 * net.streams_per_party),
     ]
 
 
@@ -113,42 +129,105 @@ def open_channel(address: str, net: NetConfig) -> grpc.Channel:
     return grpc.secure_channel(address, creds, options=opts)
 
 
-def call_metadata(party: str, token: str | None) -> tuple[tuple[str, str], ...]:
+def _signature(token: str, party: str, method: str, stamp: str, nonce: str) -> str:
+    message = "\n".join((party, method, stamp, nonce)).encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def call_metadata(party: str, token: str | None, method: str = "",
+                  net: NetConfig | None = None) -> tuple[tuple[str, str], ...]:
+    """The metadata of one call: a bearer token, or with ``net.signed_tokens`` a fresh
+    signature of this call (``method``), so make it per call, never once per channel."""
     meta = [(PARTY_KEY, party)]
-    if token:
+    if token and net is not None and net.signed_tokens:
+        stamp, nonce = f"{time.time():.3f}", secrets.token_hex(16)
+        meta += [(TIME_KEY, stamp), (NONCE_KEY, nonce),
+                 (TOKEN_KEY, f"HMAC {_signature(token, party, method, stamp, nonce)}")]
+    elif token:
         meta.append((TOKEN_KEY, f"Bearer {token}"))
     return tuple(meta)
 
 
-class Authenticator:
-    """Checks the party and token of an incoming call against the tokens file."""
+def certificate_names(party: str) -> set[str]:
+    """The names a party's client certificate may carry as CN or SAN."""
+    return {party, f"client-{party}"} if party.isdigit() else {party}
 
-    def __init__(self, tokens: Mapping[str, str] | None, parties: set[str]) -> None:
+
+class Authenticator:
+    """Checks the party, its token (or signature) and, under mutual TLS, its certificate."""
+
+    def __init__(self, tokens: Mapping[str, str] | None, parties: set[str],
+                 net: NetConfig | None = None) -> None:
         self.tokens = dict(tokens) if tokens is not None else None
         self.parties = parties
+        self.signed = net is not None and net.signed_tokens
+        self.window_s = net.token_window_s if net is not None else 60.0
+        self.mutual_tls = net is not None and net.mutual_tls
+        self._seen: dict[str, float] = {}  # nonce -> when it may be forgotten
+        self._lock = threading.Lock()
         if tokens is None:
             log.warning("no net.tokens_file: any process that reaches this port may join as "
                         "any client; fine on loopback, not across machines")
 
-    def identify(self, context: grpc.ServicerContext) -> str:
+    def identify(self, context: grpc.ServicerContext, method: str = "") -> str:
         """The caller's party name, or abort the call with a reason (and log it)."""
-        meta = dict(context.invocation_metadata())
+        meta = {k: v for k, v in context.invocation_metadata()}
         party = str(meta.get(PARTY_KEY, ""))
         reason = None
         if party not in self.parties:
-            reason = (f"unknown party {party!r}: this server expects "
+            reason = (f"unknown party {party!r:.40}: this server expects "
                       f"{', '.join(sorted(self.parties))}")
-        elif self.tokens is not None:
-            given = str(meta.get(TOKEN_KEY, "")).removeprefix("Bearer ")
-            expected = self.tokens.get(party)
-            if expected is None:
-                reason = f"party {party!r} has no token in the server's tokens file"
-            elif not hmac.compare_digest(given.encode(), expected.encode()):
-                reason = f"wrong token for party {party!r}"
+        elif self.mutual_tls:
+            reason = self._certificate_problem(context, party)
+        if reason is None and party in self.parties and self.tokens is not None:
+            reason = self._token_problem(meta, party, method)
         if reason is not None:
             log.warning("refused a call from %s: %s", context.peer(), reason)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
         return party
+
+    def _certificate_problem(self, context: grpc.ServicerContext, party: str) -> str | None:
+        auth = context.auth_context()
+        names = {n.decode(errors="replace") for key in ("x509_common_name",
+                                                         "x509_subject_alternative_name")
+                 for n in auth.get(key, [])}
+        if names & certificate_names(party):
+            return None
+        return (f"the client certificate names {', '.join(sorted(names)) or 'nobody'} but the "
+                f"call says party {party!r}; give each client its own certificate with CN or "
+                f"SAN {sorted(certificate_names(party))[-1]!r}")
+
+    def _token_problem(self, meta: Mapping[str, object], party: str, method: str) -> str | None:
+        assert self.tokens is not None
+        expected = self.tokens.get(party)
+        if expected is None:
+            return f"party {party!r} has no token in the server's tokens file"
+        given = str(meta.get(TOKEN_KEY, ""))
+        if not self.signed:
+            if hmac.compare_digest(given.removeprefix("Bearer ").encode(), expected.encode()):
+                return None
+            return f"wrong token for party {party!r}"
+        stamp, nonce = str(meta.get(TIME_KEY, "")), str(meta.get(NONCE_KEY, ""))
+        try:
+            age = abs(time.time() - float(stamp))
+        except ValueError:
+            return (f"party {party!r} sent no signed token (net.signed_tokens is on here: "
+                    "turn it on for the client too)")
+        if not given.startswith("HMAC ") or not hmac.compare_digest(
+                given.removeprefix("HMAC ").encode(),
+                _signature(expected, party, method, stamp, nonce).encode()):
+            return f"wrong token signature for party {party!r}"
+        if age > self.window_s:
+            return (f"the signed token of party {party!r} is {age:.0f} s old, beyond "
+                    f"net.token_window_s={self.window_s:g}: a replay, or the clocks differ")
+        now = time.monotonic()
+        with self._lock:
+            for old in [k for k, t in self._seen.items() if t < now]:
+                del self._seen[old]
+            if nonce in self._seen:
+                return f"a replayed call of party {party!r} (its signature was used before)"
+            self._seen[nonce] = now + 2 * self.window_s
+        return None
 
 
 def explain(err: grpc.RpcError, address: str, net: NetConfig) -> Exception:

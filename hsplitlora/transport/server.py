@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -35,9 +36,15 @@ from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.codec import CODECS, decode_activations, encode
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FederationServicer, FedService, RemoteFed
+from hsplitlora.transport.guard import guarded_step
+from hsplitlora.transport.limits import StreamGate, Ticket, first_within
 from hsplitlora.transport.plan import Plan
 from hsplitlora.transport.security import Authenticator, bind, options
-from hsplitlora.transport.validate import check_activation_values, check_header
+from hsplitlora.transport.validate import (
+    check_activation_values,
+    check_header,
+    check_magnitude,
+)
 from hsplitlora.transport.wire import (
     Blob,
     Reassembler,
@@ -48,8 +55,8 @@ from hsplitlora.transport.wire import (
     unpack,
 )
 
-__all__ = ["GONE", "Admission", "Coordinator", "Session", "TrainingServicer", "decode_upload",
-           "hello_problem", "listen"]
+__all__ = ["GONE", "Admission", "Coordinator", "Session", "TrainingServicer", "admit",
+           "decode_upload", "hello_problem", "listen", "stream_gate"]
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +118,29 @@ def hello_problem(party: str, frame: pb.ClientFrame, plan: Plan) -> str | None:
                 f"{plan.cut}; use the same train.cut on both sides")
     if h.codec not in CODECS:
         return f"unknown codec {h.codec!r}; use one of {', '.join(CODECS)}"
-    if h.num_samples < 1:
-        return "num_samples must be positive"
-    return None
+    return plan.samples_problem(h.client_id, h.num_samples)
 
 
-def decode_upload(data: bytes, plan: Plan, codec: str, what: str) -> Activations:
-    """A client's activations, checked against the run's layout and bounds before use."""
-    layout, limits = plan.activation_layout(codec)
-    check_header(read_header(data), layout, limits, what)
-    wire = unpack(data)
-    check_activation_values(wire, plan.vocab_size, what)
-    return decode_activations(wire, codec, plan.dtype)
+def decode_upload(data: bytes, plan: Plan, codec: str, what: str,
+                  bound: float = math.inf) -> Activations:
+    """A client's activations, checked against the run's layout and bounds before use.
+
+    Any failure is a :class:`WireError`: whatever a peer sends, the caller refuses that
+    message and nothing else (a bug of ours that bad input trips counts as bad input).
+    """
+    try:
+        layout, limits = plan.activation_layout(codec)
+        check_header(read_header(data), layout, limits, what)
+        wire = unpack(data)
+        check_activation_values(wire, plan.vocab_size, what)
+        acts = decode_activations(wire, codec, plan.dtype)
+        check_magnitude({"hidden": acts.hidden}, bound, what)
+    except WireError as e:
+        raise e if str(e).startswith(what) else WireError(f"{what}: {e}") from None
+    except Exception as e:
+        log.exception("%s: unexpected failure while checking it", what)
+        raise WireError(f"{what}: could not be read ({type(e).__name__}: {e})") from None
+    return acts
 
 
 class Admission(Protocol):
@@ -131,24 +149,49 @@ class Admission(Protocol):
 
     plan: Plan
     fed: FedService | RemoteFed | None
+    inbox_limit: int  # messages a client may have waiting (more: its stream is closed)
 
     def check_hello(self, party: str, frame: pb.ClientFrame) -> str | None: ...
 
     def register(self, session: Session) -> None: ...
 
+    def upload_limit(self, codec: str) -> int: ...
+
 
 class TrainingServicer(pb_grpc.SplitTrainingServicer):
-    """Authenticates each stream, checks its hello, and hands it to the coordinator."""
+    """Authenticates each stream, checks its hello, and hands it to the coordinator.
 
-    def __init__(self, coordinator: Admission, auth: Authenticator, net: NetConfig) -> None:
+    Each party may hold ``net.streams_per_party`` streams (the gate), a stream must say
+    hello within ``net.hello_timeout_s``, and a client may have at most the coordinator's
+    ``inbox_limit`` messages waiting: a flood of uploads ends its stream instead of
+    growing the server (or keeping it busy refusing).
+    """
+
+    def __init__(self, coordinator: Admission, auth: Authenticator, net: NetConfig,
+                 gate: StreamGate | None = None) -> None:
         self.coordinator = coordinator
         self.auth = auth
         self.net = net
+        self.gate = gate
 
     def Train(self, request_iterator: Iterator[pb.ClientFrame],  # noqa: N802 (gRPC's name)
               context: grpc.ServicerContext) -> Iterator[pb.ServerFrame]:
-        party = self.auth.identify(context)
-        first = next(request_iterator, None)
+        party = self.auth.identify(context, "Train")
+        ticket = admit(self.gate, "Train", party, context)
+        try:
+            yield from self._train(party, request_iterator, context)
+        finally:
+            if ticket is not None:
+                ticket.release()
+
+    def _train(self, party: str, request_iterator: Iterator[pb.ClientFrame],
+               context: grpc.ServicerContext) -> Iterator[pb.ServerFrame]:
+        first = first_within(request_iterator, self.net.hello_timeout_s)
+        if isinstance(first, TimeoutError):
+            reason = (f"no hello within net.hello_timeout_s={self.net.hello_timeout_s:g} s "
+                      "of opening the stream")
+            log.warning("closed a stream of party %s from %s: %s", party, context.peer(), reason)
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, reason)
         if first is None:
             return
         problem = self.coordinator.check_hello(party, first)
@@ -171,19 +214,31 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
             yield item
 
     def _read(self, requests: Iterator[pb.ClientFrame], session: Session) -> None:
-        assembler = Reassembler(self.net.max_tensor_bytes)
+        assembler = Reassembler(self.coordinator.upload_limit(session.codec))
         try:
             for frame in requests:
+                if session.gone.is_set():
+                    return
+                item: Any = None
                 if frame.WhichOneof("body") != "chunk":
-                    session.inbox.put(WireError("a second hello in one stream"))
+                    item = WireError("a second hello in one stream")
+                else:
+                    try:
+                        item = assembler.feed(frame.chunk)
+                    except WireError as e:
+                        item = e
+                    except Exception as e:  # refuse; never let a frame end the reader
+                        item = WireError(f"unreadable chunk ({type(e).__name__}: {e})")
+                if item is None:
                     continue
-                try:
-                    blob = assembler.feed(frame.chunk)
-                except WireError as e:
-                    session.inbox.put(e)
-                    continue
-                if blob is not None:
-                    session.inbox.put(blob)
+                limit = self.coordinator.inbox_limit
+                if session.inbox.qsize() >= limit:
+                    reason = (f"client {session.client_id} sent a message while {limit} "
+                              "were still waiting for the server; the stream is closed")
+                    log.warning("%s", reason)
+                    session.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+                    return
+                session.inbox.put(item)
         except grpc.RpcError:
             pass  # the client went away; the coordinator learns it from GONE
         finally:
@@ -193,6 +248,8 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
 
 class Coordinator:
     """Runs the rounds: admit clients, serve their steps in id order, aggregate, checkpoint."""
+
+    inbox_limit = 1  # a client uploads once per round and waits for the answer
 
     def __init__(self, server: MainServer, plan: Plan, net: NetConfig,
                  fed: FedService | RemoteFed, rec: Recorder, *, start_round: int = 0,
@@ -207,13 +264,20 @@ class Coordinator:
         self.checkpoint = checkpoint
         self.run_info = dict(run_info or {})  # saved with every checkpoint (its config)
         self.server_fed = server_fed  # SFL-V1: averages the per-client server copies
+        self.bound = plan.value_bound(net.max_activation)
         self._cond = threading.Condition()
         self._pending: dict[int, Session] = {}
         self._active: dict[int, Session] = {}
+        self._strikes: dict[int, int] = {}  # step timeouts in a row, per client
+        self._benched_until: dict[int, int] = {}  # first round a struck client may rejoin
 
     # -- called from stream threads ------------------------------------------------------
     def check_hello(self, party: str, frame: pb.ClientFrame) -> str | None:
         return hello_problem(party, frame, self.plan)
+
+    def upload_limit(self, codec: str) -> int:
+        """One batch of activations (``net.max_tensor_mb`` when set)."""
+        return self.net.tensor_limit(self.plan.upload_bytes(codec))
 
     def register(self, session: Session) -> None:
         with self._cond:
@@ -267,14 +331,33 @@ class Coordinator:
         log.info("%d of %d clients connected", have, self.plan.num_clients)
 
     def _admit(self, round: int) -> None:
+        """Admit the waiting clients, except those serving a back-off for timing out again
+        and again (unless nobody else is training: then a slow client beats none)."""
         with self._cond:
-            joining, self._pending = self._pending, {}
+            ready = {cid: s for cid, s in self._pending.items()
+                     if self._benched_until.get(cid, -1) <= round}
+            if not ready and not self._active:
+                ready = dict(self._pending)
+            joining = ready
+            self._pending = {cid: s for cid, s in self._pending.items() if cid not in ready}
             self._active.update(joining)
+        for cid in self._pending:
+            log.info("client %d waits until round %d: it timed out %d times in a row", cid,
+                     self._benched_until[cid], self._strikes[cid])
         p = self.plan
         for cid, session in sorted(joining.items()):
             session.outbox.put(pb.ServerFrame(welcome=pb.Welcome(
                 round=round, steps=p.steps, interval=p.interval, mode=p.mode, cut=p.cut)))
             log.info("client %d admitted at round %d", cid, round)
+
+    def _strike(self, cid: int, round: int) -> None:
+        """Back off a client that keeps timing out: after its second timeout in a row it
+        sits out 2, then 4, 8... rounds (at most 64) before it is admitted again, so a
+        stalling client cannot cost every round a full step timeout."""
+        strikes = self._strikes.get(cid, 0) + 1
+        self._strikes[cid] = strikes
+        if strikes >= 2:
+            self._benched_until[cid] = round + 1 + min(2 ** (strikes - 1), 64)
 
     def _remove(self, session: Session) -> None:
         with self._cond:
@@ -297,6 +380,7 @@ class Coordinator:
             log.warning("client %d: %s", cid, reason)
             session.abort(grpc.StatusCode.DEADLINE_EXCEEDED, reason)
             self._remove(session)
+            self._strike(cid, t)
             return None
         if item is GONE:
             log.warning("client %d disconnected in round %d; the round goes on without it", cid, t)
@@ -305,15 +389,17 @@ class Coordinator:
         if isinstance(item, WireError):
             self._refuse(session, t, f"upload of client {cid}, round {t}: {item}")
             return None
+        what = f"activations of client {cid}, round {t}"
         try:
             acts = self._decode(t, session, item)
+            reply = guarded_step(self.server, cid, acts, self.bound, what)
         except WireError as e:
             self._refuse(session, t, str(e))
             return None
-        reply = self.server.step(cid, acts)
         data = pack(encode("grad", reply.grad, session.codec),
                     {"loss": repr(reply.loss), "tokens": str(reply.tokens)})
         session.send("grad", t, data)
+        self._strikes.pop(cid, None)
         self.rec.train_step(round=t, client=cid, loss=reply.loss, tokens=reply.tokens,
                             bytes_up=len(item.data), bytes_down=len(data), lr=self.server.lr)
         log.debug("round %d client %d: loss %.4f, %d bytes up, %d down", t, cid, reply.loss,
@@ -324,7 +410,7 @@ class Coordinator:
         what = f"activations of client {session.client_id}, round {t}"
         if blob.kind != "acts" or blob.round != t:
             raise WireError(f"{what}: got a {blob.kind!r} blob of round {blob.round} instead")
-        return decode_upload(blob.data, self.plan, session.codec, what)
+        return decode_upload(blob.data, self.plan, session.codec, what, self.bound)
 
     def _aggregate(self, t: int, present: list[int], samples: dict[int, int]) -> None:
         self.fed.open(t, present)
@@ -333,16 +419,20 @@ class Coordinator:
             merged = self.server_fed.aggregate(states, [samples[cid] for cid in present])
             self.server.load_adapter_state(merged)
             self.rec.event("aggregate", round=t, side="server", clients=present)
-        if isinstance(self.fed, FedService):
-            # Wait for the clients' aggregate so the checkpoint of this round holds it;
-            # shrink the round when a client leaves instead of waiting out its timeout.
-            while not self.fed.wait(t, 0.05):
-                alive = [c for c in present if c in self._active and
-                         not self._active[c].gone.is_set()]
-                if alive != present:
-                    present = alive
-                    self.fed.open(t, present)
-        self.rec.event("aggregate", round=t, side="client", clients=present)
+        if not isinstance(self.fed, FedService):
+            # The fed server runs elsewhere: which clients it aggregated is its record.
+            self.rec.event("aggregate", round=t, side="client", opened=present)
+            return
+        # Wait for the clients' aggregate so the checkpoint of this round holds it;
+        # shrink the round when a client leaves instead of waiting out its timeout.
+        while not self.fed.wait(t, 0.05):
+            alive = [c for c in present if c in self._active and
+                     not self._active[c].gone.is_set()]
+            if alive != present:
+                present = alive
+                self.fed.open(t, present)
+        self.rec.event("aggregate", round=t, side="client",
+                       clients=self.fed.aggregated(t) or [])
 
     def _save(self, t: int) -> None:
         assert self.checkpoint is not None
@@ -360,19 +450,71 @@ class Coordinator:
         log.info("run complete after %d rounds", self.plan.steps)
 
 
+class _Throttle:
+    """Says whether a message about ``key`` is due (at most once per ``every_s``)."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._last: dict[Any, float] = {}
+        self._lock = threading.Lock()
+
+    def due(self, key: Any) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -self.every_s) < self.every_s:
+                return False
+            self._last[key] = now
+            return True
+
+
+_REFUSALS = _Throttle(60.0)
+
+
+def admit(gate: StreamGate | None, service: str, party: str,
+          context: grpc.ServicerContext) -> Ticket | None:
+    """A place for this call under the gate, or abort it with RESOURCE_EXHAUSTED."""
+    if gate is None:
+        return None
+    got = gate.enter(service, party)
+    if isinstance(got, str):
+        if _REFUSALS.due((service, party)):  # a flood of refusals must not flood the log
+            log.warning("refused a %s call from %s: %s (further refusals of this party "
+                        "are logged once a minute)", service, context.peer(), got)
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, got)
+    assert isinstance(got, Ticket)
+    context.add_callback(got.release)  # the call is over, however it ended
+    return got
+
+
+def stream_gate(net: NetConfig, num_clients: int, *, federation: bool) -> StreamGate:
+    """Caps for a server of ``num_clients``: ``net.streams_per_party`` calls per party and
+    service, the main server's own calls to a fed server included."""
+    k = net.streams_per_party
+    per_party = {"Train": k, "Federation": k}
+    per_service = {"Train": k * num_clients}
+    if federation:
+        per_service["Federation"] = k * (num_clients + 1)
+    return StreamGate(per_party, per_service)
+
+
 def listen(coordinator: Admission, net: NetConfig, tokens: Mapping[str, str] | None, *,
            address: str | None = None) -> tuple[grpc.Server, int]:
     """Serve the coordinator's clients (and its fed service, when it runs in this process)
     on ``address`` (default ``net.host:net.port``); returns the started server and its port.
     """
     n = coordinator.plan.num_clients
-    # Every open stream, and every client waiting for an aggregate, holds a worker thread.
-    server = grpc.server(ThreadPoolExecutor(max_workers=2 * n + 8), options=options(net))
-    auth = Authenticator(tokens, {str(i) for i in range(n)})
-    pb_grpc.add_SplitTrainingServicer_to_server(TrainingServicer(coordinator, auth, net), server)
+    # Every open call holds a worker thread: the gate caps them per party and per service
+    # (so training and federation cannot starve each other), the pool has a worker for
+    # each admitted call, and gRPC refuses what is beyond at once instead of queueing it.
+    gate = stream_gate(net, n, federation=isinstance(coordinator.fed, FedService))
+    server = grpc.server(ThreadPoolExecutor(max_workers=gate.workers), options=options(net),
+                         maximum_concurrent_rpcs=gate.workers)
+    auth = Authenticator(tokens, {str(i) for i in range(n)}, net)
+    pb_grpc.add_SplitTrainingServicer_to_server(TrainingServicer(coordinator, auth, net, gate),
+                                                server)
     if isinstance(coordinator.fed, FedService):
-        pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator.fed, auth, net),
-                                                 server)
+        pb_grpc.add_FederationServicer_to_server(
+            FederationServicer(coordinator.fed, auth, net, gate), server)
     port = bind(server, address or f"{net.host}:{net.port}", net)
     server.start()
     return server, port

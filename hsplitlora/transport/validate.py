@@ -14,7 +14,8 @@ import torch
 
 from hsplitlora.transport.wire import Header, WireError
 
-__all__ = ["Layout", "Limit", "check_activation_values", "check_finite", "check_header"]
+__all__ = ["Layout", "Limit", "check_activation_values", "check_finite", "check_header",
+           "check_magnitude"]
 
 Layout = Mapping[str, tuple[str, tuple[int | str, ...]]]
 Limit = tuple[int, int, str]  # (lowest, highest, where the bound comes from)
@@ -62,6 +63,17 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise WireError(f"{what}: tensor {name!r} holds {bad} non-finite values (NaN/inf)")
+
+
+def check_magnitude(tensors: Mapping[str, torch.Tensor], bound: float, what: str) -> None:
+    """Refuse float tensors with a value beyond ``bound`` (finite values can poison too:
+    3e38 squares to inf inside the first norm layer)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel():
+            peak = float(t.detach().abs().max())
+            if peak > bound:
+                raise WireError(f"{what}: tensor {name!r} holds a value of magnitude {peak:.3g}, "
+                                f"beyond the bound {bound:.3g} (net.max_activation)")
 
 
 def check_activation_values(tensors: Mapping[str, torch.Tensor], vocab_size: int,

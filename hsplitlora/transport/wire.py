@@ -24,6 +24,10 @@ __all__ = ["Blob", "Header", "Reassembler", "WireError", "frames", "pack", "read
            "unpack"]
 
 _MAX_HEADER = 1 << 24  # a header of 16 MB would describe millions of tensors: not ours
+_MAX_DIMS = 8  # activations have 3 dimensions and adapters 2; more is not a tensor of ours
+# bytes per element of every safetensors dtype
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
+             "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 class WireError(ValueError):
@@ -45,7 +49,13 @@ class Header:
 
 
 def read_header(blob: bytes) -> Header:
-    """Parse a safetensors header without touching tensor data (for validation first)."""
+    """Parse and check a safetensors header without touching tensor data.
+
+    Everything a peer could get wrong is refused here as a :class:`WireError`: JSON that is
+    too deep or holds numbers no shape can have, metadata that is not strings, unknown
+    dtypes, and offsets that do not tile the data exactly. Nothing past this point (the
+    layout check, safetensors, torch) ever sees a header it could choke on.
+    """
     if len(blob) < 8:
         raise WireError(f"blob of {len(blob)} bytes is too short to be safetensors")
     (size,) = struct.unpack("<Q", blob[:8])
@@ -54,18 +64,71 @@ def read_header(blob: bytes) -> Header:
                         f"{len(blob) - 8}")
     try:
         raw = json.loads(blob[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, or a 5000-digit number
         raise WireError(f"safetensors header is not valid JSON: {e}") from None
+    except RecursionError:
+        raise WireError("safetensors header nests deeper than any header can") from None
     if not isinstance(raw, dict):
         raise WireError("safetensors header is not a JSON object")
     meta = raw.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise WireError("safetensors __metadata__ must map strings to strings")
+    data_bytes = len(blob) - 8 - size
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, entry in raw.items():
-        try:
-            tensors[name] = (str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
-        except (KeyError, TypeError, ValueError):
-            raise WireError(f"safetensors header entry {name!r} lacks a dtype or shape") from None
-    return Header(tensors, {str(k): str(v) for k, v in meta.items()})
+        dtype, shape, span = _entry(name, entry, data_bytes)
+        tensors[name] = (dtype, shape)
+        spans.append((*span, name))
+    _check_tiling(spans, data_bytes)
+    return Header(tensors, dict(meta))
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _entry(name: str, entry: object,
+           data_bytes: int) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """One tensor's dtype, shape and byte span, each checked against the data it claims."""
+    if not isinstance(entry, dict):
+        raise WireError(f"safetensors header entry {name!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype is None or shape is None:
+        raise WireError(f"safetensors header entry {name!r} lacks a dtype or shape")
+    if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
+        raise WireError(f"safetensors header entry {name!r} has dtype {dtype!r}; expected one "
+                        f"of {', '.join(_ITEMSIZE)}")
+    if not (isinstance(shape, list) and len(shape) <= _MAX_DIMS
+            and all(_is_int(d) and 0 <= d <= data_bytes for d in shape)):
+        raise WireError(f"safetensors header entry {name!r} lacks a shape of at most "
+                        f"{_MAX_DIMS} non-negative integers no larger than the data")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))
+            and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        raise WireError(f"safetensors header entry {name!r} has data_offsets {offsets!r} "
+                        f"outside the {data_bytes} bytes of data")
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel * _ITEMSIZE[dtype] > data_bytes:
+            break  # the product only grows: refused below, without a huge multiplication
+    if numel * _ITEMSIZE[dtype] != offsets[1] - offsets[0]:
+        raise WireError(f"safetensors header entry {name!r}: shape {tuple(shape)} of "
+                        f"{dtype} does not fill its {offsets[1] - offsets[0]} bytes")
+    return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
+def _check_tiling(spans: list[tuple[int, int, str]], data_bytes: int) -> None:
+    """The tensors' byte spans must cover the data exactly, without gaps or overlaps."""
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            raise WireError(f"safetensors tensor {name!r} starts at byte {begin}, expected "
+                            f"{at}: tensors overlap or leave a gap")
+        at = end
+    if at != data_bytes:
+        raise WireError(f"safetensors tensors cover {at} bytes of the {data_bytes} that "
+                        "follow the header")
 
 
 def unpack(blob: bytes) -> dict[str, torch.Tensor]:

@@ -100,3 +100,31 @@ def test_cli_evaluate_rejects_what_is_not_a_finished_run(tmp_path, tiny_llama_di
     assert partial.exit_code == 2
     assert "not a finished run: adapter/adapter_model.safetensors is missing" in _unwrapped(
         partial.output)
+
+
+def _nan_weights(path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path)
+    key = sorted(state)[0]
+    state[key] = state[key].clone().fill_(float("nan"))
+    save_file(state, path)
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda p: p.write_bytes(p.read_bytes()[:40]), "is damaged and cannot be read"),
+    (lambda p: p.write_bytes(b""), "is damaged and cannot be read"),
+    (lambda p: p.write_bytes(b"\xff" * 8 + p.read_bytes()[8:]), "is damaged and cannot be read"),
+    (_nan_weights, "holds non-finite weights"),
+])
+def test_cli_evaluate_refuses_a_corrupted_adapter_clearly(tmp_path, tiny_llama_dir, damage,
+                                                          message):
+    run = _tiny_run(tmp_path, tiny_llama_dir)
+    adapter = run / "adapter" / "adapter_model.safetensors"
+    damage(adapter)
+    result = CliRunner().invoke(app, ["evaluate", str(run), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    text = _unwrapped(result.output)
+    assert "adapter_model.safetensors" in "".join(result.output.split())  # names the file
+    assert message in text
+    assert not (run / "scores.json").exists()  # no score for a broken adapter

@@ -58,7 +58,7 @@ def _fed(cfg: dict, net: dict, kwargs: dict[str, Any]) -> None:
 
 
 def _join(cfg: dict, net: dict, client_id: int, address: str, out: str,
-          kwargs: dict[str, Any], die_at: int | None) -> None:
+          kwargs: dict[str, Any], die_at: int | None, drop_at: int | None = None) -> None:
     from hsplitlora.roles.client import Client
     from hsplitlora.transport.deploy import join
 
@@ -74,6 +74,19 @@ def _join(cfg: dict, net: dict, client_id: int, address: str, out: str,
             return forward(self)
 
         Client.forward = dying_forward  # type: ignore[method-assign]
+    if drop_at is not None:  # a lost stream between forward and backward (not a crash)
+        from hsplitlora.transport.client import RemoteMainServer
+
+        step = RemoteMainServer.step
+        calls = [0]
+
+        def dropping_step(self: RemoteMainServer, cid: int, acts: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == drop_at + 1:
+                self.link._channel.close()  # the activations never leave; the call dies
+            return step(self, cid, acts)
+
+        RemoteMainServer.step = dropping_step  # type: ignore[method-assign]
     adapter = join(RunConfig.model_validate(cfg), NetConfig.model_validate(net), client_id,
                    address, **kwargs)
     save_file({k: v.contiguous() for k, v in adapter.items()}, out)
@@ -105,8 +118,13 @@ def start_fed(cfg: RunConfig, net: NetConfig, **kwargs: Any) -> multiprocessing.
 
 
 def start_client(cfg: RunConfig, net: NetConfig, client_id: int, address: str, out: Path,
-                 die_at: int | None = None, **kwargs: Any) -> multiprocessing.Process:
-    return start(_join, _dump(cfg), _dump(net), client_id, address, str(out), kwargs, die_at)
+                 die_at: int | None = None, drop_at: int | None = None,
+                 **kwargs: Any) -> multiprocessing.Process:
+    """Client ``client_id`` in its own process; ``die_at=n`` kills it at its ``n``-th
+    forward pass, ``drop_at=n`` closes its stream between its ``n``-th forward pass and
+    the gradient (it reconnects)."""
+    return start(_join, _dump(cfg), _dump(net), client_id, address, str(out), kwargs, die_at,
+                 drop_at)
 
 
 def start_cli(name: str, *argv: str) -> multiprocessing.Process:

@@ -25,7 +25,7 @@ from hsplitlora.train.recorder import Recorder
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport.client import Link, RemoteMainServer
 from hsplitlora.transport.config import NetConfig
-from hsplitlora.transport.fed import FedService, RemoteFed, adapter_layout
+from hsplitlora.transport.fed import FedService, RemoteFed, adapter_layout, round_timeout
 from hsplitlora.transport.plan import Plan
 from hsplitlora.transport.server import Coordinator, listen
 from tests.conftest import tiny_model
@@ -74,11 +74,15 @@ def start_live(net: NetConfig, *, num_clients: int = 2, steps: int = 3, interval
     optim = OptimSettings(lr=5e-3, total_steps=steps * num_clients)
     server = MainServer(server_seg, range(num_clients), optim, precision="fp32")
     reference = MainServer(copy.deepcopy(server_seg), range(num_clients), optim, precision="fp32")
+    # client i's shard holds 10 + i samples (what Live.link's hellos claim)
+    samples = tuple(10 + i for i in range(num_clients))
     plan = Plan("splitlora", steps, interval, 2, num_clients, BATCH, MAX_LEN, HIDDEN, VOCAB,
-                torch.float32)
+                torch.float32, samples)
     fed = FedService(FedServer(alpha=8), adapter_layout(lora_state(client_seg)),
-                     net.step_timeout_s)
-    coordinator = Coordinator(server, plan, net, fed, Recorder(None, steps, show_progress=False))
+                     net.step_timeout_s, open_timeout_s=round_timeout(net, num_clients),
+                     samples=samples, bound=plan.value_bound(net.max_activation))
+    rec = Recorder(None, steps, show_progress=False)
+    coordinator = Coordinator(server, plan, net, fed, rec)
     grpc_server, port = listen(coordinator, net, tokens, address="127.0.0.1:0")
     live = Live(net, port, server, reference, client_seg, fed, coordinator, grpc_server,
                 threading.Thread(target=lambda: None))

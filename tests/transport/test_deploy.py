@@ -164,3 +164,22 @@ def test_serve_resume_refuses_a_config_that_changed_what_the_run_computes(tmp_pa
                 run_folder(cfg) / "checkpoint" / "server.pt")
     with pytest.raises(ConfigError, match=r"train.lr: 0.001 -> 0.005"):
         serve(cfg, NetConfig(port=0), resume=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "flip"])
+def test_serve_resume_refuses_a_damaged_checkpoint_naming_it(tmp_path, tiny_llama_dir, damage):
+    from hsplitlora.checkpoint import CheckpointError, atomic_save
+    from hsplitlora.transport.deploy import run_folder, serve
+
+    cfg = run_config(tiny_llama_dir, tmp_path, steps=4)
+    path = run_folder(cfg) / "checkpoint" / "server.pt"
+    atomic_save({"config": cfg.model_dump(mode="json"), "round": 1,
+                 "x": torch.zeros(256)}, path)
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 1
+    path.write_bytes(b"" if damage == "empty" else bytes(raw[: len(raw) // 2])
+                     if damage == "truncate" else bytes(raw))
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} (is empty|is truncated or "
+                                              "corrupted)"):
+        serve(cfg, NetConfig(port=0), resume=True)

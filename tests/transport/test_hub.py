@@ -191,3 +191,22 @@ def test_a_resume_without_a_checkpoint_is_refused_up_front(tmp_path, tiny_llama_
         serve(cfg, NetConfig(), resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint at .*nothing to resume"):
         join(cfg, NetConfig(), 0, "127.0.0.1:1", resume=True, checkpoint=tmp_path / "none.pt")
+
+
+@pytest.mark.parametrize("kind", ["reply", "error"])
+@pytest.mark.parametrize("header", [
+    b'{"hidden":{"dtype":"F32","shape":[2,40,1e400],"data_offsets":[0,4]}}',
+    b'{"__metadata__":[1]}', b"[" * 100_000 + b"]" * 100_000])
+def test_headers_that_killed_the_server_drop_only_that_client_in_the_hub(hub, kind, header):
+    proxy, session = _proxy(hub)
+    session.inbox.put(Blob(kind, 0, len(header).to_bytes(8, "little") + header + b"\0" * 4))
+    with pytest.raises(PartyLost, match="client 0"):
+        proxy.forward()
+    assert not proxy.here and session.gone.is_set()
+
+
+def test_huge_finite_activations_drop_the_client_in_the_hub(hub):
+    proxy, session = _proxy(hub)
+    session.inbox.put(Blob("reply", 0, _acts(torch.full((2, 5, hub.plan.hidden_size), 3e38))))
+    with pytest.raises(PartyLost, match=r"magnitude 3e\+38, beyond the bound"):
+        proxy.forward()

@@ -100,3 +100,87 @@ def test_mutual_tls_requires_a_client_certificate(certs):
         signed.close()
     finally:
         live.stop()
+
+
+def test_a_client_certificate_serves_only_its_own_client_id(certs):
+    """One CA-signed certificate (CN client-0) used to serve three ids: refused for the
+    others, by name."""
+    net = NetConfig(step_timeout_s=1, join_timeout_s=1, tls_cert=certs.server_cert,
+                    tls_key=certs.server_key, tls_ca=certs.ca, mutual_tls=True, min_clients=1)
+    live = start_live(net, num_clients=3)
+    borrowed = NetConfig(tls_ca=certs.ca, client_cert=certs.client_cert,
+                         client_key=certs.client_key)
+    try:
+        for cid in (1, 2):
+            link = live.link(cid, net=borrowed)
+            with pytest.raises(AuthError, match=f"the client certificate names client-0 but "
+                                                f"the call says party '{cid}'"):
+                link.welcome(5)
+            link.close()
+        own = live.link(0, net=borrowed)
+        assert own.welcome(5).round == 0
+        own.close()
+        assert set(live.coordinator._pending) <= {0}
+    finally:
+        live.stop()
+
+
+class _Context:
+    """The little of a gRPC servicer context the authenticator reads."""
+
+    def __init__(self, meta):
+        self.meta, self.aborted = meta, None
+
+    def invocation_metadata(self):
+        return self.meta
+
+    def peer(self):
+        return "ipv4:127.0.0.1:1"
+
+    def abort(self, code, reason):
+        self.aborted = reason
+        raise RuntimeError(reason)
+
+
+def _check(auth, meta, method="Train"):
+    ctx = _Context(meta)
+    try:
+        auth.identify(ctx, method)
+    except RuntimeError:
+        pass
+    return ctx.aborted
+
+
+def test_signed_tokens_refuse_replays_stale_calls_and_bearer_tokens(monkeypatch):
+    from hsplitlora.transport import security
+    from hsplitlora.transport.security import Authenticator, call_metadata
+
+    net = NetConfig(signed_tokens=True, token_window_s=30)
+    auth = Authenticator(TOKENS, {"0", "1"}, net)
+    meta = call_metadata("0", TOKENS["0"], "Train", net)
+    assert TOKENS["0"] not in str(meta)  # the token itself never travels
+    assert _check(auth, meta) is None
+    assert "a replayed call of party '0'" in _check(auth, meta)  # the same call again
+    assert _check(auth, call_metadata("0", TOKENS["0"], "Train", net)) is None  # a fresh one
+    assert "wrong token signature" in _check(auth, call_metadata("0", TOKENS["0"], "Open",
+                                                                 net))  # for another method
+    assert "wrong token signature" in _check(auth, call_metadata("0", TOKENS["1"], "Train",
+                                                                 net))
+    assert "sent no signed token" in _check(auth, call_metadata("0", TOKENS["0"], "Train"))
+    now = security.time.time()
+    monkeypatch.setattr(security.time, "time", lambda: now - 120)
+    old = call_metadata("0", TOKENS["0"], "Train", net)
+    monkeypatch.undo()
+    assert "120 s old, beyond net.token_window_s=30" in _check(auth, old)
+
+
+def test_signed_tokens_work_end_to_end():
+    net = NetConfig(step_timeout_s=1, join_timeout_s=2, signed_tokens=True)
+    live = start_live(net, tokens=TOKENS)
+    try:
+        links = [live.link(i, token=TOKENS[str(i)]) for i in (0, 1)]
+        assert [link.welcome(5).round for link in links] == [0, 0]
+        for link in links:
+            link.close()
+    finally:
+        live.stop()
