@@ -82,12 +82,10 @@ def test_q_and_v_parts_match_loralib_merged_linear_in_logits_and_gradients():
     ours = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for i, block in enumerate(ref.transformer.h):
         key = f"transformer.h.{i}.attn.c_attn"
-        mine = lambda part, ab: ours[f"{key}.lora_{ab}.{part}.weight"]  # noqa: E731
         grad_a, grad_b = block.attn.c_attn.lora_A.grad, block.attn.c_attn.lora_B.grad
-        torch.testing.assert_close(torch.cat([mine("q", "A"), mine("v", "A")]), grad_a,
-                                   atol=1e-6, rtol=1e-4)
-        torch.testing.assert_close(torch.cat([mine("q", "B"), mine("v", "B")]), grad_b,
-                                   atol=1e-6, rtol=1e-4)
+        for ab, grad in (("A", grad_a), ("B", grad_b)):
+            mine = torch.cat([ours[f"{key}.lora_{ab}.{part}.weight"] for part in "qv"])
+            torch.testing.assert_close(mine, grad, atol=1e-6, rtol=1e-4)
 
 
 def test_trainable_parameters_are_the_papers_count():
