@@ -104,6 +104,7 @@ clock.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -281,7 +282,7 @@ class ModelDims:
         prefix = self.block_prefix + "."
         index, _, path = name.removeprefix(prefix).partition(".")
         if name.startswith(prefix) and index.isdigit() and int(index) < self.n_layers:
-            for m in self.matrices:
+            for m in (*self.matrices, *self.candidates):
                 if m.path == path:
                     return int(index), m
         raise KeyError(
@@ -291,14 +292,28 @@ class ModelDims:
 
 
 def _select(matrices: tuple[Matrix, ...], targets: tuple[str, ...]) -> tuple[Matrix, ...]:
+    """The candidate matrices ``targets`` select; ``attn.c_attn:q`` selects a part of a fused
+    matrix as a candidate of its own (its rows, read from the same activation)."""
     def hit(m: Matrix, t: str) -> bool:
         return m.path == t or m.path.endswith("." + t)
 
-    unknown = [t for t in targets if not any(hit(m, t) for m in matrices)]
+    def find(t: str) -> list[Matrix]:
+        path, _, label = t.partition(":")
+        found = [m for m in matrices if hit(m, path)]
+        if not label:
+            return found
+        return [dataclasses.replace(m, path=f"{m.path}:{p.label}", kind=p.label,
+                                    d_out=p.width, bias=False, parts=())
+                for m in found for p in m.parts if p.label == label]
+
+    unknown = [t for t in targets if not find(t)]
     if unknown:
         raise ValueError(f"unknown target(s) {unknown}: this architecture's block matrices are "
                          f"{[m.path for m in matrices]}")
-    return tuple(m for m in matrices if any(hit(m, t) for t in targets))
+    chosen = {m.path: m for t in targets for m in find(t)}
+    order = [m.path for m in matrices]
+    return tuple(sorted(chosen.values(),
+                        key=lambda m: (order.index(m.path.partition(":")[0]), m.path)))
 
 
 @dataclass(frozen=True)
