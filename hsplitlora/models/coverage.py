@@ -38,7 +38,16 @@ _TINY: dict[str, Any] = dict(
     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
 )
 # Per model_type: sizes that must agree with each other in ways _TINY cannot know.
-_EXTRA: dict[str, dict[str, Any]] = {}
+_MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, kv_lora_rank=16,
+            q_lora_rank=16, head_dim=8, num_key_value_heads=4)
+_EXTRA: dict[str, dict[str, Any]] = {
+    "codegen": dict(rotary_dim=8), "gptj": dict(rotary_dim=8),
+    "deepseek_v2": _MLA, "deepseek_v3": _MLA, "deepseek_v32": _MLA, "glm4_moe_lite": _MLA,
+    "glm_moe_dsa": _MLA, "axk1": _MLA, "axk2": _MLA, "minicpm3": _MLA, "sarvam_mla": _MLA,
+    "longcat_flash": _MLA, "youtu": _MLA,
+    "gpt_neo": dict(attention_types=[[["global", "local"], 2]], window_size=4),
+    "mamba2": dict(num_heads=8, head_dim=8, n_groups=1, expand=2),
+}
 
 # Encoder models that transformers also ships as causal LMs (``is_decoder=True``): swept,
 # but not counted among the decoder-only architectures.

@@ -290,7 +290,9 @@ class ServerSegment(_Segment):
         self._incoming = activations
         try:
             out = self.backbone(
-                inputs_embeds=activations,
+                # a copy: some backbones scale inputs_embeds in place (CTRL), and whatever
+                # they compute from it is replaced by the activations at the first block
+                inputs_embeds=activations.detach().clone(),
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=False,

@@ -126,7 +126,34 @@ class ArchSpec:
 
 # Facts discovery cannot decide, per model_type. Keys are ArchSpec fields, plus "refuse":
 # a reason the architecture cannot be split exactly (checked by the coverage sweep).
-OVERRIDES: dict[str, dict[str, Any]] = {}
+_LOOPED = ("its blocks do not run once each, in list order (the backbone loops over a "
+           "range of them)")
+_DENSE = ("its blocks also read the states of earlier blocks, besides the hidden states, "
+          "which the client would have to send too")
+_NO_EMBEDS = ("its backbone cannot start from hidden states (inputs_embeds), so the server "
+              "cannot run its blocks on received activations")
+_PER_LAYER_INPUTS = ("its blocks read per-layer inputs computed from the token ids, which "
+                     "only the client has")
+OVERRIDES: dict[str, dict[str, Any]] = {
+    # found by the coverage sweep (scripts/coverage_sweep.py), see docs/architectures.md
+    "dory": {"refuse": _LOOPED},
+    "inkling2_text": {"refuse": _DENSE},
+    "inkling2_loop_text": {"refuse": _DENSE},
+    "cpmant": {"refuse": _NO_EMBEDS},
+    "electra": {"refuse": "its embeddings project from embedding_size to the hidden size "
+                          "before the blocks, and the backbone takes inputs_embeds before "
+                          "that projection"},
+    "gemma4_text": {"refuse": _PER_LAYER_INPUTS},
+    "gemma3n_text": {"refuse": _PER_LAYER_INPUTS},
+    "hy_v4": {"refuse": "its backbone widens the hidden states into several residual "
+                        "streams (hyper-connections) before the blocks"},
+}
+# its config counts each block's two sub-layers in num_hidden_layers
+OVERRIDES["longcat_flash"] = {"n_layers": "num_layers"}
+# peft refuses LoRA on a Mamba mixer's out_proj (its fused kernels read the weight
+# directly, so an adapter there would be skipped): not a target for these
+for _mamba in ("falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"):
+    OVERRIDES[_mamba] = {"exclude": ("out_proj",)}
 
 # Block-relative layer names -> short kind labels (tables, default targets).
 _KINDS = {
@@ -284,10 +311,14 @@ def _final_norm(backbone: nn.Module, blocks: str, pp_plan: dict[str, Any]) -> st
     parent, _, leaf = blocks.rpartition(".")
     holder = backbone.get_submodule(parent) if parent else backbone
     norms = [n for n, m in holder.named_children()
-             if n != leaf and "emb" not in n.lower()
-             and ("norm" in type(m).__name__.lower() or "norm" in n.lower()
-                  or n.lower().startswith("ln"))]
-    return f"{parent}.{norms[-1]}" if norms and parent else (norms[-1] if norms else None)
+             if n != leaf and ("norm" in type(m).__name__.lower() or "norm" in n.lower()
+                               or n.lower().startswith("ln"))]
+    # an embedding norm among them runs before the blocks, unless it is the only norm
+    # (LFM2 calls its final norm embedding_norm)
+    final = [n for n in norms if "emb" not in n.lower()] or norms
+    if not final:
+        return None
+    return f"{parent}.{final[-1]}" if parent else final[-1]
 
 
 def _multimodal(config: Any) -> list[str]:
@@ -355,7 +386,9 @@ def discover(model: nn.Module) -> ArchSpec:
         for path, m in found.items():
             union.setdefault(path, m)
     uniform = all(found == per_block[0] for found in per_block)
-    targets = tuple(override.get("targets", union))
+    excluded = override.get("exclude", ())
+    targets = tuple(override.get("targets") or
+                    [t for t in union if t.split(".")[-1] not in excluded])
     matrices = tuple(union[t] for t in targets if t in union)
     default = override.get("default_targets") or _default_targets(matrices)
 
