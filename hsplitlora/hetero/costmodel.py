@@ -8,8 +8,9 @@ entries in blocks ``[0, cut)``, those about the server only blocks ``[cut, L)``.
 
 **Frozen weights.** Exactly the parameters the segments of
 :func:`hsplitlora.models.split.split_model` hold, times ``weight_bytes``. The client holds
-the embeddings (GPT-2: token and position) and blocks ``[0, cut)``; its final norm is an
-identity. The server holds blocks ``[cut, L)``, the final norm, the LM head and *also the
+the embeddings (GPT-2: token and position), blocks ``[0, cut)`` and the final norm (never
+run there: the client stops at its first missing block, but NanoChat also runs that norm
+before its blocks). The server holds blocks ``[cut, L)``, the final norm, the LM head and *also the
 input embeddings*, because ``split_model`` copies the whole backbone (for tied models the
 embedding matrix is the LM head anyway). Buffers (rotary tables) are not counted.
 
@@ -545,7 +546,8 @@ def client_memory(
     first = _first_adapted(adapted, cut)
     weights, grads, optimizer = _lora_state(adapted, work)
     return MemoryBreakdown(
-        frozen_weights=(dims.embedding_params + cut * dims.block_params) * work.weight_bytes,
+        frozen_weights=(dims.embedding_params + dims.norm_params + cut * dims.block_params)
+        * work.weight_bytes,
         activations=activation_bytes(dims, range(first, cut), ranks, work, input_grad=False),
         lora_weights=weights,
         lora_grads=grads,

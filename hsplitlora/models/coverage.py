@@ -128,14 +128,12 @@ def _reference(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
     return ref.detach(), grads
 
 
-def _compare(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+def _compare(segments: list[tuple[Any, Any]], ids: torch.Tensor, mask: torch.Tensor,
              ref: torch.Tensor, ref_grads: dict[str, torch.Tensor]) -> tuple[float, float]:
     if not ref_grads:
         raise SplitError("no LoRA gradient reaches the unsplit model's adapters")
-    n = int(getattr(model.config, arch_spec(model).n_layers))
     logit_err = grad_err = 0.0
-    for cut in range(n + 1):
-        client, server = split_model(model, cut)
+    for client, server in segments:
         hidden = client(ids, mask)
         received = hidden.detach().requires_grad_(True)
         logits = server(received, mask)
@@ -183,13 +181,21 @@ def check(model_type: str, atol: float = ATOL) -> Result:
         for p in lora_parameters(model):
             p.normal_(std=0.2)
     ids, mask = _batch(int(getattr(model.config, "vocab_size", 320)))
+    try:  # split before running: segments are copied from a model that has not run yet
+        n = int(getattr(model.config, spec.n_layers))
+        segments = [split_model(model, cut) for cut in range(n + 1)]
+    except SplitError as err:
+        return done("refused", str(err), blocks=spec.block_prefix)
+    except Exception as err:  # noqa: BLE001 - a crash while splitting is a finding
+        return done("wrong", f"split failed: {type(err).__name__}: {str(err)[:120]}",
+                    blocks=spec.block_prefix)
     try:
         ref = _reference(model, ids, mask)
     except Exception as err:  # noqa: BLE001 - the unsplit tiny model itself does not run
         return done("skipped", f"tiny model does not run unsplit: {type(err).__name__}: "
                     f"{str(err)[:120]}")
     try:
-        logit_err, grad_err = _compare(model, ids, mask, *ref)
+        logit_err, grad_err = _compare(segments, ids, mask, *ref)
     except SplitError as err:
         return done("refused", str(err), blocks=spec.block_prefix)
     except Exception as err:  # noqa: BLE001 - a crash while splitting is a finding, not a skip

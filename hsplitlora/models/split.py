@@ -372,8 +372,6 @@ def split_model(model: nn.Module, cut: int) -> tuple[ClientSegment, ServerSegmen
     _check_cut(cut, n)
     client_bb, _ = _copy_backbone(backbone, spec, blocks[:cut], None)
     client_bb.get_submodule(spec.blocks).append(_Stop(blocks[min(cut, n - 1)] if n else None))
-    if spec.final_norm:  # never reached (the stop comes first); holds no weights
-        _set_path(client_bb, spec.final_norm, nn.Identity())
     client_bb.config = _segment_config(backbone.config, spec, 0, cut, cut + 1)
     server_bb, shell = _copy_backbone(backbone, spec, blocks[cut:], _head_shell(model, spec))
     server_bb.config = _segment_config(backbone.config, spec, cut, n, n - cut)

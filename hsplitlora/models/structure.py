@@ -145,6 +145,17 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                           "that projection"},
     "gemma4_text": {"refuse": _PER_LAYER_INPUTS},
     "gemma3n_text": {"refuse": _PER_LAYER_INPUTS},
+    "zamba": {"refuse": "its hybrid blocks call one shared transformer block at several "
+                        "depths and feed it the embeddings' output, which only the client has"},
+    "zamba2": {"refuse": "its hybrid blocks call shared transformer blocks at several depths "
+                         "and feed them the embeddings' output, which only the client has"},
+    "xlnet": {"refuse": "its blocks run two attention streams (content and query) and "
+                        "relative position tensors that are not one hidden state"},
+    "rembert": {"refuse": "its embeddings project from input_embedding_size to the hidden "
+                          "size before the blocks, and the backbone takes inputs_embeds before "
+                          "that projection"},
+    "prophetnet": {"refuse": "its decoder is ProphetNet's n-gram stream decoder of an "
+                             "encoder-decoder model"},
     "hy_v4": {"refuse": "its backbone widens the hidden states into several residual "
                         "streams (hyper-connections) before the blocks"},
 }
@@ -309,16 +320,19 @@ def _final_norm(backbone: nn.Module, blocks: str, pp_plan: dict[str, Any]) -> st
     if blocks in names and names.index(blocks) + 1 < len(names):
         return names[names.index(blocks) + 1]
     parent, _, leaf = blocks.rpartition(".")
-    holder = backbone.get_submodule(parent) if parent else backbone
-    norms = [n for n, m in holder.named_children()
-             if n != leaf and ("norm" in type(m).__name__.lower() or "norm" in n.lower()
-                               or n.lower().startswith("ln"))]
-    # an embedding norm among them runs before the blocks, unless it is the only norm
-    # (LFM2 calls its final norm embedding_norm)
-    final = [n for n in norms if "emb" not in n.lower()] or norms
-    if not final:
-        return None
-    return f"{parent}.{final[-1]}" if parent else final[-1]
+    levels = [parent] + ([""] if parent else [])  # beside the block list, then the backbone
+    for level in levels:
+        holder = backbone.get_submodule(level) if level else backbone
+        norms = [n for n, m in holder.named_children()
+                 if n not in (leaf, level.split(".")[0])
+                 and ("norm" in type(m).__name__.lower() or "norm" in n.lower()
+                      or n.lower().startswith("ln"))]
+        # an embedding norm among them runs before the blocks, unless it is the only
+        # norm (LFM2 calls its final norm embedding_norm)
+        final = [n for n in norms if "emb" not in n.lower()] or norms
+        if final:
+            return f"{level}.{final[-1]}" if level else final[-1]
+    return None
 
 
 def _multimodal(config: Any) -> list[str]:
@@ -341,6 +355,13 @@ def discover(model: nn.Module) -> ArchSpec:
                       f"{_multimodal(config)})", "Load its text-only *ForCausalLM instead.")
     prefix = override.get("backbone", getattr(model, "base_model_prefix", ""))
     backbone = getattr(model, prefix, None) if prefix else None
+    if not isinstance(backbone, nn.Module):  # Llama 4's text model: prefix names another
+        n_guess = _layer_count(config)[1]
+        holders = [name for name, child in model.named_children()
+                   if any(isinstance(m, nn.ModuleList) and len(m) == n_guess
+                          for m in child.modules())]
+        if len(holders) == 1:
+            prefix, backbone = holders[0], getattr(model, holders[0])
     if not isinstance(backbone, nn.Module) or backbone is model:
         raise _refuse(model_type, f"{type(model).__name__} has no separate backbone "
                       f"(base_model_prefix {prefix!r})", "Name it as 'backbone' in OVERRIDES.")
