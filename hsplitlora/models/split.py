@@ -251,15 +251,15 @@ class ServerSegment(_Segment):
     """Blocks ``[k, L)``, the final norm and the LM head: what the main server runs."""
 
     def __init__(self, backbone: nn.Module, lm_head: nn.Module, spec: ArchSpec,
-                 first_block: int, n_blocks: int) -> None:
+                 first_block: int, n_blocks: int, after_blocks: str | None = None) -> None:
         super().__init__(backbone, spec, first_block, n_blocks)
         self.lm_head = lm_head
         self._incoming: torch.Tensor | None = None
         self._passthrough = False
         if n_blocks:
             entry: nn.Module | None = self.blocks[0]
-        else:
-            entry = backbone.get_submodule(spec.final_norm) if spec.final_norm else None
+        else:  # cut L: the activations go where the last block's output goes
+            entry = backbone.get_submodule(after_blocks) if after_blocks else None
             self._passthrough = entry is None
         if entry is not None:
             entry.register_forward_pre_hook(self._swap_in, with_kwargs=True)
@@ -359,6 +359,44 @@ def _head_shell(model: nn.Module, spec: ArchSpec) -> nn.Module:
     return shell
 
 
+def _after_blocks(model: nn.Module, spec: ArchSpec) -> str | None:
+    """The backbone module the last block's output goes to first (the final norm, where
+    there is one), found by running the backbone on two tokens: names cannot tell a final
+    norm from an embedding norm beside it (BlenderbotSmall vs LFM2). ``None``: the output
+    is the backbone's result as it is."""
+    backbone = getattr(model, spec.backbone)
+    blocks = backbone.get_submodule(spec.blocks)
+    if not len(blocks):
+        return spec.final_norm
+    seen: dict[str, Any] = {}
+
+    def last_done(module: nn.Module, args: Any, output: Any) -> None:
+        seen["out"] = output if isinstance(output, torch.Tensor) else output[0]
+
+    def watch(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            if "out" in seen and "entry" not in seen and x is seen["out"]:
+                seen["entry"] = name
+        return hook
+
+    inside = spec.blocks + "."
+    handles = [blocks[-1].register_forward_hook(last_done)]
+    handles += [m.register_forward_pre_hook(watch(name), with_kwargs=True)
+                for name, m in backbone.named_modules()
+                if name and name != spec.blocks and not name.startswith(inside)]
+    device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            backbone(input_ids=torch.tensor([[1, 2]], device=device), use_cache=False)
+    except Exception:  # noqa: BLE001 - a backbone that will not run here: trust the names
+        return spec.final_norm
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen.get("entry")
+
+
 def split_model(model: nn.Module, cut: int) -> tuple[ClientSegment, ServerSegment]:
     """Split a causal LM (optionally already carrying LoRA) after block ``cut``.
 
@@ -377,5 +415,6 @@ def split_model(model: nn.Module, cut: int) -> tuple[ClientSegment, ServerSegmen
     server_bb.config = _segment_config(backbone.config, spec, cut, n, n - cut)
     assert shell is not None
     head = _Head(shell, spec)
+    after = _after_blocks(model, spec) if cut == n else None
     return (ClientSegment(client_bb, spec, 0, cut),
-            ServerSegment(server_bb, head, spec, cut, n - cut))
+            ServerSegment(server_bb, head, spec, cut, n - cut, after))

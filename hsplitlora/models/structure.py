@@ -214,7 +214,9 @@ def _linears(block: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _layer_count(config: Any) -> tuple[str, int]:
-    for name in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+    # decoder_layers first: BART-style *ForCausalLM is the decoder of an encoder-decoder,
+    # whose num_hidden_layers means the encoder's
+    for name in ("decoder_layers", "num_hidden_layers", "n_layer", "num_layers", "n_layers"):
         value = getattr(config, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
             return name, value
