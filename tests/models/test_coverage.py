@@ -20,9 +20,11 @@ def test_representative_architectures_split_exactly_at_every_cut(model_type):
     assert result.logit_err <= ATOL and result.grad_err <= ATOL
 
 
-def test_an_encoder_decoder_entry_is_refused_not_wrong():
-    result = check("bart")
-    assert result.status == "refused" and "bart" in result.reason
+def test_an_architecture_that_cannot_be_cut_is_refused_with_its_reason():
+    result = check("zamba")
+    assert result.status == "refused"
+    assert "cannot split architecture 'zamba' exactly: its hybrid blocks call one shared" \
+        in result.reason
 
 
 @pytest.mark.sweep
