@@ -48,6 +48,14 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "longcat_flash": _MLA, "youtu": _MLA,
     "gpt_neo": dict(attention_types=[[["global", "local"], 2]], window_size=4),
     "mamba2": dict(num_heads=8, head_dim=8, n_groups=1, expand=2),
+    "bamba": dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_expand=2),
+    "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1,
+                             mamba_expand=2),
+    "bailing_hybrid": dict(n_group=1, topk_group=1), "beam": dict(n_group=1, topk_group=1),
+    "dots1": dict(n_shared_experts=1), "dots3_note_text": dict(num_key_value_heads=4),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
+    "qwen4_exp_text": dict(token_budget=8, compress_ratio=2),
+    "zaya": dict(num_experts_per_tok=1),
 }
 
 # Encoder models that transformers also ships as causal LMs (``is_decoder=True``): swept,

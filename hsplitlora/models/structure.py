@@ -139,6 +139,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "dory": {"refuse": _LOOPED},
     "inkling2_text": {"refuse": _DENSE},
     "inkling2_loop_text": {"refuse": _DENSE},
+    "zaya": {"refuse": "its blocks pass router states from one block to the next besides "
+                       "the hidden states, which the client would have to send too"},
     "cpmant": {"refuse": _NO_EMBEDS},
     "electra": {"refuse": "its embeddings project from embedding_size to the hidden size "
                           "before the blocks, and the backbone takes inputs_embeds before "
@@ -209,7 +211,10 @@ def _linears(block: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         base = _base(module)
         if base is not module:  # a peft LoraLayer: report it as the layer it wraps
             skip.append(name)
-        if _is_linear(base):
+        # a router that subclasses nn.Linear but returns (weights, experts) is no target:
+        # an adapter adds to a tensor output
+        router = type(base) is not nn.Linear and "router" in type(base).__name__.lower()
+        if _is_linear(base) and not router:
             yield name, base
 
 
