@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import re
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,17 +83,19 @@ class _Stop(nn.Module):
 
     def __init__(self, stands_for: nn.Module | None) -> None:
         super().__init__()
-        # weak: the stop must neither hold nor, when a segment is copied, copy that block
-        self._stands_for = weakref.ref(stands_for) if stands_for is not None else None
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            block = self._stands_for() if self._stands_for is not None else None
-            if block is None or name.startswith("_"):
-                raise
-            return getattr(block, name)
+        # a snapshot of the block's plain attributes, not the block: the stop must neither
+        # hold nor copy it, and must pickle (Ray actors receive segments)
+        plain = (str, int, float, bool, type(None))
+        block = stands_for or nn.Module()
+        for name in dir(block):
+            if name.startswith("_") or name == "training" or hasattr(nn.Module, name):
+                continue
+            try:
+                value = getattr(block, name)
+            except Exception:  # noqa: BLE001 - a property that needs a forward first
+                continue
+            if isinstance(value, plain):
+                setattr(self, name, value)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise _Reached(args[0] if args else kwargs["hidden_states"])
