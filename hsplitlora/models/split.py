@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hsplitlora.models.shared import shared_memo
 from hsplitlora.models.structure import ArchSpec, SplitError, arch_spec
 
 __all__ = [
@@ -337,16 +338,20 @@ def _segment_config(config: Any, spec: ArchSpec, start: int, stop: int, slots: i
 def _copy_backbone(
     backbone: nn.Module, spec: ArchSpec, blocks: list[nn.Module], extra: nn.Module | None
 ) -> tuple[nn.Module, nn.Module | None]:
-    """Deep-copy the backbone with only ``blocks`` in it (and ``extra`` in the same memo).
+    """Copy the backbone's structure with only ``blocks`` in it (and ``extra`` in the same
+    call), over the same frozen tensors (:func:`~hsplitlora.models.shared.shared_memo`).
 
     The original block list is swapped out during the copy so the blocks a segment does
-    not hold are never duplicated; copying ``extra`` (the head's causal LM shell) in the
+    not hold are not even visited; copying ``extra`` (the head's causal LM shell) in the
     same call keeps a tied embedding tied.
     """
     original = backbone.get_submodule(spec.blocks)
     _set_path(backbone, spec.blocks, nn.ModuleList(blocks))
     try:
-        shell, head = copy.deepcopy((backbone, extra))
+        memo = shared_memo(backbone)
+        if extra is not None:
+            memo.update(shared_memo(extra))
+        shell, head = copy.deepcopy((backbone, extra), memo)
     finally:
         _set_path(backbone, spec.blocks, original)
     return shell, head
@@ -401,8 +406,9 @@ def _after_blocks(model: nn.Module, spec: ArchSpec) -> str | None:
 def split_model(model: nn.Module, cut: int) -> tuple[ClientSegment, ServerSegment]:
     """Split a causal LM (optionally already carrying LoRA) after block ``cut``.
 
-    The original model is left untouched; the segments hold deep copies, so adapters
-    attached before splitting start identical on both sides of any cut.
+    The original model is left untouched; the segments hold copies of its structure and
+    LoRA parameters (so adapters attached before splitting start identical on both sides
+    of any cut) over the very same frozen tensors, which nothing but a merge may write.
     """
     spec = arch_spec(model)
     backbone = getattr(model, spec.backbone)
