@@ -15,7 +15,7 @@ from pathlib import Path
 from hsplitlora.models.coverage import Result, check, registry, text_decoder
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # noqa: N818 - not an Exception: check() must not catch it
     pass
 
 

@@ -40,7 +40,7 @@ _TINY: dict[str, Any] = dict(
 )
 # Per model_type: sizes that must agree with each other in ways _TINY cannot know.
 _MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, kv_lora_rank=16,
-            q_lora_rank=16, head_dim=8, num_key_value_heads=4)
+            q_lora_rank=16, head_dim=8, num_key_value_heads=4, n_group=1, topk_group=1)
 _EXTRA: dict[str, dict[str, Any]] = {
     "codegen": dict(rotary_dim=8), "gptj": dict(rotary_dim=8),
     "deepseek_v2": _MLA, "deepseek_v3": _MLA, "deepseek_v32": _MLA, "glm4_moe_lite": _MLA,
@@ -48,6 +48,8 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "longcat_flash": _MLA, "youtu": _MLA,
     "gpt_neo": dict(attention_types=[[["global", "local"], 2]], window_size=4),
     "mamba2": dict(num_heads=8, head_dim=8, n_groups=1, expand=2),
+    "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=16,
+                      mamba_chunk_size=8),
     "bamba": dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1, mamba_expand=2),
     "granitemoehybrid": dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=1,
                              mamba_expand=2),

@@ -86,17 +86,8 @@ class _Stop(nn.Module):
         super().__init__()
         # a snapshot of the block's plain attributes, not the block: the stop must neither
         # hold nor copy it, and must pickle (Ray actors receive segments)
-        plain = (str, int, float, bool, type(None))
-        block = stands_for or nn.Module()
-        for name in dir(block):
-            if name.startswith("_") or name == "training" or hasattr(nn.Module, name):
-                continue
-            try:
-                value = getattr(block, name)
-            except Exception:  # noqa: BLE001 - a property that needs a forward first
-                continue
-            if isinstance(value, plain):
-                setattr(self, name, value)
+        for name, value in _plain_attributes(stands_for or nn.Module()).items():
+            setattr(self, name, value)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise _Reached(args[0] if args else kwargs["hidden_states"])
@@ -116,21 +107,39 @@ class _Output:
         return None
 
 
+def _plain_attributes(module: nn.Module) -> dict[str, Any]:
+    """The public attributes of ``module`` holding plain values (str, numbers, None)."""
+    out = {}
+    for name in dir(module):
+        if name.startswith("_") or name == "training" or hasattr(nn.Module, name):
+            continue
+        try:
+            value = getattr(module, name)
+        except Exception:  # noqa: BLE001 - a property that needs a forward first
+            continue
+        if isinstance(value, (str, int, float, bool, type(None))):
+            out[name] = value
+    return out
+
+
 class _Given(nn.Module):
     """Stands for the backbone inside the server's head: returns the hidden states it is
-    given, so the causal LM's forward applies only its head and what follows it."""
+    given, so the causal LM's forward applies only its head and what follows it. It
+    answers for the backbone's plain attributes (Falcon-H1's ``lm_head_multiplier``) and
+    stands in for its sub-modules too (OPT's causal LM calls ``self.model.decoder``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.hidden: torch.Tensor | None = None
+        for name, value in _plain_attributes(backbone).items():
+            setattr(self, name, value)
+        self._children = frozenset(name for name, _ in backbone.named_children())
 
     def __getattr__(self, name: str) -> Any:
-        # OPT's causal LM calls ``self.model.decoder(...)``: any sub-part of the backbone
-        # it reaches for is the same stand-in
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("_"):
+            if name.startswith("_") or name not in self.__dict__.get("_children", ()):
                 raise
             return self
 
@@ -361,7 +370,7 @@ def _head_shell(model: nn.Module, spec: ArchSpec) -> nn.Module:
     """The causal LM with its backbone replaced by a :class:`_Given` (not copied yet)."""
     shell = copy.copy(model)
     shell._modules = dict(model._modules)
-    shell._modules[spec.backbone] = _Given()
+    shell._modules[spec.backbone] = _Given(model._modules[spec.backbone])
     return shell
 
 
