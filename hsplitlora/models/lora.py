@@ -8,6 +8,7 @@ translates with its ``full_name``/``local_name``; a whole model uses names as th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -313,6 +314,7 @@ def save_peft_adapter(
     *,
     base_model: str | None = None,
     fan_in_fan_out: bool = False,
+    spec: ArchSpec | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's layout.
 
@@ -320,13 +322,19 @@ def save_peft_adapter(
     ``peft.PeftModel.from_pretrained(base, out_dir)`` loads it onto the unsplit model.
     Target modules are listed by full name, with per-module ranks, because a
     heterogeneous plan may adapt a matrix in one block and not in the next; per-module
-    alphas (``settings.alphas``) become peft's ``alpha_pattern``.
+    alphas (``settings.alphas``) become peft's ``alpha_pattern``. Part adapters
+    (``<module>:<part>``) are written as the exact whole-matrix adapter they equal
+    (:func:`parts_as_whole`), which needs the model's ``spec``.
     """
     parted = sorted({k.partition(_PART)[0] for k in state if _PART in k})
-    if parted:
+    if parted and spec is None:
         raise ValueError(
             f"{len(parted)} module(s) carry part adapters ({parted[0]}, ...), which PEFT "
-            "cannot load: convert them first with parts_as_whole(state, settings, spec)")
+            "cannot load as such: pass the model's spec (arch_spec) to convert them exactly "
+            "into whole-matrix adapters, or convert first with parts_as_whole")
+    if parted and spec is not None:
+        state, whole_alphas = parts_as_whole(state, settings, spec)
+        settings = dataclasses.replace(settings, alphas={**settings.alphas, **whole_alphas})
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks: dict[str, int] = {}
     for key, tensor in state.items():

@@ -109,11 +109,13 @@ def test_part_adapters_split_exactly(cut):
 def test_part_adapters_export_to_peft_exactly(tmp_path):
     model, ids = _part_model(), _ids()
     settings = LoraSettings(r=R, alpha=ALPHA, targets=QV)
-    with pytest.raises(ValueError, match="parts_as_whole"):
+    with pytest.raises(ValueError, match="pass the model's spec"):
         save_peft_adapter(lora_state(model), settings, tmp_path)
     state, alphas = parts_as_whole(lora_state(model), settings, arch_spec(model))
-    whole = LoraSettings(r=2 * R, alpha=2 * R, alphas=alphas)
-    save_peft_adapter(state, whole, tmp_path, fan_in_fan_out=True)
+    assert state["transformer.h.0.attn.c_attn.lora_A.weight"].shape == (2 * R, D)
+    assert state["transformer.h.0.attn.c_attn.lora_B.weight"].shape == (3 * D, 2 * R)
+    save_peft_adapter(lora_state(model), settings, tmp_path, fan_in_fan_out=True,
+                      spec=arch_spec(model))
     loaded = peft.PeftModel.from_pretrained(tiny_model("gpt2", layers=2), str(tmp_path)).eval()
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits,
                                atol=1e-5, rtol=0)
