@@ -105,6 +105,7 @@ clock.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -286,6 +287,9 @@ class ModelDims:
             for m in (*self.matrices, *self.candidates):
                 if m.path == path:
                     return int(index), m
+            if ":" in path:  # a part of a fused matrix, candidate or not
+                with contextlib.suppress(ValueError):
+                    return int(index), _select(self.matrices, (path,))[0]
         raise KeyError(
             f"{name!r} is not a linear layer of this {self.model_type} model: expected "
             f"'{prefix}<0..{self.n_layers - 1}>.<{'|'.join(m.path for m in self.matrices)}>'"

@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hsplitlora.config import RunConfig
 from hsplitlora.models.lora import (
     LoraSettings,
     attach_lora,
+    load_lora_state,
     lora_parameters,
     lora_state,
     matrix_shapes,
@@ -19,7 +21,8 @@ from hsplitlora.models.lora import (
     save_peft_adapter,
 )
 from hsplitlora.models.split import arch_spec, split_model
-from tests.conftest import tiny_model
+from hsplitlora.train.run import train
+from tests.conftest import E2E, tiny_model
 
 R, ALPHA, D = 4, 8.0, 32  # tiny GPT-2: n_embd 32, c_attn is (32 -> 96)
 QV = ("attn.c_attn:q", "attn.c_attn:v")
@@ -136,3 +139,30 @@ def test_a_part_update_merges_into_its_rows_only():
 def test_an_unknown_part_names_the_parts_there_are():
     with pytest.raises(ValueError, match=r"attn\.c_attn:x.*parts of fused ones.*c_attn:q"):
         attach_lora(tiny_model("gpt2", layers=1), LoraSettings(targets=("attn.c_attn:x",)))
+
+
+def test_splitlora_trains_gpt2_part_adapters_end_to_end(tiny_tokenizer, tmp_path):
+    cfg = RunConfig.model_validate({
+        "lora": {"r": R, "alpha": ALPHA, "dropout": 0.0, "targets": list(QV)},
+        "data": {"train_files": [str(E2E / "original" / "devset.csv")], "eval_file": None,
+                 "max_train_examples": 40, "max_length": 96},
+        "train": dict(mode="splitlora", num_clients=2, cut=1, steps=2, batch_size=2,
+                      agg_interval=1, lr=5e-3, precision="fp32", warmup_steps=1, seed=3),
+        "eval": {"max_examples": 0},
+        "output": {"sample_prompt": None},
+    })
+    result = train(cfg, model=tiny_model("gpt2", layers=2), tokenizer=tiny_tokenizer,
+                   write=False, show_progress=False)
+    assert set(result.adapter) == {f"transformer.h.{i}.attn.c_attn:{p}.lora_{ab}.weight"
+                                   for i in range(2) for p in "qv" for ab in "AB"}
+    assert any(v.abs().sum() > 0 for k, v in result.adapter.items() if "lora_B" in k)
+    model = tiny_model("gpt2", layers=2)
+    save_peft_adapter(result.adapter, LoraSettings(r=R, alpha=ALPHA, targets=QV), tmp_path,
+                      fan_in_fan_out=True, spec=arch_spec(model))
+    loaded = peft.PeftModel.from_pretrained(model, str(tmp_path)).eval()
+    trained = attach_lora(tiny_model("gpt2", layers=2), LoraSettings(r=R, alpha=ALPHA,
+                                                                      targets=QV))
+    load_lora_state(trained, result.adapter)
+    ids = _ids()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, trained.eval()(input_ids=ids).logits,
+                               atol=1e-5, rtol=0)
