@@ -14,6 +14,7 @@ model's names (:func:`hsplitlora.models.lora.lora_state`) a part is the module
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ class PartLora(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.fan_in_fan_out = fan_in_fan_out
-        rows, cols = base_layer.weight.shape
+        rows, cols = self.weight.shape
         d_in, self.d_out = (rows, cols) if fan_in_fan_out else (cols, rows)
         self.parts = tuple(sorted(parts, key=lambda p: p.start))
         self.lora_A = nn.ModuleDict()
@@ -39,17 +40,17 @@ class PartLora(nn.Module):
         self.scaling: dict[str, float] = {}
         for part in self.parts:
             rank, alpha = parts[part]
-            self.lora_A[part.label] = nn.Linear(d_in, rank, bias=False)
-            self.lora_B[part.label] = nn.Linear(rank, part.width, bias=False)
+            a, b = nn.Linear(d_in, rank, bias=False), nn.Linear(rank, part.width, bias=False)
             # peft's (and loralib's) initialisation: A Kaiming-uniform, B zero
-            nn.init.kaiming_uniform_(self.lora_A[part.label].weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B[part.label].weight)
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+            self.lora_A[part.label], self.lora_B[part.label] = a, b
             self.scaling[part.label] = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        return cast(torch.Tensor, self.base_layer.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)

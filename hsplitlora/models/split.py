@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -199,7 +199,8 @@ class _Segment(nn.Module):
     @property
     def blocks(self) -> nn.ModuleList:
         """The blocks this segment holds (the client's stop is not one)."""
-        return self.backbone.get_submodule(self.spec.blocks)[: self._n_blocks]
+        held = cast(nn.ModuleList, self.backbone.get_submodule(self.spec.blocks))
+        return cast(nn.ModuleList, held[: self._n_blocks])
 
     @property
     def block_range(self) -> range:
@@ -370,7 +371,7 @@ def _head_shell(model: nn.Module, spec: ArchSpec) -> nn.Module:
     """The causal LM with its backbone replaced by a :class:`_Given` (not copied yet)."""
     shell = copy.copy(model)
     shell._modules = dict(model._modules)
-    shell._modules[spec.backbone] = _Given(model._modules[spec.backbone])
+    shell._modules[spec.backbone] = _Given(getattr(model, spec.backbone))
     return shell
 
 
@@ -425,7 +426,8 @@ def split_model(model: nn.Module, cut: int) -> tuple[ClientSegment, ServerSegmen
     n = len(blocks)
     _check_cut(cut, n)
     client_bb, _ = _copy_backbone(backbone, spec, blocks[:cut], None)
-    client_bb.get_submodule(spec.blocks).append(_Stop(blocks[min(cut, n - 1)] if n else None))
+    stop = _Stop(blocks[min(cut, n - 1)] if n else None)
+    cast(nn.ModuleList, client_bb.get_submodule(spec.blocks)).append(stop)
     client_bb.config = _segment_config(backbone.config, spec, 0, cut, cut + 1)
     server_bb, shell = _copy_backbone(backbone, spec, blocks[cut:], _head_shell(model, spec))
     server_bb.config = _segment_config(backbone.config, spec, cut, n, n - cut)

@@ -20,7 +20,7 @@ import copy
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -197,8 +197,9 @@ def _fan_in_fan_out(module: nn.Module) -> bool:
 
 def _base(module: nn.Module) -> nn.Module:
     """The layer under any peft wrapping."""
-    while isinstance(getattr(module, "base_layer", None), nn.Module):
-        module = module.base_layer
+    base = getattr(module, "base_layer", None)
+    while isinstance(base, nn.Module):
+        module, base = base, getattr(base, "base_layer", None)
     return module
 
 
@@ -380,8 +381,8 @@ def discover(model: nn.Module) -> ArchSpec:
     pp_plan = dict(getattr(config, "base_model_pp_plan", None) or {})
     tp_plan = dict(getattr(config, "base_model_tp_plan", None) or {})
     blocks_path = override.get("blocks") or _block_list(backbone, n, model_type, pp_plan)
-    block_list = backbone.get_submodule(blocks_path)
-    head_module = model.get_output_embeddings()
+    block_list = cast(nn.ModuleList, backbone.get_submodule(blocks_path))
+    head_module = cast(Any, model).get_output_embeddings()
     if head_module is None:
         raise _refuse(model_type, f"{type(model).__name__} has no output embeddings (LM head)",
                       "Use a *ForCausalLM class.")
@@ -397,7 +398,7 @@ def discover(model: nn.Module) -> ArchSpec:
     for block in block_list:
         found = {}
         for path, layer in _linears(block):
-            w = layer.weight
+            w = cast(torch.Tensor, layer.weight)
             fifo = _fan_in_fan_out(layer)
             orientation.add(fifo)
             d_in, d_out = (w.shape[0], w.shape[1]) if fifo else (w.shape[1], w.shape[0])
@@ -424,7 +425,7 @@ def discover(model: nn.Module) -> ArchSpec:
     norms = tuple(name for name, m in first.named_modules()
                   if name and "norm" in type(m).__name__.lower())
     layer_norm = any(isinstance(first.get_submodule(n), nn.LayerNorm) for n in norms)
-    embeddings = model.get_input_embeddings()
+    embeddings = cast(Any, model).get_input_embeddings()
     positions = [m.num_embeddings for m in backbone.modules()
                  if isinstance(m, nn.Embedding) and m is not embeddings]
     final_norm = override.get("final_norm", _final_norm(backbone, blocks_path, pp_plan))
