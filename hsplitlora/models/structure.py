@@ -158,6 +158,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                           "that projection"},
     "prophetnet": {"refuse": "its decoder is ProphetNet's n-gram stream decoder of an "
                              "encoder-decoder model"},
+    "big_bird": {"refuse": "its backbone calls a method on every block of the list before "
+                           "running them (set_attention_type), so a segment cannot end early"},
     "hy_v4": {"refuse": "its backbone widens the hidden states into several residual "
                         "streams (hyper-connections) before the blocks"},
 }
