@@ -98,8 +98,11 @@ def _config_class(model_type: str) -> type:
 def text_decoder(model_type: str) -> bool:
     """Whether ``model_type`` is a text-only decoder: not multimodal, not an encoder-decoder
     and not an encoder run as a decoder. The sweep's 90 % target counts these."""
+    from hsplitlora.models.structure import _MODALITIES
+
     cls = _config_class(model_type)
-    subs = getattr(cls, "sub_configs", None) or {}
+    subs = [k for k in getattr(cls, "sub_configs", None) or {}
+            if any(m in k for m in _MODALITIES)]
     enc_dec = False
     try:
         enc_dec = bool(cls().is_encoder_decoder)

@@ -160,6 +160,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                              "encoder-decoder model"},
     "big_bird": {"refuse": "its backbone calls a method on every block of the list before "
                            "running them (set_attention_type), so a segment cannot end early"},
+    "rwkv": {"refuse": "its backbone reaches into every block of the list (rescaling their "
+                       "attention and feed-forward weights in eval mode), so a segment cannot "
+                       "end early"},
     "hy_v4": {"refuse": "its backbone widens the hidden states into several residual "
                         "streams (hyper-connections) before the blocks"},
 }
@@ -345,9 +348,13 @@ def _final_norm(backbone: nn.Module, blocks: str, pp_plan: dict[str, Any]) -> st
     return None
 
 
+_MODALITIES = ("vision", "visual", "image", "audio", "speech", "video", "encoder", "depth")
+
+
 def _multimodal(config: Any) -> list[str]:
+    """Sub-configs of other modalities (MPT's attn_config is not one)."""
     subs = getattr(type(config), "sub_configs", None) or {}
-    return [k for k in subs if k != "text_config" or len(subs) > 1]
+    return [k for k in subs if any(m in k for m in _MODALITIES)]
 
 
 def discover(model: nn.Module) -> ArchSpec:
