@@ -23,11 +23,16 @@ class Example:
     target separately gives the same word boundaries as tokenising their concatenation.
     `meta` holds strings only (the MR, its slots, a JSONL record's extra keys) so partitioners
     can group and label examples without knowing where they came from.
+    `segments`, when given (chat data), is the whole training text as ``(text, trainable)``
+    pieces: a conversation has several assistant turns to learn, which one prompt/target
+    pair cannot hold; `prompt` and `target` then are the last turn's, for generation and
+    as its reference.
     """
 
     prompt: str
     target: str
     meta: Mapping[str, str] = field(default_factory=dict)
+    segments: tuple[tuple[str, bool], ...] = ()
 
     def __post_init__(self) -> None:
         # A private copy: a caller mutating the dict it passed in must not change the example.

@@ -24,9 +24,7 @@ from torch import nn
 
 from hsplitlora.checkpoint import atomic_save, load_checkpoint
 from hsplitlora.config import ConfigError, RunConfig
-from hsplitlora.data.e2e import format_prompt, load_e2e, load_e2e_hub
-from hsplitlora.data.example import Example
-from hsplitlora.data.jsonl import load_jsonl
+from hsplitlora.data.load import check_labels, load_examples, sample_text
 from hsplitlora.data.partition import partition
 from hsplitlora.data.tokenize import TokenizedDataset, pad_id_for
 from hsplitlora.eval.generate import GenerationSettings, generate
@@ -51,7 +49,7 @@ from hsplitlora.train.placement import InProcess, Placement
 from hsplitlora.train.process import keep_freed_memory, set_threads
 from hsplitlora.train.recorder import Recorder, kept_records
 
-__all__ = ["RunResult", "check_same_run", "load_examples", "load_trained", "party_seed", "prepare",
+__all__ = ["RunResult", "check_same_run", "load_trained", "party_seed", "prepare",
            "resolve_device", "train"]
 
 log = logging.getLogger(__name__)
@@ -79,17 +77,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def load_examples(cfg: RunConfig, files: list[Path]) -> list[Example]:
-    if cfg.data.dataset == "e2e":
-        return load_e2e(files, require_refs=True)
-    if cfg.data.dataset == "e2e_hub":
-        return [ex for split in files for ex in load_e2e_hub(str(split), cfg.data.hub_id)]
-    out: list[Example] = []
-    for f in files:
-        out.extend(load_jsonl(f))
-    return out
 
 
 @dataclass
@@ -125,7 +112,8 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
     from hsplitlora.models.load import use_attention
 
     use_attention(model, cfg.model.attention, device)
-    examples = load_examples(cfg, list(cfg.data.train_files))
+    examples = load_examples(cfg.data, "train", tokenizer)
+    check_labels(cfg.data, examples)
     if cfg.data.max_train_examples and cfg.data.max_train_examples < len(examples):
         rng = random.Random(cfg.train.seed)
         examples = [examples[i] for i in sorted(rng.sample(range(len(examples)),
@@ -135,9 +123,9 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
     shards = [TokenizedDataset([examples[i] for i in idx], tokenizer, cfg.data.max_length)
               for idx in shards_idx]
     eval_features = None
-    if cfg.data.eval_file is not None and cfg.eval.max_examples > 0:
-        ev = load_examples(cfg, [cfg.data.eval_file])
-        ev = [e for e in ev if e.target]
+    ev = load_examples(cfg.data, "eval", tokenizer) if cfg.eval.max_examples > 0 else []
+    ev = [e for e in ev if e.target]
+    if ev:
         rng = random.Random(cfg.train.seed + 1)
         if len(ev) > cfg.eval.max_examples:
             ev = [ev[i] for i in sorted(rng.sample(range(len(ev)), cfg.eval.max_examples))]
@@ -389,12 +377,11 @@ def _run_path(cfg: RunConfig) -> Path:
     return Path(cfg.output.dir) / name
 
 
-def _sample(p: Prepared) -> str | None:
-    if not p.cfg.output.sample_prompt:
+def _sample(p: Prepared, prompt: str | None) -> str | None:
+    if not prompt:
         return None
     settings = GenerationSettings(num_beams=1, max_new_tokens=48)
-    return generate(p.model, p.tokenizer, [format_prompt(p.cfg.output.sample_prompt)],
-                    settings, device=p.device)[0]
+    return generate(p.model, p.tokenizer, [prompt], settings, device=p.device)[0]
 
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -438,7 +425,8 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         p.checkpoint = saved if checkpoint else None
     samples: dict[str, str] = {}
-    before = _sample(p)
+    prompt = sample_text(cfg.data, cfg.output.sample_prompt, p.tokenizer)
+    before = _sample(p, prompt)
     if before is not None:
         samples["before"] = before
         log.info("before fine-tuning: %s", before)
@@ -459,7 +447,7 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
             loss, ppl = _held_out(p, None)
             summary.update(eval_loss=loss, eval_ppl=ppl)
             rec.event("eval", round=_total_rounds(cfg) - 1, loss=loss, ppl=ppl)
-    after = _sample(p)
+    after = _sample(p, prompt)
     if after is not None:
         samples["after"] = after
         log.info("after fine-tuning: %s", after)
