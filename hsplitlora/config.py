@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hsplitlora.errors import UserError
 from hsplitlora.hetero.profiles import ScenarioConfig
 from hsplitlora.modes import MODES, Mode, mode_names, mode_of
 from hsplitlora.transport.config import NetConfig
@@ -41,7 +42,7 @@ E2E_SAMPLE = ("name[The Vaults], eatType[pub], food[French], priceRange[more tha
               "area[riverside], familyFriendly[no], near[Café Adriatic]")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override is invalid; the message says where and how to fix."""
 
 
@@ -185,11 +186,12 @@ class TrainConfig(_Strict):
         "samples", description="FedAvg weights: shard sizes, or equal"
     )
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate")
-    weight_decay: float = Field(0.01, ge=0)
-    adam_eps: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (LoRA weights only)")
+    adam_eps: float = Field(1e-6, gt=0, description="AdamW epsilon")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (each party's own)")
     schedule: Literal["linear", "constant"] = Field("linear", description="LR decay after warm-up")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the "
+                                   "cross-entropy loss (SplitLoRA's E2E recipe uses 0.1)")
     grad_clip: float = Field(0.0, ge=0, description="max grad norm per party; 0 = off")
     seed: int = Field(42, description="seeds data order, partition and adapter init")
     precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast, or fp32")
@@ -276,6 +278,18 @@ class RayConfig(_Strict):
 
 class OutputConfig(_Strict):
     dir: Path = Field(Path("runs"), description="parent folder of run folders")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="experiment trackers that also get every step's "
+        "loss, lr, tokens and bytes, aggregations, evaluations, simulated time and the "
+        "summary (metrics.jsonl is always written); each needs its extra, e.g. "
+        "pip install 'hsplitlora[wandb]'")
+    project: str = Field("hsplitlora", description="W&B project / MLflow experiment name")
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None, description="W&B mode; offline writes the run under <run folder>/wandb for a "
+        "later `wandb sync`; null = W&B's own default (WANDB_MODE)")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI; null = a local file store in "
+        "<run folder>/mlruns (no server, no network)")
     name: str | None = Field(None, description="run folder name; null = <mode>-<timestamp>")
     sample_prompt: str | None = Field(
         E2E_SAMPLE,
@@ -344,8 +358,22 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def _override_for(path: str, overrides: list[str]) -> str | None:
+    """The ``--set`` item that set ``path`` (or a field inside or around it), if any."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key == path or path.startswith(key + ".") or key.startswith(path + "."):
+            return item
+    return None
+
+
+def format_validation_error(err: ValidationError, source: str,
+                            overrides: list[str] | None = None) -> str:
+    """The errors one per line, each blamed on where its value came from: the ``--set``
+    override that gave it, else ``source`` (the config file, or the defaults)."""
+    overrides = overrides or []
+    lines = []
+    blamed = []
     for e in err.errors():
         loc = tuple(e["loc"])
         path = ".".join(str(p) for p in loc) or "<root>"
@@ -357,8 +385,14 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             msg += f"; allowed here: {', '.join(valid)}"
         elif "input" in e and e["type"] not in ("missing",):
             msg += f" (got {e['input']!r})"
-        lines.append(f"  {path}: {msg}")
-    return "\n".join(lines)
+        item = _override_for(path, overrides)
+        blamed.append(item)
+        lines.append(f"  {path}: {msg}" + (f" [from --set {item}]" if item else ""))
+    if all(blamed):
+        head = "invalid --set override" + ("s:" if len(set(blamed)) > 1 else ":")
+    else:
+        head = f"invalid configuration in {source}:"
+    return "\n".join([head, *lines])
 
 
 def _parse_value(text: str) -> Any:
@@ -406,7 +440,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> RunCon
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, overrides)) from None
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

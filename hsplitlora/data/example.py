@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from hsplitlora.errors import UserError
+
 __all__ = ["DataError", "Example"]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Input data is malformed; the message names the file, the line and the fix.
 
     A subclass of ValueError so callers that only know "bad value" still catch it.

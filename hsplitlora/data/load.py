@@ -3,6 +3,7 @@ dataset, in whichever record format (data/formats.py), for training or held out.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -15,7 +16,7 @@ from hsplitlora.data.jsonl import read_jsonl
 if TYPE_CHECKING:
     from hsplitlora.config import DataConfig
 
-__all__ = ["check_labels", "load_examples", "sample_text"]
+__all__ = ["check_labels", "load_examples", "sample_text", "subsample"]
 
 Part = Literal["train", "eval"]
 
@@ -64,6 +65,14 @@ def _load(data: DataConfig, part: Part, tokenizer: Any) -> tuple[list[Example], 
                 chat = ChatTemplate(tokenizer, data.chat_template)
         examples += [to_example(r, fmt, where, chat) for where, r in records]
     return examples, fmt
+
+
+def subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """``data.max_train_examples`` of them, drawn by the run's seed, in file order."""
+    if not limit or limit >= len(examples):
+        return examples
+    rng = random.Random(seed)
+    return [examples[i] for i in sorted(rng.sample(range(len(examples)), limit))]
 
 
 def check_labels(data: DataConfig, examples: list[Example]) -> None:

@@ -16,6 +16,7 @@ from hsplitlora.config import ConfigError, RunConfig, load_config
 from hsplitlora.data.e2e import group_references
 from hsplitlora.data.load import load_examples
 from hsplitlora.data.tokenize import TokenizedDataset, pad_id_for
+from hsplitlora.errors import UserError
 from hsplitlora.eval.generate import GenerationSettings, generate
 from hsplitlora.eval.metrics import score
 from hsplitlora.eval.perplexity import perplexity
@@ -41,7 +42,7 @@ REFERENCES_FILE = "references.txt"
 SCORES_FILE = "scores.json"
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """A path is not a finished run folder; the message says what is missing."""
 
 

@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 
 from rich.table import Table
 
+from hsplitlora.errors import UserError
 from hsplitlora.hetero.costmodel import (
     MemoryBreakdown,
     ModelDims,
@@ -110,7 +111,7 @@ DEFAULT_RANKS = (0, 2, 4, 8, 16)
 _TIE = 1e-9
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """A client cannot run even the smallest configuration within its budgets."""
 
 

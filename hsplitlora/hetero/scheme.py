@@ -247,9 +247,12 @@ class Planner:
                                 self.hc.rank_set, self.work) for p in self.profiles)
 
 
-def plan_run(cfg: Any) -> tuple[Plan, ModelDims]:
-    """What ``hsplitlora plan`` shows: the per-client plans of a config, without training
-    (importance, when used, is measured by split probing on each client's shard)."""
+def plan_run(cfg: Any, *, probe: bool = True) -> tuple[Plan, ModelDims]:
+    """What ``hsplitlora plan`` shows: the per-client plans of a config, without training.
+
+    With ``probe``, importance (when the mode uses it) is measured by split probing on
+    each client's shard, as training does; without, every matrix weighs the same and the
+    plan comes from the cost model alone, in seconds."""
     from hsplitlora.train.parties import optim_settings, probe_stream
     from hsplitlora.train.run import _streams, mean_length, prepare
 
@@ -259,7 +262,7 @@ def plan_run(cfg: Any) -> tuple[Plan, ModelDims]:
     planner = Planner(cfg, p.model, cfg.hetero.scenario.profiles(t.num_clients, params),
                       cfg.hetero.scenario.server_profile(), mean_length(p.shards))
     scores = None
-    if planner.uses_importance:
+    if planner.uses_importance and probe:
         optim = optim_settings(cfg, t.steps)
         system = HeteroSystem(p.model, planner.provisional(), _streams(p),
                               [len(s) for s in p.shards], client_optim=optim,

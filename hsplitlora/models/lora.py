@@ -20,14 +20,17 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
+from hsplitlora.errors import UserError
 from hsplitlora.models.shared import merge_into, merge_state
 from hsplitlora.models.split import arch_spec
 
 __all__ = [
     "LoraSettings",
+    "LoraTargetError",
     "adapter_shapes",
     "attach_lora",
     "base_weights",
+    "check_targets",
     "lora_parameters",
     "lora_state",
     "restart_lora",
@@ -42,6 +45,10 @@ __all__ = [
 
 _ADAPTER = "default"
 _LORA_KEY = re.compile(rf"^(?P<module>.+)\.(?P<part>lora_[AB])\.{_ADAPTER}\.weight$")
+
+
+class LoraTargetError(UserError, ValueError):
+    """lora.targets names a matrix this architecture's blocks do not have."""
 
 
 @dataclass(frozen=True)
@@ -99,18 +106,22 @@ def target_module_names(module: nn.Module, targets: tuple[str, ...] | None = Non
     """
     spec = module.spec if hasattr(module, "spec") else arch_spec(module.config)
     wanted = spec.default_targets if targets is None else targets
-    unknown = [t for t in wanted if not any(t == s or s.endswith("." + t) for s in spec.targets)]
-    if unknown:
-        raise ValueError(
-            f"unknown LoRA target(s) {unknown}: this architecture's targetable matrices are "
-            f"{list(spec.targets)}"
-        )
+    check_targets(spec.targets, wanted)
     prefix = _blocks_prefix(module)
     names = []
     for name, _ in module.named_modules():
         if name.startswith(prefix) and any(name.endswith("." + t) for t in wanted):
             names.append(name)
     return names
+
+
+def check_targets(targetable: tuple[str, ...], wanted: tuple[str, ...] | list[str]) -> None:
+    """Refuse targets the architecture's blocks do not have (``lora.targets``)."""
+    unknown = [t for t in wanted if not any(t == s or s.endswith("." + t) for s in targetable)]
+    if unknown:
+        raise LoraTargetError(
+            f"unknown LoRA target(s) {unknown} in lora.targets: this architecture's targetable "
+            f"matrices are {list(targetable)}")
 
 
 def attach_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
@@ -251,7 +262,9 @@ def save_peft_adapter(
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's layout.
 
     ``state`` holds unsplit-model names (client and server halves merged), so
-    ``peft.PeftModel.from_pretrained(base, out_dir)`` loads it onto the unsplit model.
+    ``peft.PeftModel.from_pretrained(base, out_dir)`` loads it onto the unsplit model, and
+    with ``base_model`` a loadable id or path (``task_type`` is CAUSAL_LM)
+    ``peft.AutoPeftModelForCausalLM.from_pretrained(out_dir)`` loads base and adapter.
     Target modules are listed by full name, with per-module ranks, because a
     heterogeneous plan may adapt a matrix in one block and not in the next; per-module
     alphas (``settings.alphas``) become peft's ``alpha_pattern``.
@@ -272,6 +285,7 @@ def save_peft_adapter(
                        if settings.alpha_of(m) != settings.alpha},
         fan_in_fan_out=fan_in_fan_out,
         bias="none",
+        task_type="CAUSAL_LM",
         base_model_name_or_path=base_model,
     )
     config.save_pretrained(str(out_dir))

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hsplitlora.errors import UserError
 from hsplitlora.models.shared import shared_memo
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
 ]
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """A model cannot be split as asked (unknown architecture, bad cut)."""
 
 

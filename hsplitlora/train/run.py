@@ -24,7 +24,7 @@ from torch import nn
 
 from hsplitlora.checkpoint import atomic_save, load_checkpoint
 from hsplitlora.config import ConfigError, RunConfig
-from hsplitlora.data.load import check_labels, load_examples, sample_text
+from hsplitlora.data.load import check_labels, load_examples, sample_text, subsample
 from hsplitlora.data.partition import partition
 from hsplitlora.data.tokenize import TokenizedDataset, pad_id_for
 from hsplitlora.eval.generate import GenerationSettings, generate
@@ -46,10 +46,11 @@ from hsplitlora.train.parties import (
     shard_stream,
 )
 from hsplitlora.train.placement import InProcess, Placement
+from hsplitlora.train.preflight import preflight
 from hsplitlora.train.process import keep_freed_memory, set_threads
 from hsplitlora.train.recorder import Recorder, kept_records
 
-__all__ = ["RunResult", "check_same_run", "load_trained", "party_seed", "prepare",
+__all__ = ["RunResult", "check_same_run", "run_path", "load_trained", "party_seed", "prepare",
            "resolve_device", "train"]
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class RunResult:
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use 'auto'")
+        raise ConfigError("train.device is 'cuda' but no CUDA device is visible here: set "
+                          "train.device to 'auto' or 'cpu'")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -98,6 +100,8 @@ class Prepared:
 
 def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = None) -> Prepared:
     """Load (or take) the model, load and partition the data, attach the initial LoRA."""
+    # Everything checkable without the weights is checked first, in seconds.
+    preflight(cfg, model.config if model is not None else None)
     set_threads(cfg.train.threads)
     if cfg.train.keep_memory:
         keep_freed_memory()
@@ -114,10 +118,7 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
     use_attention(model, cfg.model.attention, device)
     examples = load_examples(cfg.data, "train", tokenizer)
     check_labels(cfg.data, examples)
-    if cfg.data.max_train_examples and cfg.data.max_train_examples < len(examples):
-        rng = random.Random(cfg.train.seed)
-        examples = [examples[i] for i in sorted(rng.sample(range(len(examples)),
-                                                           cfg.data.max_train_examples))]
+    examples = subsample(examples, cfg.data.max_train_examples, cfg.train.seed)
     shards_idx = partition(examples, cfg.train.num_clients, cfg.data.partition, cfg.train.seed,
                            alpha=cfg.data.dirichlet_alpha, label_key=cfg.data.label_key)
     shards = [TokenizedDataset([examples[i] for i in idx], tokenizer, cfg.data.max_length)
@@ -156,6 +157,16 @@ def _weakest_rank(cfg: RunConfig, model: nn.Module, shards: list[TokenizedDatase
     log.info("heterogeneous devices: SplitLoRA uses the weakest client's rank %d "
              "(lora.r %d ignored)", rank, cfg.lora.r)
     return rank
+
+
+def base_source(cfg: RunConfig, given: nn.Module | None = None) -> str:
+    """The base model an adapter names: where its weights load from (models/load.py), or
+    for a model handed to :func:`train` the path it was loaded from, when it knows one."""
+    from hsplitlora.models.load import source_of
+
+    if given is not None:
+        return str(getattr(given.config, "_name_or_path", "") or cfg.model.name)
+    return source_of(cfg.model.name)
 
 
 def base_dtype(cfg: RunConfig) -> str:
@@ -372,7 +383,8 @@ def _held_out(p: Prepared, state: dict[str, torch.Tensor] | None) -> tuple[float
                       device=p.device)
 
 
-def _run_path(cfg: RunConfig) -> Path:
+def run_path(cfg: RunConfig) -> Path:
+    """The run folder a config names (output.dir / output.name, or a timestamped one)."""
     name = cfg.output.name or f"{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(cfg.output.dir) / name
 
@@ -402,7 +414,7 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     """
     if (checkpoint or resume) and not write:
         raise ValueError("checkpoint/resume needs a run folder (write=True)")
-    run_dir = _run_path(cfg) if write else None
+    run_dir = run_path(cfg) if write else None
     resumed = None
     if run_dir and resume:  # checked before the model loads: a wrong resume fails fast
         resumed = load_checkpoint(checkpoint_path(run_dir))
@@ -454,7 +466,7 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     summary["samples"] = samples
     if run_dir:
         save_peft_adapter(adapter, p.lora, run_dir / "adapter",
-                          base_model=cfg.model.name,
+                          base_model=base_source(cfg, model),
                           fan_in_fan_out=arch_spec(p.model.config).fan_in_fan_out)
         plot_loss(rec.records, run_dir / "loss.png", title=f"{cfg.train.mode} ({cfg.model.name})")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from hsplitlora.errors import UserError
 from hsplitlora.transport.security import AuthError, ConnectionFailed, Refused
 
 if TYPE_CHECKING:
@@ -33,7 +34,8 @@ ResumeOpt = Annotated[bool, typer.Option(
 
 # What a person can act on (unreachable or refusing peers, missing files, a plan that does
 # not fit); anything else is a bug and keeps its traceback.
-_FAILURES = (AuthError, ConnectionFailed, Refused, TimeoutError, FileNotFoundError, ValueError)
+_FAILURES = (AuthError, ConnectionFailed, Refused, TimeoutError, FileNotFoundError, ValueError,
+             UserError)
 
 
 def _start(config: Path, overrides: list[str], verbose: bool) -> tuple[RunConfig, Console]:
@@ -50,19 +52,28 @@ def _start(config: Path, overrides: list[str], verbose: bool) -> tuple[RunConfig
 
 
 def _fail(console: Console, err: BaseException) -> typer.Exit:
-    console.print(f"[red]error:[/red] {err}")
-    return typer.Exit(1)
+    """Exit code 2 for a person's mistake (config, data, model, plan), 1 for a peer that
+    failed or could not be reached."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(str(err))}")
+    return typer.Exit(2 if isinstance(err, UserError) else 1)
 
 
 def serve(config: ConfigOpt, set_: SetOpt = [], resume: ResumeOpt = False,  # noqa: B006
           port_file: PortFileOpt = None,
+          overwrite: Annotated[bool, typer.Option(
+              "--overwrite", help="replace the run already in the run folder")] = False,
           no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
           verbose: VerboseOpt = False) -> None:
     """Run the main server (and the fed server, unless net.fed_address names another)."""
     cfg, console = _start(config, set_, verbose)
+    from hsplitlora.cli import check_run_folder
     from hsplitlora.transport.deploy import serve as run_server
 
     try:
+        name = cfg.output.name or f"{cfg.train.mode}-serve"
+        check_run_folder(Path(cfg.output.dir) / name, resume=resume, overwrite=overwrite)
         run_dir = run_server(cfg, cfg.net, resume=resume, port_file=port_file,
                              show_progress=not no_progress)
     except _FAILURES as e:

@@ -33,7 +33,7 @@ from hsplitlora.config import RunConfig
 from hsplitlora.models.lora import matrix_shapes, save_peft_adapter
 from hsplitlora.models.split import arch_spec
 from hsplitlora.train.recorder import Recorder, kept_records
-from hsplitlora.train.run import check_same_run, checkpoint_path, prepare
+from hsplitlora.train.run import base_source, check_same_run, checkpoint_path, prepare
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.client import ClientRunner
 from hsplitlora.transport.config import NetConfig
@@ -153,7 +153,7 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     client_side = fed.latest_state() if isinstance(fed, FedService) else None
     if client_side is not None:
         save_peft_adapter({**client_side, **final}, p.lora, run_dir / "adapter",
-                          base_model=cfg.model.name,
+                          base_model=base_source(cfg),
                           fan_in_fan_out=arch_spec(p.model.config).fan_in_fan_out)
     else:
         save_file({k: v.contiguous() for k, v in final.items()},
