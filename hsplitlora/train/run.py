@@ -49,6 +49,7 @@ from hsplitlora.train.placement import InProcess, Placement
 from hsplitlora.train.preflight import preflight
 from hsplitlora.train.process import keep_freed_memory, set_threads
 from hsplitlora.train.recorder import Recorder, kept_records
+from hsplitlora.train.trackers import open_sinks
 
 __all__ = ["RunResult", "check_same_run", "run_path", "load_trained", "party_seed", "prepare",
            "resolve_device", "train"]
@@ -445,7 +446,8 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     start = time.perf_counter()
     with Recorder(run_dir / "metrics.jsonl" if run_dir else None, _total_rounds(cfg),
                   show_progress=show_progress, description=cfg.train.mode,
-                  log_every=cfg.train.log_every, history=history) as rec:
+                  log_every=cfg.train.log_every, history=history,
+                  sinks=open_sinks(cfg.output, run_dir, cfg.model_dump(mode="json"))) as rec:
         if p.eval_features is not None and cfg.eval.every:
             rec.evaluate_every(_eval_rounds(cfg), lambda state: _held_out(p, state))
         adapter = run_mode(p, rec, placement)
@@ -459,6 +461,7 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
             loss, ppl = _held_out(p, None)
             summary.update(eval_loss=loss, eval_ppl=ppl)
             rec.event("eval", round=_total_rounds(cfg) - 1, loss=loss, ppl=ppl)
+        rec.finish(summary)
     after = _sample(p, prompt)
     if after is not None:
         samples["after"] = after

@@ -35,6 +35,7 @@ from hsplitlora.models.split import arch_spec
 from hsplitlora.report import plot_loss
 from hsplitlora.train.recorder import Recorder, kept_records
 from hsplitlora.train.run import base_source, check_same_run, checkpoint_path, prepare
+from hsplitlora.train.trackers import open_sinks
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.client import ClientRunner
 from hsplitlora.transport.config import NetConfig
@@ -132,7 +133,8 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
         metrics.unlink(missing_ok=True)
         checkpoint.unlink(missing_ok=True)
     with Recorder(metrics, plan.steps, show_progress=show_progress,
-                  description=f"serve {plan.mode}") as rec:
+                  description=f"serve {plan.mode}",
+                  sinks=open_sinks(cfg.output, run_dir, cfg.model_dump(mode="json"))) as rec:
         rec.step = step
         coordinator = Coordinator(server, plan, net, fed, rec, start_round=first_round,
                                   checkpoint=checkpoint,
