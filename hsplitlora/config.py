@@ -68,6 +68,14 @@ class ModelConfig(_Strict):
         "sdpa on CUDA",
     )
 
+    quantization: Literal["none", "int8", "int4"] = Field(
+        "none", description="frozen linear weights of the blocks a client holds (all blocks "
+        "for centralized / federated): int8 (LLM.int8, a scale per row) or int4 (NF4, a "
+        "scale per 64 weights) via bitsandbytes, LoRA trained on top (QLoRA); about 1/2 "
+        "and 1/4 of bf16; the cost model and planner count the stored size")
+    quantize_server: bool = Field(False, description="also quantise the main server's "
+                                  "blocks (with model.quantization)")
+
     def torch_dtype(self, precision: str) -> str:
         if self.dtype == "auto":
             return "bfloat16" if precision == "bf16" else "float32"

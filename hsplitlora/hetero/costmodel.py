@@ -148,6 +148,10 @@ class Workload:
     adam_states: int = 2  # AdamW's exp_avg and exp_avg_sq, in the adapters' dtype
     lora_dropout: float = 0.0  # > 0: every adapter keeps its own dropped-out input
     padded: bool = True  # batches carry padding, so attention gets an explicit mask
+    # Frozen linear weights of the client's blocks (the server's): bf16/fp32 as
+    # weight_bytes, or bitsandbytes int8 / NF4 (models/quantize.py), see linear_bytes.
+    quantization: Literal["none", "int8", "int4"] = "none"
+    server_quantization: Literal["none", "int8", "int4"] = "none"
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.seq < 2:
@@ -553,6 +557,31 @@ def _first_adapted(adapted: Mapping[int, Mapping[Matrix, int]], cut: int) -> int
     return min(adapted, default=cut)
 
 
+_NF4_BLOCK = 64  # weights per fp32 absmax (models/quantize.py: NF4_BLOCK)
+_NF4_CODE = 16 * _FP32  # each NF4 layer keeps its own 16-value code book
+
+
+def linear_bytes(d_out: int, d_in: int, quantization: str, weight_bytes: int) -> int:
+    """Stored bytes of one frozen weight matrix: ``weight_bytes`` per weight, or int8 with
+    one fp32 scale per output row, or NF4 (two weights a byte) with one fp32 absmax per
+    64 weights and a code book; exactly what bitsandbytes keeps (tested)."""
+    n = d_out * d_in
+    if quantization == "int8":
+        return n + _FP32 * d_out
+    if quantization == "int4":
+        return (n + 1) // 2 + _FP32 * -(-n // _NF4_BLOCK) + _NF4_CODE
+    return n * weight_bytes
+
+
+def block_weight_bytes(dims: ModelDims, weight_bytes: int, quantization: str = "none") -> int:
+    """Frozen bytes of one block: its matrices as :func:`linear_bytes` stores them, its
+    biases and norms in the base dtype."""
+    matrices = sum(linear_bytes(m.d_out, m.d_in, quantization, weight_bytes)
+                   for m in dims.matrices)
+    rest = dims.block_params - sum(m.d_out * m.d_in for m in dims.matrices)
+    return matrices + rest * weight_bytes
+
+
 def _check_cut(dims: ModelDims, cut: int) -> None:
     if not 0 <= cut <= dims.n_layers:
         raise ValueError(f"cut {cut} is out of range: this model has {dims.n_layers} blocks, "
@@ -568,7 +597,8 @@ def client_memory(
     first = _first_adapted(adapted, cut)
     weights, grads, optimizer = _lora_state(adapted, work)
     return MemoryBreakdown(
-        frozen_weights=(dims.embedding_params + cut * dims.block_params) * work.weight_bytes,
+        frozen_weights=(dims.embedding_params * work.weight_bytes
+                        + cut * block_weight_bytes(dims, work.weight_bytes, work.quantization)),
         activations=activation_bytes(dims, range(first, cut), ranks, work, input_grad=False),
         lora_weights=weights,
         lora_grads=grads,
@@ -589,10 +619,11 @@ def server_memory(
         + n * (_FP32 * dims.hidden + (8 if dims.norm == "layer" else 4))  # final norm
         + targets * (_FP32 * dims.vocab + _INT64) + _FP32  # log-probs, targets, weight sum
     )
-    frozen = (dims.embedding_params + (dims.n_layers - cut) * dims.block_params
-              + dims.norm_params + dims.head_params)
+    frozen = ((dims.embedding_params + dims.norm_params + dims.head_params) * work.weight_bytes
+              + (dims.n_layers - cut) * block_weight_bytes(dims, work.weight_bytes,
+                                                           work.server_quantization))
     return MemoryBreakdown(
-        frozen_weights=frozen * work.weight_bytes,
+        frozen_weights=frozen,
         activations=saved,
         lora_weights=weights,
         lora_grads=grads,

@@ -129,8 +129,11 @@ class Planner:
         self.dims = ModelDims.from_config(model.config)
         self.spec = arch_spec(model.config)
         self.profiles, self.server = list(profiles), server
-        self.work = Workload.for_precision(cfg.train.precision, batch=cfg.train.batch_size,
-                                           seq=seq, lora_dropout=cfg.lora.dropout)
+        quant = cfg.model.quantization
+        self.work = Workload.for_precision(
+            cfg.train.precision, batch=cfg.train.batch_size, seq=seq,
+            lora_dropout=cfg.lora.dropout, quantization=quant,
+            server_quantization=quant if cfg.model.quantize_server else "none")
         self.default_modules = target_module_names(
             model, tuple(cfg.lora.targets) if cfg.lora.targets else None)
         self.candidates = target_module_names(model, self.spec.targets)

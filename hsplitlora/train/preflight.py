@@ -38,12 +38,28 @@ def preflight(cfg: RunConfig, model_config: Any = None) -> None:
         if importlib.util.find_spec(package) is None:
             raise ConfigError(f"output.report_to has {tracker!r} but the {package} package "
                               f"is not installed: pip install 'hsplitlora[{tracker}]'")
+    if cfg.model.quantization != "none":
+        if t.mode in HETERO_MODES:
+            raise ConfigError(f"model.quantization is not available in mode {t.mode!r}: it "
+                              "merges aggregated updates into the base weights, which a "
+                              "quantised base cannot hold exactly; use splitlora, splitfed, "
+                              "split, federated or centralized, or model.quantization: none")
+        if t.backend == "ray":
+            raise ConfigError("model.quantization does not run on train.backend 'ray' yet: "
+                              "use the in-process backend or serve / join")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("model.quantization needs the bitsandbytes package: pip "
+                              "install 'hsplitlora[quantization]'")
     if model_config is None:
         from hsplitlora.models.load import load_model_config
 
         model_config = load_model_config(cfg.model.name)
     spec = arch_spec(model_config)
     blocks = num_blocks(model_config)
+    if cfg.model.quantization != "none" and spec.fan_in_fan_out:
+        raise ConfigError(f"model.quantization needs blocks of nn.Linear layers; "
+                          f"{model_config.model_type}'s Conv1D layers are not supported: set "
+                          "model.quantization: none")
     name = cfg.model.name
     if t.mode in _SPLIT_MODES or (t.mode in HETERO_MODES and not cfg.hetero.adaptive):
         if t.cut > blocks:

@@ -138,6 +138,7 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
     lora = LoraSettings(r=rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                         targets=tuple(cfg.lora.targets) if cfg.lora.targets else None,
                         trains=cfg.mode.trains)
+    quantize(cfg, model)
     seed_everything(cfg.train.seed)
     if not cfg.mode.planned:  # heterogeneous runs attach per client plan
         attach_lora(model, lora)
@@ -158,6 +159,29 @@ def _weakest_rank(cfg: RunConfig, model: nn.Module, shards: list[TokenizedDatase
     log.info("heterogeneous devices: SplitLoRA uses the weakest client's rank %d "
              "(lora.r %d ignored)", rank, cfg.lora.r)
     return rank
+
+
+def quantized_blocks(cfg: RunConfig, n_blocks: int) -> range:
+    """The blocks ``model.quantization`` applies to: a client's [0, cut) (and the
+    server's with ``model.quantize_server``); every block where a party holds them all."""
+    if cfg.model.quantization == "none":
+        return range(0)
+    if cfg.train.mode in ("centralized", "federated") or cfg.model.quantize_server:
+        return range(n_blocks)
+    return range(min(cfg.train.cut, n_blocks))
+
+
+def quantize(cfg: RunConfig, model: nn.Module) -> None:
+    """Quantise the frozen linear weights of :func:`quantized_blocks`, before LoRA."""
+    if cfg.model.quantization == "none":
+        return
+    from hsplitlora.models.quantize import quantize_blocks
+    from hsplitlora.models.split import num_blocks
+
+    quantize_blocks(model, quantized_blocks(cfg, num_blocks(model.config)),
+                    cfg.model.quantization,
+                    compute_dtype=torch.bfloat16 if cfg.train.precision == "bf16"
+                    else torch.float32)
 
 
 def base_source(cfg: RunConfig, given: nn.Module | None = None) -> str:
@@ -594,5 +618,6 @@ def load_trained(run_dir: Path, *, device: str = "cpu") -> tuple[nn.Module, Any,
     # Unmerged, on purpose: merged into a bf16 base, a small update would round away, and
     # under bf16 autocast even an fp32 merge is cast back to bf16 per matmul. Kept apart,
     # the adapter path computes exactly what training computed.
+    quantize(cfg, model)  # the base the adapter was trained on
     model = PeftModel.from_pretrained(model, str(adapter)).get_base_model()
     return model.to(device).eval(), tokenizer, cfg
