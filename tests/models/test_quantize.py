@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+
 from hsplitlora.config import RunConfig
 from hsplitlora.hetero.costmodel import (
     ModelDims,
