@@ -40,15 +40,23 @@ _FAILURES = (AuthError, ConnectionFailed, Refused, TimeoutError, FileNotFoundErr
 
 def _start(config: Path, overrides: list[str], verbose: bool) -> tuple[RunConfig, Console]:
     """Logging on, config loaded and validated (a bad one exits with code 2)."""
-    from hsplitlora.cli import _logging, console
+    from hsplitlora.cli import _logging, console, error_exit
     from hsplitlora.config import ConfigError, load_config
+
+    from hsplitlora.transport.plan import NETWORKED_MODES
 
     _logging(verbose)
     try:
-        return load_config(config, overrides), console
+        cfg = load_config(config, overrides)
+        if cfg.train.mode not in (*NETWORKED_MODES, *HETERO_MODES):
+            raise ConfigError(  # checked here, before any party loads the model
+                f"train.mode {cfg.train.mode!r} cannot run over the network: serve and join "
+                f"run {', '.join(NETWORKED_MODES)} and the heterogeneous modes "
+                f"({', '.join(HETERO_MODES)}); {cfg.train.mode} has no main server (use "
+                "hsplitlora train, or --backend ray to spread it over machines)")
+        return cfg, console
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        raise error_exit(e) from None
 
 
 def _fail(console: Console, err: BaseException) -> typer.Exit:
