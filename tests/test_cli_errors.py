@@ -161,3 +161,17 @@ def test_evaluate_and_export_errors_exit_2(tmp_path):
     assert result.exit_code == 2 and "nothing to export" in out
     result, out = _run("export", tmp_path, "--merged", tmp_path / "out")
     assert result.exit_code == 2 and "holds no adapter" in out
+
+
+def test_serve_refuses_modes_without_a_main_server_and_existing_runs(tmp_path, tiny_llama_dir,
+                                                                     monkeypatch):
+    _load_model_forbidden(monkeypatch)
+    cfg = _config(tmp_path, tiny_llama_dir, train={"mode": "federated"})
+    result, out = _run("serve", "-c", cfg)
+    assert result.exit_code == 2 and "'federated' cannot run over the network" in out
+    run = tmp_path / "runs" / "run"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    result, out = _run("serve", "-c", cfg, "--set", "train.mode=splitlora")
+    assert result.exit_code == 2 and "already holds a run (metrics.jsonl)" in out
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'

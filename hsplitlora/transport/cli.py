@@ -42,7 +42,6 @@ def _start(config: Path, overrides: list[str], verbose: bool) -> tuple[RunConfig
     """Logging on, config loaded and validated (a bad one exits with code 2)."""
     from hsplitlora.cli import _logging, console, error_exit
     from hsplitlora.config import ConfigError, load_config
-
     from hsplitlora.transport.plan import NETWORKED_MODES
 
     _logging(verbose)
