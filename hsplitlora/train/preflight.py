@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from hsplitlora.config import HETERO_MODES, ConfigError, RunConfig
+from hsplitlora.config import ConfigError, RunConfig
 from hsplitlora.data.load import check_labels, load_examples, subsample
 from hsplitlora.data.partition import partition
 from hsplitlora.models.lora import check_targets
@@ -19,8 +19,6 @@ __all__ = ["TRACKER_PACKAGES", "preflight"]
 
 # The package each output.report_to entry needs, and the extra that installs it.
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
-_SPLIT_MODES = ("split", "splitfed", "splitlora")
 
 
 def preflight(cfg: RunConfig, model_config: Any = None) -> None:
@@ -39,11 +37,11 @@ def preflight(cfg: RunConfig, model_config: Any = None) -> None:
             raise ConfigError(f"output.report_to has {tracker!r} but the {package} package "
                               f"is not installed: pip install 'hsplitlora[{tracker}]'")
     if cfg.model.quantization != "none":
-        if t.mode in HETERO_MODES:
-            raise ConfigError(f"model.quantization is not available in mode {t.mode!r}: it "
-                              "merges aggregated updates into the base weights, which a "
-                              "quantised base cannot hold exactly; use splitlora, splitfed, "
-                              "split, federated or centralized, or model.quantization: none")
+        if cfg.mode.planned:
+            raise ConfigError(f"model.quantization is not available in mode {t.mode!r}: the "
+                              "heterogeneous modes merge aggregated updates into the base "
+                              "weights, which a quantised base cannot hold exactly; use a "
+                              "homogeneous mode (e.g. splitlora), or model.quantization: none")
         if t.backend == "ray":
             raise ConfigError("model.quantization does not run on train.backend 'ray' yet: "
                               "use the in-process backend or serve / join")
@@ -61,13 +59,14 @@ def preflight(cfg: RunConfig, model_config: Any = None) -> None:
                           f"{model_config.model_type}'s Conv1D layers are not supported: set "
                           "model.quantization: none")
     name = cfg.model.name
-    if t.mode in _SPLIT_MODES or (t.mode in HETERO_MODES and not cfg.hetero.adaptive):
+    # A fixed cut: every split mode's, and a planned mode's with ARMSC switched off.
+    if cfg.mode.split and not (cfg.mode.planned and cfg.hetero.adaptive):
         if t.cut > blocks:
             raise ConfigError(f"train.cut {t.cut} is out of range: {name} has {blocks} blocks, "
                               f"so the cut must be in 0..{blocks} (blocks [0, cut) run on the "
                               "clients)")
     bad_cuts = [c for c in cfg.hetero.cuts or [] if not 1 <= c < blocks]
-    if t.mode in HETERO_MODES and bad_cuts:
+    if cfg.mode.planned and bad_cuts:
         raise ConfigError(f"hetero.cuts {bad_cuts} are out of range: {name} has {blocks} "
                           f"blocks, so a planned cut is in 1..{blocks - 1}")
     if cfg.lora.targets is not None:

@@ -166,7 +166,7 @@ def quantized_blocks(cfg: RunConfig, n_blocks: int) -> range:
     server's with ``model.quantize_server``); every block where a party holds them all."""
     if cfg.model.quantization == "none":
         return range(0)
-    if cfg.train.mode in ("centralized", "federated") or cfg.model.quantize_server:
+    if not cfg.mode.split or cfg.model.quantize_server:
         return range(n_blocks)
     return range(min(cfg.train.cut, n_blocks))
 

@@ -42,17 +42,17 @@ def _start(config: Path, overrides: list[str], verbose: bool) -> tuple[RunConfig
     """Logging on, config loaded and validated (a bad one exits with code 2)."""
     from hsplitlora.cli import _logging, console, error_exit
     from hsplitlora.config import ConfigError, load_config
-    from hsplitlora.transport.plan import NETWORKED_MODES
+    from hsplitlora.modes import MODES
 
     _logging(verbose)
     try:
         cfg = load_config(config, overrides)
-        if cfg.train.mode not in (*NETWORKED_MODES, *HETERO_MODES):
+        if "grpc" not in cfg.mode.placements:
+            networked = [m.name for m in MODES.values() if "grpc" in m.placements]
             raise ConfigError(  # checked here, before any party loads the model
                 f"train.mode {cfg.train.mode!r} cannot run over the network: serve and join "
-                f"run {', '.join(NETWORKED_MODES)} and the heterogeneous modes "
-                f"({', '.join(HETERO_MODES)}); {cfg.train.mode} has no main server (use "
-                "hsplitlora train, or --backend ray to spread it over machines)")
+                f"run {', '.join(networked)}; {cfg.train.mode} has no main server to serve "
+                "(use hsplitlora train, or --backend ray to spread it over machines)")
         return cfg, console
     except ConfigError as e:
         raise error_exit(e) from None
