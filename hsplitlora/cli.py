@@ -272,7 +272,7 @@ def plan(
     # Without a terminal rich assumes 80 columns; the table needs more.
     out = console if console.is_terminal else Console(width=160)
     out.print(format_plan_table(result, dims))
-    if not probe and cfg.train.mode == "hsplitlora" and cfg.hetero.importance:
+    if not probe and cfg.mode.importance and cfg.hetero.importance:
         console.print("importance not measured (every matrix weighs the same); "
                       "--probe measures it as training will")
 

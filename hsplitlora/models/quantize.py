@@ -81,8 +81,8 @@ def _quantized(bnb, layer: nn.Linear, kind: Quantization,  # noqa: ANN001
     weight = layer.weight.data.detach().float().cpu()
     bias = layer.bias is not None
     if kind == "int8":
-        q = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=bias,
-                                has_fp16_weights=False, threshold=0.0)
+        q = _int8_class(bnb)(layer.in_features, layer.out_features, bias=bias,
+                             has_fp16_weights=False, threshold=0.0)
         q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         q = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=bias,
@@ -97,6 +97,28 @@ def _quantized(bnb, layer: nn.Linear, kind: Quantization,  # noqa: ANN001
     if bias:
         q.bias = nn.Parameter(layer.bias.data.detach().clone(), requires_grad=False)
     return q.to(device)  # bitsandbytes quantises on the move to a device
+
+
+_INT8_CLASS: type | None = None
+
+
+def _int8_class(bnb) -> type:  # noqa: ANN001
+    """``Linear8bitLt`` whose first forward leaves the weight's scales on the weight.
+
+    bitsandbytes moves them into the layer's own state and clears them on the weight;
+    but every party's copy of a layer shares the one frozen weight (models/shared.py),
+    so the second copy to run would find no scales. Here each copy's state only points
+    at the weight's (the same storage: no memory is copied).
+    """
+    global _INT8_CLASS
+    if _INT8_CLASS is None:
+        class SharedWeightInt8Linear(bnb.nn.Linear8bitLt):
+            def init_8bit_state(self) -> None:
+                self.state.CB = self.weight.CB
+                self.state.SCB = self.weight.SCB
+
+        _INT8_CLASS = SharedWeightInt8Linear
+    return _INT8_CLASS
 
 
 def stored_bytes(module: nn.Module) -> int:
