@@ -155,12 +155,14 @@ class Workload:
                              f"token); got batch {self.batch}, seq {self.seq}")
 
     @classmethod
-    def for_precision(cls, precision: str, batch: int, seq: int, **kw: Any) -> Workload:
-        """``bf16`` (bf16 weights under bf16 autocast) or ``fp32`` sizes."""
+    def for_precision(cls, precision: str, batch: int, seq: int, *,
+                      weight_bytes: int | None = None, **kw: Any) -> Workload:
+        """``bf16`` (bf16 weights under bf16 autocast) or ``fp32`` sizes; ``weight_bytes``
+        is the frozen weights' storage size when it differs (fp32 weights under bf16)."""
         if precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
         size = 2 if precision == "bf16" else 4
-        return cls(batch=batch, seq=seq, weight_bytes=size, act_bytes=size, **kw)
+        return cls(batch=batch, seq=seq, weight_bytes=weight_bytes or size, act_bytes=size, **kw)
 
     @property
     def tokens(self) -> int:

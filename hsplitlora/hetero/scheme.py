@@ -27,8 +27,8 @@ from hsplitlora.hetero.costmodel import ModelDims, Workload, client_memory, step
 from hsplitlora.hetero.importance import (
     ImportanceTracker,
     ServerScorer,
-    candidates,
-    importance,
+    module_energy,
+    rank_gains,
     ranking,
 )
 from hsplitlora.hetero.planner import (
@@ -55,13 +55,15 @@ def aggregator_for(cfg: Any) -> str:
     return cfg.mode.aggregator or cfg.hetero.aggregator
 
 
-def probe_importance(system: HeteroSystem, n_batches: int, precision: str) -> dict[str, float]:
+def probe_importance(system: HeteroSystem, n_batches: int, precision: str,
+                     label_smoothing: float = 0.0) -> dict[str, float]:
     """Every participant scores its own blocks on its own probe batches (the client its
     client side, on its own premises; its server-side copy the rest, from the activations
-    it receives); sensitivities are averaged over participants, weighted by shard size.
+    it receives, with the run's loss and label smoothing); the gradient energies
+    (:func:`~hsplitlora.hetero.importance.segment_importance`) are averaged over
+    participants, weighted by shard size.
 
-    They are left *un-normalised* by adapter cost: the planner's greedy already buys rank
-    by gain per byte, and dividing by cost here too would penalise large matrices twice.
+    They are not divided by adapter cost: the planner buys rank by gain per byte.
     Where no planner runs (ARMSC off), :meth:`Planner._fixed_cut_plans` divides by cost.
 
     A remote client that is gone (:class:`~hsplitlora.train.placement.PartyLost`) is left
@@ -72,14 +74,15 @@ def probe_importance(system: HeteroSystem, n_batches: int, precision: str) -> di
         # Under the Ray backend this is a copy fetched from the actor: scoring only reads
         # it (its hooks come off again), so it may run here.
         server_seg = system.server.segments[client.client_id]
-        with ServerScorer(server_seg, precision=precision) as scorer:
+        with ServerScorer(server_seg, precision=precision, label_smoothing=label_smoothing,
+                          spectrum=True) as scorer:
             try:
                 scores = client.score(n_batches, scorer.reply)
             except PartyLost as e:
                 log.warning("importance probing goes on without client %d: %s",
                             client.client_id, e)
                 continue
-            server = importance(scorer.scores(), candidates(server_seg), normalise=False)
+            server = scorer.energies()
         per_client.append(({**scores, **server}, client.num_samples))
     if not per_client:
         raise PartyLost("no client took part in importance probing")
@@ -129,8 +132,11 @@ class Planner:
         self.dims = ModelDims.from_config(model.config)
         self.spec = arch_spec(model.config)
         self.profiles, self.server = list(profiles), server
+        # Budgets cost the frozen weights in the dtype they are stored in (heterogeneous
+        # modes keep them in fp32 for exact merges), not the compute precision.
         self.work = Workload.for_precision(cfg.train.precision, batch=cfg.train.batch_size,
-                                           seq=seq, lora_dropout=cfg.lora.dropout)
+                                           seq=seq, lora_dropout=cfg.lora.dropout,
+                                           weight_bytes=next(model.parameters()).element_size())
         self.default_modules = target_module_names(
             model, tuple(cfg.lora.targets) if cfg.lora.targets else None)
         self.candidates = target_module_names(model, self.spec.targets)
@@ -141,7 +147,8 @@ class Planner:
         self.settings = PlannerSettings(
             ranks=tuple(sorted(set([0, *self.hc.rank_set]))), min_cut=min(cuts),
             max_cut=max(cuts), server_rank=self.hc.server_rank,
-            time_budget_s=self.hc.time_budget_s)
+            time_budget_s=self.hc.time_budget_s, interval=cfg.train.agg_interval,
+            round_time_s=self.hc.round_time_s)
 
     def state_dict(self) -> dict[str, Any]:
         """The importance history and the scores the current plans were made on."""
@@ -166,9 +173,9 @@ class Planner:
 
     def observe(self, scores: dict[str, float]) -> dict[str, float]:
         smoothed = self.tracker.update(scores)
-        top = ranking(smoothed)[:5]
-        log.info("importance (smoothed), top 5: %s", ", ".join(
-            f"{m.split('.', 2)[-1]}={smoothed[m]:.3g}" for m in top))
+        energy = module_energy(smoothed)
+        log.info("gradient energy (smoothed), top 5: %s", ", ".join(
+            f"{m.split('.', 2)[-1]}={energy[m]:.3g}" for m in ranking(energy)[:5]))
         return smoothed
 
     def plans(self, importance_scores: dict[str, float] | None) -> list[PartyPlan]:
@@ -184,12 +191,14 @@ class Planner:
             return self.describe([PartyPlan(self.cfg.train.cut,
                                             dict.fromkeys(self.default_modules, rank))
                                   for _ in self.profiles])
+        if self.uses_importance:
+            self.planned_on = importance_scores
         if not (self.mode.adaptive and self.hc.adaptive):
             return self.describe(self._fixed_cut_plans(importance_scores))
-        plan = plan_clients(self.profiles, self.server, self.dims,
-                            importance_scores if self.uses_importance else None, self.work,
+        gains = (rank_gains(importance_scores, self.settings.gain_ranks)
+                 if self.uses_importance and importance_scores else None)
+        plan = plan_clients(self.profiles, self.server, self.dims, gains, self.work,
                             self.settings)
-        self.planned_on = importance_scores
         for c in plan.clients:
             log.info("client %d (%s): cut %d, %d client-side adapters, memory %s / %s, "
                      "est. %.3g s/step", c.client_id, c.profile.name, c.cut, len(c.ranks),
@@ -203,10 +212,11 @@ class Planner:
         if self.mode.adaptive:  # ARMSC off: lora.r everywhere, placed by IWI if on
             modules = self.default_modules
             if scores is not None and self.uses_importance:
+                energy = module_energy(scores)
                 per_cost = {}  # the same rank everywhere: the best matrices per unit cost
                 for m in self.candidates:
                     matrix = self.dims.locate(m)[1]
-                    per_cost[m] = scores.get(m, 0.0) / (matrix.d_in + matrix.d_out)
+                    per_cost[m] = energy.get(m, 0.0) / (matrix.d_in + matrix.d_out)
                 modules = ranking(per_cost)[: len(self.default_modules)]
             return [PartyPlan(cut, {m: self.cfg.lora.r for m in modules}) for _ in self.profiles]
         ranks = [uniform_rank(self.dims, p, cut, self.default_modules, self.hc.rank_set,
@@ -221,8 +231,11 @@ class Planner:
         if not self.uses_importance:
             return None
         smoothed = self.observe(probe_importance(system, self.hc.probe_batches,
-                                                 self.cfg.train.precision))
-        if not should_replan(self.planned_on, smoothed, self.hc.replan_threshold):
+                                                 self.cfg.train.precision,
+                                                 self.cfg.train.label_smoothing))
+        if self.planned_on is not None and not should_replan(
+                module_energy(self.planned_on), module_energy(smoothed),
+                self.hc.replan_threshold):
             return None
         log.info("round %d: importance ranking moved past %.2f: re-planning", round + 1,
                  self.hc.replan_threshold)
@@ -267,5 +280,5 @@ def plan_run(cfg: Any) -> tuple[Plan, ModelDims]:
                               precision=t.precision, device=p.device,
                               probes=[probe_stream(p, c) for c in range(t.num_clients)])
         scores = planner.observe(probe_importance(system, cfg.hetero.probe_batches,
-                                                  t.precision))
+                                                  t.precision, t.label_smoothing))
     return planner.client_plans(scores), planner.dims

@@ -21,6 +21,7 @@ from hsplitlora.hetero.planner import (
     format_plan_table,
     plan_client,
     plan_clients,
+    prior_gains,
     rank_distance,
     rank_gain,
     should_replan,
@@ -48,9 +49,17 @@ def _device(memory: int, flops: float = 1e12) -> DeviceProfile:
                          downlink_bps=1e7)
 
 
-def _importance(seed: int) -> dict[str, float]:
+def _scores(seed: int) -> dict[str, float]:
     rng = random.Random(seed)
     return {name: rng.random() for name in DIMS.candidate_modules()}
+
+
+def _importance(seed: int) -> dict[str, dict[int, float]]:
+    return prior_gains(DIMS, (0, 2, 4, 8, 16), _scores(seed))
+
+
+# Memory alone decides (no round deadline): the regime these first tests are about.
+MEMORY_ONLY = PlannerSettings(round_time_s=math.inf)
 
 
 def test_rank_gain_is_concave_and_normalised():
@@ -65,7 +74,7 @@ def test_rank_gain_is_concave_and_normalised():
 def test_plan_respects_the_budgets_and_reports_the_cost_model():
     profiles = [_device(int(FLOOR + f * (ROOMY - FLOOR))) for f in (0.05, 0.3, 0.6, 1.0)]
     plan = plan_clients(profiles, SERVER, DIMS, _importance(0), WORK,
-                        PlannerSettings(time_budget_s=1.0))
+                        PlannerSettings(time_budget_s=1.0, round_time_s=math.inf))
     for client, profile in zip(plan.clients, profiles, strict=True):
         assert client.memory == client_memory(DIMS, client.cut, client.ranks, WORK)
         assert client.memory.total <= profile.memory_bytes == client.budget_bytes
@@ -84,7 +93,7 @@ def test_plan_respects_the_budgets_and_reports_the_cost_model():
 
 
 def test_a_roomy_client_adapts_everything_it_may_hold_at_the_top_rank():
-    plan = plan_client(0, _device(10 * ROOMY), SERVER, DIMS, None, WORK)
+    plan = plan_client(0, _device(10 * ROOMY), SERVER, DIMS, None, WORK, MEMORY_ONLY)
     assert plan.cut == DIMS.n_layers - 1  # default max_cut: the server keeps one block
     assert plan.ranks == dict.fromkeys(DIMS.candidate_modules(range(plan.cut)), 16)
     g8 = rank_gain(8, 16)
@@ -93,7 +102,7 @@ def test_a_roomy_client_adapts_everything_it_may_hold_at_the_top_rank():
 
 
 def test_the_floor_budget_gets_the_smallest_cut_without_adapters():
-    plan = plan_client(0, _device(FLOOR), SERVER, DIMS, None, WORK)
+    plan = plan_client(0, _device(FLOOR), SERVER, DIMS, None, WORK, MEMORY_ONLY)
     assert (plan.cut, plan.ranks) == (1, {})
     assert plan.memory.total == FLOOR
     assert plan.utility == pytest.approx(rank_gain(8, 16) * 3 / 4)  # the server's blocks
@@ -101,14 +110,14 @@ def test_the_floor_budget_gets_the_smallest_cut_without_adapters():
 
 def test_a_server_as_good_as_any_client_keeps_every_client_at_min_cut():
     plan = plan_client(0, _device(10 * ROOMY), SERVER, DIMS, None, WORK,
-                       PlannerSettings(server_rank=16, min_cut=2))
+                       PlannerSettings(server_rank=16, min_cut=2, round_time_s=math.inf))
     assert plan.cut == 2  # deeper cuts tie at best: the tie goes to the shallower cut
 
 
 def test_more_memory_never_lowers_utility():
     importance = _importance(1)
     budgets = [int(FLOOR + i * (ROOMY - FLOOR) / 80) for i in range(0, 96)]
-    utilities = [plan_client(0, _device(b), SERVER, DIMS, importance, WORK).utility
+    utilities = [plan_client(0, _device(b), SERVER, DIMS, importance, WORK, MEMORY_ONLY).utility
                  for b in budgets]
     assert all(a <= b + 1e-12 for a, b in zip(utilities, utilities[1:], strict=False))
     assert utilities[0] < utilities[-1]
@@ -120,17 +129,18 @@ def test_more_memory_never_lowers_utility_for_any_importance(seed, low, extra):
     importance = _importance(seed)
     small = int(FLOOR + low * (ROOMY - FLOOR))
     large = int(small + extra * (ROOMY - FLOOR))
-    u_small = plan_client(0, _device(small), SERVER, DIMS, importance, WORK).utility
-    u_large = plan_client(0, _device(large), SERVER, DIMS, importance, WORK).utility
+    u_small = plan_client(0, _device(small), SERVER, DIMS, importance, WORK, MEMORY_ONLY).utility
+    u_large = plan_client(0, _device(large), SERVER, DIMS, importance, WORK, MEMORY_ONLY).utility
     assert u_small <= u_large + 1e-12
 
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), fraction=st.floats(0, 1))
 def test_a_more_important_matrix_never_gets_less_rank_than_one_of_its_shape(seed, fraction):
-    importance = _importance(seed)
+    importance = _scores(seed)
     budget = int(FLOOR + fraction * (ROOMY - FLOOR))
-    plan = plan_client(0, _device(budget), SERVER, DIMS, importance, WORK)
+    plan = plan_client(0, _device(budget), SERVER, DIMS, prior_gains(DIMS, (0, 2, 4, 8, 16),
+                                                                     importance), WORK, MEMORY_ONLY)
     assert plan.memory.total <= budget
     if not plan.ranks:
         return
@@ -154,12 +164,14 @@ def test_ranks_spread_by_importance_within_a_block():
     reserved = client_memory(dims, 1, {}, WORK).frozen_weights + activation_bytes(
         dims, range(1), {}, WORK, input_grad=False, reserve_inputs=True)
     budget = reserved + 2 * lora_memory_per_rank(dims.candidates[1], WORK)
-    plan = plan_client(0, _device(budget), SERVER, dims, importance, WORK,
-                       PlannerSettings(max_cut=1))
+    one = PlannerSettings(max_cut=1, round_time_s=math.inf)
+    plan = plan_client(0, _device(budget), SERVER, dims, prior_gains(dims, one.ranks, importance),
+                       WORK, one)
     assert plan.ranks == {"model.layers.0.self_attn.v_proj": 2}
     assert plan.memory.total <= budget
     swapped = {k: 6 - v for k, v in importance.items()}
-    plan = plan_client(0, _device(budget), SERVER, dims, swapped, WORK, PlannerSettings(max_cut=1))
+    plan = plan_client(0, _device(budget), SERVER, dims, prior_gains(dims, one.ranks, swapped),
+                       WORK, one)
     assert plan.ranks == {"model.layers.0.self_attn.k_proj": 2}
 
 
@@ -180,10 +192,10 @@ def test_an_impossible_time_budget_says_by_how_much():
 
 
 def test_a_time_budget_holds_slow_clients_at_shallow_cuts():
-    fast = plan_client(0, _device(10 * ROOMY, flops=1e12), SERVER, DIMS, None, WORK)
+    fast = plan_client(0, _device(10 * ROOMY, flops=1e12), SERVER, DIMS, None, WORK, MEMORY_ONLY)
     limit = step_time(_device(1, flops=1e8), SERVER, DIMS, 1, {}, fast.server_ranks, WORK).total
     slow = plan_client(0, _device(10 * ROOMY, flops=1e8), SERVER, DIMS, None, WORK,
-                       PlannerSettings(time_budget_s=limit * 1.5))
+                       PlannerSettings(time_budget_s=limit * 1.5, round_time_s=math.inf))
     assert slow.cut < fast.cut and slow.step_seconds <= limit * 1.5
 
 
@@ -195,10 +207,9 @@ def test_settings_and_importance_are_checked():
     with pytest.raises(ValueError, match="does not fit a model of 4 blocks"):
         plan_client(0, _device(ROOMY), SERVER, DIMS, None, WORK, PlannerSettings(max_cut=7))
     with pytest.raises(ValueError, match="names a candidate matrix"):
-        plan_client(0, _device(ROOMY), SERVER, DIMS, {"layers.0.q": 1.0}, WORK)
+        prior_gains(DIMS, (0, 2), {"layers.0.q": 1.0})
     with pytest.raises(ValueError, match="finite"):
-        plan_client(0, _device(ROOMY), SERVER, DIMS,
-                    {"model.layers.0.self_attn.q_proj": math.nan}, WORK)
+        prior_gains(DIMS, (0, 2), {"model.layers.0.self_attn.q_proj": math.nan})
 
 
 def test_rank_distance_and_should_replan():
@@ -218,7 +229,7 @@ def test_rank_distance_and_should_replan():
 
 def test_plan_table_shows_cut_ranks_memory_and_time():
     profiles = [_device(FLOOR), _device(10 * ROOMY)]
-    plan = plan_clients(profiles, SERVER, DIMS, None, WORK)
+    plan = plan_clients(profiles, SERVER, DIMS, None, WORK, MEMORY_ONLY)
     console = Console(record=True, width=220)
     console.print(format_plan_table(plan, DIMS))
     text = console.export_text()
@@ -236,7 +247,7 @@ def test_gpt2_plans_use_its_fused_matrices():
         n_layer=3, n_embd=64, n_head=4, vocab_size=320, n_positions=64, bos_token_id=0,
         eos_token_id=0))
     work = Workload.for_precision("fp32", 2, 16, lora_dropout=0.1)
-    plan = plan_clients([_device(10 * ROOMY)], SERVER, dims, None, work)
+    plan = plan_clients([_device(10 * ROOMY)], SERVER, dims, None, work, MEMORY_ONLY)
     assert plan.clients[0].cut == 2
     assert set(plan.clients[0].ranks) == {f"transformer.h.{b}.{m}" for b in range(2) for m in
                                           ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
