@@ -205,15 +205,19 @@ def experiment(
 def plan(
     config: Path = typer.Option(None, "--config", "-c", help="YAML run configuration"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.num_clients=8"),
+    meta: bool = typer.Option(False, "--meta", help="plan from the model's config.json alone "
+                              "(built on the meta device: no weights, no data, no probing), "
+                              "for sequences of data.max_length tokens"),
 ) -> None:
-    """Print each client's plan (cut, ranks, memory / budget, step time) without training."""
+    """Print each client's plan (cut, ranks, memory / budget, step and round time) and the
+    main server's load, without training."""
     _logging(False)
     cfg = _config(config, set_)
     from hsplitlora.hetero.planner import PlanError, format_plan_table
     from hsplitlora.hetero.scheme import plan_run
 
     try:
-        result, dims = plan_run(cfg)
+        result, dims = plan_run(cfg, meta=meta)
     except PlanError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None

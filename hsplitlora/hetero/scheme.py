@@ -45,7 +45,7 @@ from hsplitlora.models.split import arch_spec
 from hsplitlora.train.hetero import HeteroSystem, PartyPlan
 from hsplitlora.train.placement import PartyLost
 
-__all__ = ["Planner", "aggregator_for", "plan_run", "probe_importance",
+__all__ = ["Planner", "aggregator_for", "meta_model", "plan_run", "probe_importance",
            "uniform_rank"]
 
 log = logging.getLogger(__name__)
@@ -260,14 +260,38 @@ class Planner:
                                 self.hc.rank_set, self.work) for p in self.profiles)
 
 
-def plan_run(cfg: Any) -> tuple[Plan, ModelDims]:
+def meta_model(cfg: Any) -> nn.Module:
+    """The config's model built from its ``config.json`` on the meta device: every shape
+    and the storage dtype, no weights and no memory (a LLaMA-2-7B plans on a laptop)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hsplitlora.train.run import base_dtype
+
+    config = AutoConfig.from_pretrained(cfg.model.name)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config,
+                                                torch_dtype=getattr(torch, base_dtype(cfg)))
+
+
+def plan_run(cfg: Any, meta: bool = False) -> tuple[Plan, ModelDims]:
     """What ``hsplitlora plan`` shows: the per-client plans of a config, without training
-    (importance, when used, is measured by split probing on each client's shard)."""
+    (importance, when used, is measured by split probing on each client's shard).
+
+    ``meta``: plan from the model's shapes alone (:func:`meta_model`), for sequences of
+    ``data.max_length`` tokens, with the uninformed gains (no weights, so no probing).
+    """
     from hsplitlora.train.parties import optim_settings, probe_stream
     from hsplitlora.train.run import _streams, mean_length, prepare
 
-    p = prepare(cfg)
     t = cfg.train
+    if meta:
+        model = meta_model(cfg)
+        params = sum(x.numel() for x in model.parameters())
+        planner = Planner(cfg, model, cfg.hetero.scenario.profiles(t.num_clients, params),
+                          cfg.hetero.scenario.server_profile(), cfg.data.max_length)
+        return planner.client_plans(None), planner.dims
+    p = prepare(cfg)
     params = sum(x.numel() for x in p.model.parameters())
     planner = Planner(cfg, p.model, cfg.hetero.scenario.profiles(t.num_clients, params),
                       cfg.hetero.scenario.server_profile(), mean_length(p.shards))

@@ -134,6 +134,37 @@ output: {{dir: {tmp_path / 'runs'}}}
     assert tiny.exit_code == 2 and "budget" in tiny.output
 
 
+def test_plan_cli_plans_a_model_from_its_config_alone(tmp_path):
+    from typer.testing import CliRunner
+
+    from hsplitlora.cli import app
+
+    shapes = tmp_path / "shapes"
+    tiny_model("llama").config.save_pretrained(shapes)  # config.json only: no weights
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text(f"""
+model: {{name: {shapes}}}
+data: {{max_length: 64}}
+train: {{mode: hsplitlora, num_clients: 7, batch_size: 2, precision: bf16}}
+hetero: {{scenario: {{kind: heterogeneous, memory_range: ["1.2 MiB", "3 MiB"], seed: 1}}}}
+output: {{dir: {tmp_path / 'runs'}}}
+""")
+    result = CliRunner().invoke(app, ["plan", "--meta", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert len(re.findall(r"│ laptop-\d", result.output)) == 7
+    assert "main server" in result.output and "compute per round" in result.output
+    assert not (tmp_path / "runs").exists()
+
+    from hsplitlora.config import load_config
+    from hsplitlora.hetero.scheme import plan_run
+
+    plan, dims = plan_run(load_config(cfg), meta=True)
+    # heterogeneous modes store the base in fp32, so the budgets cost it in fp32
+    for c in plan.clients:
+        assert c.memory.frozen_weights == 4 * (dims.embedding_params + c.cut * dims.block_params)
+        assert c.memory.total <= c.budget_bytes
+
+
 def test_federated_baseline_trains_the_whole_model_on_each_client(tmp_path, tiny_tokenizer):
     from hsplitlora.hetero.planner import PlanError
 
