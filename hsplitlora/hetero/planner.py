@@ -22,10 +22,11 @@ aggregation), every client maximises U subject to its memory, ``I x step + adapt
 transfer <= R`` (the round waits for the slowest client; adapters travel up and down every
 aggregation, so their bytes cost link time) and ``I x server compute <= R / N`` (the main
 server serves all N clients one at a time: each gets an equal share of its time). The
-planner then picks the R that maximises ``Phi = sum_i p_i U_i / T``, where T is the round
-time the plans actually take, ``max(max_i round_i, I x sum_i server_i)``: first-order
-progress per simulated second. ``PlannerSettings.round_time_s`` fixes R instead (``inf``:
-memory only).
+planner then picks, over a geometric grid of deadlines, the R with the most first-order
+progress per simulated second, ``sum_i p_i U_i(R) / R``; the plans' own round time
+``T = max(max_i round_i, I x sum_i server_i) <= R`` is what the plan reports, and
+``Plan.objective`` is ``sum_i p_i U_i / T``. ``PlannerSettings.round_time_s`` fixes R
+instead (``inf``: memory only).
 
 **Algorithm.** For every cut k and first adapted block f (f = k: no adapters) the fixed
 cost is the frozen weights of k blocks plus the activations of blocks ``[f, k)`` with the
@@ -39,9 +40,10 @@ clients of a 32-block model: seconds).
 
 **Guarantees** (tested): with memory binding, the prefix is within one step's gain of the
 best plan for its (k, f) and reservation (the fractional optimum is the prefix plus part of
-the first step that does not fit); at a fixed deadline, more memory never lowers a client's
-U and a more important matrix never gets a lower rank than a less important one of its
-shape; choosing R, more memory for one client never lowers Phi.
+the first step that does not fit; with the deadline binding too this is observed, not
+proved); at a fixed deadline, more memory never lowers a client's U; at a fixed cut,
+scaling up a matrix's gains never lowers its rank; choosing R, more memory for one client
+never lowers the best ``sum_i p_i U_i(R) / R`` (the grid does not depend on memory).
 
 **Tie-breaking.** Options of equal U (to 1e-9) go to the shallower cut, then to the
 smaller memory reservation; deadlines of equal Phi to the shorter round.
@@ -176,7 +178,7 @@ class ServerLoad:
 class Plan:
     clients: list[ClientPlan] = field(default_factory=list)
     round_seconds: float = float("nan")  # max(slowest client's round, server's round)
-    objective: float = float("nan")  # Phi = sum_i p_i U_i / round_seconds
+    objective: float = float("nan")  # sum_i p_i U_i / round_seconds: progress per second
     server: ServerLoad | None = None
 
     @property
