@@ -222,7 +222,7 @@ def plan(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from None
     # Without a terminal rich assumes 80 columns; the table needs more.
-    out = console if console.is_terminal else Console(width=160)
+    out = console if console.is_terminal else Console(width=200)
     out.print(format_plan_table(result, dims))
 
 
