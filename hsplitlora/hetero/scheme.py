@@ -23,7 +23,13 @@ from typing import Any
 
 from torch import nn
 
-from hsplitlora.hetero.costmodel import ModelDims, Workload, client_memory, step_time
+from hsplitlora.hetero.costmodel import (
+    ModelDims,
+    Workload,
+    adapter_bytes,
+    client_memory,
+    step_time,
+)
 from hsplitlora.hetero.importance import (
     ImportanceTracker,
     ServerScorer,
@@ -250,8 +256,12 @@ class Planner:
             memory = client_memory(self.dims, plan.cut, client, self.work)
             seconds = step_time(profile, self.server, self.dims, plan.cut, client, server,
                                 self.work).total
+            moved = adapter_bytes(self.dims, client, self.work) * (
+                1 / min(profile.uplink_bps, self.server.downlink_bps)
+                + 1 / min(self.server.uplink_bps, profile.downlink_bps))
             out.append(ClientPlan(cid, profile, plan.cut, client, server, memory,
-                                  profile.memory_bytes, seconds, float("nan")))
+                                  profile.memory_bytes, seconds, float("nan"),
+                                  round_seconds=self.settings.interval * seconds + moved))
         return Plan(out)
 
     def weakest_rank(self) -> int:
