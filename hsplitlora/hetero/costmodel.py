@@ -72,6 +72,11 @@ during backward), allocator fragmentation, CUDA context and workspace, attention
 dropout, and the bf16 weight copies autocast would keep if fp32 base weights ran under
 bf16 autocast (``model.dtype: auto`` avoids that case). Treat the result as an estimate.
 
+**Exact merges.** With a merging aggregator (noise-free, stacking) every candidate
+weight a party holds also keeps its pre-merge copy and the fp32 sum of merged updates
+(``Workload.merge_bytes``, counted with the frozen weights): the price of exact merges
+beside a bf16 base.
+
 **LoRA state.** Adapter weights, their gradients and AdamW's two moments, all in
 ``lora_bytes`` (fp32): ``(2 + adam_states) x r x (d_in + d_out) x lora_bytes`` per matrix.
 
@@ -147,6 +152,10 @@ class Workload:
     lora_bytes: int = 4  # LoRA weights and gradients: peft keeps adapters in fp32
     adam_states: int = 2  # AdamW's exp_avg and exp_avg_sq, in the adapters' dtype
     lora_dropout: float = 0.0  # > 0: every adapter keeps its own dropped-out input
+    # Merging aggregators keep, per element of every candidate weight a party holds, the
+    # weight as loaded and the fp32 sum of merged updates (hsplitlora.models.shared):
+    # weight_bytes + 4 there, 0 otherwise.
+    merge_bytes: int = 0
     padded: bool = True  # batches carry padding, so attention gets an explicit mask
 
     def __post_init__(self) -> None:
@@ -551,6 +560,11 @@ def _lora_state(
     return weights, weights, weights * work.adam_states
 
 
+def _candidate_params(dims: ModelDims) -> int:
+    """Weight elements of one block's candidate matrices (what a merge may touch)."""
+    return sum(m.d_in * m.d_out for m in dims.candidates)
+
+
 def _first_adapted(adapted: Mapping[int, Mapping[Matrix, int]], cut: int) -> int:
     return min(adapted, default=cut)
 
@@ -570,7 +584,8 @@ def client_memory(
     first = _first_adapted(adapted, cut)
     weights, grads, optimizer = _lora_state(adapted, work)
     return MemoryBreakdown(
-        frozen_weights=(dims.embedding_params + cut * dims.block_params) * work.weight_bytes,
+        frozen_weights=(dims.embedding_params + cut * dims.block_params) * work.weight_bytes
+        + cut * _candidate_params(dims) * work.merge_bytes,
         activations=activation_bytes(dims, range(first, cut), ranks, work, input_grad=False),
         lora_weights=weights,
         lora_grads=grads,
@@ -594,7 +609,8 @@ def server_memory(
     frozen = (dims.embedding_params + (dims.n_layers - cut) * dims.block_params
               + dims.norm_params + dims.head_params)
     return MemoryBreakdown(
-        frozen_weights=frozen * work.weight_bytes,
+        frozen_weights=frozen * work.weight_bytes
+        + (dims.n_layers - cut) * _candidate_params(dims) * work.merge_bytes,
         activations=saved,
         lora_weights=weights,
         lora_grads=grads,

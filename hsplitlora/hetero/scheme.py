@@ -48,7 +48,7 @@ from hsplitlora.hetero.planner import (
 from hsplitlora.hetero.profiles import DeviceProfile, format_bytes
 from hsplitlora.models.lora import target_module_names
 from hsplitlora.models.split import arch_spec
-from hsplitlora.train.hetero import HeteroSystem, PartyPlan
+from hsplitlora.train.hetero import MERGING, HeteroSystem, PartyPlan
 from hsplitlora.train.placement import PartyLost
 
 __all__ = ["Planner", "aggregator_for", "meta_model", "plan_run", "probe_importance",
@@ -138,11 +138,13 @@ class Planner:
         self.dims = ModelDims.from_config(model.config)
         self.spec = arch_spec(model.config)
         self.profiles, self.server = list(profiles), server
-        # Budgets cost the frozen weights in the dtype they are stored in (heterogeneous
-        # modes keep them in fp32 for exact merges), not the compute precision.
-        self.work = Workload.for_precision(cfg.train.precision, batch=cfg.train.batch_size,
-                                           seq=seq, lora_dropout=cfg.lora.dropout,
-                                           weight_bytes=next(model.parameters()).element_size())
+        # Budgets cost the frozen weights in the dtype they are stored in, not the compute
+        # precision, and a merging aggregator's pre-merge copies and fp32 merged updates.
+        stored = next(model.parameters()).element_size()
+        self.work = Workload.for_precision(
+            cfg.train.precision, batch=cfg.train.batch_size, seq=seq,
+            lora_dropout=cfg.lora.dropout, weight_bytes=stored,
+            merge_bytes=stored + 4 if aggregator_for(cfg) in MERGING else 0)
         self.default_modules = target_module_names(
             model, tuple(cfg.lora.targets) if cfg.lora.targets else None)
         self.candidates = target_module_names(model, self.spec.targets)

@@ -490,6 +490,15 @@ def test_budgets_are_costed_in_the_stored_dtype():
     plan = plan_client(0, _device(10 * ROOMY), SERVER, DIMS, None, fp32, MEMORY_ONLY)
     assert plan.memory.frozen_weights == 4 * (DIMS.embedding_params
                                               + plan.cut * DIMS.block_params)
+    # exact merges beside the base: the pre-merge copy and the fp32 delta of each candidate
+    merged = replace(bf16, merge_bytes=2 + 4)
+    candidates = sum(m.d_in * m.d_out for m in DIMS.candidates)
+    for cut in (1, 3):
+        assert (client_memory(DIMS, cut, {}, merged).frozen_weights
+                == client_memory(DIMS, cut, {}, bf16).frozen_weights + 6 * cut * candidates)
+        assert (server_memory(DIMS, cut, {}, merged).frozen_weights
+                == server_memory(DIMS, cut, {}, bf16).frozen_weights
+                + 6 * (DIMS.n_layers - cut) * candidates)
 
 
 def test_the_server_load_is_costed_and_checked():

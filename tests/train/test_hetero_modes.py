@@ -217,10 +217,16 @@ output: {{dir: {tmp_path / 'runs'}}}
     from hsplitlora.hetero.scheme import plan_run
 
     plan, dims = plan_run(load_config(cfg), meta=True)
-    # heterogeneous modes store the base in fp32, so the budgets cost it in fp32
+    # the base is stored in bf16; noise-free merges keep, per candidate weight element, the
+    # bf16 weight as loaded and the fp32 sum of merged updates: budgets cost all of it
+    candidates = sum(m.d_in * m.d_out for m in dims.candidates)
     for c in plan.clients:
-        assert c.memory.frozen_weights == 4 * (dims.embedding_params + c.cut * dims.block_params)
+        assert c.memory.frozen_weights == (2 * (dims.embedding_params + c.cut * dims.block_params)
+                                           + (2 + 4) * c.cut * candidates)
         assert c.memory.total <= c.budget_bytes
+    plan, dims = plan_run(load_config(cfg, ["hetero.aggregator=svd"]), meta=True)
+    assert all(c.memory.frozen_weights == 2 * (dims.embedding_params + c.cut * dims.block_params)
+               for c in plan.clients)  # nothing merged, nothing extra
 
 
 def test_federated_baseline_trains_the_whole_model_on_each_client(tmp_path, tiny_tokenizer):
