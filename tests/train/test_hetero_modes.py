@@ -16,15 +16,20 @@ from tests.conftest import E2E, tiny_model
 SCENARIO = {"kind": "heterogeneous", "memory_range": ["1.2 MiB", "3 MiB"], "seed": 1}
 
 
-def tight_scenario(tmp_path, tok) -> dict:
+def tight_scenario(tmp_path, tok, mode: str = "flora") -> dict:
     """Budgets just above the cost model's client memory at cut 2 with q/v adapters of rank
-    2, 4 and 8, for the workload this run will have."""
-    from hsplitlora.hetero.costmodel import ModelDims, Workload, client_memory
+    2, 4 and 8, for the workload this run of ``mode`` will have (its planner's: a merging
+    aggregator's merge state included)."""
+    from hsplitlora.hetero.costmodel import ModelDims, client_memory
+    from hsplitlora.hetero.profiles import PRESETS
+    from hsplitlora.hetero.scheme import Planner
     from hsplitlora.train.run import mean_length, prepare
 
-    p = prepare(_cfg(tmp_path, "flora"), tiny_model("llama"), tok)
+    cfg = _cfg(tmp_path, mode)
+    p = prepare(cfg, tiny_model("llama"), tok)
     dims = ModelDims.from_config(p.model.config)
-    work = Workload.for_precision("fp32", batch=2, seq=mean_length(p.shards))
+    work = Planner(cfg, p.model, [PRESETS["laptop"]] * 3, PRESETS["server"],
+                   mean_length(p.shards)).work
     qv = [f"model.layers.{b}.self_attn.{m}" for b in range(2) for m in ("q_proj", "v_proj")]
     budgets = [client_memory(dims, 2, dict.fromkeys(qv, r), work).total + 64 for r in (2, 4, 8)]
     return {"kind": "explicit", "clients": [
@@ -142,7 +147,8 @@ def test_each_component_can_be_switched_off(tmp_path, tiny_tokenizer, hetero, mo
                                          ("flora", "stack")])
 def test_baselines_give_each_client_the_largest_rank_its_memory_fits(tmp_path, tiny_tokenizer,
                                                                      mode, method):
-    result = _run(tmp_path, tiny_tokenizer, mode, scenario=tight_scenario(tmp_path, tiny_tokenizer))
+    result = _run(tmp_path, tiny_tokenizer, mode,
+                  scenario=tight_scenario(tmp_path, tiny_tokenizer, mode))
     plan = next(r for r in result.records if r.get("event") == "plan")["plans"]
     ranks = [set(p["ranks"].values()) for p in plan]
     assert all(p["cut"] == 2 for p in plan)
@@ -152,7 +158,7 @@ def test_baselines_give_each_client_the_largest_rank_its_memory_fits(tmp_path, t
 
 def test_splitlora_on_heterogeneous_devices_uses_the_weakest_rank(tmp_path, tiny_tokenizer):
     result = _run(tmp_path, tiny_tokenizer, "splitlora",
-                  scenario=tight_scenario(tmp_path, tiny_tokenizer))
+                  scenario=tight_scenario(tmp_path, tiny_tokenizer, "splitlora"))
     ranks = {v.shape[0] for k, v in result.adapter.items() if k.endswith("lora_A.weight")}
     assert ranks == {2}
 
