@@ -118,6 +118,7 @@ __all__ = [
     "global_importance_by_block",
     "importance",
     "module_energy",
+    "module_of",
     "rank_energies",
     "rank_gains",
     "ranking",
@@ -707,6 +708,13 @@ def rank_energies(sigma: torch.Tensor, ranks: Sequence[int]) -> dict[int, float]
     energy = torch.cumsum(sigma.double() ** 2, 0)
     return {int(r): float(energy[min(int(r), len(energy)) - 1]) if r > 0 else 0.0
             for r in ranks}
+
+
+def module_of(key: str) -> str:
+    """The module an entry of an importance map is about: ``"<module>@<r>"`` or a plain
+    module name (a sensitivity map)."""
+    module, sep, rank = key.rpartition(_RANK_SEP)
+    return module if sep and rank.isdigit() else key
 
 
 def _split_key(key: str) -> tuple[str, int]:
