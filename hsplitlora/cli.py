@@ -259,18 +259,22 @@ def plan(
     probe: bool = typer.Option(False, "--probe", help="measure importance first (split "
                                "probing on each client's shard, as training does; minutes "
                                "on SmolLM2); default: every matrix equally important"),
+    meta: bool = typer.Option(False, "--meta", help="plan from the model's config.json alone "
+                              "(built on the meta device: no weights, no data, no probing), "
+                              "for sequences of data.max_length tokens"),
 ) -> None:
-    """Print each client's plan (cut, ranks, memory / budget, step time) from the cost
-    model, without training; in seconds unless --probe measures importance."""
+    """Print each client's plan (cut, ranks, memory / budget, step and round time) and the
+    main server's load from the cost model, without training; in seconds unless --probe
+    measures importance."""
     _logging(False)
     cfg = _config(config, set_)
     from hsplitlora.hetero.planner import format_plan_table
     from hsplitlora.hetero.scheme import plan_run
 
     with user_errors():
-        result, dims = plan_run(cfg, probe=probe)
+        result, dims = plan_run(cfg, probe=probe, meta=meta)
     # Without a terminal rich assumes 80 columns; the table needs more.
-    out = console if console.is_terminal else Console(width=160)
+    out = console if console.is_terminal else Console(width=200)
     out.print(format_plan_table(result, dims))
     if not probe and cfg.mode.importance and cfg.hetero.importance:
         console.print("importance not measured (every matrix weighs the same); "

@@ -239,8 +239,11 @@ class HeteroConfig(_Strict):
     server_rank: int = Field(8, ge=0, description="rank of the server-side adapters")
     cuts: list[int] | None = Field(None, description="cuts the planner may choose; "
                                    "null = 1 .. L-1")
-    time_budget_s: float | None = Field(None, gt=0, description="per-step time budget of a "
-                                        "client (cost model); null = memory only")
+    time_budget_s: float | None = Field(None, gt=0, description="hard per-step time limit of "
+                                        "a client (cost model); null = none")
+    round_time_s: float | None = Field(None, gt=0, description="round deadline the planner "
+                                       "plans every client for; null = the deadline with "
+                                       "the most progress per second; .inf = memory only")
     probe_batches: int = Field(2, ge=1, description="batches per importance estimate")
     ema_beta: float = Field(0.8, ge=0, lt=1, description="importance smoothing over rounds")
     replan_threshold: float = Field(0.2, ge=0, le=2, description="re-plan when the importance "

@@ -72,6 +72,11 @@ during backward), allocator fragmentation, CUDA context and workspace, attention
 dropout, and the bf16 weight copies autocast would keep if fp32 base weights ran under
 bf16 autocast (``model.dtype: auto`` avoids that case). Treat the result as an estimate.
 
+**Exact merges.** With a merging aggregator (noise-free, stacking) every candidate
+weight a party holds also keeps its pre-merge copy and the fp32 sum of merged updates
+(``Workload.merge_bytes``, counted with the frozen weights): the price of exact merges
+beside a bf16 base.
+
 **LoRA state.** Adapter weights, their gradients and AdamW's two moments, all in
 ``lora_bytes`` (fp32): ``(2 + adam_states) x r x (d_in + d_out) x lora_bytes`` per matrix.
 
@@ -147,6 +152,10 @@ class Workload:
     lora_bytes: int = 4  # LoRA weights and gradients: peft keeps adapters in fp32
     adam_states: int = 2  # AdamW's exp_avg and exp_avg_sq, in the adapters' dtype
     lora_dropout: float = 0.0  # > 0: every adapter keeps its own dropped-out input
+    # Merging aggregators keep, per element of every candidate weight a party holds, the
+    # weight as loaded and the fp32 sum of merged updates (hsplitlora.models.shared):
+    # weight_bytes + 4 there, 0 otherwise.
+    merge_bytes: int = 0
     padded: bool = True  # batches carry padding, so attention gets an explicit mask
     # Frozen linear weights of the client's blocks (the server's): bf16/fp32 as
     # weight_bytes, or bitsandbytes int8 / NF4 (models/quantize.py), see linear_bytes.
@@ -159,12 +168,14 @@ class Workload:
                              f"token); got batch {self.batch}, seq {self.seq}")
 
     @classmethod
-    def for_precision(cls, precision: str, batch: int, seq: int, **kw: Any) -> Workload:
-        """``bf16`` (bf16 weights under bf16 autocast) or ``fp32`` sizes."""
+    def for_precision(cls, precision: str, batch: int, seq: int, *,
+                      weight_bytes: int | None = None, **kw: Any) -> Workload:
+        """``bf16`` (bf16 weights under bf16 autocast) or ``fp32`` sizes; ``weight_bytes``
+        is the frozen weights' storage size when it differs (fp32 weights under bf16)."""
         if precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
         size = 2 if precision == "bf16" else 4
-        return cls(batch=batch, seq=seq, weight_bytes=size, act_bytes=size, **kw)
+        return cls(batch=batch, seq=seq, weight_bytes=weight_bytes or size, act_bytes=size, **kw)
 
     @property
     def tokens(self) -> int:
@@ -553,6 +564,11 @@ def _lora_state(
     return weights, weights, weights * work.adam_states
 
 
+def _candidate_params(dims: ModelDims) -> int:
+    """Weight elements of one block's candidate matrices (what a merge may touch)."""
+    return sum(m.d_in * m.d_out for m in dims.candidates)
+
+
 def _first_adapted(adapted: Mapping[int, Mapping[Matrix, int]], cut: int) -> int:
     return min(adapted, default=cut)
 
@@ -598,7 +614,8 @@ def client_memory(
     weights, grads, optimizer = _lora_state(adapted, work)
     return MemoryBreakdown(
         frozen_weights=(dims.embedding_params * work.weight_bytes
-                        + cut * block_weight_bytes(dims, work.weight_bytes, work.quantization)),
+                        + cut * block_weight_bytes(dims, work.weight_bytes, work.quantization)
+                        + cut * _candidate_params(dims) * work.merge_bytes),
         activations=activation_bytes(dims, range(first, cut), ranks, work, input_grad=False),
         lora_weights=weights,
         lora_grads=grads,
@@ -623,7 +640,7 @@ def server_memory(
               + (dims.n_layers - cut) * block_weight_bytes(dims, work.weight_bytes,
                                                            work.server_quantization))
     return MemoryBreakdown(
-        frozen_weights=frozen,
+        frozen_weights=frozen + (dims.n_layers - cut) * _candidate_params(dims) * work.merge_bytes,
         activations=saved,
         lora_weights=weights,
         lora_grads=grads,

@@ -239,7 +239,7 @@ def _run_hetero(p: Prepared, rec: Recorder,
     else:
         if planner.uses_importance:
             scores = planner.observe(probe_importance(system, cfg.hetero.probe_batches,
-                                                      t.precision))
+                                                      t.precision, t.label_smoothing))
             system.replan(planner.plans(scores))
         rec.event("plan", round=0, plans=[{"cut": pl.cut, "ranks": dict(pl.ranks)}
                                           for pl in system.plans])
