@@ -372,22 +372,14 @@ def merge_base_update(
     """
     from hsplitlora.aggregate import dense_update
 
-    local_of = getattr(module, "local_name", _identity)
-    merged = []
-    for full, update in updates.items():
-        try:
-            target = module.get_submodule(local_of(full))
-        except (KeyError, AttributeError):
-            continue
-        if isinstance(target, LoraLayer):
-            target = target.get_base_layer()
-        merged.append(full)
-        state = merge_state(target.weight)
+    held = base_weights(module, updates)
+    for full, weight in held.items():
+        state = merge_state(weight)
         if state is not None and state.version >= version:
             continue  # a party sharing this weight merged it already
-        dense = dense_update(update, tuple(target.weight.shape), fan_in_fan_out=fan_in_fan_out)
-        merge_into(target.weight, dense, version)
-    return merged
+        dense = dense_update(updates[full], tuple(weight.shape), fan_in_fan_out=fan_in_fan_out)
+        merge_into(weight, dense, version)
+    return list(held)
 
 
 def base_weights(module: nn.Module, names: Collection[str]) -> dict[str, torch.Tensor]:
