@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 demo: install  ## SplitLoRA on SmolLM2-135M (4 clients, E2E), then score it beside the untuned model
-	$(BIN)/hsplitlora train --config configs/demo.yaml
+	$(BIN)/hsplitlora train --config configs/demo.yaml --overwrite
 	$(BIN)/hsplitlora evaluate runs/demo --untuned
 
 test: install  ## the whole test suite (tiny models, a few minutes on 2 cores)

@@ -60,8 +60,10 @@ __all__ = [
     "stack",
     "svd",
     "to_peft_state_dict",
+    "truncate",
     "weighted_delta",
     "zeropad",
+    "zeropad_global",
 ]
 
 logger = logging.getLogger(__name__)
@@ -444,63 +446,104 @@ def fedavg(states: Sequence[AdapterState], weights: Sequence[float]) -> dict[str
 # zero-padding (HetLoRA)
 
 
+def zeropad_global(
+    states: Sequence[AdapterState],
+    weights: Sequence[float],
+    rank: int | None = None,
+    *,
+    norm_weighted: bool = True,
+) -> dict[str, LoraPair]:
+    """HetLoRA's global adapter: per module, every holder's factors zero-padded to ``rank``
+    (``None``: the largest rank held) and averaged, ``A`` and ``B`` separately.
+
+    Client ``k``'s weight is ``p_k * ||scale_k B_k A_k||_F`` renormalised over the clients that
+    hold the module, HetLoRA's sparsity weighting (``norm_weighted=False`` uses ``p_k`` alone; if
+    every update is zero, as right after LoRA's ``B = 0`` initialisation, the norms carry no
+    information and ``p_k`` is used too).
+
+    Scales: HetLoRA assumes one scale for all ranks (``alpha_k / r_k`` equal). To stay meaningful
+    when scales differ, each client's scale is folded into its ``B`` relative to the first
+    holder's scale ``s``, and the global pair carries ``alpha = s * rank`` (scale ``s``). With a
+    common scale the folding is a multiplication by exactly one. This is the global model
+    HetLoRA evaluates and hands out by :func:`truncate`.
+    """
+    p = normalise_weights(weights, len(states))
+    return {module: _padded_mean(states, p, module, rank, norm_weighted)[0]
+            for module in _modules(states)}
+
+
+def _padded_mean(
+    states: Sequence[AdapterState], p: Sequence[float], module: str, rank: int | None,
+    norm_weighted: bool,
+) -> tuple[LoraPair, float]:
+    """The global pair of one module and the scale its ``B`` is expressed at."""
+    holders = _holders(states, module)
+    _check_module(states, module, holders)
+    pairs = [states[k][module] for k in holders]
+    w = _holder_weights(p, holders, module, renormalise=True)
+    if norm_weighted:
+        by_norm = [wk * _norm_of_product(pair) for pair, wk in zip(pairs, w, strict=True)]
+        total = math.fsum(by_norm)
+        if total > 0:
+            w = [x / total for x in by_norm]
+        else:
+            logger.debug("zeropad: all updates of %s are zero; using data weights", module)
+    r_max = max(pair.rank for pair in pairs)
+    rank = r_max if rank is None else int(rank)
+    if rank < r_max:
+        raise ValueError(f"zeropad: global rank {rank} of module {module!r} is below the "
+                         f"largest client rank {r_max}; HetLoRA's global adapter holds them all")
+    s_ref = pairs[0].scale
+    A = _anchored_mean([F.pad(pair.A, (0, 0, 0, rank - pair.rank)) for pair in pairs], w)
+    B = _anchored_mean(
+        [F.pad(pair.B * (pair.scale / s_ref), (0, rank - pair.rank)) for pair in pairs], w
+    )
+    return LoraPair(A=A, B=B, alpha=s_ref * rank), s_ref
+
+
+def _truncated(pair: LoraPair, scale: float, rank: int, alpha: float, module: str) -> LoraPair:
+    if rank > pair.rank:
+        raise ValueError(
+            f"zeropad: rank {rank} exceeds the rank {pair.rank} of the global adapter of module "
+            f"{module!r}; ranks beyond it would be all-zero in both A and B and never train"
+        )
+    unfold = scale / (alpha / rank)
+    return LoraPair(A=_owned(pair.A[:rank]), B=_owned(pair.B[:, :rank] * unfold), alpha=alpha)
+
+
+def truncate(pair: LoraPair, rank: int, alpha: float, module: str = "?") -> LoraPair:
+    """HetLoRA's distribution: the first ``rank`` ranks of the global pair (rows of ``A``,
+    columns of ``B``) for a client with ``alpha``, so that the client's update
+    ``(alpha / rank) B_k A_k`` is exactly the global update's first ``rank`` ranks."""
+    return _truncated(pair, pair.scale, rank, alpha, module)
+
+
 def zeropad(
     states: Sequence[AdapterState],
     weights: Sequence[float],
     ranks_out: Sequence[int] | None = None,
     norm_weighted: bool = True,
 ) -> list[dict[str, LoraPair]]:
-    """HetLoRA: zero-pad every client to the largest rank, average, truncate back per client.
-
-    Per module, client ``k``'s weight is ``p_k * ||scale_k B_k A_k||_F`` renormalised over the
-    clients that hold the module (``norm_weighted=False`` uses ``p_k`` alone; if every client's
-    update is zero, as right after LoRA's ``B = 0`` initialisation, the norms carry no
-    information and ``p_k`` is used too).
-
-    Scales: HetLoRA assumes one scale for all ranks (``alpha_k / r_k`` equal, e.g. a common
-    ``alpha / r_max``). To stay meaningful when scales differ, each client's scale is folded into
-    its ``B`` before averaging (relative to the first holder's scale, which cancels out of the
-    result), and unfolded with the receiving client's scale ``alpha_k / ranks_out[k]``
-    afterwards. With a common scale this is a multiplication by exactly one.
-
-    Client ``k`` receives the first ``ranks_out[k]`` ranks (rows of ``A``, columns of ``B``) of
-    each module it sent; ``ranks_out=None`` keeps each client's own per-module ranks.
-    """
+    """HetLoRA's round trip: :func:`zeropad_global` at the largest rank held, then
+    :func:`truncate` back to each client (``ranks_out[k]``, or its own per-module ranks when
+    ``None``), with each client's own alpha. Client ``k`` gets back the modules it sent."""
     p = normalise_weights(weights, len(states))
     ranks_out = _ranks_out_checked(ranks_out, len(states))
     out: list[dict[str, LoraPair]] = [{} for _ in states]
     for module in _modules(states):
-        holders = _holders(states, module)
-        _check_module(states, module, holders)
-        pairs = [states[k][module] for k in holders]
-        w = _holder_weights(p, holders, module, renormalise=True)
-        if norm_weighted:
-            by_norm = [wk * _norm_of_product(pair) for pair, wk in zip(pairs, w, strict=True)]
-            total = math.fsum(by_norm)
-            if total > 0:
-                w = [x / total for x in by_norm]
-            else:
-                logger.debug("zeropad: all updates of %s are zero; using data weights", module)
-        r_max = max(pair.rank for pair in pairs)
-        s_ref = pairs[0].scale
-        A = _anchored_mean([F.pad(pair.A, (0, 0, 0, r_max - pair.rank)) for pair in pairs], w)
-        B = _anchored_mean(
-            [F.pad(pair.B * (pair.scale / s_ref), (0, r_max - pair.rank)) for pair in pairs],
-            w,
-        )
-        for k, pair in zip(holders, pairs, strict=True):
+        glob, scale = _padded_mean(states, p, module, None, norm_weighted)
+        for k in _holders(states, module):
+            pair = states[k][module]
             r = pair.rank if ranks_out is None else int(ranks_out[k])
-            if r > r_max:
+            if r > glob.rank:
                 raise ValueError(
-                    f"zeropad: ranks_out[{k}] = {r} exceeds the largest rank {r_max} of module "
-                    f"{module!r}; ranks beyond it would be all-zero in both A and B and never train"
+                    f"zeropad: ranks_out[{k}] = {r} exceeds the largest rank {glob.rank} of "
+                    f"module {module!r}; ranks beyond it would be all-zero in both A and B and "
+                    "never train"
                 )
-            unfold = s_ref / (pair.alpha / r)
-            out[k][module] = LoraPair(
-                A=_owned(A[:r].to(pair.A.dtype)),
-                B=_owned((B[:, :r] * unfold).to(pair.B.dtype)),
-                alpha=pair.alpha,
-            )
+            sent = _truncated(glob, scale, r, pair.alpha, module)
+            out[k][module] = LoraPair(A=sent.A.to(pair.A.dtype), B=sent.B.to(pair.B.dtype),
+                                      alpha=pair.alpha)
     return out
 
 

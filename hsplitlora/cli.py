@@ -1,22 +1,39 @@
-"""Command line: ``hsplitlora train --config FILE``."""
+"""Command line: ``hsplitlora train --config FILE`` and friends.
+
+A person's mistake (a bad config, data file, model, cut, target, device, run folder) is
+printed as its message with exit code 2, never as a traceback: every such error derives
+from :class:`hsplitlora.errors.UserError`; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from hsplitlora.config import ConfigError, RunConfig, load_config
+from hsplitlora.config_doc import describe_fields
+from hsplitlora.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(no_args_is_help=True,
                   help="Split federated LoRA fine-tuning (SplitLoRA, HSplitLoRA).")
 console = Console()
+
+# What a run folder holds; --overwrite removes these, and nothing else, before a new run.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "adapter",
+             "checkpoint", "scores.json", "predictions.txt", "references.txt",
+             "untuned_predictions.txt", "server_adapter.safetensors", "tensorboard", "wandb",
+             "mlruns")
 
 
 def _logging(verbose: bool) -> None:
@@ -25,17 +42,62 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("hsplitlora").setLevel(logging.INFO)
 
 
+def error_exit(err: BaseException) -> typer.Exit:
+    """Print a user error's message (markup-safe) and return the exit to raise (code 2)."""
+    console.print(f"[red]error:[/red] {escape(str(err))}")
+    return typer.Exit(2)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a user error raised inside into its message and exit code 2."""
+    try:
+        yield
+    except UserError as e:
+        raise error_exit(e) from None
+
+
 def _config(path: Path | None, overrides: list[str]) -> RunConfig:
     """The validated config, or the validation message and exit code 2."""
-    try:
+    with user_errors():
         return load_config(path, overrides)
-    except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+
+
+def check_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """A run folder that holds a run is neither silently replaced nor mixed into: it
+    takes --resume (go on) or --overwrite (start again)."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: pass one")
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if resume or not held:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(held)}): pass --resume to go on with "
+            "it, --overwrite to replace it, or set output.name (--set output.name=NEW) for a "
+            "new folder")
+    import shutil
+
+    for name in held:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            console.print(f"hsplitlora {version('hsplitlora')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            console.print("hsplitlora (not installed; source tree)")
+        raise typer.Exit()
 
 
 @app.callback()
-def main() -> None:
+def main(
+    version_: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
     """Split federated LoRA fine-tuning (SplitLoRA, HSplitLoRA)."""
 
 
@@ -50,6 +112,8 @@ def train(
                                     "rounds end (<run folder>/checkpoint/server.pt)"),
     resume: bool = typer.Option(False, "--resume", help="go on from the run folder's "
                                 "checkpoint (same config; keeps checkpointing)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the run already in "
+                                   "the run folder (without it, an existing run is refused)"),
     no_progress: bool = typer.Option(False, "--no-progress", help="hide the progress bar"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log transformers' info too"),
 ) -> None:
@@ -57,16 +121,16 @@ def train(
     _logging(verbose)
     cfg = _config(config, [*set_, *([f"train.backend={backend}"] if backend else [])])
     from hsplitlora.checkpoint import CheckpointError
-    from hsplitlora.hetero.planner import PlanError
+    from hsplitlora.train.run import run_path
     from hsplitlora.train.run import train as run_training
 
-    # Errors found once the model and data are known, or no checkpoint to resume from.
-    try:
-        result = run_training(cfg, show_progress=not no_progress,
-                              checkpoint=checkpoint or resume, resume=resume)
-    except (ConfigError, PlanError, FileNotFoundError, CheckpointError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    with user_errors():
+        check_run_folder(run_path(cfg), resume=resume, overwrite=overwrite)
+        try:
+            result = run_training(cfg, show_progress=not no_progress,
+                                  checkpoint=checkpoint or resume, resume=resume)
+        except (FileNotFoundError, CheckpointError) as e:  # --resume: none, or damaged
+            raise error_exit(e) from None
     s = result.summary
     table = Table(title=f"{s['mode']} on {s['model']}")
     table.add_column("metric")
@@ -80,7 +144,7 @@ def train(
     console.print(table)
     for when in ("before", "after"):
         if when in result.samples:
-            console.print(f"[bold]{when} fine-tuning:[/bold] {result.samples[when]}")
+            console.print(f"[bold]{when} fine-tuning:[/bold] {escape(result.samples[when])}")
     console.print(f"run folder: {result.run_dir}")
 
 
@@ -113,24 +177,17 @@ def evaluate(
     """Generate for the test MRs, score BLEU/NIST/METEOR/ROUGE-L/CIDEr and perplexity;
     writes predictions.txt, references.txt and scores.json into the run folder."""
     _logging(verbose)
-    from hsplitlora.eval.evaluate import RunDirError, check_run_dir, evaluate_run
+    from hsplitlora.eval.evaluate import check_run_dir, evaluate_run
     from hsplitlora.eval.generate import GenerationSettings
 
-    try:
+    with user_errors():
         check_run_dir(run_dir)
         cfg = load_config(run_dir / "config.yaml")
-    except (RunDirError, ConfigError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
-    beams = 1 if greedy else (num_beams or cfg.eval.num_beams)
-    try:
+        beams = 1 if greedy else (num_beams or cfg.eval.num_beams)
         result = evaluate_run(run_dir, max_mrs=max_mrs,
                               settings=GenerationSettings(num_beams=beams),
                               batch_size=batch_size, device=device,
                               show_progress=not no_progress, untuned=untuned)
-    except RunDirError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
     table = Table(title=f"{cfg.train.mode} on {cfg.model.name}: {result['num_mrs']} test MRs, "
                   + ("greedy" if beams == 1 else f"beam {beams}"))
     table.add_column("metric")
@@ -161,11 +218,8 @@ def experiment(
     from hsplitlora.experiment import PlannedRun, load_experiment, run_experiment
     from hsplitlora.train.run import checkpoint_path
 
-    try:
+    with user_errors():
         exp = load_experiment(file)
-    except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
     if dry_run:
         plan = Table(title=f"{len(exp.runs)} runs in {exp.output}")
         plan.add_column("run")
@@ -184,11 +238,8 @@ def experiment(
     def report(index: int, run: PlannedRun, status: str) -> None:
         console.print(f"[bold][{index + 1}/{len(exp.runs)}][/bold] {run.name}: {status}")
 
-    try:
+    with user_errors():
         rows = run_experiment(exp, show_progress=not no_progress, on_run=report)
-    except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
     table = Table(title=f"{exp.source.name}: {len(rows)} runs", box=box.SIMPLE_HEAD)
     columns = {"mode": "mode", "rank": "r", "cut": "cut", "eval_ppl": "ppl", "BLEU": "BLEU",
                "NIST": "NIST", "METEOR": "METEOR", "ROUGE_L": "ROUGE_L", "CIDEr": "CIDEr"}
@@ -205,21 +256,74 @@ def experiment(
 def plan(
     config: Path = typer.Option(None, "--config", "-c", help="YAML run configuration"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.num_clients=8"),
+    probe: bool = typer.Option(False, "--probe", help="measure importance first (split "
+                               "probing on each client's shard, as training does; minutes "
+                               "on SmolLM2); default: every matrix equally important"),
+    meta: bool = typer.Option(False, "--meta", help="plan from the model's config.json alone "
+                              "(built on the meta device: no weights, no data, no probing), "
+                              "for sequences of data.max_length tokens"),
 ) -> None:
-    """Print each client's plan (cut, ranks, memory / budget, step time) without training."""
+    """Print each client's plan (cut, ranks, memory / budget, step and round time) and the
+    main server's load from the cost model, without training; in seconds unless --probe
+    measures importance."""
     _logging(False)
     cfg = _config(config, set_)
-    from hsplitlora.hetero.planner import PlanError, format_plan_table
+    from hsplitlora.hetero.planner import format_plan_table
     from hsplitlora.hetero.scheme import plan_run
 
-    try:
-        result, dims = plan_run(cfg)
-    except PlanError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    with user_errors():
+        result, dims = plan_run(cfg, probe=probe, meta=meta)
     # Without a terminal rich assumes 80 columns; the table needs more.
-    out = console if console.is_terminal else Console(width=160)
+    out = console if console.is_terminal else Console(width=200)
     out.print(format_plan_table(result, dims))
+    if not probe and cfg.mode.importance and cfg.hetero.importance:
+        console.print("importance not measured (every matrix weighs the same); "
+                      "--probe measures it as training will")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder written by train or serve")],
+    merged: Annotated[Path | None, typer.Option(
+        "--merged", help="write the fine-tuned model, adapters merged in, with its tokenizer "
+        "here (AutoModelForCausalLM.from_pretrained loads it)")] = None,
+    client_adapter: Annotated[Path | None, typer.Option(
+        "--client-adapter", help="a serve run with a separate fed server: the fed server's "
+        "client_adapter.safetensors (default: <run>-fed/ beside the run); joined with the "
+        "run's server half into <run>/adapter")] = None,
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"], typer.Option(
+        "--dtype", help="weights of the merged model (the merge itself is float32)")
+    ] = "float32",
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace what is in the --merged folder")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more")] = False,
+) -> None:
+    """Export a run: a merged standalone model (--merged), or the PEFT adapter assembled
+    from a deployment's two halves."""
+    _logging(verbose)
+    from hsplitlora.export import SERVER_HALF, ExportError, assemble_adapter, export_merged
+
+    with user_errors():
+        halves = (run_dir / SERVER_HALF).is_file() and not (run_dir / "adapter").is_dir()
+        if merged is None and not (halves or client_adapter):
+            raise ExportError("nothing to export: pass --merged OUT for a merged model (or "
+                              "--client-adapter FILE to assemble a serve run's adapter)")
+        if halves or client_adapter:
+            console.print(f"adapter: {assemble_adapter(run_dir, client_adapter)}")
+        if merged is not None:
+            out = export_merged(run_dir, merged, dtype=dtype, overwrite=overwrite)
+            console.print(f"merged model: {out}")
+
+
+@app.command("config")
+def config_(
+    section: Annotated[str | None, typer.Argument(
+        help="one section (model, lora, data, train, hetero, eval, net, ray, output)")] = None,
+) -> None:
+    """Print every config field with its type, default and description."""
+    with user_errors():
+        text = describe_fields(RunConfig, section)
+    typer.echo(text)
 
 
 from hsplitlora.transport.cli import register  # noqa: E402

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hsplitlora.errors import UserError
 from hsplitlora.hetero.profiles import ScenarioConfig
 from hsplitlora.modes import MODES, Mode, mode_names, mode_of
 from hsplitlora.transport.config import NetConfig
@@ -34,9 +35,14 @@ __all__ = [
 ModeName = Literal[mode_names()]  # type: ignore[valid-type]  # the registry's modes
 REPO_ROOT = Path(__file__).resolve().parent.parent
 E2E_DIR = REPO_ROOT / "data" / "e2e"
+# The keys data.columns may map: hsplitlora.data.formats.COLUMN_ROLES (a test keeps the two
+# equal), repeated so that reading a config does not import torch with the data package.
+_COLUMN_ROLES = ("prompt", "completion", "messages", "instruction", "input", "output")
+E2E_SAMPLE = ("name[The Vaults], eatType[pub], food[French], priceRange[more than £30], "
+              "area[riverside], familyFriendly[no], near[Café Adriatic]")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override is invalid; the message says where and how to fix."""
 
 
@@ -62,6 +68,14 @@ class ModelConfig(_Strict):
         "sdpa on CUDA",
     )
 
+    quantization: Literal["none", "int8", "int4"] = Field(
+        "none", description="frozen linear weights of the blocks a client holds (all blocks "
+        "for centralized / federated): int8 (LLM.int8, a scale per row) or int4 (NF4, a "
+        "scale per 64 weights) via bitsandbytes, LoRA trained on top (QLoRA); about 1/2 "
+        "and 1/4 of bf16; the cost model and planner count the stored size")
+    quantize_server: bool = Field(False, description="also quantise the main server's "
+                                  "blocks (with model.quantization)")
+
     def torch_dtype(self, precision: str) -> str:
         if self.dtype == "auto":
             return "bfloat16" if precision == "bf16" else "float32"
@@ -79,32 +93,84 @@ class LoraConfig(_Strict):
     )
 
 
+_DEFAULT_TRAIN_FILES = [E2E_DIR / "original" / "devset.csv",
+                        E2E_DIR / "cleaned" / "devel-fixed.no-ol.csv"]
+_DEFAULT_EVAL_FILE = E2E_DIR / "original" / "testset_w_refs.csv"
+
+
 class DataConfig(_Strict):
-    dataset: Literal["e2e", "e2e_hub", "jsonl"] = Field(
-        "e2e", description="E2E NLG CSV files, the hub's E2E (train_files / eval_file are "
-        "then split names, e.g. [train] / test), or prompt/completion JSONL")
+    dataset: Literal["e2e", "e2e_hub", "jsonl", "hf"] = Field(
+        "e2e", description="e2e: E2E NLG CSV files (train_files / eval_file); e2e_hub: the "
+        "hub's E2E (train_files / eval_file are split names; default [train] / test); "
+        "jsonl: your JSONL files (train_files / eval_file); hf: a Hugging Face dataset "
+        "(source, split, eval_split)")
     hub_id: str = Field("e2e_nlg", description="hub dataset for dataset 'e2e_hub'")
+    source: str | None = Field(
+        None, description="dataset 'hf': a hub id (used when the hub is reachable), or a "
+        "local .json / .jsonl / .csv / .parquet file or save_to_disk folder")
+    split: str = Field("train", description="dataset 'hf': the training split; slices as in "
+                       "datasets, e.g. 'train[:90%]'")
+    eval_split: str | None = Field(
+        None, description="dataset 'hf': the held-out split (e.g. 'test' or 'train[90%:]'); "
+        "null = no held-out evaluation")
+    format: Literal["auto", "prompt_completion", "messages", "alpaca"] = Field(
+        "auto", description="jsonl / hf records: prompt/completion, chat 'messages' "
+        "(rendered with the tokenizer's chat template, loss on assistant turns only; "
+        "ShareGPT 'conversations' too) or alpaca instruction/input/output; auto = from the "
+        "first record's keys")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="jsonl / hf: the format's keys -> your column names, "
+        "e.g. {prompt: question, completion: answer}; keys: prompt, completion, messages, "
+        "instruction, input, output")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template for 'messages' data; null = the tokenizer's")
     train_files: list[Path] = Field(
-        default_factory=lambda: [
-            E2E_DIR / "original" / "devset.csv",
-            E2E_DIR / "cleaned" / "devel-fixed.no-ol.csv",
-        ],
-        description="training files; the official E2E trainset.csv is not shipped, so the "
-        "default trains on the two development sets",
+        default_factory=lambda: list(_DEFAULT_TRAIN_FILES),
+        description="training files (e2e, jsonl; split names for e2e_hub); the official E2E "
+        "trainset.csv is not shipped, so the default trains on the two development sets",
     )
     eval_file: Path | None = Field(
-        E2E_DIR / "original" / "testset_w_refs.csv", description="held-out file for evaluation"
-    )
+        _DEFAULT_EVAL_FILE, description="held-out file for evaluation (e2e, jsonl; a split "
+        "name for e2e_hub); default: the E2E test set for e2e, none for jsonl")
     max_train_examples: int | None = Field(None, ge=1, description="subsample the training set")
     max_length: int = Field(128, ge=8, description="max tokens per example (prompt + target)")
     partition: Literal["iid", "dirichlet"] = Field("iid", description="how shards are drawn")
     dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (non-IID)")
-    label_key: str = Field("name", description="MR field that defines non-IID classes")
+    label_key: str = Field("name", description="the example field that defines non-IID "
+                           "classes (an E2E MR slot, or a JSONL / dataset column)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_follow_dataset(cls, raw: Any) -> Any:
+        """The E2E file defaults belong to the E2E dataset: another dataset that leaves
+        them unset gets its own (split names) or none, never an E2E CSV to misparse."""
+        if not isinstance(raw, dict):
+            return raw
+        dataset = raw.get("dataset", "e2e")
+        if dataset == "e2e_hub":
+            raw = {"train_files": ["train"], "eval_file": "test", **raw}
+        elif dataset in ("jsonl", "hf"):
+            raw = {"eval_file": None, **raw}
+            if dataset == "hf":
+                raw = {"train_files": [], **raw}
+        return raw
 
     @model_validator(mode="after")
     def _files_exist(self) -> DataConfig:
         if self.dataset == "e2e_hub":  # split names, not files
             return self
+        unknown = sorted(set(self.columns) - set(_COLUMN_ROLES))
+        if unknown:
+            raise ValueError(f"data.columns keys {unknown} are not format keys; use "
+                             f"{', '.join(_COLUMN_ROLES)} (mapped to your column names)")
+        if self.dataset == "hf":
+            if not self.source:
+                raise ValueError("data.dataset 'hf' needs data.source: a hub id, or a local "
+                                 "data file or save_to_disk folder")
+            return self
+        if self.dataset == "jsonl" and self.train_files == _DEFAULT_TRAIN_FILES:
+            raise ValueError("data.dataset 'jsonl' needs data.train_files: your .jsonl files "
+                             "(and data.eval_file for a held-out one)")
         for f in [*self.train_files, *([self.eval_file] if self.eval_file else [])]:
             if not Path(f).is_file():
                 raise ValueError(f"data file {f} does not exist; fix the path in data.train_files"
@@ -128,11 +194,12 @@ class TrainConfig(_Strict):
         "samples", description="FedAvg weights: shard sizes, or equal"
     )
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate")
-    weight_decay: float = Field(0.01, ge=0)
-    adam_eps: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (LoRA weights only)")
+    adam_eps: float = Field(1e-6, gt=0, description="AdamW epsilon")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps (each party's own)")
     schedule: Literal["linear", "constant"] = Field("linear", description="LR decay after warm-up")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the "
+                                   "cross-entropy loss (SplitLoRA's E2E recipe uses 0.1)")
     grad_clip: float = Field(0.0, ge=0, description="max grad norm per party; 0 = off")
     seed: int = Field(42, description="seeds data order, partition and adapter init")
     precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast, or fp32")
@@ -172,8 +239,11 @@ class HeteroConfig(_Strict):
     server_rank: int = Field(8, ge=0, description="rank of the server-side adapters")
     cuts: list[int] | None = Field(None, description="cuts the planner may choose; "
                                    "null = 1 .. L-1")
-    time_budget_s: float | None = Field(None, gt=0, description="per-step time budget of a "
-                                        "client (cost model); null = memory only")
+    time_budget_s: float | None = Field(None, gt=0, description="hard per-step time limit of "
+                                        "a client (cost model); null = none")
+    round_time_s: float | None = Field(None, gt=0, description="round deadline the planner "
+                                       "plans every client for; null = the deadline with "
+                                       "the most progress per second; .inf = memory only")
     probe_batches: int = Field(2, ge=1, description="batches per importance estimate")
     ema_beta: float = Field(0.8, ge=0, lt=1, description="importance smoothing over rounds")
     replan_threshold: float = Field(0.2, ge=0, le=2, description="re-plan when the importance "
@@ -219,15 +289,31 @@ class RayConfig(_Strict):
 
 class OutputConfig(_Strict):
     dir: Path = Field(Path("runs"), description="parent folder of run folders")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="experiment trackers that also get every step's "
+        "loss, lr, tokens and bytes, aggregations, evaluations, simulated time and the "
+        "summary (metrics.jsonl is always written); each needs its extra, e.g. "
+        "pip install 'hsplitlora[wandb]'")
+    project: str = Field("hsplitlora", description="W&B project / MLflow experiment name")
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None, description="W&B mode; offline writes the run under <run folder>/wandb for a "
+        "later `wandb sync`; null = W&B's own default (WANDB_MODE)")
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI; null = a local file store in "
+        "<run folder>/mlruns (no server, no network)")
     name: str | None = Field(None, description="run folder name; null = <mode>-<timestamp>")
     sample_prompt: str | None = Field(
-        "name[The Vaults], eatType[pub], food[French], priceRange[more than £30], "
-        "area[riverside], familyFriendly[no], near[Café Adriatic]",
-        description="meaning representation generated before and after training; null = skip",
+        E2E_SAMPLE,
+        description="generated from before and after training: an E2E meaning "
+        "representation, or for jsonl / hf data a request written into the data's format "
+        "(a user turn for chat data); 'auto' = the first held-out (else training) example's "
+        "prompt, the default for jsonl / hf data; null = skip",
     )
 
 
 class RunConfig(_Strict):
+    """One run: model, adapters, data, training, devices, evaluation, output."""
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -239,6 +325,18 @@ class RunConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig, description="the Ray backend "
                            "(train.backend: ray): cluster address and per-actor resources")
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sample_follows_dataset(cls, raw: Any) -> Any:
+        """An E2E MR as the sample prompt only for E2E data; other data samples itself."""
+        if not isinstance(raw, dict):
+            return raw
+        data, output = raw.get("data"), raw.get("output")
+        dataset = data.get("dataset", "e2e") if isinstance(data, dict) else "e2e"
+        if dataset in ("jsonl", "hf") and (output is None or isinstance(output, dict)):
+            raw = {**raw, "output": {"sample_prompt": "auto", **(output or {})}}
+        return raw
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -271,8 +369,22 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def _override_for(path: str, overrides: list[str]) -> str | None:
+    """The ``--set`` item that set ``path`` (or a field inside or around it), if any."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key == path or path.startswith(key + ".") or key.startswith(path + "."):
+            return item
+    return None
+
+
+def format_validation_error(err: ValidationError, source: str,
+                            overrides: list[str] | None = None) -> str:
+    """The errors one per line, each blamed on where its value came from: the ``--set``
+    override that gave it, else ``source`` (the config file, or the defaults)."""
+    overrides = overrides or []
+    lines = []
+    blamed = []
     for e in err.errors():
         loc = tuple(e["loc"])
         path = ".".join(str(p) for p in loc) or "<root>"
@@ -284,8 +396,14 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             msg += f"; allowed here: {', '.join(valid)}"
         elif "input" in e and e["type"] not in ("missing",):
             msg += f" (got {e['input']!r})"
-        lines.append(f"  {path}: {msg}")
-    return "\n".join(lines)
+        item = _override_for(path, overrides)
+        blamed.append(item)
+        lines.append(f"  {path}: {msg}" + (f" [from --set {item}]" if item else ""))
+    if all(blamed):
+        head = "invalid --set override" + ("s:" if len(set(blamed)) > 1 else ":")
+    else:
+        head = f"invalid configuration in {source}:"
+    return "\n".join([head, *lines])
 
 
 def _parse_value(text: str) -> Any:
@@ -333,7 +451,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> RunCon
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source, overrides)) from None
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
@@ -355,3 +473,5 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         data["train_files"] = [fix(p) for p in data["train_files"]]
     if "eval_file" in data:
         data["eval_file"] = fix(data["eval_file"])
+    if "source" in data:
+        data["source"] = fix(data["source"])

@@ -558,3 +558,64 @@ def test_svd_failure_and_non_finite_input_raise_clear_errors(
     monkeypatch.setattr(torch.linalg, "svd", never)
     with pytest.raises(RuntimeError, match=rf"module '{Q}' failed in every attempt .*jitter"):
         svd(states, [1, 1, 1])
+
+
+# --- the baselines as published, against hand computations ---------------------------------
+
+
+def _two_clients() -> list[dict[str, LoraPair]]:
+    """Client 0: rank 1, update [[2, 0], [0, 0]]; client 1: rank 2, update [[0, 1], [1, 1]];
+    both at scale 1."""
+    t = lambda rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+    return [
+        {Q: LoraPair(A=t([[1, 0]]), B=t([[2], [0]]), alpha=1.0)},
+        {Q: LoraPair(A=t([[0, 1], [1, 1]]), B=t([[1, 0], [0, 1]]), alpha=2.0)},
+    ]
+
+
+def test_hetlora_global_adapter_is_the_padded_average_at_r_max() -> None:
+    states = _two_clients()
+    # data weights 1:3, no norm weighting: A = 0.25 [1 0; 0 0] + 0.75 [0 1; 1 1], likewise B
+    glob = agg.zeropad_global(states, [1, 3], rank=4, norm_weighted=False)[Q]
+    assert glob.rank == 4 and glob.scale == 1.0
+    assert_close(glob.A, torch.tensor([[0.25, 0.75], [0.75, 0.75], [0, 0], [0, 0]],
+                                      dtype=torch.float64))
+    assert_close(glob.B, torch.tensor([[1.25, 0, 0, 0], [0, 0.75, 0, 0]], dtype=torch.float64))
+    # HetLoRA's sparsity weights: ||dW_0|| = 2, ||dW_1|| = sqrt(3)
+    w0, w1 = 2 / (2 + math.sqrt(3)), math.sqrt(3) / (2 + math.sqrt(3))
+    glob = agg.zeropad_global(states, [1, 1])[Q]
+    assert glob.rank == 2
+    assert_close(glob.A, torch.tensor([[w0, w1], [w1, w1]], dtype=torch.float64))
+    assert_close(glob.B, torch.tensor([[2 * w0 + w1, 0], [0, w1]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="below the largest client rank 2"):
+        agg.zeropad_global(states, [1, 1], rank=1)
+
+
+def test_hetlora_truncation_hands_out_the_first_ranks_of_the_global_update() -> None:
+    glob = agg.zeropad_global(_two_clients(), [1, 3], rank=4, norm_weighted=False)[Q]
+    client = agg.truncate(glob, 1, alpha=2.0)  # scale 2: B halves so the update is kept
+    assert client.rank == 1 and client.alpha == 2.0
+    assert_close(client.B, torch.tensor([[0.625], [0.0]], dtype=torch.float64))
+    assert_close(client.A, torch.tensor([[0.25, 0.75]], dtype=torch.float64))
+    assert_close(delta(client), torch.tensor([[0.3125, 0.9375], [0, 0]], dtype=torch.float64))
+    assert_close(delta(agg.truncate(glob, 4, alpha=4.0)), delta(glob))
+    with pytest.raises(ValueError, match="exceeds the rank 4"):
+        agg.truncate(glob, 5, alpha=5.0)
+
+
+def test_flexlora_global_model_is_the_exact_weighted_update() -> None:
+    states = _two_clients()
+    # 0.25 [2 0; 0 0] + 0.75 [0 1; 1 1]
+    want = torch.tensor([[0.5, 0.75], [0.75, 0.75]], dtype=torch.float64)
+    U, V = noisefree(states, [1, 3])[Q]
+    assert_close(U @ V, want)
+    assert_close(weighted_delta(states, [1, 3])[Q], want)
+    # each client gets the best approximation at its rank: the symmetric global has
+    # eigenvalues (1.25 +- sqrt(1.25^2 + 0.75)) / 2, so rank 1 misses by the smaller one
+    outs, spectra = svd(states, [1, 3])
+    root = math.sqrt(1.25 ** 2 + 0.75)
+    assert_close(spectra[Q], torch.tensor([(1.25 + root) / 2, (root - 1.25) / 2],
+                                          dtype=torch.float64))
+    assert float((want - delta(outs[0][Q])).norm()) == pytest.approx((root - 1.25) / 2)
+    assert_close(delta(outs[1][Q]), want)
+    assert [outs[0][Q].alpha, outs[1][Q].alpha] == [1.0, 2.0]

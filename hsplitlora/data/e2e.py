@@ -149,7 +149,8 @@ def load_e2e_hub(split: str, name: str = "e2e_nlg") -> list[Example]:
         import datasets
     except ImportError as err:
         raise DataError(
-            "data.dataset 'e2e_hub' needs the `datasets` package: pip install datasets. "
+            "data.dataset 'e2e_hub' needs the `datasets` package: pip install datasets "
+            "(or the extra: pip install 'hsplitlora[datasets]'). "
             "Offline, download the E2E CSVs and use data.dataset 'e2e' with data.train_files."
         ) from err
     try:

@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from hsplitlora.data.example import Example
+from hsplitlora.data.example import DataError, Example
 
 __all__ = ["NO_LABEL", "Scheme", "dirichlet", "iid", "label_skew", "partition"]
 
@@ -161,10 +161,10 @@ def _check_counts(num_clients: int, num_groups: int, group_key: str) -> None:
     if num_clients < 1:
         raise ValueError(f"num_clients must be at least 1; got {num_clients}.")
     if num_groups < num_clients:
-        raise ValueError(
+        raise DataError(
             f"cannot give each of {num_clients} clients a shard: the data has only {num_groups} "
             f"distinct {group_key!r} groups, and a group is never split. Use at most "
-            f"{num_groups} clients, or more data."
+            f"{num_groups} clients (train.num_clients), or more data."
         )
 
 

@@ -37,6 +37,8 @@ def tokenize_example(
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 (a prompt token and a target token); "
                          f"got {max_length}.")
+    if ex.segments:
+        return _tokenize_segments(ex, tokenizer, max_length)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(
@@ -58,6 +60,28 @@ def tokenize_example(
     }
 
 
+def _tokenize_segments(
+    ex: Example, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, list[int]]:
+    """A rendered conversation: each piece tokenised on its own, labels only on the
+    trainable (assistant) pieces. The template writes every special token itself (BOS,
+    end of turn), so none is added here; the end-of-turn token it puts after each
+    assistant turn is part of that turn, which is how the model learns to stop."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, trainable in ex.segments:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        input_ids += ids
+        labels += ids if trainable else [IGNORE_INDEX] * len(ids)
+    first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    if first >= max_length:
+        raise DataError(
+            f"the conversation reaches its first assistant turn only after {first} tokens, "
+            f"beyond max_length={max_length}; raise data.max_length above {first} "
+            f"(conversation starts {ex.segments[0][0][:60]!r}).")
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+
+
 class TokenizedDataset(Dataset[dict[str, list[int]]]):
     """Examples tokenised once up front: E2E-sized data fits easily, and errors surface at load."""
 
@@ -70,8 +94,12 @@ class TokenizedDataset(Dataset[dict[str, list[int]]]):
                 self.features.append(tokenize_example(ex, tokenizer, max_length))
             except DataError as err:
                 raise DataError(f"example {index}: {err}") from err
-        # An untruncated example always ends in EOS; a cut one lost it first.
-        truncated = sum(1 for f in self.features if f["labels"][-1] != tokenizer.eos_token_id)
+        # An untruncated example always ends in EOS; a cut one lost it first. A conversation
+        # may end in template text, so it counts as cut when it fills max_length.
+        truncated = sum(
+            1 for ex, f in zip(examples, self.features, strict=True)
+            if (len(f["input_ids"]) >= max_length if ex.segments
+                else f["labels"][-1] != tokenizer.eos_token_id))
         if truncated:
             logger.warning(
                 "%d of %d examples were cut at max_length=%d; raise it to train on whole texts",

@@ -14,12 +14,14 @@ from typing import Any
 
 from hsplitlora.config import ConfigError, RunConfig, load_config
 from hsplitlora.data.e2e import group_references
+from hsplitlora.data.load import load_examples
 from hsplitlora.data.tokenize import TokenizedDataset, pad_id_for
+from hsplitlora.errors import UserError
 from hsplitlora.eval.generate import GenerationSettings, generate
 from hsplitlora.eval.metrics import score
 from hsplitlora.eval.perplexity import perplexity
 from hsplitlora.train.process import keep_freed_memory, set_threads
-from hsplitlora.train.run import load_examples, load_trained, resolve_device
+from hsplitlora.train.run import load_trained, resolve_device
 
 __all__ = [
     "PREDICTIONS_FILE",
@@ -40,7 +42,7 @@ REFERENCES_FILE = "references.txt"
 SCORES_FILE = "scores.json"
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """A path is not a finished run folder; the message says what is missing."""
 
 
@@ -96,9 +98,11 @@ def write_references(path: Path, references: Sequence[Sequence[str]]) -> None:
 
 def _perplexity_features(cfg: RunConfig, tokenizer: Any) -> TokenizedDataset | None:
     """The held-out examples training evaluated on: the same sample of the same file."""
-    if cfg.data.eval_file is None or cfg.eval.max_examples == 0:
+    if cfg.eval.max_examples == 0:
         return None
-    examples = [e for e in load_examples(cfg, [cfg.data.eval_file]) if e.target]
+    examples = [e for e in load_examples(cfg.data, "eval", tokenizer) if e.target]
+    if not examples:
+        return None
     if len(examples) > cfg.eval.max_examples:
         rng = random.Random(cfg.train.seed + 1)  # as hsplitlora.train.run.prepare draws it
         picked = sorted(rng.sample(range(len(examples)), cfg.eval.max_examples))
@@ -134,10 +138,9 @@ def evaluate_run(
         cfg = load_config(run_dir / "config.yaml")
     except ConfigError as e:
         raise RunDirError(f"{run_dir}/config.yaml no longer validates: {e}") from None
-    eval_file = cfg.data.eval_file
-    if eval_file is None:
-        raise RunDirError(f"{run_dir}/config.yaml has no data.eval_file: evaluation needs a "
-                          "held-out file with references")
+    if not (cfg.data.eval_split if cfg.data.dataset == "hf" else cfg.data.eval_file):
+        raise RunDirError(f"{run_dir}/config.yaml names no held-out data (data.eval_file, or "
+                          "data.eval_split for dataset 'hf'): evaluation needs references")
     settings = settings or GenerationSettings(num_beams=cfg.eval.num_beams)
     max_mrs = max_mrs if max_mrs is not None else cfg.eval.max_mrs
     batch_size = batch_size or cfg.eval.batch_size
@@ -147,7 +150,7 @@ def evaluate_run(
     dev = resolve_device(device or cfg.train.device)
     model, tokenizer, _ = load_trained(run_dir, device=str(dev))
 
-    prompts, refs = group_references(load_examples(cfg, [eval_file]))
+    prompts, refs = group_references(load_examples(cfg.data, "eval", tokenizer))
     keep = [i for i in spread_subset(len(prompts), max_mrs) if refs[i]]
     prompts, refs = [prompts[i] for i in keep], [refs[i] for i in keep]
     log.info("generating for %d MRs (beam %d) from %s", len(prompts), settings.num_beams, run_dir)

@@ -73,6 +73,11 @@ during backward), allocator fragmentation, CUDA context and workspace, attention
 dropout, and the bf16 weight copies autocast would keep if fp32 base weights ran under
 bf16 autocast (``model.dtype: auto`` avoids that case). Treat the result as an estimate.
 
+**Exact merges.** With a merging aggregator (noise-free, stacking) every candidate
+weight a party holds also keeps its pre-merge copy and the fp32 sum of merged updates
+(``Workload.merge_bytes``, counted with the frozen weights): the price of exact merges
+beside a bf16 base.
+
 **LoRA state.** Adapter weights, their gradients and AdamW's two moments, all in
 ``lora_bytes`` (fp32): ``(2 + adam_states) x r x (d_in + d_out) x lora_bytes`` per matrix.
 
@@ -150,7 +155,15 @@ class Workload:
     lora_bytes: int = 4  # LoRA weights and gradients: peft keeps adapters in fp32
     adam_states: int = 2  # AdamW's exp_avg and exp_avg_sq, in the adapters' dtype
     lora_dropout: float = 0.0  # > 0: every adapter keeps its own dropped-out input
+    # Merging aggregators keep, per element of every candidate weight a party holds, the
+    # weight as loaded and the fp32 sum of merged updates (hsplitlora.models.shared):
+    # weight_bytes + 4 there, 0 otherwise.
+    merge_bytes: int = 0
     padded: bool = True  # batches carry padding, so attention gets an explicit mask
+    # Frozen linear weights of the client's blocks (the server's): bf16/fp32 as
+    # weight_bytes, or bitsandbytes int8 / NF4 (models/quantize.py), see linear_bytes.
+    quantization: Literal["none", "int8", "int4"] = "none"
+    server_quantization: Literal["none", "int8", "int4"] = "none"
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.seq < 2:
@@ -158,12 +171,14 @@ class Workload:
                              f"token); got batch {self.batch}, seq {self.seq}")
 
     @classmethod
-    def for_precision(cls, precision: str, batch: int, seq: int, **kw: Any) -> Workload:
-        """``bf16`` (bf16 weights under bf16 autocast) or ``fp32`` sizes."""
+    def for_precision(cls, precision: str, batch: int, seq: int, *,
+                      weight_bytes: int | None = None, **kw: Any) -> Workload:
+        """``bf16`` (bf16 weights under bf16 autocast) or ``fp32`` sizes; ``weight_bytes``
+        is the frozen weights' storage size when it differs (fp32 weights under bf16)."""
         if precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
         size = 2 if precision == "bf16" else 4
-        return cls(batch=batch, seq=seq, weight_bytes=size, act_bytes=size, **kw)
+        return cls(batch=batch, seq=seq, weight_bytes=weight_bytes or size, act_bytes=size, **kw)
 
     @property
     def tokens(self) -> int:
@@ -531,8 +546,38 @@ def _lora_state(
     return weights, weights, weights * work.adam_states
 
 
+def _candidate_params(dims: ModelDims) -> int:
+    """Weight elements of one block's candidate matrices (what a merge may touch)."""
+    return sum(m.d_in * m.d_out for m in dims.candidates)
+
+
 def _first_adapted(adapted: Mapping[int, Mapping[Matrix, int]], cut: int) -> int:
     return min(adapted, default=cut)
+
+
+_NF4_BLOCK = 64  # weights per fp32 absmax (models/quantize.py: NF4_BLOCK)
+_NF4_CODE = 16 * _FP32  # each NF4 layer keeps its own 16-value code book
+
+
+def linear_bytes(d_out: int, d_in: int, quantization: str, weight_bytes: int) -> int:
+    """Stored bytes of one frozen weight matrix: ``weight_bytes`` per weight, or int8 with
+    one fp32 scale per output row, or NF4 (two weights a byte) with one fp32 absmax per
+    64 weights and a code book; exactly what bitsandbytes keeps (tested)."""
+    n = d_out * d_in
+    if quantization == "int8":
+        return n + _FP32 * d_out
+    if quantization == "int4":
+        return (n + 1) // 2 + _FP32 * -(-n // _NF4_BLOCK) + _NF4_CODE
+    return n * weight_bytes
+
+
+def block_weight_bytes(dims: ModelDims, weight_bytes: int, quantization: str = "none") -> int:
+    """Frozen bytes of one block: its matrices as :func:`linear_bytes` stores them, its
+    biases and norms in the base dtype."""
+    matrices = sum(linear_bytes(m.d_out, m.d_in, quantization, weight_bytes)
+                   for m in dims.matrices)
+    rest = dims.block_params - sum(m.d_out * m.d_in for m in dims.matrices)
+    return matrices + rest * weight_bytes
 
 
 def _check_cut(dims: ModelDims, cut: int) -> None:
@@ -550,8 +595,9 @@ def client_memory(
     first = _first_adapted(adapted, cut)
     weights, grads, optimizer = _lora_state(adapted, work)
     return MemoryBreakdown(
-        frozen_weights=(dims.embedding_params + dims.norm_params + cut * dims.block_params)
-        * work.weight_bytes,
+        frozen_weights=((dims.embedding_params + dims.norm_params) * work.weight_bytes
+                        + cut * block_weight_bytes(dims, work.weight_bytes, work.quantization)
+                        + cut * _candidate_params(dims) * work.merge_bytes),
         activations=activation_bytes(dims, range(first, cut), ranks, work, input_grad=False),
         lora_weights=weights,
         lora_grads=grads,
@@ -572,10 +618,11 @@ def server_memory(
         + n * (_FP32 * dims.hidden + (8 if dims.norm == "layer" else 4))  # final norm
         + targets * (_FP32 * dims.vocab + _INT64) + _FP32  # log-probs, targets, weight sum
     )
-    frozen = (dims.embedding_params + (dims.n_layers - cut) * dims.block_params
-              + dims.norm_params + dims.head_params)
+    frozen = ((dims.embedding_params + dims.norm_params + dims.head_params) * work.weight_bytes
+              + (dims.n_layers - cut) * block_weight_bytes(dims, work.weight_bytes,
+                                                           work.server_quantization))
     return MemoryBreakdown(
-        frozen_weights=frozen * work.weight_bytes,
+        frozen_weights=frozen + (dims.n_layers - cut) * _candidate_params(dims) * work.merge_bytes,
         activations=saved,
         lora_weights=weights,
         lora_grads=grads,

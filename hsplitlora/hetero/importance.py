@@ -1,5 +1,26 @@
 """Important weight identification (HSplitLoRA IWI): which weight matrices deserve adapters.
 
+**What the planner reads: rank gains.** For each adaptable matrix W, with G the gradient
+of the mean loss with respect to W averaged over the probe batches (the *accumulated*
+gradient) and sigma_1 >= sigma_2 >= ... its singular values::
+
+    E_W(r) = sum_{i <= r} sigma_i^2            (gradient energy within rank r)
+
+is the first-order loss decrease per unit learning rate of one gradient step restricted
+to the best rank-r subspace (Eckart-Young: ``<G, P_r(G)> = ||P_r(G)||_F^2``). It answers
+"how much would adapting W at rank r help", where the sensitivity below answers "how much
+would removing W hurt". It is concave in r (sorted singular values) and saturates at the
+gradient's own effective rank, so a matrix whose gradient is nearly rank one gains little
+from rank 16. :func:`segment_importance` reports E_W at the ranks :data:`GAIN_RANKS` as a
+flat map ``"<module>@<r>" -> E_W(r)`` (one float per entry, so it travels, averages over
+clients and smooths over rounds like any score map); :func:`rank_gains` reads it back at
+the planner's ranks (linear between measured ranks, which keeps it concave). Scoring uses
+the run's loss, label smoothing included. **Memory:** the accumulated gradient is one
+fp32 matrix per scored linear, held while probing (the size of the party's frozen
+candidate weights in fp32), the price of an exact spectrum.
+
+**Sensitivity** (kept for reports and tests, not read by the planner):
+
 **What is scored.** Every targetable linear of every block (``ArchSpec.targets``): for the
 Llama family ``q, k, v, o, gate, up, down``; for GPT-2 ``attn.c_proj``, ``mlp.c_fc``,
 ``mlp.c_proj`` and the query, key and value *parts* of the fused ``attn.c_attn``, scored
@@ -87,6 +108,7 @@ from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.train.optim import autocast, causal_lm_loss
 
 __all__ = [
+    "GAIN_RANKS",
     "Candidate",
     "ImportanceTracker",
     "SensitivityProbe",
@@ -95,6 +117,10 @@ __all__ = [
     "fuse_parts",
     "global_importance_by_block",
     "importance",
+    "module_energy",
+    "module_of",
+    "rank_energies",
+    "rank_gains",
     "ranking",
     "relative_costs",
     "score_client",
@@ -110,6 +136,8 @@ Batch = Mapping[str, torch.Tensor]
 # A part of a fused matrix is named "<module>:<part>"; which matrices are fused, and how
 # their output rows divide, is the discovered structure's fact (Matrix.parts).
 _PART_SEP = ":"
+_RANK_SEP = "@"
+GAIN_RANKS = (1, 2, 4, 8, 16, 32, 64)  # ranks at which gradient energies are reported
 
 
 @dataclass(frozen=True)
@@ -226,10 +254,12 @@ class SensitivityProbe:
     works wrapped around training steps, where it adds no extra pass.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, *, spectrum: bool = False) -> None:
         self._targets = _targets(module)
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self._spectrum = spectrum  # also accumulate each module's gradient (fp32, its size)
+        self._grads: dict[str, torch.Tensor] = {}
         self._pending: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
 
@@ -273,6 +303,12 @@ class SensitivityProbe:
                                "forward pass (backward with retain_graph?); score each batch once")
         delta = grad.reshape(-1, grad.shape[-1]).float()
         grad_w = delta.T @ x.reshape(-1, x.shape[-1]).float()  # (d_out, d_in), fp32
+        if self._spectrum:
+            module = target.parts[0][0].module
+            if module in self._grads:
+                self._grads[module] += grad_w
+            else:
+                self._grads[module] = grad_w.clone()
         weight = _weight(target.layer).detach().float()
         contribution = (grad_w * (weight.T if target.fan_in_fan_out else weight)).abs_()
         for cand, rows in target.parts:
@@ -293,6 +329,21 @@ class SensitivityProbe:
                 "at least one forward and backward pass through them inside the probe"
             )
         return {n: float(self._sums[n]) / self._counts[n] for n in names}
+
+    def energies(self, ranks: Sequence[int] = GAIN_RANKS) -> dict[str, float]:
+        """``"<module>@<r>" -> E(r)`` of each module's mean gradient over the passes seen
+        (needs ``spectrum=True``)."""
+        if not self._spectrum:
+            raise RuntimeError("construct the probe with spectrum=True to get energies")
+        self.sensitivities()  # every candidate must have seen a gradient
+        out: dict[str, float] = {}
+        for target in self._targets:
+            module = target.parts[0][0].module
+            count = self._counts[target.parts[0][0].name]
+            sigma = _singular_values(self._grads[module] / count)
+            for r, energy in rank_energies(sigma, ranks).items():
+                out[f"{module}{_RANK_SEP}{r}"] = energy
+        return out
 
 
 @contextlib.contextmanager
@@ -333,13 +384,23 @@ def score_segment(
     ``backward_fn`` is always called, even when ``out`` needs no gradient (a client at cut
     0), so a remote party on the other end of it still sees every batch.
     """
-    with _scoring(segment), SensitivityProbe(segment) as probe:
+    return _run_probe(segment, batches, forward_fn, backward_fn).sensitivities()
+
+
+def _run_probe(
+    segment: nn.Module,
+    batches: Iterable[B],
+    forward_fn: Callable[[B], torch.Tensor],
+    backward_fn: Callable[[torch.Tensor, B], torch.Tensor | None],
+    spectrum: bool = False,
+) -> SensitivityProbe:
+    with _scoring(segment), SensitivityProbe(segment, spectrum=spectrum) as probe:
         for batch in batches:
             out = forward_fn(batch)
             grad = backward_fn(out.detach(), batch)
             if out.requires_grad:
                 out.backward(grad)
-    return probe.sensitivities()
+    return probe
 
 
 def score_model(
@@ -373,6 +434,16 @@ def score_client(
     ``server`` stands in for the round trip: it takes the upload and returns the main
     server's reply (:meth:`ServerScorer.reply` in process, a transport call otherwise).
     """
+    return _probe_client(segment, batches, server, precision).sensitivities()
+
+
+def _probe_client(
+    segment: ClientSegment,
+    batches: Iterable[Batch],
+    server: Callable[[Activations], ServerReply],
+    precision: str,
+    spectrum: bool = False,
+) -> SensitivityProbe:
     device = _device(segment)
 
     def forward(batch: Batch) -> torch.Tensor:
@@ -384,7 +455,7 @@ def score_client(
         reply = server(Activations(hidden, batch["attention_mask"], batch["labels"]))
         return reply.grad.to(device=hidden.device, dtype=hidden.dtype)
 
-    return score_segment(segment, batches, forward, round_trip)
+    return _run_probe(segment, batches, forward, round_trip, spectrum)
 
 
 def segment_importance(
@@ -393,10 +464,10 @@ def segment_importance(
     server: Callable[[Activations], ServerReply],
     precision: str = "fp32",
 ) -> dict[str, float]:
-    """A client's un-normalised importance per adaptable module of its segment: its split
-    scores (:func:`score_client`) fused over each module's parts."""
-    scores = score_client(segment, batches, server, precision=precision)
-    return importance(scores, candidates(segment), normalise=False)
+    """A client's importance map: the gradient energies ``"<module>@<r>" -> E(r)`` of
+    every adaptable module of its segment, at :data:`GAIN_RANKS`, from split probing with
+    the server's gradients (the server's reply carries the run's loss)."""
+    return _probe_client(segment, batches, server, precision, spectrum=True).energies()
 
 
 class ServerScorer:
@@ -408,12 +479,13 @@ class ServerScorer:
     """
 
     def __init__(
-        self, segment: ServerSegment, *, precision: str = "fp32", label_smoothing: float = 0.0
+        self, segment: ServerSegment, *, precision: str = "fp32", label_smoothing: float = 0.0,
+        spectrum: bool = False,
     ) -> None:
         self.segment = segment
         self.precision = precision
         self.label_smoothing = label_smoothing
-        self._probe = SensitivityProbe(segment)
+        self._probe = SensitivityProbe(segment, spectrum=spectrum)
         self._stack = contextlib.ExitStack()
 
     def __enter__(self) -> ServerScorer:
@@ -437,6 +509,10 @@ class ServerScorer:
     def scores(self) -> dict[str, float]:
         """Sensitivities of the server's matrices over all replies so far."""
         return self._probe.sensitivities()
+
+    def energies(self) -> dict[str, float]:
+        """Gradient energies of the server's modules (built with ``spectrum=True``)."""
+        return self._probe.energies()
 
 
 def score_server(
@@ -611,3 +687,70 @@ def global_importance_by_block(
     if per_block and max(per_block) >= size:
         raise ValueError(f"scores name block {max(per_block)} but num_blocks={num_blocks}")
     return [per_block.get(i, 0.0) for i in range(size)]
+
+
+def _singular_values(g: torch.Tensor) -> torch.Tensor:
+    """Descending singular values from the eigenvalues of the smaller Gram matrix: exact
+    in float64 on that small matrix, and 2-3x faster than an SVD of ``g`` on CPU."""
+    gram = g @ g.T if g.shape[0] <= g.shape[1] else g.T @ g
+    eig = torch.linalg.eigvalsh(gram.double()).flip(0)
+    return eig.clamp_min(0.0).sqrt()
+
+
+def rank_energies(sigma: torch.Tensor, ranks: Sequence[int]) -> dict[int, float]:
+    """``E(r) = sum_{i <= r} sigma_i^2`` for descending singular values ``sigma``; a rank
+    beyond their number captures all of it."""
+    energy = torch.cumsum(sigma.double() ** 2, 0)
+    return {int(r): float(energy[min(int(r), len(energy)) - 1]) if r > 0 else 0.0
+            for r in ranks}
+
+
+def module_of(key: str) -> str:
+    """The module an entry of an importance map is about: ``"<module>@<r>"`` or a plain
+    module name (a sensitivity map)."""
+    module, sep, rank = key.rpartition(_RANK_SEP)
+    return module if sep and rank.isdigit() else key
+
+
+def _split_key(key: str) -> tuple[str, int]:
+    module, sep, rank = key.rpartition(_RANK_SEP)
+    if not sep or not rank.isdigit():
+        raise ValueError(f"{key!r} is not a gain entry '<module>{_RANK_SEP}<rank>'; importance "
+                         "maps for the planner come from segment_importance / ServerScorer")
+    return module, int(rank)
+
+
+def rank_gains(flat: Mapping[str, float], ranks: Sequence[int]) -> dict[str, dict[int, float]]:
+    """Module -> {rank: E(rank)} at the planner's ``ranks`` from a flat energy map: linear
+    between measured ranks (a chord of a concave curve stays concave and below it), the
+    largest measured value beyond them, 0 at rank 0."""
+    measured: dict[str, dict[int, float]] = {}
+    for key, value in flat.items():
+        module, rank = _split_key(key)
+        measured.setdefault(module, {0: 0.0})[rank] = max(float(value), 0.0)
+    out = {}
+    for module, curve in measured.items():
+        known = sorted(curve)
+        row = {}
+        for r in ranks:
+            hi = next((k for k in known if k >= r), None)
+            if hi is None:
+                row[r] = curve[known[-1]]
+            elif hi == r:
+                row[r] = curve[r]
+            else:
+                lo = max(k for k in known if k < r)
+                row[r] = curve[lo] + (curve[hi] - curve[lo]) * (r - lo) / (hi - lo)
+        out[module] = row
+    return out
+
+
+def module_energy(flat: Mapping[str, float]) -> dict[str, float]:
+    """Module -> its largest measured energy: one importance number per matrix (ranking,
+    re-planning, equal-rank placement)."""
+    best: dict[str, tuple[int, float]] = {}
+    for key, value in flat.items():
+        module, rank = _split_key(key)
+        if module not in best or rank > best[module][0]:
+            best[module] = (rank, float(value))
+    return {m: v for m, (_, v) in best.items()}

@@ -23,12 +23,18 @@ from typing import Any
 
 from torch import nn
 
-from hsplitlora.hetero.costmodel import ModelDims, Workload, client_memory, step_time
+from hsplitlora.hetero.costmodel import (
+    ModelDims,
+    Workload,
+    adapter_bytes,
+    client_memory,
+    step_time,
+)
 from hsplitlora.hetero.importance import (
     ImportanceTracker,
     ServerScorer,
-    candidates,
-    importance,
+    module_energy,
+    rank_gains,
     ranking,
 )
 from hsplitlora.hetero.planner import (
@@ -42,10 +48,10 @@ from hsplitlora.hetero.planner import (
 from hsplitlora.hetero.profiles import DeviceProfile, format_bytes
 from hsplitlora.models.lora import target_module_names
 from hsplitlora.models.split import arch_spec
-from hsplitlora.train.hetero import HeteroSystem, PartyPlan
+from hsplitlora.train.hetero import MERGING, HeteroSystem, PartyPlan
 from hsplitlora.train.placement import PartyLost
 
-__all__ = ["Planner", "aggregator_for", "plan_run", "probe_importance",
+__all__ = ["Planner", "aggregator_for", "meta_model", "plan_run", "probe_importance",
            "uniform_rank"]
 
 log = logging.getLogger(__name__)
@@ -55,13 +61,15 @@ def aggregator_for(cfg: Any) -> str:
     return cfg.mode.aggregator or cfg.hetero.aggregator
 
 
-def probe_importance(system: HeteroSystem, n_batches: int, precision: str) -> dict[str, float]:
+def probe_importance(system: HeteroSystem, n_batches: int, precision: str,
+                     label_smoothing: float = 0.0) -> dict[str, float]:
     """Every participant scores its own blocks on its own probe batches (the client its
     client side, on its own premises; its server-side copy the rest, from the activations
-    it receives); sensitivities are averaged over participants, weighted by shard size.
+    it receives, with the run's loss and label smoothing); the gradient energies
+    (:func:`~hsplitlora.hetero.importance.segment_importance`) are averaged over
+    participants, weighted by shard size.
 
-    They are left *un-normalised* by adapter cost: the planner's greedy already buys rank
-    by gain per byte, and dividing by cost here too would penalise large matrices twice.
+    They are not divided by adapter cost: the planner buys rank by gain per byte.
     Where no planner runs (ARMSC off), :meth:`Planner._fixed_cut_plans` divides by cost.
 
     A remote client that is gone (:class:`~hsplitlora.train.placement.PartyLost`) is left
@@ -72,14 +80,15 @@ def probe_importance(system: HeteroSystem, n_batches: int, precision: str) -> di
         # Under the Ray backend this is a copy fetched from the actor: scoring only reads
         # it (its hooks come off again), so it may run here.
         server_seg = system.server.segments[client.client_id]
-        with ServerScorer(server_seg, precision=precision) as scorer:
+        with ServerScorer(server_seg, precision=precision, label_smoothing=label_smoothing,
+                          spectrum=True) as scorer:
             try:
                 scores = client.score(n_batches, scorer.reply)
             except PartyLost as e:
                 log.warning("importance probing goes on without client %d: %s",
                             client.client_id, e)
                 continue
-            server = importance(scorer.scores(), candidates(server_seg), normalise=False)
+            server = scorer.energies()
         per_client.append(({**scores, **server}, client.num_samples))
     if not per_client:
         raise PartyLost("no client took part in importance probing")
@@ -129,8 +138,15 @@ class Planner:
         self.dims = ModelDims.from_config(model.config)
         self.spec = arch_spec(model.config)
         self.profiles, self.server = list(profiles), server
-        self.work = Workload.for_precision(cfg.train.precision, batch=cfg.train.batch_size,
-                                           seq=seq, lora_dropout=cfg.lora.dropout)
+        # Budgets cost the frozen weights in the dtype they are stored in, not the compute
+        # precision, and a merging aggregator's pre-merge copies and fp32 merged updates.
+        stored = next(model.parameters()).element_size()
+        quant = cfg.model.quantization
+        self.work = Workload.for_precision(
+            cfg.train.precision, batch=cfg.train.batch_size, seq=seq,
+            lora_dropout=cfg.lora.dropout, weight_bytes=stored,
+            merge_bytes=stored + 4 if aggregator_for(cfg) in MERGING else 0,
+            quantization=quant, server_quantization=quant if cfg.model.quantize_server else "none")
         self.default_modules = target_module_names(
             model, tuple(cfg.lora.targets) if cfg.lora.targets else None)
         self.candidates = target_module_names(model, self.spec.targets)
@@ -141,7 +157,8 @@ class Planner:
         self.settings = PlannerSettings(
             ranks=tuple(sorted(set([0, *self.hc.rank_set]))), min_cut=min(cuts),
             max_cut=max(cuts), server_rank=self.hc.server_rank,
-            time_budget_s=self.hc.time_budget_s)
+            time_budget_s=self.hc.time_budget_s, interval=cfg.train.agg_interval,
+            round_time_s=self.hc.round_time_s)
 
     def state_dict(self) -> dict[str, Any]:
         """The importance history and the scores the current plans were made on."""
@@ -166,9 +183,9 @@ class Planner:
 
     def observe(self, scores: dict[str, float]) -> dict[str, float]:
         smoothed = self.tracker.update(scores)
-        top = ranking(smoothed)[:5]
-        log.info("importance (smoothed), top 5: %s", ", ".join(
-            f"{m.split('.', 2)[-1]}={smoothed[m]:.3g}" for m in top))
+        energy = module_energy(smoothed)
+        log.info("gradient energy (smoothed), top 5: %s", ", ".join(
+            f"{m.split('.', 2)[-1]}={energy[m]:.3g}" for m in ranking(energy)[:5]))
         return smoothed
 
     def plans(self, importance_scores: dict[str, float] | None) -> list[PartyPlan]:
@@ -184,12 +201,14 @@ class Planner:
             return self.describe([PartyPlan(self.cfg.train.cut,
                                             dict.fromkeys(self.default_modules, rank))
                                   for _ in self.profiles])
+        if self.uses_importance:
+            self.planned_on = importance_scores
         if not (self.mode.adaptive and self.hc.adaptive):
             return self.describe(self._fixed_cut_plans(importance_scores))
-        plan = plan_clients(self.profiles, self.server, self.dims,
-                            importance_scores if self.uses_importance else None, self.work,
+        gains = (rank_gains(importance_scores, self.settings.gain_ranks)
+                 if self.uses_importance and importance_scores else None)
+        plan = plan_clients(self.profiles, self.server, self.dims, gains, self.work,
                             self.settings)
-        self.planned_on = importance_scores
         for c in plan.clients:
             log.info("client %d (%s): cut %d, %d client-side adapters, memory %s / %s, "
                      "est. %.3g s/step", c.client_id, c.profile.name, c.cut, len(c.ranks),
@@ -203,10 +222,11 @@ class Planner:
         if self.mode.adaptive:  # ARMSC off: lora.r everywhere, placed by IWI if on
             modules = self.default_modules
             if scores is not None and self.uses_importance:
+                energy = module_energy(scores)
                 per_cost = {}  # the same rank everywhere: the best matrices per unit cost
                 for m in self.candidates:
                     matrix = self.dims.locate(m)[1]
-                    per_cost[m] = scores.get(m, 0.0) / (matrix.d_in + matrix.d_out)
+                    per_cost[m] = energy.get(m, 0.0) / (matrix.d_in + matrix.d_out)
                 modules = ranking(per_cost)[: len(self.default_modules)]
             return [PartyPlan(cut, {m: self.cfg.lora.r for m in modules}) for _ in self.profiles]
         ranks = [uniform_rank(self.dims, p, cut, self.default_modules, self.hc.rank_set,
@@ -221,8 +241,11 @@ class Planner:
         if not self.uses_importance:
             return None
         smoothed = self.observe(probe_importance(system, self.hc.probe_batches,
-                                                 self.cfg.train.precision))
-        if not should_replan(self.planned_on, smoothed, self.hc.replan_threshold):
+                                                 self.cfg.train.precision,
+                                                 self.cfg.train.label_smoothing))
+        if self.planned_on is not None and not should_replan(
+                module_energy(self.planned_on), module_energy(smoothed),
+                self.hc.replan_threshold):
             return None
         log.info("round %d: importance ranking moved past %.2f: re-planning", round + 1,
                  self.hc.replan_threshold)
@@ -237,8 +260,12 @@ class Planner:
             memory = client_memory(self.dims, plan.cut, client, self.work)
             seconds = step_time(profile, self.server, self.dims, plan.cut, client, server,
                                 self.work).total
+            moved = adapter_bytes(self.dims, client, self.work) * (
+                1 / min(profile.uplink_bps, self.server.downlink_bps)
+                + 1 / min(self.server.uplink_bps, profile.downlink_bps))
             out.append(ClientPlan(cid, profile, plan.cut, client, server, memory,
-                                  profile.memory_bytes, seconds, float("nan")))
+                                  profile.memory_bytes, seconds, float("nan"),
+                                  round_seconds=self.settings.interval * seconds + moved))
         return Plan(out)
 
     def weakest_rank(self) -> int:
@@ -247,19 +274,45 @@ class Planner:
                                 self.hc.rank_set, self.work) for p in self.profiles)
 
 
-def plan_run(cfg: Any) -> tuple[Plan, ModelDims]:
-    """What ``hsplitlora plan`` shows: the per-client plans of a config, without training
-    (importance, when used, is measured by split probing on each client's shard)."""
+def meta_model(cfg: Any) -> nn.Module:
+    """The config's model built from its ``config.json`` on the meta device: every shape
+    and the storage dtype, no weights and no memory (a LLaMA-2-7B plans on a laptop)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hsplitlora.train.run import base_dtype
+
+    config = AutoConfig.from_pretrained(cfg.model.name)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config,
+                                                torch_dtype=getattr(torch, base_dtype(cfg)))
+
+
+def plan_run(cfg: Any, *, probe: bool = True, meta: bool = False) -> tuple[Plan, ModelDims]:
+    """What ``hsplitlora plan`` shows: the per-client plans of a config, without training.
+
+    With ``probe``, importance (when the mode uses it) is measured by split probing on
+    each client's shard, as training does; without, every matrix weighs the same and the
+    plan comes from the cost model alone, in seconds. ``meta``: plan from the model's
+    shapes alone (:func:`meta_model`), for sequences of ``data.max_length`` tokens, with
+    the uninformed gains (no weights, so no probing).
+    """
     from hsplitlora.train.parties import optim_settings, probe_stream
     from hsplitlora.train.run import _streams, mean_length, prepare
 
-    p = prepare(cfg)
     t = cfg.train
+    if meta:
+        model = meta_model(cfg)
+        params = sum(x.numel() for x in model.parameters())
+        planner = Planner(cfg, model, cfg.hetero.scenario.profiles(t.num_clients, params),
+                          cfg.hetero.scenario.server_profile(), cfg.data.max_length)
+        return planner.client_plans(None), planner.dims
+    p = prepare(cfg)
     params = sum(x.numel() for x in p.model.parameters())
     planner = Planner(cfg, p.model, cfg.hetero.scenario.profiles(t.num_clients, params),
                       cfg.hetero.scenario.server_profile(), mean_length(p.shards))
     scores = None
-    if planner.uses_importance:
+    if planner.uses_importance and probe:
         optim = optim_settings(cfg, t.steps)
         system = HeteroSystem(p.model, planner.provisional(), _streams(p),
                               [len(s) for s in p.shards], client_optim=optim,
@@ -267,5 +320,5 @@ def plan_run(cfg: Any) -> tuple[Plan, ModelDims]:
                               precision=t.precision, device=p.device,
                               probes=[probe_stream(p, c) for c in range(t.num_clients)])
         scores = planner.observe(probe_importance(system, cfg.hetero.probe_batches,
-                                                  t.precision))
+                                                  t.precision, t.label_smoothing))
     return planner.client_plans(scores), planner.dims

@@ -37,6 +37,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from hsplitlora.errors import UserError
+
 __all__ = [
     "CACHE_ENV",
     "DEFAULT_MODEL",
@@ -44,6 +46,8 @@ __all__ = [
     "default_cache_dir",
     "describe",
     "load_model",
+    "load_model_config",
+    "source_of",
     "use_attention",
 ]
 
@@ -54,7 +58,7 @@ CACHE_ENV = "HSPLITLORA_CACHE"
 PROVENANCE_FILE = "hsplitlora_source.json"  # written into each converted copy, for humans
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model or tokenizer could not be loaded; the message says what was tried and the fix."""
 
 
@@ -122,6 +126,42 @@ def load_model(
         time.perf_counter() - start,
     )
     return model, tokenizer
+
+
+def source_of(name_or_path: str | Path, *, cache_dir: Path | str | None = None) -> str:
+    """What ``from_pretrained`` reads for ``name_or_path``, without fetching or converting:
+    the converted copy's directory for an alias or a GGUF file, the absolute directory of
+    a local model, the id itself for the hub. Adapter configs record it as their
+    ``base_model_name_or_path``, so ``AutoPeftModelForCausalLM`` finds the very weights
+    the adapter was trained on."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    name = str(name_or_path)
+    if name in _ALIASES:
+        return str((cache / "models" / name).resolve())
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return str(_gguf_target(path, cache)[0].resolve())
+    if path.is_dir():
+        return str(path.resolve())
+    return name
+
+
+def load_model_config(
+    name_or_path: str | Path = DEFAULT_MODEL, *, cache_dir: Path | str | None = None
+) -> transformers.PretrainedConfig:
+    """The model's config alone (layer count, architecture), without reading weights:
+    what a run's settings can be checked against before the model loads."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    source = _materialise(str(name_or_path), cache)
+    try:
+        return transformers.AutoConfig.from_pretrained(
+            str(source), local_files_only=isinstance(source, Path) or _hub_offline())
+    except (OSError, ValueError) as err:
+        if isinstance(source, Path):
+            raise ModelLoadError(
+                f"Could not read the model config in {source} (for {name_or_path!r}): {err}. "
+                "A model directory needs config.json as save_pretrained writes it.") from err
+        raise ModelLoadError(_hub_help(str(source), _hub_offline(), err)) from err
 
 
 def use_attention(model: PreTrainedModel, choice: str, device: torch.device) -> str:
@@ -270,12 +310,17 @@ def _ensure_pad_token(
         generation.pad_token_id = tokenizer.pad_token_id
 
 
-def _gguf_directory(gguf: Path, cache: Path) -> Path:
-    """The converted copy of a GGUF file, converting it first if this file version is new."""
+def _gguf_target(gguf: Path, cache: Path) -> tuple[Path, dict[str, Any]]:
+    """Where this version of a GGUF file's converted copy lives, and what identifies it."""
     stat = gguf.stat()
     provenance = {"gguf": str(gguf.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:16]
-    target = cache / "gguf" / f"{gguf.stem}-{key}"
+    return cache / "gguf" / f"{gguf.stem}-{key}", provenance
+
+
+def _gguf_directory(gguf: Path, cache: Path) -> Path:
+    """The converted copy of a GGUF file, converting it first if this file version is new."""
+    target, provenance = _gguf_target(gguf, cache)
     if target.is_dir():
         logger.info("Using the converted copy %s of %s", target, gguf)
     else:

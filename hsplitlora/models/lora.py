@@ -21,6 +21,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
+from hsplitlora.errors import UserError
 from hsplitlora.models.fused import PartLora
 from hsplitlora.models.shared import merge_into, merge_state
 from hsplitlora.models.split import arch_spec
@@ -28,9 +29,11 @@ from hsplitlora.models.structure import ArchSpec, Part
 
 __all__ = [
     "LoraSettings",
+    "LoraTargetError",
     "adapter_shapes",
     "attach_lora",
     "base_weights",
+    "check_targets",
     "lora_parameters",
     "lora_state",
     "restart_lora",
@@ -49,6 +52,10 @@ _ADAPTER = "default"
 # (hsplitlora.models.fused) names them <module>.lora_A.<part>.weight
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB])\.(?P<adapter>[^.]+)\.weight$")
 _PART = ":"
+
+
+class LoraTargetError(UserError, ValueError):
+    """lora.targets names a matrix this architecture's blocks do not have."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,9 @@ def _spec(module: nn.Module) -> ArchSpec:
     return module.spec if hasattr(module, "spec") else arch_spec(module.config)
 
 
-def _check_targets(spec: ArchSpec, wanted: tuple[str, ...]) -> None:
+def check_targets(spec: ArchSpec, wanted: tuple[str, ...] | list[str]) -> None:
+    """Refuse targets the architecture's blocks do not have (``lora.targets``), whole
+    matrices or parts of fused ones."""
     def known(t: str) -> bool:
         path, _, part = t.partition(_PART)
         hits = [m for m in spec.matrices if path == m.path or m.path.endswith("." + path)]
@@ -111,8 +120,9 @@ def _check_targets(spec: ArchSpec, wanted: tuple[str, ...]) -> None:
     unknown = [t for t in wanted if not known(t)]
     if unknown:
         fused = [f"{m.path}{_PART}{p.label}" for m in spec.matrices for p in m.parts]
-        raise ValueError(
-            f"unknown LoRA target(s) {unknown}: this architecture's targetable matrices are "
+        raise LoraTargetError(
+            f"unknown LoRA target(s) {unknown} in lora.targets: this architecture's targetable "
+            f"matrices are "
             f"{list(spec.targets)}" + (f", and parts of fused ones {fused}" if fused else "")
         )
 
@@ -127,7 +137,7 @@ def target_module_names(module: nn.Module, targets: tuple[str, ...] | None = Non
     """
     spec = _spec(module)
     wanted = spec.default_targets if targets is None else targets
-    _check_targets(spec, wanted)
+    check_targets(spec, wanted)
     prefix = _blocks_prefix(module)
     names = []
     for name, _ in module.named_modules():
@@ -319,7 +329,9 @@ def save_peft_adapter(
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's layout.
 
     ``state`` holds unsplit-model names (client and server halves merged), so
-    ``peft.PeftModel.from_pretrained(base, out_dir)`` loads it onto the unsplit model.
+    ``peft.PeftModel.from_pretrained(base, out_dir)`` loads it onto the unsplit model, and
+    with ``base_model`` a loadable id or path (``task_type`` is CAUSAL_LM)
+    ``peft.AutoPeftModelForCausalLM.from_pretrained(out_dir)`` loads base and adapter.
     Target modules are listed by full name, with per-module ranks, because a
     heterogeneous plan may adapt a matrix in one block and not in the next; per-module
     alphas (``settings.alphas``) become peft's ``alpha_pattern``. Part adapters
@@ -351,6 +363,7 @@ def save_peft_adapter(
                        if settings.alpha_of(m) != settings.alpha},
         fan_in_fan_out=fan_in_fan_out,
         bias="none",
+        task_type="CAUSAL_LM",
         base_model_name_or_path=base_model,
     )
     config.save_pretrained(str(out_dir))
@@ -473,29 +486,21 @@ def merge_base_update(
     """
     from hsplitlora.aggregate import dense_update
 
-    local_of = getattr(module, "local_name", _identity)
-    merged = []
     # the parts of one fused matrix (c_attn:q, c_attn:v) merge as one update of it: a
     # merge version applies once per weight
     by_module: dict[str, list[tuple[str, str]]] = {}
     for full in updates:
         whole, _, label = full.partition(_PART)
         by_module.setdefault(whole, []).append((full, label))
-    for whole, names in by_module.items():
-        try:
-            target = module.get_submodule(local_of(whole))
-        except (KeyError, AttributeError):
-            continue
-        if isinstance(target, LoraLayer):
-            target = target.get_base_layer()
-        elif isinstance(target, PartLora):
-            target = target.base_layer
+    merged = []
+    for whole, weight in base_weights(module, by_module).items():
+        names = by_module[whole]
         merged.extend(full for full, _ in names)
-        state = merge_state(target.weight)
+        state = merge_state(weight)
         if state is not None and state.version >= version:
             continue  # a party sharing this weight merged it already
-        shape = tuple(target.weight.shape)
-        dense = torch.zeros(shape, dtype=torch.float32, device=target.weight.device)
+        shape = tuple(weight.shape)
+        dense = torch.zeros(shape, dtype=torch.float32, device=weight.device)
         for full, label in names:
             if not label:
                 dense += dense_update(updates[full], shape, fan_in_fan_out=fan_in_fan_out)
@@ -505,22 +510,25 @@ def merge_base_update(
             view = dense[:, rows] if fan_in_fan_out else dense[rows]
             view += dense_update(updates[full], tuple(view.shape),
                                  fan_in_fan_out=fan_in_fan_out).to(view.device)
-        merge_into(target.weight, dense, version)
+        merge_into(weight, dense, version)
     return merged
 
 
 def base_weights(module: nn.Module, names: Collection[str]) -> dict[str, torch.Tensor]:
     """The frozen base weight of each module in ``names`` (the unsplit model's names)
-    that ``module`` holds, LoRA-wrapped or not."""
+    that ``module`` holds, LoRA-wrapped or not. A part name (``<module>:<part>``) stands
+    for its whole fused matrix: the result is keyed by whole-module names."""
     local_of = getattr(module, "local_name", _identity)
     out = {}
-    for full in names:
+    for full in dict.fromkeys(n.partition(_PART)[0] for n in names):
         try:
             target = module.get_submodule(local_of(full))
         except (KeyError, AttributeError):
             continue
         if isinstance(target, LoraLayer):
             target = target.get_base_layer()
+        elif isinstance(target, PartLora):
+            target = target.base_layer
         out[full] = target.weight
     return out
 

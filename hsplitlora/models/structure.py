@@ -25,6 +25,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from hsplitlora.errors import UserError
+
 __all__ = [
     "OVERRIDES",
     "ArchSpec",
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 
-class SplitError(ValueError):
+class SplitError(UserError, ValueError):
     """A model cannot be split as asked (unsupported architecture, bad cut)."""
 
 

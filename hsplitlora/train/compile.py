@@ -40,10 +40,12 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from hsplitlora.errors import UserError
+
 __all__ = ["CompileError", "check_compiler", "compiled_blocks"]
 
 
-class CompileError(RuntimeError):
+class CompileError(UserError, RuntimeError):
     """torch.compile cannot run here."""
 
 

@@ -7,6 +7,9 @@ adapter bytes that moved. Appending line by line means a killed run keeps its hi
 A step's figures may arrive :class:`~hsplitlora.train.placement.Deferred` (roles in other
 processes answer before they finish computing): such steps wait in order and are written
 when the round ends, or before any other record, so the file's order never changes.
+
+Experiment trackers (:mod:`hsplitlora.train.trackers`) are sinks fed each record as it is
+written, and the run's summary at the end.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -24,6 +27,7 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hsplitlora.train.placement import Deferred, settle
+from hsplitlora.train.trackers import Sink, scalars
 
 __all__ = ["Recorder", "kept_records"]
 
@@ -35,8 +39,10 @@ class Recorder:
 
     def __init__(self, path: Path | None, total_rounds: int, *, show_progress: bool = True,
                  description: str = "train", log_every: int = 0,
-                 history: list[dict[str, Any]] | None = None) -> None:
+                 history: list[dict[str, Any]] | None = None,
+                 sinks: Sequence[Sink] = ()) -> None:
         self.path = path
+        self.sinks = list(sinks)
         self._file = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
         self.start = time.perf_counter()
         # A resumed run goes on from the records it kept (already in the file).
@@ -61,11 +67,15 @@ class Recorder:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if et is None:
-            self._settle()
-        self._progress.stop()
-        if self._file:
-            self._file.close()
+        try:
+            if et is None:
+                self._settle()
+        finally:
+            self._progress.stop()
+            if self._file:
+                self._file.close()
+            for sink in self.sinks:
+                sink.close()
 
     @property
     def wall(self) -> float:
@@ -76,6 +86,21 @@ class Recorder:
         if self._file:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+        if self.sinks:
+            values = scalars(record)
+            for sink in self.sinks:
+                sink.scalars(values, self.step)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Hand the run's summary to the trackers: its numbers, and the simulated clock
+        per round as a series of its own."""
+        if not self.sinks:
+            return
+        numbers = {k: float(v) for k, v in summary.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for sink in self.sinks:
+            sink.series("sim/seconds", [float(x) for x in summary.get("simulated_round_s", [])])
+            sink.summary(numbers)
 
     def train_step(self, *, round: int, client: int | None, loss: float | Deferred,
                    tokens: int | Deferred, bytes_up: int | Deferred = 0,

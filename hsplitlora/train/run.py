@@ -24,9 +24,7 @@ from torch import nn
 
 from hsplitlora.checkpoint import atomic_save, load_checkpoint
 from hsplitlora.config import ConfigError, RunConfig
-from hsplitlora.data.e2e import format_prompt, load_e2e, load_e2e_hub
-from hsplitlora.data.example import Example
-from hsplitlora.data.jsonl import load_jsonl
+from hsplitlora.data.load import check_labels, load_examples, sample_text, subsample
 from hsplitlora.data.partition import partition
 from hsplitlora.data.tokenize import TokenizedDataset, pad_id_for
 from hsplitlora.eval.generate import GenerationSettings, generate
@@ -48,10 +46,12 @@ from hsplitlora.train.parties import (
     shard_stream,
 )
 from hsplitlora.train.placement import InProcess, Placement
+from hsplitlora.train.preflight import preflight
 from hsplitlora.train.process import keep_freed_memory, set_threads
 from hsplitlora.train.recorder import Recorder, kept_records
+from hsplitlora.train.trackers import open_sinks
 
-__all__ = ["RunResult", "check_same_run", "load_examples", "load_trained", "party_seed", "prepare",
+__all__ = ["RunResult", "check_same_run", "run_path", "load_trained", "party_seed", "prepare",
            "resolve_device", "train"]
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ class RunResult:
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use 'auto'")
+        raise ConfigError("train.device is 'cuda' but no CUDA device is visible here: set "
+                          "train.device to 'auto' or 'cpu'")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -79,17 +80,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def load_examples(cfg: RunConfig, files: list[Path]) -> list[Example]:
-    if cfg.data.dataset == "e2e":
-        return load_e2e(files, require_refs=True)
-    if cfg.data.dataset == "e2e_hub":
-        return [ex for split in files for ex in load_e2e_hub(str(split), cfg.data.hub_id)]
-    out: list[Example] = []
-    for f in files:
-        out.extend(load_jsonl(f))
-    return out
 
 
 @dataclass
@@ -111,6 +101,8 @@ class Prepared:
 
 def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = None) -> Prepared:
     """Load (or take) the model, load and partition the data, attach the initial LoRA."""
+    # Everything checkable without the weights is checked first, in seconds.
+    preflight(cfg, model.config if model is not None else None)
     set_threads(cfg.train.threads)
     if cfg.train.keep_memory:
         keep_freed_memory()
@@ -125,19 +117,17 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
     from hsplitlora.models.load import use_attention
 
     use_attention(model, cfg.model.attention, device)
-    examples = load_examples(cfg, list(cfg.data.train_files))
-    if cfg.data.max_train_examples and cfg.data.max_train_examples < len(examples):
-        rng = random.Random(cfg.train.seed)
-        examples = [examples[i] for i in sorted(rng.sample(range(len(examples)),
-                                                           cfg.data.max_train_examples))]
+    examples = load_examples(cfg.data, "train", tokenizer)
+    check_labels(cfg.data, examples)
+    examples = subsample(examples, cfg.data.max_train_examples, cfg.train.seed)
     shards_idx = partition(examples, cfg.train.num_clients, cfg.data.partition, cfg.train.seed,
                            alpha=cfg.data.dirichlet_alpha, label_key=cfg.data.label_key)
     shards = [TokenizedDataset([examples[i] for i in idx], tokenizer, cfg.data.max_length)
               for idx in shards_idx]
     eval_features = None
-    if cfg.data.eval_file is not None and cfg.eval.max_examples > 0:
-        ev = load_examples(cfg, [cfg.data.eval_file])
-        ev = [e for e in ev if e.target]
+    ev = load_examples(cfg.data, "eval", tokenizer) if cfg.eval.max_examples > 0 else []
+    ev = [e for e in ev if e.target]
+    if ev:
         rng = random.Random(cfg.train.seed + 1)
         if len(ev) > cfg.eval.max_examples:
             ev = [ev[i] for i in sorted(rng.sample(range(len(ev)), cfg.eval.max_examples))]
@@ -148,6 +138,7 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
     lora = LoraSettings(r=rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                         targets=tuple(cfg.lora.targets) if cfg.lora.targets else None,
                         trains=cfg.mode.trains)
+    quantize(cfg, model)
     seed_everything(cfg.train.seed)
     if not cfg.mode.planned:  # heterogeneous runs attach per client plan
         attach_lora(model, lora)
@@ -168,6 +159,39 @@ def _weakest_rank(cfg: RunConfig, model: nn.Module, shards: list[TokenizedDatase
     log.info("heterogeneous devices: SplitLoRA uses the weakest client's rank %d "
              "(lora.r %d ignored)", rank, cfg.lora.r)
     return rank
+
+
+def quantized_blocks(cfg: RunConfig, n_blocks: int) -> range:
+    """The blocks ``model.quantization`` applies to: a client's [0, cut) (and the
+    server's with ``model.quantize_server``); every block where a party holds them all."""
+    if cfg.model.quantization == "none":
+        return range(0)
+    if not cfg.mode.split or cfg.model.quantize_server:
+        return range(n_blocks)
+    return range(min(cfg.train.cut, n_blocks))
+
+
+def quantize(cfg: RunConfig, model: nn.Module) -> None:
+    """Quantise the frozen linear weights of :func:`quantized_blocks`, before LoRA."""
+    if cfg.model.quantization == "none":
+        return
+    from hsplitlora.models.quantize import quantize_blocks
+    from hsplitlora.models.split import num_blocks
+
+    quantize_blocks(model, quantized_blocks(cfg, num_blocks(model.config)),
+                    cfg.model.quantization,
+                    compute_dtype=torch.bfloat16 if cfg.train.precision == "bf16"
+                    else torch.float32)
+
+
+def base_source(cfg: RunConfig, given: nn.Module | None = None) -> str:
+    """The base model an adapter names: where its weights load from (models/load.py), or
+    for a model handed to :func:`train` the path it was loaded from, when it knows one."""
+    from hsplitlora.models.load import source_of
+
+    if given is not None:
+        return str(getattr(given.config, "_name_or_path", "") or cfg.model.name)
+    return source_of(cfg.model.name)
 
 
 def base_dtype(cfg: RunConfig) -> str:
@@ -215,7 +239,7 @@ def _run_hetero(p: Prepared, rec: Recorder,
     else:
         if planner.uses_importance:
             scores = planner.observe(probe_importance(system, cfg.hetero.probe_batches,
-                                                      t.precision))
+                                                      t.precision, t.label_smoothing))
             system.replan(planner.plans(scores))
         rec.event("plan", round=0, plans=[{"cut": pl.cut, "ranks": dict(pl.ranks)}
                                           for pl in system.plans])
@@ -384,17 +408,17 @@ def _held_out(p: Prepared, state: dict[str, torch.Tensor] | None) -> tuple[float
                       device=p.device)
 
 
-def _run_path(cfg: RunConfig) -> Path:
+def run_path(cfg: RunConfig) -> Path:
+    """The run folder a config names (output.dir / output.name, or a timestamped one)."""
     name = cfg.output.name or f"{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Path(cfg.output.dir) / name
 
 
-def _sample(p: Prepared) -> str | None:
-    if not p.cfg.output.sample_prompt:
+def _sample(p: Prepared, prompt: str | None) -> str | None:
+    if not prompt:
         return None
     settings = GenerationSettings(num_beams=1, max_new_tokens=48)
-    return generate(p.model, p.tokenizer, [format_prompt(p.cfg.output.sample_prompt)],
-                    settings, device=p.device)[0]
+    return generate(p.model, p.tokenizer, [prompt], settings, device=p.device)[0]
 
 
 def checkpoint_path(run_dir: Path) -> Path:
@@ -415,7 +439,7 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     """
     if (checkpoint or resume) and not write:
         raise ValueError("checkpoint/resume needs a run folder (write=True)")
-    run_dir = _run_path(cfg) if write else None
+    run_dir = run_path(cfg) if write else None
     resumed = None
     if run_dir and resume:  # checked before the model loads: a wrong resume fails fast
         resumed = load_checkpoint(checkpoint_path(run_dir))
@@ -438,14 +462,16 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         p.checkpoint = saved if checkpoint else None
     samples: dict[str, str] = {}
-    before = _sample(p)
+    prompt = sample_text(cfg.data, cfg.output.sample_prompt, p.tokenizer)
+    before = _sample(p, prompt)
     if before is not None:
         samples["before"] = before
         log.info("before fine-tuning: %s", before)
     start = time.perf_counter()
     with Recorder(run_dir / "metrics.jsonl" if run_dir else None, _total_rounds(cfg),
                   show_progress=show_progress, description=cfg.train.mode,
-                  log_every=cfg.train.log_every, history=history) as rec:
+                  log_every=cfg.train.log_every, history=history,
+                  sinks=open_sinks(cfg.output, run_dir, cfg.model_dump(mode="json"))) as rec:
         if p.eval_features is not None and cfg.eval.every:
             rec.evaluate_every(_eval_rounds(cfg), lambda state: _held_out(p, state))
         adapter = run_mode(p, rec, placement)
@@ -459,14 +485,15 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
             loss, ppl = _held_out(p, None)
             summary.update(eval_loss=loss, eval_ppl=ppl)
             rec.event("eval", round=_total_rounds(cfg) - 1, loss=loss, ppl=ppl)
-    after = _sample(p)
+        rec.finish(summary)
+    after = _sample(p, prompt)
     if after is not None:
         samples["after"] = after
         log.info("after fine-tuning: %s", after)
     summary["samples"] = samples
     if run_dir:
         save_peft_adapter(adapter, p.lora, run_dir / "adapter",
-                          base_model=cfg.model.name,
+                          base_model=base_source(cfg, model),
                           fan_in_fan_out=arch_spec(p.model.config).fan_in_fan_out,
                           spec=arch_spec(p.model.config))
         plot_loss(rec.records, run_dir / "loss.png", title=f"{cfg.train.mode} ({cfg.model.name})")
@@ -592,5 +619,6 @@ def load_trained(run_dir: Path, *, device: str = "cpu") -> tuple[nn.Module, Any,
     # Unmerged, on purpose: merged into a bf16 base, a small update would round away, and
     # under bf16 autocast even an fp32 merge is cast back to bf16 per matmul. Kept apart,
     # the adapter path computes exactly what training computed.
+    quantize(cfg, model)  # the base the adapter was trained on
     model = PeftModel.from_pretrained(model, str(adapter)).get_base_model()
     return model.to(device).eval(), tokenizer, cfg

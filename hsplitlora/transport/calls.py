@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hsplitlora.hetero.importance import module_of
 from hsplitlora.models.lora import LoraSettings
 from hsplitlora.roles.client import Update
 from hsplitlora.transport.wire import Header, WireError, pack, read_header, unpack
@@ -119,7 +120,7 @@ def unpack_updates(tensors: Mapping[str, torch.Tensor],
 
 
 def read_scores(meta: Mapping[str, str], allowed: set[str], what: str) -> dict[str, float]:
-    """A client's importance scores: finite, non-negative, for modules it holds."""
+    """A client's importance map: finite, non-negative, about modules it holds."""
     try:
         raw = json.loads(meta.get("scores", ""))
     except json.JSONDecodeError:
@@ -128,7 +129,7 @@ def read_scores(meta: Mapping[str, str], allowed: set[str], what: str) -> dict[s
         raise WireError(f"{what}: scores must be a JSON object")
     out: dict[str, float] = {}
     for name, value in raw.items():
-        if name not in allowed:
+        if module_of(name) not in allowed:
             raise WireError(f"{what}: a score for {name!r}, which this client does not hold")
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise WireError(f"{what}: the score of {name!r} must be a finite number >= 0")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from hsplitlora.errors import UserError
 from hsplitlora.transport.security import AuthError, ConnectionFailed, Refused
 
 if TYPE_CHECKING:
@@ -33,36 +34,53 @@ ResumeOpt = Annotated[bool, typer.Option(
 
 # What a person can act on (unreachable or refusing peers, missing files, a plan that does
 # not fit); anything else is a bug and keeps its traceback.
-_FAILURES = (AuthError, ConnectionFailed, Refused, TimeoutError, FileNotFoundError, ValueError)
+_FAILURES = (AuthError, ConnectionFailed, Refused, TimeoutError, FileNotFoundError, ValueError,
+             UserError)
 
 
 def _start(config: Path, overrides: list[str], verbose: bool) -> tuple[RunConfig, Console]:
     """Logging on, config loaded and validated (a bad one exits with code 2)."""
-    from hsplitlora.cli import _logging, console
+    from hsplitlora.cli import _logging, console, error_exit
     from hsplitlora.config import ConfigError, load_config
+    from hsplitlora.modes import MODES
 
     _logging(verbose)
     try:
-        return load_config(config, overrides), console
+        cfg = load_config(config, overrides)
+        if "grpc" not in cfg.mode.placements:
+            networked = [m.name for m in MODES.values() if "grpc" in m.placements]
+            raise ConfigError(  # checked here, before any party loads the model
+                f"train.mode {cfg.train.mode!r} cannot run over the network: serve and join "
+                f"run {', '.join(networked)}; {cfg.train.mode} has no main server to serve "
+                "(use hsplitlora train, or --backend ray to spread it over machines)")
+        return cfg, console
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        raise error_exit(e) from None
 
 
 def _fail(console: Console, err: BaseException) -> typer.Exit:
-    console.print(f"[red]error:[/red] {err}")
-    return typer.Exit(1)
+    """Exit code 2 for a person's mistake (config, data, model, plan), 1 for a peer that
+    failed or could not be reached."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(str(err))}")
+    return typer.Exit(2 if isinstance(err, UserError) else 1)
 
 
 def serve(config: ConfigOpt, set_: SetOpt = [], resume: ResumeOpt = False,  # noqa: B006
           port_file: PortFileOpt = None,
+          overwrite: Annotated[bool, typer.Option(
+              "--overwrite", help="replace the run already in the run folder")] = False,
           no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
           verbose: VerboseOpt = False) -> None:
     """Run the main server (and the fed server, unless net.fed_address names another)."""
     cfg, console = _start(config, set_, verbose)
+    from hsplitlora.cli import check_run_folder
     from hsplitlora.transport.deploy import serve as run_server
 
     try:
+        name = cfg.output.name or f"{cfg.train.mode}-serve"
+        check_run_folder(Path(cfg.output.dir) / name, resume=resume, overwrite=overwrite)
         run_dir = run_server(cfg, cfg.net, resume=resume, port_file=port_file,
                              show_progress=not no_progress)
     except _FAILURES as e:

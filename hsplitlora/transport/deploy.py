@@ -32,8 +32,10 @@ from hsplitlora.checkpoint import load_checkpoint
 from hsplitlora.config import RunConfig
 from hsplitlora.models.lora import matrix_shapes, save_peft_adapter
 from hsplitlora.models.split import arch_spec
+from hsplitlora.report import plot_loss
 from hsplitlora.train.recorder import Recorder, kept_records
-from hsplitlora.train.run import check_same_run, checkpoint_path, prepare
+from hsplitlora.train.run import base_source, check_same_run, checkpoint_path, prepare
+from hsplitlora.train.trackers import open_sinks
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.client import ClientRunner
 from hsplitlora.transport.config import NetConfig
@@ -131,7 +133,8 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
         metrics.unlink(missing_ok=True)
         checkpoint.unlink(missing_ok=True)
     with Recorder(metrics, plan.steps, show_progress=show_progress,
-                  description=f"serve {plan.mode}") as rec:
+                  description=f"serve {plan.mode}",
+                  sinks=open_sinks(cfg.output, run_dir, cfg.model_dump(mode="json"))) as rec:
         rec.step = step
         coordinator = Coordinator(server, plan, net, fed, rec, start_round=first_round,
                                   checkpoint=checkpoint,
@@ -153,22 +156,38 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     client_side = fed.latest_state() if isinstance(fed, FedService) else None
     if client_side is not None:
         save_peft_adapter({**client_side, **final}, p.lora, run_dir / "adapter",
-                          base_model=cfg.model.name,
+                          base_model=base_source(cfg),
                           fan_in_fan_out=arch_spec(p.model.config).fan_in_fan_out,
                           spec=arch_spec(p.model.config))
     else:
         save_file({k: v.contiguous() for k, v in final.items()},
                   str(run_dir / "server_adapter.safetensors"))
-    _write_summary(run_dir, records, time.perf_counter() - start, net)
+    _write_summary(run_dir, cfg, records, time.perf_counter() - start, net)
+    plot_loss(records, run_dir / "loss.png", title=f"{cfg.train.mode} ({cfg.model.name}), "
+              "served")
     return run_dir
 
 
-def _write_summary(run_dir: Path, records: list[dict[str, Any]], wall: float,
+def _write_summary(run_dir: Path, cfg: RunConfig, records: list[dict[str, Any]], wall: float,
                    net: NetConfig) -> None:
+    """The in-process run's summary keys (those a server can know), plus the wire's."""
     steps = [r for r in records if "event" not in r]
+    rounds = [r["round"] for r in steps]
+
+    def mean_loss(round: int) -> float | None:
+        losses = [r["loss"] for r in steps if r["round"] == round]
+        return sum(losses) / len(losses) if losses else None
+
     summary = {
-        "steps": len(steps), "wall_s": wall, "codec": net.codec,
-        "final_loss": steps[-1]["loss"] if steps else None,
+        "mode": cfg.train.mode, "model": cfg.model.name, "clients": cfg.train.num_clients,
+        "cut": cfg.train.cut, "rank": cfg.lora.r,
+        "steps": len(steps), "wall_s": wall, "seconds_per_step": wall / max(len(steps), 1),
+        "first_loss": mean_loss(min(rounds)) if rounds else None,
+        "final_loss": mean_loss(max(rounds)) if rounds else None,
+        "tokens": sum(r.get("tokens", 0) for r in steps),
+        "bytes_up": sum(r.get("bytes_up", 0) for r in records),
+        "bytes_down": sum(r.get("bytes_down", 0) for r in records),
+        "codec": net.codec,
         "bytes_up_per_step": sum(r["bytes_up"] for r in steps) / max(len(steps), 1),
         "bytes_down_per_step": sum(r["bytes_down"] for r in steps) / max(len(steps), 1),
     }

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hsplitlora.hetero.importance import (
+    GAIN_RANKS,
     ImportanceTracker,
     SensitivityProbe,
     ServerScorer,
@@ -11,11 +12,15 @@ from hsplitlora.hetero.importance import (
     fuse_parts,
     global_importance_by_block,
     importance,
+    module_energy,
+    rank_energies,
+    rank_gains,
     ranking,
     relative_costs,
     score_client,
     score_model,
     score_server,
+    segment_importance,
 )
 from hsplitlora.models.lora import LoraSettings, attach_lora, lora_parameters
 from hsplitlora.models.split import split_model
@@ -335,3 +340,75 @@ def test_ranking_and_block_totals():
         global_importance_by_block(scores, num_blocks=2)
     with pytest.raises(ValueError, match="names no block"):
         global_importance_by_block({"lm_head": 1.0})
+
+
+def _energy_reference(model: torch.nn.Module, batches: list[dict], ranks,
+                      label_smoothing: float = 0.0) -> dict[str, float]:
+    """E(r) of each module's mean gradient over the batches, straight from autograd."""
+    modules = list(dict.fromkeys(c.module for c in candidates(model)))
+    weights = []
+    for m in modules:
+        layer = model.get_submodule(m)
+        weights.append(getattr(layer, "base_layer", layer).weight)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for w in weights:
+        w.requires_grad_(True)
+    total = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+    model.eval()
+    for b in batches:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = causal_lm_loss(logits, b["labels"], label_smoothing)[0]
+        for acc, g in zip(total, torch.autograd.grad(loss, weights), strict=True):
+            acc += g.float()
+    for n, p in model.named_parameters():
+        p.requires_grad_(flags[n])
+    out = {}
+    for m, g in zip(modules, total, strict=True):
+        sigma = torch.linalg.svdvals(g / len(batches)).double()
+        for r in ranks:
+            out[f"{m}@{r}"] = float((sigma[:r] ** 2).sum())
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_split_energies_are_the_spectrum_of_the_unsplit_accumulated_gradient(arch):
+    model = _model(arch, lora=True)
+    batches = _batches()
+    want = _energy_reference(model, batches, GAIN_RANKS, label_smoothing=0.1)
+    for cut in (0, 2, LAYERS):
+        client, server = split_model(model, cut)
+        with ServerScorer(server, label_smoothing=0.1, spectrum=True) as main_server:
+            got = segment_importance(client, batches, main_server.reply)
+        got.update(main_server.energies())
+        assert set(got) == set(want)
+        for key in want:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-12), key
+    # energies grow with rank and stop growing at the gradient's rank (here min(d_in, d_out))
+    q = "model.layers.1.self_attn.k_proj" if arch == "llama" else "transformer.h.1.attn.c_attn"
+    curve = [want[f"{q}@{r}"] for r in GAIN_RANKS]
+    assert curve == sorted(curve) and curve[-1] == curve[-2] > curve[0] > 0
+
+
+def test_scoring_uses_the_runs_label_smoothing():
+    model = _model("llama")
+    batches = _batches()
+    client, server = split_model(model, 2)
+    plain, smooth = {}, {}
+    for smoothing, out in ((0.0, plain), (0.3, smooth)):
+        with ServerScorer(server, label_smoothing=smoothing, spectrum=True) as main_server:
+            out.update(segment_importance(client, batches, main_server.reply))
+        out.update(main_server.energies())
+    want = _energy_reference(model, batches, GAIN_RANKS, label_smoothing=0.3)
+    assert smooth == pytest.approx(want, rel=1e-4)
+    assert any(abs(smooth[k] - plain[k]) > 1e-3 * plain[k] for k in plain)
+
+
+def test_rank_energies_gains_and_module_energy_by_hand():
+    assert rank_energies(torch.tensor([3.0, 2.0, 1.0]), (0, 1, 2, 5)) == {
+        0: 0.0, 1: 9.0, 2: 13.0, 5: 14.0}
+    flat = {"m@1": 4.0, "m@2": 6.0, "m@4": 7.0, "n@4": 1.0}
+    assert rank_gains(flat, (0, 2, 3, 8)) == {"m": {0: 0.0, 2: 6.0, 3: 6.5, 8: 7.0},
+                                              "n": {0: 0.0, 2: 0.5, 3: 0.75, 8: 1.0}}
+    assert module_energy(flat) == {"m": 7.0, "n": 1.0}
+    with pytest.raises(ValueError, match="not a gain entry"):
+        rank_gains({"model.layers.0.q_proj": 1.0}, (0, 2))

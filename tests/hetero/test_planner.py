@@ -1,5 +1,7 @@
+import itertools
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import transformers
@@ -11,8 +13,14 @@ from hsplitlora.hetero.costmodel import (
     ModelDims,
     Workload,
     activation_bytes,
+    block_flops,
+    bytes_down,
+    bytes_up,
     client_memory,
+    lora_flops_per_rank,
     lora_memory_per_rank,
+    server_flops,
+    server_memory,
     step_time,
 )
 from hsplitlora.hetero.planner import (
@@ -21,6 +29,7 @@ from hsplitlora.hetero.planner import (
     format_plan_table,
     plan_client,
     plan_clients,
+    prior_gains,
     rank_distance,
     rank_gain,
     should_replan,
@@ -48,9 +57,17 @@ def _device(memory: int, flops: float = 1e12) -> DeviceProfile:
                          downlink_bps=1e7)
 
 
-def _importance(seed: int) -> dict[str, float]:
+def _scores(seed: int) -> dict[str, float]:
     rng = random.Random(seed)
     return {name: rng.random() for name in DIMS.candidate_modules()}
+
+
+def _importance(seed: int) -> dict[str, dict[int, float]]:
+    return prior_gains(DIMS, (0, 2, 4, 8, 16), _scores(seed))
+
+
+# Memory alone decides (no round deadline): the regime these first tests are about.
+MEMORY_ONLY = PlannerSettings(round_time_s=math.inf)
 
 
 def test_rank_gain_is_concave_and_normalised():
@@ -65,7 +82,7 @@ def test_rank_gain_is_concave_and_normalised():
 def test_plan_respects_the_budgets_and_reports_the_cost_model():
     profiles = [_device(int(FLOOR + f * (ROOMY - FLOOR))) for f in (0.05, 0.3, 0.6, 1.0)]
     plan = plan_clients(profiles, SERVER, DIMS, _importance(0), WORK,
-                        PlannerSettings(time_budget_s=1.0))
+                        PlannerSettings(time_budget_s=1.0, round_time_s=math.inf))
     for client, profile in zip(plan.clients, profiles, strict=True):
         assert client.memory == client_memory(DIMS, client.cut, client.ranks, WORK)
         assert client.memory.total <= profile.memory_bytes == client.budget_bytes
@@ -84,7 +101,7 @@ def test_plan_respects_the_budgets_and_reports_the_cost_model():
 
 
 def test_a_roomy_client_adapts_everything_it_may_hold_at_the_top_rank():
-    plan = plan_client(0, _device(10 * ROOMY), SERVER, DIMS, None, WORK)
+    plan = plan_client(0, _device(10 * ROOMY), SERVER, DIMS, None, WORK, MEMORY_ONLY)
     assert plan.cut == DIMS.n_layers - 1  # default max_cut: the server keeps one block
     assert plan.ranks == dict.fromkeys(DIMS.candidate_modules(range(plan.cut)), 16)
     g8 = rank_gain(8, 16)
@@ -93,7 +110,7 @@ def test_a_roomy_client_adapts_everything_it_may_hold_at_the_top_rank():
 
 
 def test_the_floor_budget_gets_the_smallest_cut_without_adapters():
-    plan = plan_client(0, _device(FLOOR), SERVER, DIMS, None, WORK)
+    plan = plan_client(0, _device(FLOOR), SERVER, DIMS, None, WORK, MEMORY_ONLY)
     assert (plan.cut, plan.ranks) == (1, {})
     assert plan.memory.total == FLOOR
     assert plan.utility == pytest.approx(rank_gain(8, 16) * 3 / 4)  # the server's blocks
@@ -101,14 +118,14 @@ def test_the_floor_budget_gets_the_smallest_cut_without_adapters():
 
 def test_a_server_as_good_as_any_client_keeps_every_client_at_min_cut():
     plan = plan_client(0, _device(10 * ROOMY), SERVER, DIMS, None, WORK,
-                       PlannerSettings(server_rank=16, min_cut=2))
+                       PlannerSettings(server_rank=16, min_cut=2, round_time_s=math.inf))
     assert plan.cut == 2  # deeper cuts tie at best: the tie goes to the shallower cut
 
 
 def test_more_memory_never_lowers_utility():
     importance = _importance(1)
     budgets = [int(FLOOR + i * (ROOMY - FLOOR) / 80) for i in range(0, 96)]
-    utilities = [plan_client(0, _device(b), SERVER, DIMS, importance, WORK).utility
+    utilities = [plan_client(0, _device(b), SERVER, DIMS, importance, WORK, MEMORY_ONLY).utility
                  for b in budgets]
     assert all(a <= b + 1e-12 for a, b in zip(utilities, utilities[1:], strict=False))
     assert utilities[0] < utilities[-1]
@@ -120,17 +137,18 @@ def test_more_memory_never_lowers_utility_for_any_importance(seed, low, extra):
     importance = _importance(seed)
     small = int(FLOOR + low * (ROOMY - FLOOR))
     large = int(small + extra * (ROOMY - FLOOR))
-    u_small = plan_client(0, _device(small), SERVER, DIMS, importance, WORK).utility
-    u_large = plan_client(0, _device(large), SERVER, DIMS, importance, WORK).utility
+    u_small = plan_client(0, _device(small), SERVER, DIMS, importance, WORK, MEMORY_ONLY).utility
+    u_large = plan_client(0, _device(large), SERVER, DIMS, importance, WORK, MEMORY_ONLY).utility
     assert u_small <= u_large + 1e-12
 
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10_000), fraction=st.floats(0, 1))
 def test_a_more_important_matrix_never_gets_less_rank_than_one_of_its_shape(seed, fraction):
-    importance = _importance(seed)
+    importance = _scores(seed)
     budget = int(FLOOR + fraction * (ROOMY - FLOOR))
-    plan = plan_client(0, _device(budget), SERVER, DIMS, importance, WORK)
+    plan = plan_client(0, _device(budget), SERVER, DIMS, prior_gains(DIMS, (0, 2, 4, 8, 16),
+                                                                     importance), WORK, MEMORY_ONLY)
     assert plan.memory.total <= budget
     if not plan.ranks:
         return
@@ -154,12 +172,14 @@ def test_ranks_spread_by_importance_within_a_block():
     reserved = client_memory(dims, 1, {}, WORK).frozen_weights + activation_bytes(
         dims, range(1), {}, WORK, input_grad=False, reserve_inputs=True)
     budget = reserved + 2 * lora_memory_per_rank(dims.candidates[1], WORK)
-    plan = plan_client(0, _device(budget), SERVER, dims, importance, WORK,
-                       PlannerSettings(max_cut=1))
+    one = PlannerSettings(max_cut=1, round_time_s=math.inf)
+    plan = plan_client(0, _device(budget), SERVER, dims, prior_gains(dims, one.ranks, importance),
+                       WORK, one)
     assert plan.ranks == {"model.layers.0.self_attn.v_proj": 2}
     assert plan.memory.total <= budget
     swapped = {k: 6 - v for k, v in importance.items()}
-    plan = plan_client(0, _device(budget), SERVER, dims, swapped, WORK, PlannerSettings(max_cut=1))
+    plan = plan_client(0, _device(budget), SERVER, dims, prior_gains(dims, one.ranks, swapped),
+                       WORK, one)
     assert plan.ranks == {"model.layers.0.self_attn.k_proj": 2}
 
 
@@ -180,10 +200,10 @@ def test_an_impossible_time_budget_says_by_how_much():
 
 
 def test_a_time_budget_holds_slow_clients_at_shallow_cuts():
-    fast = plan_client(0, _device(10 * ROOMY, flops=1e12), SERVER, DIMS, None, WORK)
+    fast = plan_client(0, _device(10 * ROOMY, flops=1e12), SERVER, DIMS, None, WORK, MEMORY_ONLY)
     limit = step_time(_device(1, flops=1e8), SERVER, DIMS, 1, {}, fast.server_ranks, WORK).total
     slow = plan_client(0, _device(10 * ROOMY, flops=1e8), SERVER, DIMS, None, WORK,
-                       PlannerSettings(time_budget_s=limit * 1.5))
+                       PlannerSettings(time_budget_s=limit * 1.5, round_time_s=math.inf))
     assert slow.cut < fast.cut and slow.step_seconds <= limit * 1.5
 
 
@@ -195,10 +215,9 @@ def test_settings_and_importance_are_checked():
     with pytest.raises(ValueError, match="does not fit a model of 4 blocks"):
         plan_client(0, _device(ROOMY), SERVER, DIMS, None, WORK, PlannerSettings(max_cut=7))
     with pytest.raises(ValueError, match="names a candidate matrix"):
-        plan_client(0, _device(ROOMY), SERVER, DIMS, {"layers.0.q": 1.0}, WORK)
+        prior_gains(DIMS, (0, 2), {"layers.0.q": 1.0})
     with pytest.raises(ValueError, match="finite"):
-        plan_client(0, _device(ROOMY), SERVER, DIMS,
-                    {"model.layers.0.self_attn.q_proj": math.nan}, WORK)
+        prior_gains(DIMS, (0, 2), {"model.layers.0.self_attn.q_proj": math.nan})
 
 
 def test_rank_distance_and_should_replan():
@@ -218,7 +237,7 @@ def test_rank_distance_and_should_replan():
 
 def test_plan_table_shows_cut_ranks_memory_and_time():
     profiles = [_device(FLOOR), _device(10 * ROOMY)]
-    plan = plan_clients(profiles, SERVER, DIMS, None, WORK)
+    plan = plan_clients(profiles, SERVER, DIMS, None, WORK, MEMORY_ONLY)
     console = Console(record=True, width=220)
     console.print(format_plan_table(plan, DIMS))
     text = console.export_text()
@@ -236,7 +255,7 @@ def test_gpt2_plans_use_its_fused_matrices():
         n_layer=3, n_embd=64, n_head=4, vocab_size=320, n_positions=64, bos_token_id=0,
         eos_token_id=0))
     work = Workload.for_precision("fp32", 2, 16, lora_dropout=0.1)
-    plan = plan_clients([_device(10 * ROOMY)], SERVER, dims, None, work)
+    plan = plan_clients([_device(10 * ROOMY)], SERVER, dims, None, work, MEMORY_ONLY)
     assert plan.clients[0].cut == 2
     assert set(plan.clients[0].ranks) == {f"transformer.h.{b}.{m}" for b in range(2) for m in
                                           ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
@@ -245,3 +264,284 @@ def test_gpt2_plans_use_its_fused_matrices():
     console.print(format_plan_table(plan, dims))
     text = console.export_text()
     assert all(k in text for k in ("qkv", "up", "down", "16×2"))
+
+
+# --- trade-offs beyond memory -------------------------------------------------------------
+
+Q = (0, 2, 4, 8)
+SMALL = ModelDims.from_config(transformers.LlamaConfig(
+    num_hidden_layers=3, hidden_size=64, intermediate_size=160, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, vocab_size=320),
+    targets=("q_proj", "v_proj", "down_proj"))
+
+
+def _spectral(dims: ModelDims, seed: int, ranks=Q) -> dict[str, dict[int, float]]:
+    """Energies of random decaying spectra, each matrix at its own scale."""
+    rng = random.Random(seed)
+    out = {}
+    for name in dims.candidate_modules():
+        sigma = sorted((rng.random() ** 3 for _ in range(16)), reverse=True)
+        energy = [0.0]
+        for x in sigma:
+            energy.append(energy[-1] + x * x)
+        scale = rng.random()
+        out[name] = {r: scale * energy[r] for r in ranks}
+    return out
+
+
+def _brute_force(dims, profile, gains, s: PlannerSettings) -> tuple[float, float]:
+    """The best U over every cut and every rank assignment, costed as the planner costs
+    (frozen weights, activations reserved from the first adapted block, per-rank bytes,
+    FLOPs and adapter bytes); and the largest gain of a single rank step."""
+    total = sum(g[s.ranks[-1]] for g in gains.values())
+    norm = {n: {r: v / total for r, v in g.items()} for n, g in gains.items()}
+    up = min(profile.uplink_bps, SERVER.downlink_bps)
+    down = min(SERVER.uplink_bps, profile.downlink_bps)
+    transfer = (bytes_up(WORK.batch, WORK.seq, dims.hidden, WORK.act_bytes) / up
+                + bytes_down(WORK.batch, WORK.seq, dims.hidden, WORK.act_bytes) / down)
+    block = block_flops(dims, WORK)
+    best = -1.0
+    for cut in range(s.min_cut, dims.n_layers):
+        names = list(dims.candidate_modules(range(cut)))
+        served_names = dims.candidate_modules(range(cut, dims.n_layers))
+        served = sum(norm[n][s.server_rank] for n in served_names)
+        served_s = server_flops(dims, cut, dict.fromkeys(served_names, s.server_rank),
+                                WORK).total / SERVER.flops
+        for assign in itertools.product(s.ranks, repeat=len(names)):
+            ranks = {n: r for n, r in zip(names, assign, strict=True) if r}
+            first = min((dims.locate(n)[0] for n in ranks), default=cut)
+            matrices = {n: dims.locate(n)[1] for n in ranks}
+            memory = (client_memory(dims, cut, {}, WORK).frozen_weights
+                      + activation_bytes(dims, range(first, cut), {}, WORK, input_grad=False,
+                                         reserve_inputs=True)
+                      + sum(r * lora_memory_per_rank(matrices[n], WORK) for n, r in ranks.items()))
+            flops = (cut * block.forward + (cut - first) * block.backward
+                     + sum(r * lora_flops_per_rank(matrices[n], WORK).total
+                           for n, r in ranks.items()))
+            step = flops / profile.flops + transfer + served_s
+            moved = sum(r * matrices[n].lora_params(1) for n, r in ranks.items())
+            rnd = s.interval * step + moved * WORK.lora_bytes * (1 / up + 1 / down)
+            if memory > profile.memory_bytes or rnd > (s.round_time_s or math.inf):
+                continue
+            best = max(best, served + sum(norm[n][r] for n, r in ranks.items()))
+    step_gain = max(g[b] - g[a] for g in norm.values() for a, b in zip(s.ranks, s.ranks[1:],
+                                                                           strict=False))
+    return best, step_gain
+
+
+def test_greedy_is_within_one_rank_step_of_brute_force():
+    floor = client_memory(SMALL, 1, {}, WORK).frozen_weights
+    roomy = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
+                          WORK).total
+    gaps = []
+    for seed in range(4):
+        gains = _spectral(SMALL, seed)
+        for fraction in (0.1, 0.3, 0.5, 0.8):
+            device = DeviceProfile(name="d", memory_bytes=int(floor + fraction * (roomy - floor)),
+                                   flops=1e9, uplink_bps=1e5, downlink_bps=1e5)
+            memory_only = PlannerSettings(ranks=Q, server_rank=2, round_time_s=math.inf)
+            unhurried = plan_client(0, device, SERVER, SMALL, gains, WORK, memory_only)
+            # and a deadline 3 % short of the memory-only plan's round: time binds too
+            hurried = replace(memory_only, round_time_s=0.97 * unhurried.round_seconds)
+            for s in (memory_only, hurried):
+                best, step_gain = _brute_force(SMALL, device, gains, s)
+                try:
+                    got = plan_client(0, device, SERVER, SMALL, gains, WORK, s).utility
+                except PlanError:  # too short for any plan: brute force agrees
+                    assert best == -1
+                    continue
+                assert got <= best + 1e-12
+                assert best - got <= step_gain, (seed, fraction, s.round_time_s)
+                gaps.append((best - got, step_gain))
+    worst = max(g for g, _ in gaps)
+    print(f"\ngreedy vs brute force on {len(gaps)} instances: mean gap "
+          f"{sum(g for g, _ in gaps) / len(gaps):.4f}, worst {worst:.4f} "
+          f"(bound: one rank step, {min(b for _, b in gaps):.4f}-{max(b for _, b in gaps):.4f}), "
+          f"optimal in {sum(g < 1e-12 for g, _ in gaps)}")
+
+
+def _population(n: int, memory: int, flops: float = 1e9, link: float = 1e5):
+    return [DeviceProfile(name=f"d{i}", memory_bytes=memory, flops=flops, uplink_bps=link,
+                          downlink_bps=link) for i in range(n)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 1000), low=st.floats(0, 1), extra=st.floats(0, 0.5),
+       deadline=st.floats(0.9, 2.0))
+def test_at_a_fixed_deadline_more_memory_never_lowers_a_clients_utility(seed, low, extra,
+                                                                      deadline):
+    gains = _spectral(SMALL, seed)
+    floor = client_memory(SMALL, 1, {}, WORK).frozen_weights
+    roomy = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
+                          WORK).total
+    small = int(floor + low * (roomy - floor))
+    large = int(small + extra * (roomy - floor))
+    s = PlannerSettings(ranks=Q, server_rank=2, round_time_s=deadline)
+    try:
+        u_small = plan_clients(_population(1, small) + _population(1, roomy), SERVER, SMALL,
+                               gains, WORK, s).clients[0].utility
+    except PlanError:
+        return  # the deadline is too short for this client at all
+    u_large = plan_clients(_population(1, large) + _population(1, roomy), SERVER, SMALL, gains,
+                           WORK, s).clients[0].utility
+    assert u_small <= u_large + 1e-12
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), low=st.floats(0, 1), extra=st.floats(0, 0.5))
+def test_choosing_the_deadline_more_memory_never_lowers_the_objective(seed, low, extra):
+    gains = _spectral(SMALL, seed)
+    floor = client_memory(SMALL, 1, {}, WORK).frozen_weights
+    roomy = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
+                          WORK).total
+    small = int(floor + low * (roomy - floor))
+    large = int(small + extra * (roomy - floor))
+    s = PlannerSettings(ranks=Q, server_rank=2)
+    others = _population(2, int(floor + 0.5 * (roomy - floor)), flops=3e9)
+
+    def chosen(memory: int) -> float:
+        plan = plan_clients([*_population(1, memory), *others], SERVER, SMALL, gains, WORK, s)
+        return sum(c.utility for c in plan.clients) / 3 / plan.round_seconds, plan
+
+    (phi_small, p_small), (phi_large, p_large) = chosen(small), chosen(large)
+    # The planner ranks deadlines by progress over the deadline (>= the plans' own round),
+    # so compare that: it never falls.
+    deadline_small = max(p_small.round_seconds, p_large.round_seconds)
+    assert phi_large >= phi_small * p_small.round_seconds / deadline_small - 1e-12
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), fraction=st.floats(0.05, 1), factor=st.floats(1.0, 20.0),
+       which=st.integers(0, 5))
+def test_making_a_matrix_more_important_never_lowers_its_rank(seed, fraction, factor, which):
+    gains = _spectral(SMALL, seed)
+    floor = client_memory(SMALL, 2, {}, WORK).frozen_weights
+    roomy = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
+                          WORK).total
+    device = _population(1, int(floor + fraction * (roomy - floor)))[0]
+    s = PlannerSettings(ranks=Q, server_rank=2, min_cut=2, max_cut=2, round_time_s=math.inf)
+    name = list(SMALL.candidate_modules(range(2)))[which]
+    before = plan_client(0, device, SERVER, SMALL, gains, WORK, s).ranks.get(name, 0)
+    boosted = {**gains, name: {r: factor * v for r, v in gains[name].items()}}
+    after = plan_client(0, device, SERVER, SMALL, boosted, WORK, s).ranks.get(name, 0)
+    assert after >= before
+
+
+def test_a_slower_client_gets_a_shallower_cut():
+    gains = _spectral(SMALL, 3)
+    memory = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
+                           WORK).total
+    speeds = [3e6, 1e7, 3e7, 1e8, 3e8, 1e9, 3e9]
+    clients = [DeviceProfile(name=f"{f:.0e}", memory_bytes=memory, flops=f, uplink_bps=1e6,
+                             downlink_bps=1e6) for f in speeds]
+    plan = plan_clients(clients, SERVER, SMALL, gains, WORK,
+                        PlannerSettings(ranks=Q, server_rank=2))
+    cuts = [c.cut for c in plan.clients]
+    assert cuts == sorted(cuts) and cuts[0] < cuts[-1], cuts
+    assert all(c.round_seconds <= plan.round_seconds + 1e-12 for c in plan.clients)
+
+
+def test_a_busy_server_pushes_clients_deeper():
+    # Alone, a client leaves the blocks to the server; with many clients sharing it, the
+    # server's equal share is too small for that, so each client takes more blocks.
+    gains = _spectral(SMALL, 0)
+    memory = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
+                           WORK).total
+    weak_server = SERVER.model_copy(update={"flops": 1e10})
+    s = PlannerSettings(ranks=Q, server_rank=8)
+    alone = plan_clients(_population(1, memory, flops=1e10, link=1e7), weak_server, SMALL,
+                         gains, WORK, s)
+    crowd = plan_clients(_population(40, memory, flops=1e10, link=1e7), weak_server, SMALL,
+                         gains, WORK, s)
+    assert alone.clients[0].cut < crowd.clients[0].cut
+    assert crowd.server.compute_seconds <= crowd.round_seconds + 1e-12
+    assert crowd.server.compute_seconds == pytest.approx(
+        s.interval * sum(c.server_seconds for c in crowd.clients))
+
+
+def test_spectral_gains_spend_rank_where_the_spectrum_is_wide():
+    # Two matrices of one shape and equal total energy: a rank-one gradient gains nothing
+    # past rank 2, a flat one keeps gaining, so it gets the higher rank.
+    dims = ModelDims.from_config(transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=160, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=320), targets=("k_proj", "v_proj"))
+    gains = {"model.layers.0.self_attn.k_proj": {r: 1.0 if r else 0.0 for r in Q},
+             "model.layers.0.self_attn.v_proj": {r: r / 8 for r in Q}}
+    reserved = client_memory(dims, 1, {}, WORK).frozen_weights + activation_bytes(
+        dims, range(1), {}, WORK, input_grad=False, reserve_inputs=True)
+    budget = reserved + 10 * lora_memory_per_rank(dims.candidates[1], WORK)
+    plan = plan_client(0, _device(budget), SERVER, dims, gains, WORK,
+                       PlannerSettings(ranks=Q, max_cut=1, server_rank=0,
+                                       round_time_s=math.inf))
+    assert plan.ranks == {"model.layers.0.self_attn.k_proj": 2,
+                          "model.layers.0.self_attn.v_proj": 8}
+
+
+def test_budgets_are_costed_in_the_stored_dtype():
+    # Frozen fp32 weights cost twice what bf16 ones do: a budget between the two sizes of
+    # a cut holds that cut only when the weights are stored in bf16.
+    bf16, fp32 = WORK, replace(WORK, weight_bytes=4)
+    budget = client_memory(DIMS, 3, {}, bf16).total + 1024
+    assert client_memory(DIMS, 3, {}, fp32).total > budget
+    s = PlannerSettings(min_cut=3, max_cut=3, round_time_s=math.inf)
+    assert plan_client(0, _device(budget), SERVER, DIMS, None, bf16, s).cut == 3
+    with pytest.raises(PlanError, match="frozen weights"):
+        plan_client(0, _device(budget), SERVER, DIMS, None, fp32, s)
+    plan = plan_client(0, _device(10 * ROOMY), SERVER, DIMS, None, fp32, MEMORY_ONLY)
+    assert plan.memory.frozen_weights == 4 * (DIMS.embedding_params
+                                              + plan.cut * DIMS.block_params)
+    # exact merges beside the base: the pre-merge copy and the fp32 delta of each candidate
+    merged = replace(bf16, merge_bytes=2 + 4)
+    candidates = sum(m.d_in * m.d_out for m in DIMS.candidates)
+    for cut in (1, 3):
+        assert (client_memory(DIMS, cut, {}, merged).frozen_weights
+                == client_memory(DIMS, cut, {}, bf16).frozen_weights + 6 * cut * candidates)
+        assert (server_memory(DIMS, cut, {}, merged).frozen_weights
+                == server_memory(DIMS, cut, {}, bf16).frozen_weights
+                + 6 * (DIMS.n_layers - cut) * candidates)
+
+
+def test_the_server_load_is_costed_and_checked():
+    profiles = [_device(FLOOR), _device(10 * ROOMY)]
+    plan = plan_clients(profiles, SERVER, DIMS, None, WORK, MEMORY_ONLY)
+    mems = [server_memory(DIMS, c.cut, c.server_ranks, WORK) for c in plan.clients]
+    want = (max(m.frozen_weights for m in mems) + max(m.activations for m in mems)
+            + sum(m.lora_weights + m.lora_grads + m.optimizer for m in mems))
+    assert plan.server.memory_bytes == want
+    small = SERVER.model_copy(update={"memory_bytes": want - 1})
+    with pytest.raises(PlanError, match="main server .* would need"):
+        plan_clients(profiles, small, DIMS, None, WORK, MEMORY_ONLY)
+
+
+def test_gains_are_checked():
+    with pytest.raises(ValueError, match="not candidate matrices"):
+        plan_client(0, _device(ROOMY), SERVER, DIMS, {"layers.0.q": {2: 1.0}}, WORK)
+    convex = {"model.layers.0.self_attn.q_proj": {0: 0, 2: 0.1, 4: 0.2, 8: 1.0, 16: 2.0}}
+    with pytest.raises(ValueError, match="no more than the one before"):
+        plan_client(0, _device(ROOMY), SERVER, DIMS, convex, WORK)
+    with pytest.raises(ValueError, match="lack rank"):
+        plan_client(0, _device(ROOMY), SERVER, DIMS,
+                    {"model.layers.0.self_attn.q_proj": {2: 1.0}}, WORK)
+
+
+def test_llama2_7b_shaped_plans_fit_fp32_budgets_quickly():
+    import time
+
+    from hsplitlora.hetero.profiles import PAPER_MEMORY_RANGE, heterogeneous
+
+    dims = ModelDims.from_config(transformers.LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+        tie_word_embeddings=False))
+    work = Workload.for_precision("bf16", 4, 512, weight_bytes=4)
+    clients = heterogeneous(100, 0, PAPER_MEMORY_RANGE, "laptop")
+    start = time.perf_counter()
+    plan = plan_clients(clients, SERVER, dims, None, work)
+    assert time.perf_counter() - start < 60
+    assert all(c.memory.total <= c.budget_bytes for c in plan.clients)
+    assert all(c.memory.frozen_weights == 4 * (dims.embedding_params + c.cut * dims.block_params)
+               for c in plan.clients)
+    assert plan.server.memory_bytes <= SERVER.memory_bytes
+    # 100 clients swamp the server's share: clients hold more blocks the more memory they have
+    by_memory = sorted(plan.clients, key=lambda c: c.budget_bytes)
+    assert by_memory[0].cut < by_memory[-1].cut

@@ -108,7 +108,10 @@ def test_heterogeneous_ray_run_is_bit_identical_too(ray_session, tmp_path, tiny_
     raw["hetero"] = {"scenario": {"kind": "heterogeneous", "memory_range": ["1.2 MiB", "3 MiB"],
                                   "seed": 1},
                      "aggregator": aggregator, "rank_set": [0, 2, 4, 8], "server_rank": 4,
-                     "probe_batches": 1}
+                     "probe_batches": 1,
+                     # a deadline no plan reaches: memory alone decides, so the budgets
+                     # put the clients at different cuts and the actors hold different plans
+                     "round_time_s": 1e9}
     cfg = RunConfig.model_validate(raw)
     local = train(cfg, write=False, show_progress=False)
     raw["train"]["backend"] = "ray"

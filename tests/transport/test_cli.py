@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -64,6 +66,15 @@ def test_serve_fedserver_and_join_from_one_config(tmp_path, tiny_llama_dir):
         assert (runs / f"cli-client-{cid}" / "checkpoint.pt").is_file()
     assert all(int(k.split(".")[2]) >= 1 for k in server_half)  # blocks [cut, L) only
     assert not (runs / "cli" / "adapter").exists()
+    # The same run folder as an in-process run: loss plot, summary, and the PEFT adapter
+    # once the halves are joined (by `export`, which finds <run>-fed by itself).
+    assert (runs / "cli" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((runs / "cli" / "summary.json").read_text())
+    assert summary["mode"] == "splitlora" and summary["steps"] == 6
+    exported = CliRunner().invoke(app, ["export", str(runs / "cli")])
+    assert exported.exit_code == 0, exported.output
+    joined = load_file(runs / "cli" / "adapter" / "adapter_model.safetensors")
+    assert set(joined) == {f"base_model.model.{k}" for k in {**client_half, **server_half}}
 
 
 def test_join_with_a_wrong_token_exits_with_a_clear_error(tmp_path, tiny_llama_dir):

@@ -26,7 +26,13 @@ def hetero_config(model_dir, out_dir, aggregator: str = "noisefree", steps: int 
     raw["hetero"] = {"scenario": {"kind": "heterogeneous", "memory_range": ["1.2 MiB", "3 MiB"],
                                   "seed": 1},
                      "aggregator": aggregator, "rank_set": [0, 2, 4, 8], "server_rank": 4,
-                     "probe_batches": 1, "replan_threshold": 0.0}
+                     "probe_batches": 1, "replan_threshold": 0.0,
+                     # a deadline no plan reaches: memory alone decides, so the budgets
+                     # put the clients at different cuts
+                     "round_time_s": 1e9,
+                     # no smoothing: each re-measurement moves the energy ranking, so the
+                     # run re-plans (over the network too)
+                     "ema_beta": 0.0}
     return RunConfig.model_validate(raw)
 
 
