@@ -114,10 +114,14 @@ def test_an_existing_run_is_refused_without_resume_or_overwrite(tmp_path, tiny_l
     assert again["steps"] == 2 < summary["steps"] == 4  # replaced, by the new run
 
 
-def test_version_completion_and_config_reference():
+def test_version_completion_and_config_reference(monkeypatch):
     result, out = _run("--version")
     assert result.exit_code == 0 and out.startswith("hsplitlora ")
-    result, out = _run("--show-completion", "bash")
+    # typer detects the user's shell from the parent processes (shellingham), which a
+    # test runner's may not reveal: stand in a bash parent
+    import shellingham
+    monkeypatch.setattr(shellingham, "detect_shell", lambda: ("bash", "/bin/bash"))
+    result, out = _run("--show-completion")
     assert result.exit_code == 0
     assert "complete -o default -F _hsplitlora_completion hsplitlora" in out
     result = CliRunner().invoke(app, ["config"])

@@ -58,22 +58,35 @@ def _fed(cfg: dict, net: dict, kwargs: dict[str, Any]) -> None:
 
 
 def _join(cfg: dict, net: dict, client_id: int, address: str, out: str,
-          kwargs: dict[str, Any], die_at: int | None, drop_at: int | None = None) -> None:
+          kwargs: dict[str, Any], die_at: int | None, drop_at: int | None = None,
+          hold_at: tuple[int, str] | None = None, joined: str | None = None) -> None:
     from hsplitlora.roles.client import Client
+    from hsplitlora.transport.client import Link
     from hsplitlora.transport.deploy import join
 
     _logging(f"client {client_id}")
-    if die_at is not None:  # the test's stand-in for a crash: SIGKILL inside a round
+    if die_at is not None or hold_at is not None:
         forward = Client.forward
         drawn = [0]
 
-        def dying_forward(self: Client) -> Any:
-            if drawn[0] == die_at:
+        def scripted_forward(self: Client) -> Any:
+            if drawn[0] == die_at:  # the test's stand-in for a crash: SIGKILL in a round
                 os.kill(os.getpid(), signal.SIGKILL)
+            if hold_at is not None and drawn[0] == hold_at[0]:
+                wait_for(Path(hold_at[1]).exists, 120, f"gate {hold_at[1]}")
             drawn[0] += 1
             return forward(self)
 
-        Client.forward = dying_forward  # type: ignore[method-assign]
+        Client.forward = scripted_forward  # type: ignore[method-assign]
+    if joined is not None:  # tell the test this client's hello is on its way
+        opened = Link.__init__
+
+        def opening(self: Link, *args: Any, **kw: Any) -> None:
+            opened(self, *args, **kw)
+            time.sleep(1.0)  # the hello travels and is queued for the next round boundary
+            Path(joined).touch()
+
+        Link.__init__ = opening  # type: ignore[method-assign]
     if drop_at is not None:  # a lost stream between forward and backward (not a crash)
         from hsplitlora.transport.client import RemoteMainServer
 
@@ -119,12 +132,16 @@ def start_fed(cfg: RunConfig, net: NetConfig, **kwargs: Any) -> multiprocessing.
 
 def start_client(cfg: RunConfig, net: NetConfig, client_id: int, address: str, out: Path,
                  die_at: int | None = None, drop_at: int | None = None,
+                 hold_at: tuple[int, Path] | None = None, joined: Path | None = None,
                  **kwargs: Any) -> multiprocessing.Process:
     """Client ``client_id`` in its own process; ``die_at=n`` kills it at its ``n``-th
     forward pass, ``drop_at=n`` closes its stream between its ``n``-th forward pass and
-    the gradient (it reconnects)."""
+    the gradient (it reconnects), ``hold_at=(n, path)`` pauses it before its ``n``-th
+    forward pass until ``path`` exists, and ``joined=path`` creates ``path`` once its
+    hello is sent (so a test can order a rejoin before a round without racing it)."""
     return start(_join, _dump(cfg), _dump(net), client_id, address, str(out), kwargs, die_at,
-                 drop_at)
+                 drop_at, None if hold_at is None else (hold_at[0], str(hold_at[1])),
+                 None if joined is None else str(joined))
 
 
 def start_cli(name: str, *argv: str) -> multiprocessing.Process:
@@ -168,12 +185,16 @@ def serve_loopback(cfg: RunConfig, net: NetConfig, tmp_path: Path,
 
 
 def start_clients(cfg: RunConfig, net: NetConfig, address: str, tmp_path: Path,
-                  die: dict[int, int] | None = None) -> list[multiprocessing.Process]:
+                  die: dict[int, int] | None = None,
+                  hold: dict[int, tuple[int, Path]] | None = None,
+                  ) -> list[multiprocessing.Process]:
     """One process per client of ``cfg``; client ``i`` writes ``client-i.safetensors``
-    and, with ``die={i: n}``, is killed at its ``n``-th forward pass."""
-    die = die or {}
+    and, with ``die={i: n}``, is killed at its ``n``-th forward pass; ``hold={i: (n,
+    path)}`` pauses it there until ``path`` exists."""
+    die, hold = die or {}, hold or {}
     return [start_client(cfg, net, i, address, tmp_path / f"client-{i}.safetensors",
-                         die_at=die.get(i)) for i in range(cfg.train.num_clients)]
+                         die_at=die.get(i), hold_at=hold.get(i))
+            for i in range(cfg.train.num_clients)]
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:

@@ -113,13 +113,18 @@ def test_a_heterogeneous_client_killed_mid_run_is_dropped_and_rejoins_in_sync(
         tmp_path, tiny_llama_dir):
     """Client 1 dies inside round 2; the others finish the round. Restarted, it is
     admitted at a later round with its plan, the merged base weights and fresh adapters,
-    and its steps there agree with the server's copy of the state."""
+    and its steps there agree with the server's copy of the state. (The survivors wait
+    in round 6 until the restarted client's hello is sent, so it is admitted at round 7
+    however slow the machine.)"""
     cfg = hetero_config(tiny_llama_dir, tmp_path, steps=8)
     net = NetConfig(port=0, step_timeout_s=30, join_timeout_s=60, rejoin_backoff_s=0.2)
     server, address = harness.serve_loopback(cfg, net, tmp_path)
-    clients = harness.start_clients(cfg, net, address, tmp_path, die={1: 2})
+    gate = tmp_path / "client-1b-joined"
+    clients = harness.start_clients(cfg, net, address, tmp_path, die={1: 2},
+                                    hold={0: (6, gate), 2: (6, gate)})
     harness.wait_for(lambda: clients[1].exitcode is not None, 90, "client 1 to die")
-    back = harness.start_client(cfg, net, 1, address, tmp_path / "client-1b.safetensors")
+    back = harness.start_client(cfg, net, 1, address, tmp_path / "client-1b.safetensors",
+                                joined=gate)
     codes = harness.finish([server, clients[0], clients[2], back], 150)
     assert codes == [0, 0, 0, 0]
     steps = [r for r in harness.records(tmp_path / "net") if "event" not in r]
