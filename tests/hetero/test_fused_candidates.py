@@ -4,7 +4,7 @@ import torch
 
 from hsplitlora.hetero.costmodel import ModelDims, Workload, lora_memory_per_rank
 from hsplitlora.hetero.importance import candidates, importance, score_model
-from hsplitlora.hetero.planner import PlannerSettings, plan_client
+from hsplitlora.hetero.planner import PlannerSettings, plan_client, prior_gains
 from hsplitlora.hetero.profiles import PRESETS
 from hsplitlora.models.lora import LoraSettings, attach_lora, lora_state
 from tests.conftest import tiny_model
@@ -30,8 +30,10 @@ def test_parts_are_candidates_from_scores_to_a_plan_that_attaches():
     # a part costs a third of the fused matrix's adapter per rank (d_out 32 of 96)
     whole = ModelDims.from_config(model.config, targets=("attn.c_attn",)).candidates[0]
     assert lora_memory_per_rank(dims.candidates[0], work) < lora_memory_per_rank(whole, work)
-    plan = plan_client(0, PRESETS["server"], PRESETS["server"], dims, parts, work,
-                       PlannerSettings(min_cut=2, max_cut=2, server_rank=0))
+    settings = PlannerSettings(min_cut=2, max_cut=2, server_rank=0)
+    gains = prior_gains(dims, settings.gain_ranks, parts)  # the k part is no candidate
+    assert set(gains) == {n for n in parts if n.endswith((":q", ":v"))}
+    plan = plan_client(0, PRESETS["server"], PRESETS["server"], dims, gains, work, settings)
     assert plan.ranks and all(":" in name for name in plan.ranks)
     attach_lora(model, LoraSettings(r=4, targets=QV, ranks=plan.ranks))
     state = lora_state(model)
