@@ -8,8 +8,9 @@ entries in blocks ``[0, cut)``, those about the server only blocks ``[cut, L)``.
 
 **Frozen weights.** Exactly the parameters the segments of
 :func:`hsplitlora.models.split.split_model` hold, times ``weight_bytes``. The client holds
-the embeddings (GPT-2: token and position) and blocks ``[0, cut)``; its final norm is an
-identity. The server holds blocks ``[cut, L)``, the final norm, the LM head and *also the
+the embeddings (GPT-2: token and position), blocks ``[0, cut)`` and the final norm (never
+run there: the client stops at its first missing block, but NanoChat also runs that norm
+before its blocks). The server holds blocks ``[cut, L)``, the final norm, the LM head and *also the
 input embeddings*, because ``split_model`` copies the whole backbone (for tied models the
 embedding matrix is the LM head anyway). Buffers (rotary tables) are not counted.
 
@@ -109,12 +110,14 @@ clock.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from hsplitlora.hetero.profiles import DeviceProfile
-from hsplitlora.models.split import arch_spec
+from hsplitlora.models.structure import STAGES, Matrix, arch_spec
 
 __all__ = [
     "Flops",
@@ -182,35 +185,8 @@ class Workload:
         return self.batch * self.seq
 
 
-@dataclass(frozen=True)
-class Matrix:
-    """One linear layer of a transformer block."""
-
-    path: str  # module path inside the block: "self_attn.q_proj", "attn.c_attn"
-    kind: str  # short label for tables: q, k, v, o, gate, up, down, qkv
-    d_out: int
-    d_in: int
-    reads: str  # the activation it reads; adapters reading the same one share it
-    bias: bool = False
-
-    def lora_params(self, rank: int) -> int:
-        return rank * (self.d_in + self.d_out)
-
-
 # The activations a block's matrices read, in the order the block computes them.
-_STAGES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
-
-# Where the llama-family targets live inside a block, what they read, and their labels.
-_LLAMA_LAYOUT = (
-    ("self_attn.q_proj", "q", "attn_in"),
-    ("self_attn.k_proj", "k", "attn_in"),
-    ("self_attn.v_proj", "v", "attn_in"),
-    ("self_attn.o_proj", "o", "attn_out"),
-    ("mlp.gate_proj", "gate", "mlp_in"),
-    ("mlp.up_proj", "up", "mlp_in"),
-    ("mlp.down_proj", "down", "mlp_mid"),
-)
-
+_STAGES = STAGES
 
 @dataclass(frozen=True)
 class ModelDims:
@@ -237,83 +213,72 @@ class ModelDims:
     resid_dropout: float
     rotary: bool
 
+    embed_params: int = 0  # what the backbone holds besides blocks and final norm
+    final_norm_params: int = 0
+    head_param_count: int = 0  # the head's own parameters (0 when tied)
+
     @classmethod
     def from_config(cls, config: Any, targets: Iterable[str] | None = None) -> ModelDims:
-        """Dimensions of a config; ``targets`` (block-relative suffixes as in
+        """Dimensions of a config, read off the structure :func:`arch_spec` discovers (the
+        same the split uses); ``targets`` (block-relative suffixes as in
         :class:`~hsplitlora.models.lora.LoraSettings`) picks the candidate matrices, all
         of the architecture's targetable ones when ``None``."""
         spec = arch_spec(config)
-        model_type = config.model_type
-        tied = bool(getattr(config, "tie_word_embeddings", True))
-        if model_type == "gpt2":
-            d, heads = config.n_embd, config.n_head
-            inner = config.n_inner or 4 * d
-            matrices: tuple[Matrix, ...] = (
-                Matrix("attn.c_attn", "qkv", 3 * d, d, "attn_in", bias=True),
-                Matrix("attn.c_proj", "o", d, d, "attn_out", bias=True),
-                Matrix("mlp.c_fc", "up", inner, d, "mlp_in", bias=True),
-                Matrix("mlp.c_proj", "down", d, inner, "mlp_mid", bias=True),
-            )
-            fields: dict[str, Any] = dict(
-                n_layers=config.n_layer, hidden=d, intermediate=inner, n_heads=heads,
-                n_kv_heads=heads, head_dim=d // heads, n_positions=config.n_positions,
-                norm="layer", norms_per_block=2, qk_norm=False,
-                mlp_saved=4 if config.activation_function == "gelu_new" else 1,
-                resid_dropout=float(config.resid_pdrop), rotary=False,
-            )
-        else:
-            d, heads = config.hidden_size, config.num_attention_heads
-            kv = getattr(config, "num_key_value_heads", None) or heads
-            head_dim = getattr(config, "head_dim", None) or d // heads
-            inner = config.intermediate_size
-            if model_type == "qwen2":
-                biased = {"q", "k", "v"}
-            else:
-                biased = {"q", "k", "v", "o"} if getattr(config, "attention_bias", False) else set()
-            if getattr(config, "mlp_bias", False):
-                biased |= {"gate", "up", "down"}
-            shapes = {"q": (heads * head_dim, d), "k": (kv * head_dim, d), "v": (kv * head_dim, d),
-                      "o": (d, heads * head_dim), "gate": (inner, d), "up": (inner, d),
-                      "down": (d, inner)}
-            matrices = tuple(
-                Matrix(path, kind, *shapes[kind], reads, bias=kind in biased)
-                for path, kind, reads in _LLAMA_LAYOUT
-            )
-            fields = dict(
-                n_layers=getattr(config, spec.n_layers), hidden=d, intermediate=inner,
-                n_heads=heads, n_kv_heads=kv, head_dim=head_dim, n_positions=0, norm="rms",
-                norms_per_block=4 if model_type == "gemma2" else 2,
-                qk_norm=model_type == "qwen3", mlp_saved=3, resid_dropout=0.0, rotary=True,
-            )
-        norm_width = d * (2 if fields["norm"] == "layer" else 1)
-        block_params = (
-            sum(m.d_out * m.d_in + (m.d_out if m.bias else 0) for m in matrices)
-            + fields["norms_per_block"] * norm_width
-            + (2 * fields["head_dim"] if fields["qk_norm"] else 0)
-        )
+        if not spec.uniform:
+            raise ValueError(
+                f"the cost model assumes identical blocks, but {spec.model_type}'s blocks "
+                "differ (a mixture-of-experts or hybrid layer pattern); plan it with a "
+                "uniform split or extend hsplitlora.hetero.costmodel to per-block matrices")
+        d = int(config.hidden_size)
+        heads = int(config.num_attention_heads)
+        kv = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or d // heads)
+        gated = any(m.kind in ("gate", "gate_up") for m in spec.matrices)
+        up = next((m for m in spec.matrices if m.reads == "mlp_mid"), None)
+        inner = up.d_in if up is not None else int(getattr(config, "intermediate_size", 4 * d))
+        activation = str(getattr(config, "activation_function", ""))
+        block_norms = [n for n in spec.block_norms if n.count(".") == 0]
         return cls(
-            model_type=model_type,
-            block_prefix=f"{spec.backbone}.{spec.blocks}",
-            vocab=config.vocab_size,
-            tied_embeddings=tied,
-            matrices=matrices,
-            candidates=_select(matrices, spec.targets if targets is None else tuple(targets)),
-            block_params=block_params,
-            **fields,
+            model_type=spec.model_type,
+            block_prefix=spec.block_prefix,
+            n_layers=int(getattr(config, spec.n_layers)),
+            hidden=d,
+            intermediate=inner,
+            n_heads=heads,
+            n_kv_heads=kv,
+            head_dim=head_dim,
+            vocab=int(config.vocab_size),
+            n_positions=spec.positions,
+            tied_embeddings=spec.head_params == 0,
+            matrices=spec.matrices,
+            candidates=_select(spec.matrices, spec.targets if targets is None
+                               else tuple(targets)),
+            block_params=spec.block_params[0] if spec.block_params else 0,
+            norm="layer" if spec.norm == "layer" else "rms",
+            norms_per_block=len(block_norms),
+            qk_norm=len(spec.block_norms) > len(block_norms),
+            mlp_saved=3 if gated else (4 if activation == "gelu_new" else 1),
+            resid_dropout=float(getattr(config, "resid_pdrop", 0.0) or 0.0),
+            rotary=spec.positions == 0,
+            embed_params=spec.shell_params - spec.final_norm_params,
+            final_norm_params=spec.final_norm_params,
+            head_param_count=spec.head_params,
         )
 
     @property
     def norm_params(self) -> int:
-        return self.hidden * (2 if self.norm == "layer" else 1)
+        return self.final_norm_params
 
     @property
     def embedding_params(self) -> int:
-        return (self.vocab + self.n_positions) * self.hidden
+        """Everything the backbone holds outside its blocks and final norm (token and
+        position embeddings), as the discovered structure counts it."""
+        return self.embed_params
 
     @property
     def head_params(self) -> int:
         """The LM head's own parameters: none when tied to the embeddings."""
-        return 0 if self.tied_embeddings else self.vocab * self.hidden
+        return self.head_param_count
 
     @property
     def params(self) -> int:
@@ -334,9 +299,12 @@ class ModelDims:
         prefix = self.block_prefix + "."
         index, _, path = name.removeprefix(prefix).partition(".")
         if name.startswith(prefix) and index.isdigit() and int(index) < self.n_layers:
-            for m in self.matrices:
+            for m in (*self.matrices, *self.candidates):
                 if m.path == path:
                     return int(index), m
+            if ":" in path:  # a part of a fused matrix, candidate or not
+                with contextlib.suppress(ValueError):
+                    return int(index), _select(self.matrices, (path,))[0]
         raise KeyError(
             f"{name!r} is not a linear layer of this {self.model_type} model: expected "
             f"'{prefix}<0..{self.n_layers - 1}>.<{'|'.join(m.path for m in self.matrices)}>'"
@@ -344,14 +312,28 @@ class ModelDims:
 
 
 def _select(matrices: tuple[Matrix, ...], targets: tuple[str, ...]) -> tuple[Matrix, ...]:
+    """The candidate matrices ``targets`` select; ``attn.c_attn:q`` selects a part of a fused
+    matrix as a candidate of its own (its rows, read from the same activation)."""
     def hit(m: Matrix, t: str) -> bool:
         return m.path == t or m.path.endswith("." + t)
 
-    unknown = [t for t in targets if not any(hit(m, t) for m in matrices)]
+    def find(t: str) -> list[Matrix]:
+        path, _, label = t.partition(":")
+        found = [m for m in matrices if hit(m, path)]
+        if not label:
+            return found
+        return [dataclasses.replace(m, path=f"{m.path}:{p.label}", kind=p.label,
+                                    d_out=p.width, bias=False, parts=())
+                for m in found for p in m.parts if p.label == label]
+
+    unknown = [t for t in targets if not find(t)]
     if unknown:
         raise ValueError(f"unknown target(s) {unknown}: this architecture's block matrices are "
                          f"{[m.path for m in matrices]}")
-    return tuple(m for m in matrices if any(hit(m, t) for t in targets))
+    chosen = {m.path: m for t in targets for m in find(t)}
+    order = [m.path for m in matrices]
+    return tuple(sorted(chosen.values(),
+                        key=lambda m: (order.index(m.path.partition(":")[0]), m.path)))
 
 
 @dataclass(frozen=True)
@@ -613,7 +595,7 @@ def client_memory(
     first = _first_adapted(adapted, cut)
     weights, grads, optimizer = _lora_state(adapted, work)
     return MemoryBreakdown(
-        frozen_weights=(dims.embedding_params * work.weight_bytes
+        frozen_weights=((dims.embedding_params + dims.norm_params) * work.weight_bytes
                         + cut * block_weight_bytes(dims, work.weight_bytes, work.quantization)
                         + cut * _candidate_params(dims) * work.merge_bytes),
         activations=activation_bytes(dims, range(first, cut), ranks, work, input_grad=False),

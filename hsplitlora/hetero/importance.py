@@ -133,9 +133,8 @@ __all__ = [
 B = TypeVar("B")
 Batch = Mapping[str, torch.Tensor]
 
-# Targets whose matrix concatenates several projections along its output dimension, with
-# the part names in output order (GPT-2 splits c_attn's output into q, k, v of equal width).
-_FUSED_PARTS: dict[str, tuple[str, ...]] = {"attn.c_attn": ("q", "k", "v")}
+# A part of a fused matrix is named "<module>:<part>"; which matrices are fused, and how
+# their output rows divide, is the discovered structure's fact (Matrix.parts).
 _PART_SEP = ":"
 _RANK_SEP = "@"
 GAIN_RANKS = (1, 2, 4, 8, 16, 32, 64)  # ranks at which gradient energies are reported
@@ -225,20 +224,16 @@ def _targets(module: nn.Module) -> list[_Target]:
         rows, cols = (int(n) for n in _weight(layer).shape)
         d_in, d_out = (rows, cols) if fan_in_fan_out else (cols, rows)
         suffix = next(t for t in spec.targets if local.endswith("." + t))
-        labels = _FUSED_PARTS.get(suffix)
+        fused = spec.matrix(suffix).parts if suffix in {m.path for m in spec.matrices} else ()
         block = _block_of(name)
         parts: tuple[tuple[Candidate, slice], ...]
-        if labels is None:
+        if not fused or fused[-1].stop != d_out:
             parts = ((Candidate(name, block, d_in, d_out), slice(0, d_out)),)
         else:
-            width, rest = divmod(d_out, len(labels))
-            if rest:
-                raise ValueError(f"{name}: output width {d_out} does not split into "
-                                 f"{len(labels)} equal parts {labels}")
             parts = tuple(
-                (Candidate(f"{name}{_PART_SEP}{label}", block, d_in, width),
-                 slice(i * width, (i + 1) * width))
-                for i, label in enumerate(labels)
+                (Candidate(f"{name}{_PART_SEP}{p.label}", block, d_in, p.width),
+                 slice(p.start, p.stop))
+                for p in fused
             )
         found.append(_Target(layer, fan_in_fan_out, parts))
     return found

@@ -8,6 +8,7 @@ translates with its ``full_name``/``local_name``; a whole model uses names as th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Collection, Mapping
@@ -21,8 +22,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hsplitlora.errors import UserError
+from hsplitlora.models.fused import PartLora
 from hsplitlora.models.shared import merge_into, merge_state
 from hsplitlora.models.split import arch_spec
+from hsplitlora.models.structure import ArchSpec, Part
 
 __all__ = [
     "LoraSettings",
@@ -37,6 +40,7 @@ __all__ = [
     "load_lora_state",
     "matrix_shapes",
     "merge_base_update",
+    "parts_as_whole",
     "save_peft_adapter",
     "strip_lora",
     "target_module_names",
@@ -44,7 +48,10 @@ __all__ = [
 ]
 
 _ADAPTER = "default"
-_LORA_KEY = re.compile(rf"^(?P<module>.+)\.(?P<part>lora_[AB])\.{_ADAPTER}\.weight$")
+# peft names an adapter's tensors <module>.lora_A.default.weight; a part adapter
+# (hsplitlora.models.fused) names them <module>.lora_A.<part>.weight
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_[AB])\.(?P<adapter>[^.]+)\.weight$")
+_PART = ":"
 
 
 class LoraTargetError(UserError, ValueError):
@@ -93,52 +100,87 @@ def _namer(module: nn.Module) -> Callable[[str], str]:
 def _blocks_prefix(module: nn.Module) -> str:
     """Name prefix of the block list: ``model.layers.`` on a model, ``backbone.layers.``
     on a segment."""
-    spec = module.spec if hasattr(module, "spec") else arch_spec(module.config)
+    spec = _spec(module)
     root = "backbone" if hasattr(module, "full_name") else spec.backbone
     return f"{root}.{spec.blocks}."
+
+
+def _spec(module: nn.Module) -> ArchSpec:
+    return module.spec if hasattr(module, "spec") else arch_spec(module.config)
+
+
+def check_targets(spec: ArchSpec, wanted: tuple[str, ...] | list[str]) -> None:
+    """Refuse targets the architecture's blocks do not have (``lora.targets``), whole
+    matrices or parts of fused ones."""
+    def known(t: str) -> bool:
+        path, _, part = t.partition(_PART)
+        hits = [m for m in spec.matrices if path == m.path or m.path.endswith("." + path)]
+        return bool(hits) and (not part or any(p.label == part for m in hits for p in m.parts))
+
+    unknown = [t for t in wanted if not known(t)]
+    if unknown:
+        fused = [f"{m.path}{_PART}{p.label}" for m in spec.matrices for p in m.parts]
+        raise LoraTargetError(
+            f"unknown LoRA target(s) {unknown} in lora.targets: this architecture's targetable "
+            f"matrices are "
+            f"{list(spec.targets)}" + (f", and parts of fused ones {fused}" if fused else "")
+        )
 
 
 def target_module_names(module: nn.Module, targets: tuple[str, ...] | None = None) -> list[str]:
     """Local names of the block-level linear layers that ``targets`` selects.
 
     ``targets`` are block-relative suffixes (``q_proj`` or ``attn.c_proj``); only modules
-    inside the block list qualify, so GPT-2's ``mlp.c_proj`` never catches the LM head.
+    inside the block list qualify, so GPT-2's ``mlp.c_proj`` never catches the LM head. A
+    target ``attn.c_attn:q`` selects a part of a fused matrix; its names carry the part
+    (``transformer.h.0.attn.c_attn:q``).
     """
-    spec = module.spec if hasattr(module, "spec") else arch_spec(module.config)
+    spec = _spec(module)
     wanted = spec.default_targets if targets is None else targets
-    check_targets(spec.targets, wanted)
+    check_targets(spec, wanted)
     prefix = _blocks_prefix(module)
     names = []
     for name, _ in module.named_modules():
-        if name.startswith(prefix) and any(name.endswith("." + t) for t in wanted):
-            names.append(name)
+        if not name.startswith(prefix) or ".lora_" in name or name.endswith(".base_layer"):
+            continue
+        for t in wanted:
+            path, _, part = t.partition(_PART)
+            hit = f"{name}{_PART}{part}" if part else name
+            if name.endswith("." + path) and hit not in names:
+                names.append(hit)
     return names
 
 
-def check_targets(targetable: tuple[str, ...], wanted: tuple[str, ...] | list[str]) -> None:
-    """Refuse targets the architecture's blocks do not have (``lora.targets``)."""
-    unknown = [t for t in wanted if not any(t == s or s.endswith("." + t) for s in targetable)]
-    if unknown:
-        raise LoraTargetError(
-            f"unknown LoRA target(s) {unknown} in lora.targets: this architecture's targetable "
-            f"matrices are {list(targetable)}")
+def _fused_part(spec: ArchSpec, name: str) -> Part:
+    """The :class:`Part` a ``<module>:<part>`` name selects."""
+    module, _, label = name.partition(_PART)
+    for m in spec.matrices:
+        if module == m.path or module.endswith("." + m.path):
+            return m.part(label)
+    raise KeyError(f"{name}: not a part of a fused matrix of this {spec.model_type} model")
 
 
-def attach_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
-    """Inject LoRA into ``module`` in place and freeze everything else.
-
-    Works on a whole causal LM or on a :mod:`~hsplitlora.models.split` segment. Ranks may
-    differ per module (peft's ``rank_pattern``); the scale is ``alpha / r`` for each.
-    """
-    spec = module.spec if hasattr(module, "spec") else arch_spec(module.config)
+def _attach_parts(module: nn.Module, spec: ArchSpec, names: list[str],
+                  settings: LoraSettings) -> None:
     full = _namer(module)
-    chosen = [n for n in target_module_names(module, settings.targets)
-              if settings.rank_of(full(n)) > 0]
-    for p in module.parameters():
-        p.requires_grad_(False)
-    if not chosen:
-        return module
-    config = peft.LoraConfig(
+    by_module: dict[str, dict[Part, tuple[int, float]]] = {}
+    for name in names:
+        local, _, _ = name.partition(_PART)
+        by_module.setdefault(local, {})[_fused_part(spec, name)] = (
+            settings.rank_of(full(name)), settings.alpha_of(full(name)))
+    for local, parts in by_module.items():
+        parent_name, _, attr = local.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        base = getattr(parent, attr)
+        if isinstance(base, (LoraLayer, PartLora)):
+            raise ValueError(f"{full(local)} is targeted both whole and by parts; choose one")
+        setattr(parent, attr, PartLora(base, parts, fan_in_fan_out=spec.fan_in_fan_out,
+                                       dropout=settings.dropout))
+
+
+def _peft_config(chosen: list[str], settings: LoraSettings, spec: ArchSpec,
+                 full: Callable[[str], str]) -> peft.LoraConfig:
+    return peft.LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
@@ -156,12 +198,31 @@ def attach_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
         fan_in_fan_out=spec.fan_in_fan_out,
         bias="none",
     )
-    if settings.init_seed is None:
-        peft.inject_adapter_in_model(config, module, adapter_name=_ADAPTER)
-    else:  # peft initialises on the CPU, before moving adapters to the base layer's device
-        with torch.random.fork_rng(devices=[]):
+
+
+def attach_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Inject LoRA into ``module`` in place and freeze everything else.
+
+    Works on a whole causal LM or on a :mod:`~hsplitlora.models.split` segment. Ranks may
+    differ per module (peft's ``rank_pattern``); the scale is ``alpha / r`` for each.
+    """
+    spec = _spec(module)
+    full = _namer(module)
+    selected = [n for n in target_module_names(module, settings.targets)
+                if settings.rank_of(full(n)) > 0]
+    chosen = [n for n in selected if _PART not in n]
+    parts = [n for n in selected if _PART in n]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if not selected:
+        return module
+    with torch.random.fork_rng(devices=[], enabled=settings.init_seed is not None):
+        if settings.init_seed is not None:  # peft initialises on the CPU, then moves
             torch.manual_seed(settings.init_seed)
-            peft.inject_adapter_in_model(config, module, adapter_name=_ADAPTER)
+        if chosen:
+            peft.inject_adapter_in_model(_peft_config(chosen, settings, spec, full), module,
+                                         adapter_name=_ADAPTER)
+        _attach_parts(module, spec, parts, settings)
     trained = tuple(f".lora_{part}." for part in settings.trains)
     for name, p in module.named_parameters():
         p.requires_grad_(any(t in name for t in trained))
@@ -175,15 +236,19 @@ def matrix_shapes(module: nn.Module, targets: tuple[str, ...] | None = None
     """``(d_out, d_in)`` of each matrix ``targets`` selects in ``module`` (a model or a
     segment, with or without LoRA), under the unsplit model's names: the shape of a dense
     update to it, and what fixes the shapes of an adapter on it."""
-    spec = module.spec if hasattr(module, "spec") else arch_spec(module.config)
+    spec = _spec(module)
     full = _namer(module)
     out = {}
     for name in target_module_names(module, targets):
-        layer = module.get_submodule(name)
-        if isinstance(layer, LoraLayer):
-            layer = layer.get_base_layer()
+        local, _, label = name.partition(_PART)
+        layer = module.get_submodule(local)
+        if isinstance(layer, (LoraLayer, PartLora)):
+            layer = layer.get_base_layer() if isinstance(layer, LoraLayer) else layer.base_layer
         rows, cols = layer.weight.shape
-        out[full(name)] = (int(cols), int(rows)) if spec.fan_in_fan_out else (int(rows), int(cols))
+        d_out, d_in = (int(cols), int(rows)) if spec.fan_in_fan_out else (int(rows), int(cols))
+        if label:
+            d_out = _fused_part(spec, name).width
+        out[full(name)] = (d_out, d_in)
     return out
 
 
@@ -214,7 +279,8 @@ def _named_lora(module: nn.Module) -> dict[str, nn.Parameter]:
     for name, p in module.named_parameters():
         m = _LORA_KEY.match(name)
         if m:
-            out[f"{full(m['module'])}.{m['part']}.weight"] = p
+            part = "" if m["adapter"] == _ADAPTER else f"{_PART}{m['adapter']}"
+            out[f"{full(m['module'])}{part}.{m['part']}.weight"] = p
     return out
 
 
@@ -258,6 +324,7 @@ def save_peft_adapter(
     *,
     base_model: str | None = None,
     fan_in_fan_out: bool = False,
+    spec: ArchSpec | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's layout.
 
@@ -267,8 +334,19 @@ def save_peft_adapter(
     ``peft.AutoPeftModelForCausalLM.from_pretrained(out_dir)`` loads base and adapter.
     Target modules are listed by full name, with per-module ranks, because a
     heterogeneous plan may adapt a matrix in one block and not in the next; per-module
-    alphas (``settings.alphas``) become peft's ``alpha_pattern``.
+    alphas (``settings.alphas``) become peft's ``alpha_pattern``. Part adapters
+    (``<module>:<part>``) are written as the exact whole-matrix adapter they equal
+    (:func:`parts_as_whole`), which needs the model's ``spec``.
     """
+    parted = sorted({k.partition(_PART)[0] for k in state if _PART in k})
+    if parted and spec is None:
+        raise ValueError(
+            f"{len(parted)} module(s) carry part adapters ({parted[0]}, ...), which PEFT "
+            "cannot load as such: pass the model's spec (arch_spec) to convert them exactly "
+            "into whole-matrix adapters, or convert first with parts_as_whole")
+    if parted and spec is not None:
+        state, whole_alphas = parts_as_whole(state, settings, spec)
+        settings = dataclasses.replace(settings, alphas={**settings.alphas, **whole_alphas})
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks: dict[str, int] = {}
     for key, tensor in state.items():
@@ -339,6 +417,41 @@ def _lora_layers(module: nn.Module) -> dict[str, LoraLayer]:
     return {full(n): m for n, m in module.named_modules() if isinstance(m, LoraLayer)}
 
 
+def parts_as_whole(
+    state: Mapping[str, torch.Tensor], settings: LoraSettings, spec: ArchSpec
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Express part adapters as whole-matrix LoRA that PEFT loads, exactly.
+
+    Parts ``p`` of one fused matrix with factors ``(A_p, B_p)`` and scales ``s_p`` equal
+    one adapter of rank ``sum r_p``: ``A`` stacks the ``A_p``, ``B`` puts ``s_p B_p`` in the
+    part's rows and columns (zeros elsewhere), at scale 1 (``alpha = rank``). Returns the
+    state (other adapters unchanged) and the alphas of the converted modules.
+    """
+    out = {k: v for k, v in state.items() if _PART not in k}
+    grouped: dict[str, list[str]] = {}
+    for key in state:
+        if _PART in key and key.endswith(".lora_A.weight"):
+            name = key[: -len(".lora_A.weight")]
+            grouped.setdefault(name.partition(_PART)[0], []).append(name)
+    alphas: dict[str, float] = {}
+    for module, names in grouped.items():
+        parts = sorted(((_fused_part(spec, n), n) for n in names), key=lambda x: x[0].start)
+        a = [state[f"{n}.lora_A.weight"] for _, n in parts]
+        rank = sum(int(t.shape[0]) for t in a)
+        d_out = spec.matrix(module.split(".", len(spec.block_prefix.split(".")) + 1)[-1]).d_out
+        b = a[0].new_zeros(d_out, rank)
+        col = 0
+        for (part, name), a_p in zip(parts, a, strict=True):
+            r = int(a_p.shape[0])
+            scale = settings.alpha_of(name) / r
+            b[part.start:part.stop, col:col + r] = state[f"{name}.lora_B.weight"] * scale
+            col += r
+        out[f"{module}.lora_A.weight"] = torch.cat(a)
+        out[f"{module}.lora_B.weight"] = b
+        alphas[module] = float(rank)
+    return out, alphas
+
+
 def strip_lora(module: nn.Module) -> nn.Module:
     """Remove every LoRA layer in place, putting its (unmerged) base layer back.
 
@@ -346,10 +459,11 @@ def strip_lora(module: nn.Module) -> nn.Module:
     weights, so the old adapters can go and new ones, at new ranks, be attached.
     """
     for name, child in list(module.named_modules()):
-        if isinstance(child, LoraLayer):
+        if isinstance(child, (LoraLayer, PartLora)):
             parent_name, _, attr = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
-            setattr(parent, attr, child.get_base_layer())
+            base = child.get_base_layer() if isinstance(child, LoraLayer) else child.base_layer
+            setattr(parent, attr, base)
     if "peft_config" in vars(module):  # inject_adapter_in_model's record of what it added
         del module.peft_config
     return module
@@ -372,28 +486,49 @@ def merge_base_update(
     """
     from hsplitlora.aggregate import dense_update
 
-    held = base_weights(module, updates)
-    for full, weight in held.items():
+    # the parts of one fused matrix (c_attn:q, c_attn:v) merge as one update of it: a
+    # merge version applies once per weight
+    by_module: dict[str, list[tuple[str, str]]] = {}
+    for full in updates:
+        whole, _, label = full.partition(_PART)
+        by_module.setdefault(whole, []).append((full, label))
+    merged = []
+    for whole, weight in base_weights(module, by_module).items():
+        names = by_module[whole]
+        merged.extend(full for full, _ in names)
         state = merge_state(weight)
         if state is not None and state.version >= version:
             continue  # a party sharing this weight merged it already
-        dense = dense_update(updates[full], tuple(weight.shape), fan_in_fan_out=fan_in_fan_out)
+        shape = tuple(weight.shape)
+        dense = torch.zeros(shape, dtype=torch.float32, device=weight.device)
+        for full, label in names:
+            if not label:
+                dense += dense_update(updates[full], shape, fan_in_fan_out=fan_in_fan_out)
+                continue
+            part = _fused_part(_spec(module), full)
+            rows = slice(part.start, part.stop)
+            view = dense[:, rows] if fan_in_fan_out else dense[rows]
+            view += dense_update(updates[full], tuple(view.shape),
+                                 fan_in_fan_out=fan_in_fan_out).to(view.device)
         merge_into(weight, dense, version)
-    return list(held)
+    return merged
 
 
 def base_weights(module: nn.Module, names: Collection[str]) -> dict[str, torch.Tensor]:
     """The frozen base weight of each module in ``names`` (the unsplit model's names)
-    that ``module`` holds, LoRA-wrapped or not."""
+    that ``module`` holds, LoRA-wrapped or not. A part name (``<module>:<part>``) stands
+    for its whole fused matrix: the result is keyed by whole-module names."""
     local_of = getattr(module, "local_name", _identity)
     out = {}
-    for full in names:
+    for full in dict.fromkeys(n.partition(_PART)[0] for n in names):
         try:
             target = module.get_submodule(local_of(full))
         except (KeyError, AttributeError):
             continue
         if isinstance(target, LoraLayer):
             target = target.get_base_layer()
+        elif isinstance(target, PartLora):
+            target = target.base_layer
         out[full] = target.weight
     return out
 

@@ -3,19 +3,24 @@
 The cut must be *exact*: ``server(client(x))`` gives the unsplit model's logits. Rather
 than re-implementing each architecture's forward (masks, rotary embeddings, position
 ids differ per family and per transformers release), both segments run the model's own
-backbone forward on a truncated block list:
+code on a truncated block list:
 
-* the client runs ``backbone(input_ids)`` over blocks ``[0, k)`` with the final norm
-  replaced by an identity, so its output is exactly the input of block ``k``;
+* the client runs ``backbone(input_ids)`` over blocks ``[0, k)`` followed by a stop that
+  raises with its input, so its output is exactly the input of block ``k``, whatever the
+  backbone would do after its blocks (final norm, projections);
 * the server runs ``backbone(inputs_embeds=h)`` over blocks ``[k, L)`` and a forward
   pre-hook on its first module swaps the received activations in as that module's input.
   Everything the backbone derives before its first block (causal mask, rotary tables,
   position embeddings) is therefore computed by transformers itself, and whatever the
   backbone does to ``inputs_embeds`` first (GPT-2 adds position embeddings, Gemma scales)
-  is discarded, because the activations already contain it.
+  is discarded, because the activations already contain it;
+* the server's head runs the causal LM's own ``forward`` on the final hidden states, so
+  what it does after the head (Gemma 2's logit soft-capping, Cohere's logit scale) is kept.
 
-All that differs between architectures is where things live, which is one row of
-:data:`ARCHITECTURES`.
+Per-layer facts the backbone reads by block index from its config (``layer_types``:
+sliding vs full attention; per-layer rotary bases) are sliced to the segment's global
+range, so local block ``i`` of a segment starting at ``k`` reads entry ``k + i``. Where the
+parts live is found from the model (:mod:`hsplitlora.models.structure`).
 """
 
 from __future__ import annotations
@@ -23,14 +28,13 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from hsplitlora.errors import UserError
 from hsplitlora.models.shared import shared_memo
+from hsplitlora.models.structure import ArchSpec, SplitError, arch_spec
 
 __all__ = [
     "ARCHITECTURES",
@@ -43,71 +47,9 @@ __all__ = [
     "split_model",
 ]
 
-
-class SplitError(UserError, ValueError):
-    """A model cannot be split as asked (unknown architecture, bad cut)."""
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Where the parts of one architecture family live inside a ``*ForCausalLM`` model."""
-
-    backbone: str  # attribute of the causal LM holding the decoder stack
-    blocks: str  # attribute of the backbone holding the block ModuleList
-    final_norm: str  # attribute of the backbone holding the final norm
-    n_layers: str  # config field with the number of blocks
-    targets: tuple[str, ...]  # targetable linear layers inside a block, in block order
-    default_targets: tuple[str, ...]  # what SplitLoRA adapts: the query and value projections
-    fan_in_fan_out: bool = False  # GPT-2's Conv1D stores weights as (in, out)
-
-    def block_of(self, name: str) -> int:
-        """Index of the block holding ``name``, a module or parameter name of the unsplit
-        model (``model.layers.3.mlp.up_proj`` -> 3)."""
-        prefix = f"{self.backbone}.{self.blocks}."
-        if not name.startswith(prefix):
-            raise ValueError(f"{name!r} is not inside a block (names start {prefix}<i>.)")
-        return int(name[len(prefix):].split(".")[0])
-
-
-_LLAMA_LIKE = ArchSpec(
-    backbone="model",
-    blocks="layers",
-    final_norm="norm",
-    n_layers="num_hidden_layers",
-    targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    default_targets=("q_proj", "v_proj"),
-)
-
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "gpt2": ArchSpec(
-        backbone="transformer",
-        blocks="h",
-        final_norm="ln_f",
-        n_layers="n_layer",
-        targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
-        # GPT-2 fuses q, k, v into c_attn; peft adapts the fused matrix as one.
-        default_targets=("attn.c_attn",),
-        fan_in_fan_out=True,
-    ),
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-}
-
-
-def arch_spec(config: Any) -> ArchSpec:
-    """The :class:`ArchSpec` for a transformers config, or a clear error."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise SplitError(
-            f"cannot split architecture {model_type!r}: supported are "
-            f"{', '.join(sorted(ARCHITECTURES))}. To add one, give its block list, final "
-            "norm and layer-count field a row in hsplitlora.models.split.ARCHITECTURES."
-        )
-    return ARCHITECTURES[model_type]
+# The architectures the unit tests pin down by hand; every other one is discovered and
+# checked by the coverage sweep (docs/architectures.md).
+ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 
 
 def num_blocks(config: Any) -> int:
@@ -123,6 +65,117 @@ def _check_cut(cut: int, n_blocks: int) -> None:
         )
 
 
+def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+class _Reached(Exception):  # noqa: N818 - control flow, not an error
+    """Raised by the client's stop with the input of the first block it does not hold."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+
+class _Stop(nn.Module):
+    """Stands where the client's blocks end; answers what the backbone asks of a block
+    before calling it (``attention_type``) as the block it stands for would."""
+
+    def __init__(self, stands_for: nn.Module | None) -> None:
+        super().__init__()
+        # a snapshot of the block's plain attributes, not the block: the stop must neither
+        # hold nor copy it, and must pickle (Ray actors receive segments)
+        for name, value in _plain_attributes(stands_for or nn.Module()).items():
+            setattr(self, name, value)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise _Reached(args[0] if args else kwargs["hidden_states"])
+
+
+class _Output:
+    """What :class:`_Given` returns: the hidden states under every name a causal LM's
+    forward reads them by (``[0]``, ``last_hidden_state``), ``None`` for everything else."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.last_hidden_state = hidden
+
+    def __getitem__(self, index: int) -> torch.Tensor | None:
+        return self.last_hidden_state if index == 0 else None
+
+    def __getattr__(self, name: str) -> None:
+        return None
+
+
+def _plain_attributes(module: nn.Module) -> dict[str, Any]:
+    """The public attributes of ``module`` holding plain values (str, numbers, None)."""
+    out = {}
+    for name in dir(module):
+        if name.startswith("_") or name == "training" or hasattr(nn.Module, name):
+            continue
+        try:
+            value = getattr(module, name)
+        except Exception:  # noqa: BLE001 - a property that needs a forward first
+            continue
+        if isinstance(value, (str, int, float, bool, type(None))):
+            out[name] = value
+    return out
+
+
+class _Given(nn.Module):
+    """Stands for the backbone inside the server's head: returns the hidden states it is
+    given, so the causal LM's forward applies only its head and what follows it. It
+    answers for the backbone's plain attributes (Falcon-H1's ``lm_head_multiplier``) and
+    stands in for its sub-modules too (OPT's causal LM calls ``self.model.decoder``)."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.hidden: torch.Tensor | None = None
+        for name, value in _plain_attributes(backbone).items():
+            setattr(self, name, value)
+        self._children = frozenset(name for name, _ in backbone.named_children())
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name not in self.__dict__.get("_children", ()):
+                raise
+            return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> _Output:
+        assert self.hidden is not None
+        return _Output(self.hidden)
+
+
+class _Head(nn.Module):
+    """The LM head as the causal LM applies it (soft-capping, logit scales included).
+
+    It registers the head's own parameters under the head's names (``lm_head.weight``),
+    shared with the causal LM shell it runs, so state-dict keys and tying are unchanged.
+    Accepts ``[b, s, d]`` or ``[n, d]`` hidden states, as the training loop passes them.
+    """
+
+    def __init__(self, shell: nn.Module, spec: ArchSpec) -> None:
+        super().__init__()
+        head = getattr(shell, spec.head)
+        for name, p in head.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, child in head.named_children():
+            self.add_module(name, child)
+        self._shell = (shell,)
+        self._given = getattr(shell, spec.backbone)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.dim() == 2
+        self._given.hidden = hidden.unsqueeze(1) if flat else hidden
+        try:
+            logits = self._shell[0](inputs_embeds=self._given.hidden).logits
+        finally:
+            self._given.hidden = None
+        return logits.squeeze(1) if flat else logits
+
+
 class _Segment(nn.Module):
     """A truncated backbone that remembers which global blocks it holds.
 
@@ -131,11 +184,13 @@ class _Segment(nn.Module):
     party, the aggregator and the PEFT export agree on what a tensor is.
     """
 
-    def __init__(self, backbone: nn.Module, spec: ArchSpec, first_block: int) -> None:
+    def __init__(self, backbone: nn.Module, spec: ArchSpec, first_block: int,
+                 n_blocks: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.spec = spec
         self.first_block = first_block
+        self._n_blocks = n_blocks
         self._local = re.compile(rf"^backbone\.{re.escape(spec.blocks)}\.(\d+)\.")
         self._global = re.compile(
             rf"^{re.escape(spec.backbone)}\.{re.escape(spec.blocks)}\.(\d+)\."
@@ -143,12 +198,14 @@ class _Segment(nn.Module):
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return getattr(self.backbone, self.spec.blocks)
+        """The blocks this segment holds (the client's stop is not one)."""
+        held = cast(nn.ModuleList, self.backbone.get_submodule(self.spec.blocks))
+        return cast(nn.ModuleList, held[: self._n_blocks])
 
     @property
     def block_range(self) -> range:
         """Global indices of the blocks this segment holds."""
-        return range(self.first_block, self.first_block + len(self.blocks))
+        return range(self.first_block, self.first_block + self._n_blocks)
 
     def full_name(self, local: str) -> str:
         """Map a local parameter/module name to the unsplit model's name."""
@@ -165,7 +222,7 @@ class _Segment(nn.Module):
         m = self._global.match(full)
         if m:
             index = int(m.group(1)) - self.first_block
-            if index not in range(len(self.blocks)):
+            if index not in range(self._n_blocks):
                 raise KeyError(f"{full} is in block {m.group(1)}, not held by this segment")
             return f"backbone.{self.spec.blocks}.{index}.{full[m.end():]}"
         if full.startswith(self.spec.backbone + "."):
@@ -186,26 +243,38 @@ class ClientSegment(_Segment):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out = self.backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
+        try:
+            self.backbone(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
+        except _Reached as reached:
+            return reached.hidden
+        raise SplitError(
+            f"{self.spec.model_type}: the backbone returned without running block "
+            f"{self._n_blocks}, so its blocks do not run in order from "
+            f"{self.spec.backbone}.{self.spec.blocks}; this model cannot be split."
         )
-        return out.last_hidden_state
 
 
 class ServerSegment(_Segment):
     """Blocks ``[k, L)``, the final norm and the LM head: what the main server runs."""
 
-    def __init__(
-        self, backbone: nn.Module, lm_head: nn.Module, spec: ArchSpec, first_block: int
-    ) -> None:
-        super().__init__(backbone, spec, first_block)
+    def __init__(self, backbone: nn.Module, lm_head: nn.Module, spec: ArchSpec,
+                 first_block: int, n_blocks: int, after_blocks: str | None = None) -> None:
+        super().__init__(backbone, spec, first_block, n_blocks)
         self.lm_head = lm_head
         self._incoming: torch.Tensor | None = None
-        entry = self.blocks[0] if len(self.blocks) else getattr(backbone, spec.final_norm)
-        entry.register_forward_pre_hook(self._swap_in, with_kwargs=True)
+        self._passthrough = False
+        if n_blocks:
+            entry: nn.Module | None = self.blocks[0]
+        else:  # cut L: the activations go where the last block's output goes
+            entry = backbone.get_submodule(after_blocks) if after_blocks else None
+            self._passthrough = entry is None
+        if entry is not None:
+            entry.register_forward_pre_hook(self._swap_in, with_kwargs=True)
 
     def _swap_in(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -217,7 +286,8 @@ class ServerSegment(_Segment):
         if args:
             args = (self._incoming, *args[1:])
         else:
-            kwargs = {**kwargs, "hidden_states": self._incoming}
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            kwargs = {**kwargs, key: self._incoming}
         return args, kwargs
 
     def hidden(
@@ -227,10 +297,14 @@ class ServerSegment(_Segment):
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (after the final norm) for received activations."""
+        if self._passthrough:  # cut L of a backbone with nothing after its blocks
+            return activations
         self._incoming = activations
         try:
             out = self.backbone(
-                inputs_embeds=activations,
+                # a copy: some backbones scale inputs_embeds in place (CTRL), and whatever
+                # they compute from it is replaced by the activations at the first block
+                inputs_embeds=activations.detach().clone(),
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=False,
@@ -248,6 +322,29 @@ class ServerSegment(_Segment):
         return self.lm_head(self.hidden(activations, attention_mask, position_ids))
 
 
+def _per_layer(config: Any, n: int) -> list[str]:
+    """Config fields holding one entry per block (``layer_types``, per-layer rotary bases)."""
+    out = []
+    for name, value in vars(config).items():
+        if isinstance(value, (list, tuple)) and len(value) == n and not name.startswith("_"):
+            out.append(name)
+    return out
+
+
+def _segment_config(config: Any, spec: ArchSpec, start: int, stop: int, slots: int) -> Any:
+    """A copy of ``config`` for a segment holding global blocks ``[start, stop)`` in
+    ``slots`` list entries (the client's stop takes one more, reading entry ``stop``)."""
+    n = int(getattr(config, spec.n_layers))
+    cfg = copy.deepcopy(config)
+    for name in _per_layer(config, n):
+        values = list(getattr(config, name))
+        sliced = values[start:start + slots]
+        sliced += sliced[-1:] * (slots - len(sliced))  # the stop after the last block
+        setattr(cfg, name, type(getattr(config, name))(sliced))
+    setattr(cfg, spec.n_layers, slots)
+    return cfg
+
+
 def _copy_backbone(
     backbone: nn.Module, spec: ArchSpec, blocks: list[nn.Module], extra: nn.Module | None
 ) -> tuple[nn.Module, nn.Module | None]:
@@ -255,22 +352,65 @@ def _copy_backbone(
     call), over the same frozen tensors (:func:`~hsplitlora.models.shared.shared_memo`).
 
     The original block list is swapped out during the copy so the blocks a segment does
-    not hold are not even visited; copying ``extra`` (the LM head) in the same call keeps
-    a tied embedding tied.
+    not hold are not even visited; copying ``extra`` (the head's causal LM shell) in the
+    same call keeps a tied embedding tied.
     """
-    original = getattr(backbone, spec.blocks)
-    setattr(backbone, spec.blocks, nn.ModuleList(blocks))
+    original = backbone.get_submodule(spec.blocks)
+    _set_path(backbone, spec.blocks, nn.ModuleList(blocks))
     try:
         memo = shared_memo(backbone)
         if extra is not None:
             memo.update(shared_memo(extra))
         shell, head = copy.deepcopy((backbone, extra), memo)
     finally:
-        setattr(backbone, spec.blocks, original)
-    cfg = copy.deepcopy(backbone.config)
-    setattr(cfg, spec.n_layers, len(blocks))
-    shell.config = cfg
+        _set_path(backbone, spec.blocks, original)
     return shell, head
+
+
+def _head_shell(model: nn.Module, spec: ArchSpec) -> nn.Module:
+    """The causal LM with its backbone replaced by a :class:`_Given` (not copied yet)."""
+    shell = copy.copy(model)
+    shell._modules = dict(model._modules)
+    shell._modules[spec.backbone] = _Given(getattr(model, spec.backbone))
+    return shell
+
+
+def _after_blocks(model: nn.Module, spec: ArchSpec) -> str | None:
+    """The backbone module the last block's output goes to first (the final norm, where
+    there is one), found by running the backbone on two tokens: names cannot tell a final
+    norm from an embedding norm beside it (BlenderbotSmall vs LFM2). ``None``: the output
+    is the backbone's result as it is."""
+    backbone = getattr(model, spec.backbone)
+    blocks = backbone.get_submodule(spec.blocks)
+    if not len(blocks):
+        return spec.final_norm
+    seen: dict[str, Any] = {}
+
+    def last_done(module: nn.Module, args: Any, output: Any) -> None:
+        seen["out"] = output if isinstance(output, torch.Tensor) else output[0]
+
+    def watch(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else next(iter(kwargs.values()), None)
+            if "out" in seen and "entry" not in seen and x is seen["out"]:
+                seen["entry"] = name
+        return hook
+
+    inside = spec.blocks + "."
+    handles = [blocks[-1].register_forward_hook(last_done)]
+    handles += [m.register_forward_pre_hook(watch(name), with_kwargs=True)
+                for name, m in backbone.named_modules()
+                if name and name != spec.blocks and not name.startswith(inside)]
+    device = next((p.device for p in backbone.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            backbone(input_ids=torch.tensor([[1, 2]], device=device), use_cache=False)
+    except Exception:  # noqa: BLE001 - a backbone that will not run here: trust the names
+        return spec.final_norm
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen.get("entry")
 
 
 def split_model(model: nn.Module, cut: int) -> tuple[ClientSegment, ServerSegment]:
@@ -280,12 +420,19 @@ def split_model(model: nn.Module, cut: int) -> tuple[ClientSegment, ServerSegmen
     LoRA parameters (so adapters attached before splitting start identical on both sides
     of any cut) over the very same frozen tensors, which nothing but a merge may write.
     """
-    spec = arch_spec(model.config)
+    spec = arch_spec(model)
     backbone = getattr(model, spec.backbone)
-    blocks = list(getattr(backbone, spec.blocks))
-    _check_cut(cut, len(blocks))
+    blocks = list(backbone.get_submodule(spec.blocks))
+    n = len(blocks)
+    _check_cut(cut, n)
     client_bb, _ = _copy_backbone(backbone, spec, blocks[:cut], None)
-    setattr(client_bb, spec.final_norm, nn.Identity())
-    server_bb, head = _copy_backbone(backbone, spec, blocks[cut:], model.get_output_embeddings())
-    assert head is not None
-    return ClientSegment(client_bb, spec, 0), ServerSegment(server_bb, head, spec, cut)
+    stop = _Stop(blocks[min(cut, n - 1)] if n else None)
+    cast(nn.ModuleList, client_bb.get_submodule(spec.blocks)).append(stop)
+    client_bb.config = _segment_config(backbone.config, spec, 0, cut, cut + 1)
+    server_bb, shell = _copy_backbone(backbone, spec, blocks[cut:], _head_shell(model, spec))
+    server_bb.config = _segment_config(backbone.config, spec, cut, n, n - cut)
+    assert shell is not None
+    head = _Head(shell, spec)
+    after = _after_blocks(model, spec) if cut == n else None
+    return (ClientSegment(client_bb, spec, 0, cut),
+            ServerSegment(server_bb, head, spec, cut, n - cut, after))

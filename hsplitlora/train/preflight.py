@@ -70,7 +70,7 @@ def preflight(cfg: RunConfig, model_config: Any = None) -> None:
         raise ConfigError(f"hetero.cuts {bad_cuts} are out of range: {name} has {blocks} "
                           f"blocks, so a planned cut is in 1..{blocks - 1}")
     if cfg.lora.targets is not None:
-        check_targets(spec.targets, cfg.lora.targets)
+        check_targets(spec, cfg.lora.targets)
     examples = load_examples(cfg.data, "train")
     check_labels(cfg.data, examples)
     partition(subsample(examples, cfg.data.max_train_examples, t.seed), t.num_clients,

@@ -494,7 +494,8 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
     if run_dir:
         save_peft_adapter(adapter, p.lora, run_dir / "adapter",
                           base_model=base_source(cfg, model),
-                          fan_in_fan_out=arch_spec(p.model.config).fan_in_fan_out)
+                          fan_in_fan_out=arch_spec(p.model.config).fan_in_fan_out,
+                          spec=arch_spec(p.model.config))
         plot_loss(rec.records, run_dir / "loss.png", title=f"{cfg.train.mode} ({cfg.model.name})")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return RunResult(run_dir, adapter, rec.records, summary, p.model, samples)

@@ -157,7 +157,8 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     if client_side is not None:
         save_peft_adapter({**client_side, **final}, p.lora, run_dir / "adapter",
                           base_model=base_source(cfg),
-                          fan_in_fan_out=arch_spec(p.model.config).fan_in_fan_out)
+                          fan_in_fan_out=arch_spec(p.model.config).fan_in_fan_out,
+                          spec=arch_spec(p.model.config))
     else:
         save_file({k: v.contiguous() for k, v in final.items()},
                   str(run_dir / "server_adapter.safetensors"))

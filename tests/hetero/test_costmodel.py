@@ -17,7 +17,7 @@ from hsplitlora.hetero.costmodel import (
 from hsplitlora.hetero.measure import counted_flops, saved_bytes
 from hsplitlora.hetero.profiles import DeviceProfile
 from hsplitlora.models.lora import LoraSettings, attach_lora, lora_parameters, target_module_names
-from hsplitlora.models.split import ARCHITECTURES, split_model
+from hsplitlora.models.split import ARCHITECTURES, arch_spec, split_model
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.train.optim import Optimizer, OptimSettings, causal_lm_loss
 
@@ -75,9 +75,10 @@ def test_parameter_count_matches_the_model(arch):
         model = transformers.AutoModelForCausalLM.from_config(config)
     dims = ModelDims.from_config(model.config)
     assert dims.params == sum(p.numel() for p in model.parameters())
-    block = getattr(getattr(model, ARCHITECTURES[arch].backbone), ARCHITECTURES[arch].blocks)[0]
+    spec = arch_spec(model)
+    block = getattr(model, spec.backbone).get_submodule(spec.blocks)[0]
     assert dims.block_params == sum(p.numel() for p in block.parameters())
-    names = set(target_module_names(model, ARCHITECTURES[arch].targets))
+    names = set(target_module_names(model, spec.targets))
     assert set(dims.candidate_modules()) == names
     modules = dict(model.named_modules())
     for name in names:

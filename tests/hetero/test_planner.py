@@ -488,7 +488,7 @@ def test_budgets_are_costed_in_the_stored_dtype():
     with pytest.raises(PlanError, match="frozen weights"):
         plan_client(0, _device(budget), SERVER, DIMS, None, fp32, s)
     plan = plan_client(0, _device(10 * ROOMY), SERVER, DIMS, None, fp32, MEMORY_ONLY)
-    assert plan.memory.frozen_weights == 4 * (DIMS.embedding_params
+    assert plan.memory.frozen_weights == 4 * (DIMS.embedding_params + DIMS.norm_params
                                               + plan.cut * DIMS.block_params)
     # exact merges beside the base: the pre-merge copy and the fp32 delta of each candidate
     merged = replace(bf16, merge_bytes=2 + 4)
@@ -539,7 +539,8 @@ def test_llama2_7b_shaped_plans_fit_fp32_budgets_quickly():
     plan = plan_clients(clients, SERVER, dims, None, work)
     assert time.perf_counter() - start < 60
     assert all(c.memory.total <= c.budget_bytes for c in plan.clients)
-    assert all(c.memory.frozen_weights == 4 * (dims.embedding_params + c.cut * dims.block_params)
+    assert all(c.memory.frozen_weights
+               == 4 * (dims.embedding_params + dims.norm_params + c.cut * dims.block_params)
                for c in plan.clients)
     assert plan.server.memory_bytes <= SERVER.memory_bytes
     # 100 clients swamp the server's share: clients hold more blocks the more memory they have

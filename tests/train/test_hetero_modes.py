@@ -227,11 +227,13 @@ output: {{dir: {tmp_path / 'runs'}}}
     # bf16 weight as loaded and the fp32 sum of merged updates: budgets cost all of it
     candidates = sum(m.d_in * m.d_out for m in dims.candidates)
     for c in plan.clients:
-        assert c.memory.frozen_weights == (2 * (dims.embedding_params + c.cut * dims.block_params)
-                                           + (2 + 4) * c.cut * candidates)
+        assert c.memory.frozen_weights == (
+            2 * (dims.embedding_params + dims.norm_params + c.cut * dims.block_params)
+            + (2 + 4) * c.cut * candidates)
         assert c.memory.total <= c.budget_bytes
     plan, dims = plan_run(load_config(cfg, ["hetero.aggregator=svd"]), meta=True)
-    assert all(c.memory.frozen_weights == 2 * (dims.embedding_params + c.cut * dims.block_params)
+    assert all(c.memory.frozen_weights
+               == 2 * (dims.embedding_params + dims.norm_params + c.cut * dims.block_params)
                for c in plan.clients)  # nothing merged, nothing extra
 
 

@@ -1,0 +1,38 @@
+"""The coverage sweep (hsplitlora.models.coverage): split exactness across architectures.
+
+The default run checks a few architectures of each kind (dense, grouped-query, fused
+projections, sliding windows, soft-capping, mixture-of-experts, learned positions) in a
+few seconds; ``pytest -m sweep`` runs the whole causal-LM registry (minutes) and asserts
+the 90 % target and that none is wrong. ``scripts/coverage_sweep.py`` prints the table.
+"""
+
+import pytest
+
+from hsplitlora.models.coverage import ATOL, check, registry, text_decoder
+
+FAST = ["gemma2", "phi3", "opt", "mixtral", "gpt_neox", "bloom", "olmo2", "starcoder2"]
+
+
+@pytest.mark.parametrize("model_type", FAST)
+def test_representative_architectures_split_exactly_at_every_cut(model_type):
+    result = check(model_type)
+    assert result.status == "exact", result
+    assert result.logit_err <= ATOL and result.grad_err <= ATOL
+
+
+def test_an_architecture_that_cannot_be_cut_is_refused_with_its_reason():
+    result = check("zamba")
+    assert result.status == "refused"
+    assert "cannot split architecture 'zamba' exactly: its hybrid blocks call one shared" \
+        in result.reason
+
+
+@pytest.mark.sweep
+def test_the_registry_sweep_meets_the_target_and_nothing_is_wrong():
+    results = [check(m) for m in registry()]
+    wrong = [r for r in results if r.status == "wrong"]
+    assert not wrong, wrong
+    decoders = [r for r in results if text_decoder(r.model_type) and r.status != "skipped"]
+    exact = [r for r in decoders if r.status == "exact"]
+    assert len(exact) >= 0.9 * len(decoders), [r.model_type for r in decoders
+                                              if r.status != "exact"]
