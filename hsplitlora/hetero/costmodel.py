@@ -41,6 +41,10 @@ parameters excluded). With N = batch x seq tokens and ``a`` = activation bytes:
   dtype: the cast comes before dropout);
 * once per segment: the rotary cos/sin tables ``[1, 1, s, head_dim]``.
 
+Beside what autograd saves, each party holds the hidden state ``[b, s, d]`` that crosses
+the cut (``MemoryBreakdown.exchanged``): the client its output until the gradient
+returns, the server its received input.
+
 A frozen linear layer keeps nothing (its weight is a parameter). The gradient starts at
 the client's earliest adapter: blocks before its block run forward only and keep nothing,
 and inside that block only what is computed from the earliest adapted stage on is kept
@@ -338,18 +342,26 @@ def _select(matrices: tuple[Matrix, ...], targets: tuple[str, ...]) -> tuple[Mat
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
-    """Bytes one party holds during a step."""
+    """Bytes one party holds during a step.
+
+    ``exchanged`` is the hidden state ``[b, s, d]`` a party holds across the step that
+    autograd does not save: the client's output, sent and kept until its gradient returns
+    (the root of its backward), and the server's received input, whose gradient it
+    returns. Measured on SmolLM2-135M it was the whole gap between this model's client
+    peak and the measured one (bench/quantization.py).
+    """
 
     frozen_weights: int
     activations: int
     lora_weights: int
     lora_grads: int
     optimizer: int
+    exchanged: int = 0
 
     @property
     def total(self) -> int:
         return (self.frozen_weights + self.activations + self.lora_weights + self.lora_grads
-                + self.optimizer)
+                + self.optimizer + self.exchanged)
 
 
 @dataclass(frozen=True)
@@ -602,6 +614,7 @@ def client_memory(
         lora_weights=weights,
         lora_grads=grads,
         optimizer=optimizer,
+        exchanged=_hidden_bytes(dims, work) if cut < dims.n_layers else 0,
     )
 
 
@@ -627,7 +640,13 @@ def server_memory(
         lora_weights=weights,
         lora_grads=grads,
         optimizer=optimizer,
+        exchanged=_hidden_bytes(dims, work),
     )
+
+
+def _hidden_bytes(dims: ModelDims, work: Workload) -> int:
+    """One ``[b, s, d]`` hidden state in the activation dtype (what crosses the cut)."""
+    return work.tokens * dims.hidden * work.act_bytes
 
 
 def _lora_flops(adapted: Mapping[int, Mapping[Matrix, int]], work: Workload) -> Flops:

@@ -308,7 +308,7 @@ def _table(dims: ModelDims, gains: Mapping[str, Mapping[int, float]], work: Work
                         for b in range(dims.n_layers)]
     options = []
     for cut in range(s.min_cut, max_cut + 1):
-        frozen = client_memory(dims, cut, {}, work).frozen_weights
+        frozen = client_memory(dims, cut, {}, work).total  # frozen weights, hidden state sent
         served = server_flops(dims, cut, _server_ranks(dims, cut, s.server_rank), work).total
         for first in range(cut, -1, -1):
             reserved = frozen + activation_bytes(dims, range(first, cut), {}, work,
@@ -517,7 +517,8 @@ def _client_plan(cid: int, profile: DeviceProfile, server: DeviceProfile, dims: 
 def _server_load(plans: Sequence[ClientPlan], server: DeviceProfile, dims: ModelDims,
                  work: Workload, s: PlannerSettings) -> ServerLoad:
     memories = [server_memory(dims, c.cut, c.server_ranks, work) for c in plans]
-    total = (max(m.frozen_weights for m in memories) + max(m.activations for m in memories)
+    total = (max(m.frozen_weights for m in memories)
+             + max(m.activations + m.exchanged for m in memories)
              + sum(m.lora_weights + m.lora_grads + m.optimizer for m in memories))
     if total > server.memory_bytes:
         raise PlanError(
@@ -544,7 +545,8 @@ def _check_fits(cid: int, profile: DeviceProfile, t: _Table, rates: _Rates,
         raise PlanError(
             f"{who}: memory budget {format_bytes(profile.memory_bytes)} misses by "
             f"{format_bytes(need - profile.memory_bytes)}: the smallest configuration (cut "
-            f"{s.min_cut}, no adapters) needs {format_bytes(need)} of frozen weights "
+            f"{s.min_cut}, no adapters) needs {format_bytes(need)} of frozen weights and the "
+            "hidden state it sends "
             f"(batch {work.batch}, sequence {work.seq}). Give this client more memory in the "
             "scenario, or lower the planner's min_cut."
         )

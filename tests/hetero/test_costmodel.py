@@ -242,7 +242,8 @@ def test_lora_state_matches_real_adapters_and_adamw(precision):
     ids, mask = _batch()
     optimizer = Optimizer(lora_parameters(client), OptimSettings())
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        client(ids, mask).float().square().mean().backward()
+        hidden = client(ids, mask)
+        hidden.float().square().mean().backward()
     optimizer.step()
     params = lora_parameters(client)
     memory = client_memory(dims, 2, plan, work)
@@ -256,7 +257,9 @@ def test_lora_state_matches_real_adapters_and_adamw(precision):
     assert adapter_bytes(dims, plan, work) == memory.lora_weights + sum(
         p.numel() * p.element_size() for p in lora_parameters(server))
     assert memory.total == (memory.frozen_weights + memory.activations + memory.lora_weights
-                            + memory.lora_grads + memory.optimizer)
+                            + memory.lora_grads + memory.optimizer + memory.exchanged)
+    # the hidden state the client sends and holds until its gradient returns
+    assert memory.exchanged == hidden.numel() * hidden.element_size()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

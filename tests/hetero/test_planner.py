@@ -47,8 +47,9 @@ def _dims(layers: int = 4) -> ModelDims:
 
 
 DIMS = _dims()
-# Frozen weights of the smallest configuration (cut 1, no adapters) and of a full client.
-FLOOR = client_memory(DIMS, 1, {}, WORK).frozen_weights
+# Memory of the smallest configuration (cut 1, no adapters: frozen weights and the hidden
+# state sent) and of a full client.
+FLOOR = client_memory(DIMS, 1, {}, WORK).total
 ROOMY = client_memory(DIMS, 3, dict.fromkeys(DIMS.candidate_modules(range(3)), 16), WORK).total
 
 
@@ -169,7 +170,7 @@ def test_ranks_spread_by_importance_within_a_block():
     importance = {"model.layers.0.self_attn.k_proj": 1.0, "model.layers.0.self_attn.v_proj": 5.0}
     # The planner reserves the inputs of every candidate of the blocks it adapts, then
     # spends per rank: room for exactly two ranks of one of them.
-    reserved = client_memory(dims, 1, {}, WORK).frozen_weights + activation_bytes(
+    reserved = client_memory(dims, 1, {}, WORK).total + activation_bytes(
         dims, range(1), {}, WORK, input_grad=False, reserve_inputs=True)
     budget = reserved + 2 * lora_memory_per_rank(dims.candidates[1], WORK)
     one = PlannerSettings(max_cut=1, round_time_s=math.inf)
@@ -311,7 +312,7 @@ def _brute_force(dims, profile, gains, s: PlannerSettings) -> tuple[float, float
             ranks = {n: r for n, r in zip(names, assign, strict=True) if r}
             first = min((dims.locate(n)[0] for n in ranks), default=cut)
             matrices = {n: dims.locate(n)[1] for n in ranks}
-            memory = (client_memory(dims, cut, {}, WORK).frozen_weights
+            memory = (client_memory(dims, cut, {}, WORK).total
                       + activation_bytes(dims, range(first, cut), {}, WORK, input_grad=False,
                                          reserve_inputs=True)
                       + sum(r * lora_memory_per_rank(matrices[n], WORK) for n, r in ranks.items()))
@@ -330,7 +331,7 @@ def _brute_force(dims, profile, gains, s: PlannerSettings) -> tuple[float, float
 
 
 def test_greedy_is_within_one_rank_step_of_brute_force():
-    floor = client_memory(SMALL, 1, {}, WORK).frozen_weights
+    floor = client_memory(SMALL, 1, {}, WORK).total
     roomy = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
                           WORK).total
     gaps = []
@@ -371,7 +372,7 @@ def _population(n: int, memory: int, flops: float = 1e9, link: float = 1e5):
 def test_at_a_fixed_deadline_more_memory_never_lowers_a_clients_utility(seed, low, extra,
                                                                       deadline):
     gains = _spectral(SMALL, seed)
-    floor = client_memory(SMALL, 1, {}, WORK).frozen_weights
+    floor = client_memory(SMALL, 1, {}, WORK).total
     roomy = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
                           WORK).total
     small = int(floor + low * (roomy - floor))
@@ -391,7 +392,7 @@ def test_at_a_fixed_deadline_more_memory_never_lowers_a_clients_utility(seed, lo
 @given(seed=st.integers(0, 1000), low=st.floats(0, 1), extra=st.floats(0, 0.5))
 def test_choosing_the_deadline_more_memory_never_lowers_the_objective(seed, low, extra):
     gains = _spectral(SMALL, seed)
-    floor = client_memory(SMALL, 1, {}, WORK).frozen_weights
+    floor = client_memory(SMALL, 1, {}, WORK).total
     roomy = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
                           WORK).total
     small = int(floor + low * (roomy - floor))
@@ -415,7 +416,7 @@ def test_choosing_the_deadline_more_memory_never_lowers_the_objective(seed, low,
        which=st.integers(0, 5))
 def test_making_a_matrix_more_important_never_lowers_its_rank(seed, fraction, factor, which):
     gains = _spectral(SMALL, seed)
-    floor = client_memory(SMALL, 2, {}, WORK).frozen_weights
+    floor = client_memory(SMALL, 2, {}, WORK).total
     roomy = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
                           WORK).total
     device = _population(1, int(floor + fraction * (roomy - floor)))[0]
@@ -467,7 +468,7 @@ def test_spectral_gains_spend_rank_where_the_spectrum_is_wide():
         num_key_value_heads=2, head_dim=16, vocab_size=320), targets=("k_proj", "v_proj"))
     gains = {"model.layers.0.self_attn.k_proj": {r: 1.0 if r else 0.0 for r in Q},
              "model.layers.0.self_attn.v_proj": {r: r / 8 for r in Q}}
-    reserved = client_memory(dims, 1, {}, WORK).frozen_weights + activation_bytes(
+    reserved = client_memory(dims, 1, {}, WORK).total + activation_bytes(
         dims, range(1), {}, WORK, input_grad=False, reserve_inputs=True)
     budget = reserved + 10 * lora_memory_per_rank(dims.candidates[1], WORK)
     plan = plan_client(0, _device(budget), SERVER, dims, gains, WORK,
@@ -505,7 +506,8 @@ def test_the_server_load_is_costed_and_checked():
     profiles = [_device(FLOOR), _device(10 * ROOMY)]
     plan = plan_clients(profiles, SERVER, DIMS, None, WORK, MEMORY_ONLY)
     mems = [server_memory(DIMS, c.cut, c.server_ranks, WORK) for c in plan.clients]
-    want = (max(m.frozen_weights for m in mems) + max(m.activations for m in mems)
+    want = (max(m.frozen_weights for m in mems)
+            + max(m.activations + m.exchanged for m in mems)
             + sum(m.lora_weights + m.lora_grads + m.optimizer for m in mems))
     assert plan.server.memory_bytes == want
     small = SERVER.model_copy(update={"memory_bytes": want - 1})
