@@ -301,8 +301,12 @@ def collect_rows(exp: Experiment) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "run": run.name,
             "mode": cfg.train.mode,
-            "rank": cfg.lora.r,
+            "rank": cfg.lora.r,  # the grid's setting, which groups the bars
             "cut": cfg.train.cut if cfg.mode.split else None,
+            # as the run had them: SplitLoRA on heterogeneous devices takes the weakest
+            # client's rank; a planned run has per-client cuts and ranks (None here)
+            "ran_rank": summary.get("rank", cfg.lora.r),
+            "ran_cut": summary.get("cut", cfg.train.cut) if cfg.mode.split else None,
             "clients": cfg.train.num_clients,
             "seed": cfg.train.seed,
             "eval_ppl": summary.get("eval_ppl", scores.get("eval_ppl")),
@@ -374,9 +378,10 @@ def _train_curve(records: list[dict[str, Any]], sim_rounds: list[float] | None) 
 
 
 def _label(row: dict[str, Any], seeds: int) -> str:
-    label = f"{row['mode']} r={row['rank']}"
-    if row["cut"] is not None:
-        label += f" cut={row['cut']}"
+    rank, cut = row.get("ran_rank", row["rank"]), row.get("ran_cut", row["cut"])
+    label = row["mode"] + (" (planned)" if rank is None else f" r={rank}")
+    if cut is not None:
+        label += f" cut={cut}"
     return label + (f" s={row['seed']}" if seeds > 1 else "")
 
 

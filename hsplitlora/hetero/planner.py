@@ -95,6 +95,7 @@ __all__ = [
     "plan_clients",
     "prior_gains",
     "rank_distance",
+    "server_load",
     "rank_gain",
     "should_replan",
 ]
@@ -514,20 +515,28 @@ def _client_plan(cid: int, profile: DeviceProfile, server: DeviceProfile, dims: 
     )
 
 
-def _server_load(plans: Sequence[ClientPlan], server: DeviceProfile, dims: ModelDims,
-                 work: Workload, s: PlannerSettings) -> ServerLoad:
+def server_load(plans: Sequence[ClientPlan], server: DeviceProfile, dims: ModelDims,
+                work: Workload, interval: int) -> ServerLoad:
+    """The main server's memory and compute per round (``interval`` steps per client)
+    under ``plans``."""
     memories = [server_memory(dims, c.cut, c.server_ranks, work) for c in plans]
     total = (max(m.frozen_weights for m in memories)
              + max(m.activations + m.exchanged for m in memories)
              + sum(m.lora_weights + m.lora_grads + m.optimizer for m in memories))
-    if total > server.memory_bytes:
-        raise PlanError(
-            f"the main server ({server.name}) would need {format_bytes(total)} for "
-            f"{len(plans)} clients (one shared base, each client's server-side adapters with "
-            f"their AdamW state) but has {format_bytes(server.memory_bytes)}: lower "
-            "hetero.server_rank, raise the server's memory, or plan fewer clients")
     return ServerLoad(total, server.memory_bytes,
-                      s.interval * sum(c.server_seconds for c in plans))
+                      interval * sum(c.server_seconds for c in plans))
+
+
+def _server_load(plans: Sequence[ClientPlan], server: DeviceProfile, dims: ModelDims,
+                 work: Workload, s: PlannerSettings) -> ServerLoad:
+    load = server_load(plans, server, dims, work, s.interval)
+    if load.memory_bytes > server.memory_bytes:
+        raise PlanError(
+            f"the main server ({server.name}) would need {format_bytes(load.memory_bytes)} "
+            f"for {len(plans)} clients (one shared base, each client's server-side adapters "
+            f"with their AdamW state) but has {format_bytes(server.memory_bytes)}: lower "
+            "hetero.server_rank, raise the server's memory, or plan fewer clients")
+    return load
 
 
 def _server_ranks(dims: ModelDims, cut: int, rank: int) -> dict[str, int]:

@@ -28,6 +28,7 @@ from hsplitlora.hetero.costmodel import (
     Workload,
     adapter_bytes,
     client_memory,
+    server_flops,
     step_time,
 )
 from hsplitlora.hetero.importance import (
@@ -43,13 +44,16 @@ from hsplitlora.hetero.planner import (
     PlanError,
     PlannerSettings,
     plan_clients,
+    server_load,
     should_replan,
 )
 from hsplitlora.hetero.profiles import DeviceProfile, format_bytes
 from hsplitlora.models.lora import target_module_names
 from hsplitlora.models.split import arch_spec
+from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.train.hetero import MERGING, HeteroSystem, PartyPlan
 from hsplitlora.train.placement import PartyLost
+from hsplitlora.train.recorder import Recorder
 
 __all__ = ["Planner", "aggregator_for", "meta_model", "plan_run", "probe_importance",
            "uniform_rank"]
@@ -62,7 +66,7 @@ def aggregator_for(cfg: Any) -> str:
 
 
 def probe_importance(system: HeteroSystem, n_batches: int, precision: str,
-                     label_smoothing: float = 0.0) -> dict[str, float]:
+                     label_smoothing: float = 0.0) -> tuple[dict[str, float], list[list[int]]]:
     """Every participant scores its own blocks on its own probe batches (the client its
     client side, on its own premises; its server-side copy the rest, from the activations
     it receives, with the run's loss and label smoothing); the gradient energies
@@ -74,22 +78,37 @@ def probe_importance(system: HeteroSystem, n_batches: int, precision: str,
 
     A remote client that is gone (:class:`~hsplitlora.train.placement.PartyLost`) is left
     out; the weights renormalise over the clients that scored.
+
+    Also returns what probing moved, per client that scored: ``[id, bytes up, bytes down,
+    batches, cut]`` (its activations and their gradients, at the cut it probed at), for
+    the run's record and clock.
     """
     per_client: list[tuple[dict[str, float], int]] = []
+    links: list[list[int]] = []
     for client in system.clients:
         # Under the Ray backend this is a copy fetched from the actor: scoring only reads
         # it (its hooks come off again), so it may run here.
         server_seg = system.server.segments[client.client_id]
+        moved = [0, 0, 0]
         with ServerScorer(server_seg, precision=precision, label_smoothing=label_smoothing,
                           spectrum=True) as scorer:
+            def reply(acts: Activations, scorer: ServerScorer = scorer,
+                      moved: list[int] = moved) -> ServerReply:
+                out = scorer.reply(acts)
+                moved[0] += acts.nbytes
+                moved[1] += out.nbytes
+                moved[2] += 1
+                return out
+
             try:
-                scores = client.score(n_batches, scorer.reply)
+                scores = client.score(n_batches, reply)
             except PartyLost as e:
                 log.warning("importance probing goes on without client %d: %s",
                             client.client_id, e)
                 continue
             server = scorer.energies()
         per_client.append(({**scores, **server}, client.num_samples))
+        links.append([client.client_id, *moved, system.plans[client.client_id].cut])
     if not per_client:
         raise PartyLost("no client took part in importance probing")
     norm = sum(w for _, w in per_client)
@@ -97,7 +116,7 @@ def probe_importance(system: HeteroSystem, n_batches: int, precision: str,
     for scores, w in per_client:
         for name, value in scores.items():
             total[name] = total.get(name, 0.0) + value * w / norm
-    return total
+    return total, links
 
 
 def uniform_rank(dims: ModelDims, profile: DeviceProfile, cut: int, modules: Sequence[str],
@@ -235,14 +254,23 @@ class Planner:
             log.info("client %d (%s): cut %d, rank %d", cid, self.profiles[cid].name, cut, r)
         return [PartyPlan(cut, {m: r for m in self.default_modules}) for r in ranks]
 
-    def replan(self, system: HeteroSystem, round: int) -> list[PartyPlan] | None:
+    def probe(self, system: HeteroSystem, rec: Recorder, round: int) -> dict[str, float]:
+        """Measure importance on every participant, record what it moved (a ``probe``
+        event, which the clock times), and return the smoothed energies."""
+        scores, links = probe_importance(system, self.hc.probe_batches,
+                                         self.cfg.train.precision,
+                                         self.cfg.train.label_smoothing)
+        rec.event("probe", round=round, clients=[cid for cid, *_ in links], links=links,
+                  bytes_up=sum(link[1] for link in links),
+                  bytes_down=sum(link[2] for link in links))
+        return self.observe(scores)
+
+    def replan(self, system: HeteroSystem, rec: Recorder, round: int) -> list[PartyPlan] | None:
         """At an aggregation boundary: re-measure importance; re-plan if its ranking moved
         by more than ``hetero.replan_threshold``."""
         if not self.uses_importance:
             return None
-        smoothed = self.observe(probe_importance(system, self.hc.probe_batches,
-                                                 self.cfg.train.precision,
-                                                 self.cfg.train.label_smoothing))
+        smoothed = self.probe(system, rec, round)
         if self.planned_on is not None and not should_replan(
                 module_energy(self.planned_on), module_energy(smoothed),
                 self.hc.replan_threshold):
@@ -252,7 +280,8 @@ class Planner:
         return self.plans(smoothed)
 
     def describe(self, plans: Sequence[PartyPlan]) -> Plan:
-        """The cost model's view of some plans (memory, step time), for the plan table."""
+        """The cost model's view of some plans (memory, step time, the main server's
+        load), for the plan table and the run's summary."""
         out = []
         for cid, (plan, profile) in enumerate(zip(plans, self.profiles, strict=True)):
             client = {m: r for m, r in plan.ranks.items() if _block(m) < plan.cut}
@@ -263,10 +292,13 @@ class Planner:
             moved = adapter_bytes(self.dims, client, self.work) * (
                 1 / min(profile.uplink_bps, self.server.downlink_bps)
                 + 1 / min(self.server.uplink_bps, profile.downlink_bps))
+            served = server_flops(self.dims, plan.cut, server, self.work).total
             out.append(ClientPlan(cid, profile, plan.cut, client, server, memory,
                                   profile.memory_bytes, seconds, float("nan"),
-                                  round_seconds=self.settings.interval * seconds + moved))
-        return Plan(out)
+                                  round_seconds=self.settings.interval * seconds + moved,
+                                  server_seconds=served / self.server.flops))
+        return Plan(out, server=server_load(out, self.server, self.dims, self.work,
+                                            self.settings.interval))
 
     def weakest_rank(self) -> int:
         """SplitLoRA on heterogeneous devices: the largest rank every client fits."""
@@ -320,5 +352,5 @@ def plan_run(cfg: Any, *, probe: bool = True, meta: bool = False) -> tuple[Plan,
                               precision=t.precision, device=p.device,
                               probes=[probe_stream(p, c) for c in range(t.num_clients)])
         scores = planner.observe(probe_importance(system, cfg.hetero.probe_batches,
-                                                  t.precision, t.label_smoothing))
+                                                  t.precision, t.label_smoothing)[0])
     return planner.client_plans(scores), planner.dims

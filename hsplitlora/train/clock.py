@@ -14,7 +14,16 @@ bytes of every aggregation) against device profiles and the cost model:
   whole model on its own device; rounds take the slowest client.
 * the centralized schedule: one client-class device does everything (the CenLoRA
   baseline of the papers: no parallelism).
-* every aggregation adds the slowest client's adapter upload + download.
+* an aggregation takes the slowest client link: each client uploads what it holds and
+  downloads what it gets back (the event's ``links``, bytes per client; the server-side
+  adapters never cross a client's link). Records without ``links`` (older runs) charge
+  an equal share of the total to the slowest link.
+* importance probing (``probe`` events, HSplitLoRA) runs each client's probe batches as
+  split steps that back-propagate through every block and to every weight (3x the
+  forward on both sides), the clients in parallel, the main server serving one at a
+  time: it takes the longer of the slowest client's own time and the server's total.
+* plans follow the run: the ``plan`` event sets every client's cut and ranks, each
+  ``replan`` event (after a round's aggregation) those of the rounds after it.
 
 Compute time is cost-model FLOPs over the device's sustained FLOP/s; a transfer runs at
 the slower end of the link. Latency and queueing on the network are not modelled.
@@ -51,11 +60,17 @@ def simulate(
     run the whole model although the mode splits it (``hetero.federated``)."""
     steps: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
     aggs: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
+    replans: dict[int, Mapping[str, Any]] = {}
+    cuts, ranks = dict(cuts), dict(ranks)
     for r in records:
         if "event" not in r:
             steps[r["round"]].append(r)
-        elif r["event"] in ("aggregate", "handoff"):
+        elif r["event"] in ("aggregate", "handoff", "probe"):
             aggs[r["round"]].append(r)
+        elif r["event"] == "plan":
+            cuts, ranks = _plans(r, cuts, ranks)
+        elif r["event"] == "replan":
+            replans[r["round"]] = r
     work = Workload.for_precision(precision, batch=batch, seq=seq)
     n_layers = dims.n_layers
     clock, out = 0.0, []
@@ -71,12 +86,50 @@ def simulate(
             clock += _split_round(steps[rnd], mode.schedule == "relay", dims, cuts, ranks,
                                   clients, server, work)
         for a in aggs.get(rnd, []):
-            n = max(len(clients), 1)
-            slowest = min(clients, key=lambda p: min(p.uplink_bps, p.downlink_bps))
-            clock += (a.get("bytes_up", 0) / n) / slowest.uplink_bps
-            clock += (a.get("bytes_down", 0) / n) / slowest.downlink_bps
+            if a["event"] == "probe":
+                clock += _probe(a["links"], dims, clients, server, work)
+            elif "links" in a:
+                clock += max((_transfer(clients[cid], server, up, down)
+                              for cid, up, down in a["links"]), default=0.0)
+            else:
+                n = max(len(clients), 1)
+                slowest = min(clients, key=lambda p: min(p.uplink_bps, p.downlink_bps))
+                clock += (a.get("bytes_up", 0) / n) / slowest.uplink_bps
+                clock += (a.get("bytes_down", 0) / n) / slowest.downlink_bps
+        if rnd in replans:
+            cuts, ranks = _plans(replans[rnd], cuts, ranks)
         out.append(clock)
     return out
+
+
+def _plans(event: Mapping[str, Any], cuts: Mapping[int, int],
+           ranks: Mapping[int, Mapping[str, int]]) -> tuple[dict[int, int],
+                                                           dict[int, Mapping[str, int]]]:
+    """Cuts and ranks per client from a ``plan``/``replan`` event (client id = position)."""
+    new_cuts, new_ranks = dict(cuts), dict(ranks)
+    for cid, plan in enumerate(event["plans"]):
+        new_cuts[cid] = int(plan["cut"])
+        new_ranks[cid] = dict(plan["ranks"])
+    return new_cuts, new_ranks
+
+
+def _transfer(dev: DeviceProfile, server: DeviceProfile, up: float, down: float) -> float:
+    """Seconds to move ``up`` bytes from a client and ``down`` bytes back to it."""
+    return (up / min(dev.uplink_bps, server.downlink_bps)
+            + down / min(server.uplink_bps, dev.downlink_bps))
+
+
+def _probe(links: Sequence[Sequence[int]], dims: ModelDims, clients: Sequence[DeviceProfile],
+           server: DeviceProfile, work: Workload) -> float:
+    """Seconds of one importance probe: per client ``[id, bytes up, bytes down,
+    batches, cut]``; each batch a forward and a backward to every weight on both sides."""
+    own, served = 0.0, 0.0
+    for cid, up, down, batches, cut in links:
+        dev = clients[cid]
+        client = 3 * client_flops(dims, cut, {}, work).forward / dev.flops
+        own = max(own, batches * client + _transfer(dev, server, up, down))
+        served += batches * 3 * server_flops(dims, cut, {}, work).forward / server.flops
+    return max(own, served)
 
 
 def _split_round(steps: Sequence[Mapping[str, Any]], sequential: bool, dims: ModelDims,

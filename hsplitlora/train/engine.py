@@ -123,9 +123,11 @@ def fedavg_clients(clients: Sequence[Client | Learner], among: Sequence[Client |
     merged = fed.aggregate(states, [c.num_samples for c in among])
     for c in clients:
         c.load_adapter_state(merged)
+    up = {c.client_id: nbytes(fed.uploaded(s)) for c, s in zip(among, states, strict=True)}
+    down = nbytes(fed.uploaded(merged))
+    links = [[c.client_id, up.get(c.client_id, 0), down] for c in clients]  # per client link
     rec.event("aggregate", round=round, side="client", clients=[c.client_id for c in among],
-              bytes_up=sum(nbytes(fed.uploaded(s)) for s in states),
-              bytes_down=nbytes(fed.uploaded(merged)) * len(clients))
+              links=links, bytes_up=sum(up.values()), bytes_down=down * len(clients))
     return merged
 
 

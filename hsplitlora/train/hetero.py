@@ -53,7 +53,7 @@ from hsplitlora.train.placement import InProcess, PartyLost, Placement
 from hsplitlora.train.recorder import Recorder
 
 __all__ = ["AGGREGATORS", "MERGING", "Contribution", "FedAggregation", "HeteroSystem",
-           "PartyPlan", "combine", "run_hetero"]
+           "PartyPlan", "Traffic", "combine", "run_hetero"]
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,9 @@ class HeteroSystem:
         """The number of updates merged into the base so far."""
         return len(self.merges)
 
-    def aggregate(self, ids: Collection[int] | None = None, round: int = 0) -> tuple[int, int]:
+    def aggregate(self, ids: Collection[int] | None = None, round: int = 0) -> Traffic:
         """Aggregate the adapters of the participants in ``ids`` (default all: those that
-        trained since the last aggregation) after ``round``; returns bytes up and down.
+        trained since the last aggregation) after ``round``; returns what moved where.
 
         Merging methods merge the result into every copy, present or not (base weights
         stay identical everywhere). The others load each aggregated participant's output
@@ -203,7 +203,8 @@ class HeteroSystem:
                 self.client_layout(c.client_id), self.server.adapter_state(c.client_id))
                 for c in members})
         if not included:
-            return 0, 0
+            return Traffic([], 0, 0)
+        uploads = {cid: _layout_bytes(self.client_layout(cid)) for cid in included}
         if self.aggregator in MERGING:
             updates = result
             self.merges.append(updates)
@@ -213,23 +214,27 @@ class HeteroSystem:
             for cid, client in enumerate(self.clients):
                 client.apply_update(updates, self.settings(cid), self.version)
             self.server.apply_update(updates, self._server_settings(), self.version)
-            # Each client downloads the update of the blocks it holds; the main server
-            # downloads everything once and applies it to all of its copies.
-            down = _update_bytes(updates, set(updates)) + sum(
-                _update_bytes(updates, self._client_modules(c.client_id)) for c in self.clients)
-            return up, down
+            # Each client downloads the update of the blocks it holds (present or not: it
+            # is brought up to date when it rejoins); the main server gets everything once
+            # and applies it to all of its copies.
+            links = [[c.client_id, uploads.get(c.client_id, 0),
+                      _update_bytes(updates, self._client_modules(c.client_id))]
+                     for c in self.clients]
+            return Traffic(links, up - sum(uploads.values()), _update_bytes(updates, set(updates)))
         self.outputs = dict(result)
-        down = 0
+        links, server_down = [], 0
         for client in members:
             cid = client.client_id
             if cid not in included:
                 continue
             flat = agg.to_peft_state_dict(result[cid])
-            client.load_adapter_state({k: flat[k] for k in self.client_layout(cid)})
+            own = {k: flat[k] for k in self.client_layout(cid)}
+            client.load_adapter_state(own)
             server_keys = self.server.adapter_state(cid)
             self.server.load_adapter_state({k: flat[k] for k in server_keys}, cid)
-            down += nbytes(flat)
-        return up, down
+            links.append([cid, uploads[cid], nbytes(own)])
+            server_down += nbytes(flat) - nbytes(own)
+        return Traffic(links, up - sum(uploads.values()), server_down)
 
     def _combine_here(self, members: Sequence[Any]) -> tuple[list[int], Any, int]:
         """Aggregation in this process: fetch the clients' adapters, join each with its
@@ -371,6 +376,29 @@ def _as_update(x: agg.Factors | torch.Tensor) -> Update:
     return x if isinstance(x, torch.Tensor) else (x.U, x.V)
 
 
+@dataclass(frozen=True)
+class Traffic:
+    """What an aggregation moved: per client ``[id, bytes up, bytes down]`` over that
+    client's own link (its adapters up, what it gets back down), and the server-side
+    adapters' bytes between the main server and the fed server (in one process, or over
+    their own link), which never touch a client's."""
+
+    links: list[list[int]]
+    server_up: int
+    server_down: int
+
+
+def _layout_bytes(layout: Mapping[str, tuple[int, ...]]) -> int:
+    """Bytes of an fp32 adapter state with these tensor shapes (what a client uploads)."""
+    total = 0
+    for shape in layout.values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += 4 * n
+    return total
+
+
 def _update_bytes(updates: Mapping[str, Update], held: set[str]) -> int:
     total = 0
     for m, u in updates.items():
@@ -398,9 +426,12 @@ def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
 
     def aggregate(among: list[Any], t: int, last: bool) -> None:
         ids = {c.client_id for c in among}
-        up, down = system.aggregate(ids, t)
+        moved = system.aggregate(ids, t)
         rec.event("aggregate", round=t, side="all", method=system.aggregator,
-                  clients=sorted(ids), bytes_up=up, bytes_down=down)
+                  clients=sorted(ids), links=moved.links,
+                  bytes_up=sum(up for _, up, _ in moved.links),
+                  bytes_down=sum(down for _, _, down in moved.links),
+                  server_bytes_up=moved.server_up, server_bytes_down=moved.server_down)
         if system.aggregator not in MERGING:
             return None
         rec.global_model(t, lambda: None)  # the global model is the merged base itself
@@ -409,7 +440,7 @@ def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
             if plans is not None:
                 system.replan(plans)
                 rec.event("replan", round=t,
-                          plans=[{"cut": p.cut, "adapted": len(p.ranks)} for p in plans])
+                          plans=[{"cut": p.cut, "ranks": dict(p.ranks)} for p in plans])
         return None
 
     schedule = Parallel(

@@ -93,7 +93,9 @@ class Prepared:
     eval_features: TokenizedDataset | None
     lora: LoraSettings
     device: torch.device
-    plans: dict[int, tuple[int, dict[str, int]]] | None = None  # heterogeneous: (cut, ranks)
+    # heterogeneous: each client's (cut, ranks), kept current through re-plans
+    plans: dict[int, tuple[int, dict[str, int]]] | None = None
+    ran: Any = None  # heterogeneous: the cost model's view of the plans that ran last (Plan)
     attendance: engine.Attendance = engine.everyone  # the clients present in each round
     checkpoint: Path | None = None  # written as rounds end (train(checkpoint=True))
     resumed: dict[str, Any] | None = None  # the checkpoint to go on from
@@ -212,7 +214,7 @@ def _total_rounds(cfg: RunConfig) -> int:
 def _run_hetero(p: Prepared, rec: Recorder,
                 place: Placement) -> tuple[dict[str, torch.Tensor], LoraSettings]:
     """HSplitLoRA / HetLoRA / FlexLoRA / FLoRA: plan per client, train, export the update."""
-    from hsplitlora.hetero.scheme import Planner, probe_importance
+    from hsplitlora.hetero.scheme import Planner
     from hsplitlora.models.lora import updates_as_adapter
     from hsplitlora.train.hetero import HeteroSystem, run_hetero
 
@@ -238,23 +240,26 @@ def _run_hetero(p: Prepared, rec: Recorder,
         log.info("resuming from the checkpoint of round %d", state["round"])
     else:
         if planner.uses_importance:
-            scores = planner.observe(probe_importance(system, cfg.hetero.probe_batches,
-                                                      t.precision, t.label_smoothing))
-            system.replan(planner.plans(scores))
+            system.replan(planner.plans(planner.probe(system, rec, 0)))
         rec.event("plan", round=0, plans=[{"cut": pl.cut, "ranks": dict(pl.ranks)}
                                           for pl in system.plans])
         p.plans = {cid: (pl.cut, dict(pl.ranks)) for cid, pl in enumerate(system.plans)}
 
+    def current() -> dict[int, tuple[int, dict[str, int]]]:
+        return {cid: (pl.cut, dict(pl.ranks)) for cid, pl in enumerate(system.plans)}
+
     def save(round: int, loop: dict[str, Any]) -> None:
         assert p.checkpoint is not None
+        p.plans = current()
         atomic_save({"round": round, "trained": set(loop["trained"]), "plans": p.plans,
                      "config": cfg.model_dump(mode="json"), "system": system.state_dict(),
                      "planner": planner.state_dict()}, p.checkpoint)
 
     run_hetero(system, t.steps, t.agg_interval, rec,
-               replan=lambda rnd: planner.replan(system, rnd),
+               replan=lambda rnd: planner.replan(system, rec, rnd),
                attendance=place.attendance(p.attendance), start=start, trained=trained,
                checkpoint=save if p.checkpoint is not None else None)
+    p.plans, p.ran = current(), planner.describe(system.plans)
     update = system.global_update()
     state, alphas = updates_as_adapter(update)
     system.restore_base()
@@ -559,7 +564,8 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
     cut = p.cfg.train.cut
     total = sum(p_.numel() for n, p_ in p.model.named_parameters() if ".lora_" in n)
     spec = arch_spec(p.model.config)
-    if p.plans:  # heterogeneous: the mean client's own adapters, from its plan
+    planned: dict[str, Any] = {}
+    if p.plans:  # heterogeneous: the mean client's own adapters, from the plan that ran last
         from hsplitlora.hetero.costmodel import ModelDims
 
         dims = ModelDims.from_config(p.model.config)
@@ -571,6 +577,7 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
                 own += matrix.lora_params(r) if block < pcut else 0
             per_client.append(own)
         client_params = round(sum(per_client) / len(per_client))
+        planned = _planned(p, per_client, rec)
     elif not p.cfg.mode.split:
         client_params = total  # one party holds everything
     else:
@@ -580,8 +587,9 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
         "mode": p.cfg.train.mode,
         "model": p.cfg.model.name,
         "clients": p.cfg.train.num_clients,
-        "cut": cut,
-        "rank": p.cfg.lora.r,
+        # a planned run has a cut and ranks per client (``plans``), not one of each
+        "cut": None if p.plans else cut,
+        "rank": None if p.plans else p.lora.r,
         "steps": len(steps),
         "first_loss": sum(r["loss"] for r in first) / len(first),
         "final_loss": sum(r["loss"] for r in last) / len(last),
@@ -593,7 +601,31 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
         "trainable_params": total,
         "client_trainable_params": client_params,
         "shard_sizes": [len(s) for s in p.shards],
+        **planned,
     }
+
+
+def _planned(p: Prepared, client_params: list[int], rec: Recorder) -> dict[str, Any]:
+    """A heterogeneous run's plans as they ran last (re-plans included), each client's and
+    the main server's cost-model memory and compute beside one another."""
+    assert p.plans is not None
+    out: dict[str, Any] = {
+        "plans": [{"cut": cut, "client_adapters": sum(1 for m in ranks
+                                                      if arch_spec(p.model.config).block_of(m)
+                                                      < cut),
+                   "client_trainable_params": n}
+                  for (cut, ranks), n in zip(p.plans.values(), client_params, strict=True)],
+        "replans": sum(1 for r in rec.records if r.get("event") == "replan"),
+    }
+    if p.ran is not None:
+        for entry, c in zip(out["plans"], p.ran.clients, strict=True):
+            entry.update(memory_bytes=c.memory.total, budget_bytes=c.budget_bytes,
+                         step_s=c.step_seconds)
+        if p.ran.server is not None:
+            out["server"] = {"memory_bytes": p.ran.server.memory_bytes,
+                             "budget_bytes": p.ran.server.budget_bytes,
+                             "compute_s_per_round": p.ran.server.compute_seconds}
+    return out
 
 
 

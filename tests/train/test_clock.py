@@ -45,3 +45,38 @@ def test_federated_takes_the_slowest_client_and_aggregation_costs_bandwidth():
     assert t == [pytest.approx(full / 5e8 + 2000 / 1e6 + 4000 / 2e6)]
     central = simulate(records, mode=mode_of("centralized"), clients=[DEV, slow], **kw)
     assert central[0] > t[0] - 4000 / 2e6 - 2000 / 1e6  # one device, no parallelism
+
+
+def test_aggregation_takes_the_slowest_link_probes_are_timed_and_plans_follow_replans():
+    dims = ModelDims.from_config(tiny_config("llama"))
+    work = Workload.for_precision("fp32", batch=2, seq=8)
+    slow = DEV.model_copy(update={"uplink_bps": 1e5})
+    kw = dict(dims=dims, cuts={0: 1, 1: 1}, ranks={}, clients=[DEV, slow], server=SRV,
+              batch=2, seq=8, precision="fp32")
+    mode = mode_of("hsplitlora")
+    steps = [{"round": r, "client": c, "loss": 1.0, "tokens": 8, "bytes_up": 0,
+              "bytes_down": 0} for r in (0, 1) for c in (0, 1)]
+    base = simulate(steps, mode=mode, **kw)
+    # per-link bytes: the slow client's upload decides, not an average over clients
+    agg = {"event": "aggregate", "round": 0, "links": [[0, 5000, 100], [1, 1000, 100]],
+           "bytes_up": 6000, "bytes_down": 200}
+    t = simulate([*steps, agg], mode=mode, **kw)
+    link = max(5000 / min(DEV.uplink_bps, SRV.downlink_bps),
+               1000 / min(slow.uplink_bps, SRV.downlink_bps)) + 100 / min(SRV.uplink_bps,
+                                                                          DEV.downlink_bps)
+    assert t[0] - base[0] == pytest.approx(link)
+    # a probe: clients in parallel, each batch forward + backward to every weight (3x),
+    # the server serving them one after the other
+    probe = {"event": "probe", "round": 0, "links": [[0, 0, 0, 2, 2], [1, 0, 0, 2, 2]]}
+    t = simulate([*steps, probe], mode=mode, **kw)
+    own = 2 * 3 * client_flops(dims, 2, {}, work).forward / DEV.flops
+    served = 2 * 2 * 3 * server_flops(dims, 2, {}, work).forward / SRV.flops
+    assert t[0] - base[0] == pytest.approx(max(own, served))
+    # a replan after round 0 moves both clients to cut 3 for round 1
+    plan = {"event": "plan", "round": 0, "plans": [{"cut": 1, "ranks": {}}] * 2}
+    replan = {"event": "replan", "round": 0, "plans": [{"cut": 3, "ranks": {}}] * 2}
+    moved = simulate([plan, *steps, replan], mode=mode, **kw)
+    deeper = simulate(steps, mode=mode, **{**kw, "cuts": {0: 3, 1: 3}})
+    assert moved[0] == pytest.approx(base[0])
+    assert moved[1] - moved[0] == pytest.approx(deeper[1] - deeper[0])
+    assert moved[1] - moved[0] != pytest.approx(base[1] - base[0])

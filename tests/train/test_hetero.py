@@ -196,3 +196,36 @@ def test_replan_moves_the_cut_and_keeps_the_merged_model():
     system.replan(new)
     assert system.clients[0].cut == 3 and system.server.cut(0) == 3
     assert abs(loss_of(0) - before) < 1e-5
+
+
+@pytest.mark.parametrize("aggregator", ["noisefree", "svd"])
+def test_an_aggregation_charges_each_client_link_only_what_crosses_it(aggregator):
+    """A client uploads its own adapters and downloads what concerns the blocks it holds;
+    the server-side adapters move between the main and the fed server, on no client's
+    link. The figures are the bytes of the tensors themselves."""
+    from hsplitlora.roles.messages import nbytes
+
+    system = _system(aggregator)
+    for c in system.clients:
+        c.backward(system.server.step(c.client_id, c.forward()).grad)
+    uploads = {c.client_id: nbytes(c.adapter_state()) for c in system.clients}
+    server = sum(nbytes(system.server.adapter_state(c.client_id)) for c in system.clients)
+    moved = system.aggregate()
+    assert [cid for cid, _, _ in moved.links] == [0, 1, 2]
+    assert {cid: up for cid, up, _ in moved.links} == uploads
+    assert moved.server_up == server and server > 0
+    if aggregator == "noisefree":  # each client gets the merged update of its own blocks
+        update = system.merges[-1]
+        for cid, _, down in moved.links:
+            cut = PLANS[cid].cut
+            held = [u for m, u in update.items() if int(m.split(".")[2]) < cut]
+            assert down == sum(nbytes(u) if isinstance(u, torch.Tensor) else nbytes(list(u))
+                               for u in held), cid
+        assert moved.server_down == sum(
+            nbytes(u) if isinstance(u, torch.Tensor) else nbytes(list(u))
+            for u in update.values())
+    else:  # each client gets back its own new adapters
+        assert {cid: down for cid, _, down in moved.links} == {
+            c.client_id: nbytes(c.adapter_state()) for c in system.clients}
+        assert moved.server_down == sum(nbytes(system.server.adapter_state(c.client_id))
+                                        for c in system.clients)
