@@ -50,6 +50,7 @@ from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport.calls import pack_call, pack_updates, read_scores, settings_to_json
 from hsplitlora.transport.codec import encode
 from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.guard import guarded_step
 from hsplitlora.transport.hetero_fed import RemoteFedAggregation
 from hsplitlora.transport.plan import Plan
 from hsplitlora.transport.server import GONE, Session, decode_upload, hello_problem, listen
@@ -97,8 +98,14 @@ class _Server:
         return getattr(self._role, name)
 
     def step(self, client_id: int, acts: Activations) -> ServerReply:
-        reply = self._role.step(client_id, acts)
+        """The role's step, undone if its outcome is not finite (as in the homogeneous
+        modes): then the client is dropped from the round, and nothing it sent stays."""
         proxy = self._hub.clients[client_id]
+        what = f"activations of client {client_id}, round {proxy.round}"
+        try:
+            reply = guarded_step(self._role, client_id, acts, self._hub.bound, what)
+        except WireError as e:
+            raise proxy.refuse(str(e)) from None
         packed = pack_call("backward", None, encode("grad", reply.grad, proxy.codec))
         proxy.outgoing = (reply.grad, packed)
         return _WiredReply(reply.loss, reply.tokens, reply.grad, packed)
@@ -157,6 +164,11 @@ class RemoteClient:
         log.warning("client %d dropped in round %d: %s", self.client_id, self.round, reason)
         return PartyLost(f"client {self.client_id}: {reason}")
 
+    def refuse(self, reason: str) -> PartyLost:
+        """Drop the client from the round for a step the server undid: ABORTED, which
+        the client retries, so it reconnects and is readmitted at the next round."""
+        return self._lose(reason, grpc.StatusCode.ABORTED)
+
     def _await(self, kind: str, what: str) -> Blob:
         if not self.here:
             raise PartyLost(f"client {self.client_id} is not connected")
@@ -185,8 +197,7 @@ class RemoteClient:
     def _activations(self, blob: Blob, what: str) -> Activations:
         try:
             plan = self.hub.plan
-            acts = decode_upload(blob.data, plan, self.codec, what,
-                                 plan.value_bound(self.hub.net.max_activation))
+            acts = decode_upload(blob.data, plan, self.codec, what, self.hub.bound)
         except WireError as e:
             raise self._lose(f"its {what} were refused: {e}",
                              grpc.StatusCode.INVALID_ARGUMENT) from None
@@ -226,7 +237,7 @@ class RemoteClient:
             check_header(read_header(blob.data), layout, {}, what)
             state = unpack(blob.data)
             check_finite(state, what)
-            check_magnitude(state, self.hub.plan.value_bound(self.hub.net.max_activation), what)
+            check_magnitude(state, self.hub.bound, what)
         except WireError as e:
             raise self._lose(str(e), grpc.StatusCode.INVALID_ARGUMENT) from None
         return state
@@ -373,6 +384,11 @@ class HeteroHub:
                 aggregator=aggregator_for(self.cfg),
                 alpha=self.cfg.lora.alpha, shapes=self._shapes)
         return self
+
+    @property
+    def bound(self) -> float:
+        """The largest |value| an activation, gradient or adapter may carry in this run."""
+        return self.plan.value_bound(self.net.max_activation)
 
     # -- the gRPC front's side -----------------------------------------------------------
     def check_hello(self, party: str, frame: pb.ClientFrame) -> str | None:
