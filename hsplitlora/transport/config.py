@@ -56,9 +56,10 @@ class NetConfig(BaseModel):
                                 "4 MB gRPC default is raised to this); must exceed chunk_kb")
     max_tensor_mb: int | None = Field(
         None, ge=1, description="largest tensor blob (one upload, all chunks together) "
-        "accepted; null = derived from the run: one batch of activations (main server), one "
-        "adapter (fed server), 2048 MB where nothing bounds it (what a client receives, "
-        "the heterogeneous modes)")
+        "accepted; null = derived from the run: one batch of activations (main server; in the "
+        "heterogeneous modes, or the widest adapter a plan allows if larger), one adapter "
+        "(fed server), 2048 MB where nothing bounds it (what a client receives, uploads to "
+        "a separate heterogeneous fed server)")
     max_activation: float | None = Field(
         None, gt=0, description="largest |value| of an activation or gradient accepted; "
         "null = derived from the model's hidden size (see Plan.value_bound)")

@@ -52,7 +52,7 @@ from hsplitlora.transport.codec import encode
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.guard import guarded_step
 from hsplitlora.transport.hetero_fed import RemoteFedAggregation
-from hsplitlora.transport.plan import Plan
+from hsplitlora.transport.plan import Plan, layout_bytes
 from hsplitlora.transport.server import GONE, Session, decode_upload, hello_problem, listen
 from hsplitlora.transport.validate import check_finite, check_header, check_magnitude
 from hsplitlora.transport.wire import Blob, WireError, pack, read_header, unpack
@@ -352,6 +352,7 @@ class HeteroHub:
         self._pending: dict[int, Session] = {}
         self._base: nn.Module | None = None
         self._shapes: dict[str, tuple[int, int]] = {}
+        self._adapter_bytes = 0  # the largest adapter a client may upload (set by bind())
         self.spec: ArchSpec | None = None
         self.tokens = tokens
         self._fed: RemoteFedAggregation | None = None
@@ -373,6 +374,10 @@ class HeteroHub:
                             "vocab_size": int(mc.vocab_size), "dtype": head.dtype})
         self.spec = arch_spec(mc)
         self._shapes = matrix_shapes(p.model, self.spec.targets)
+        widest = LoraSettings(r=max(self.cfg.lora.r, *self.cfg.hetero.rank_set),
+                              targets=self.spec.targets)
+        self._adapter_bytes = layout_bytes({k: ("F32", shape) for k, shape in adapter_shapes(
+            self._shapes, widest, self.spec.default_targets).items()})
         self.device = p.device
         if p.resumed is not None:
             self.start_round = p.resumed["round"] + 1
@@ -398,9 +403,11 @@ class HeteroHub:
     inbox_limit = 2
 
     def upload_limit(self, codec: str) -> int:
-        """Clients send activations, adapters and scores here, whose sizes the plans change
-        from round to round: ``net.max_tensor_mb`` (2048 MB when unset) bounds them all."""
-        return self.net.max_tensor_bytes
+        """The largest blob a client of this run may send (``net.max_tensor_mb`` when
+        set): one batch of activations (the same size at every cut) or its adapter at the
+        largest rank on every matrix it could hold, since re-plans move cuts and ranks.
+        Before :meth:`bind` only small messages can be legitimate (no call was sent)."""
+        return self.net.tensor_limit(max(self.plan.upload_bytes(codec), self._adapter_bytes))
 
     def register(self, session: Session) -> None:
         with self._cond:

@@ -214,7 +214,7 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
             yield item
 
     def _read(self, requests: Iterator[pb.ClientFrame], session: Session) -> None:
-        assembler = Reassembler(self.coordinator.upload_limit(session.codec))
+        assembler = Reassembler(lambda: self.coordinator.upload_limit(session.codec))
         try:
             for frame in requests:
                 if session.gone.is_set():
