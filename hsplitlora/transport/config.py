@@ -71,6 +71,14 @@ class NetConfig(BaseModel):
                                   "this long is closed")
     streams_per_party: int = Field(2, ge=1, description="open calls one party may hold per "
                                    "service (a reconnecting client briefly holds two)")
+    peer_calls_per_s: float = Field(
+        50.0, gt=0, description="new calls one network address may open per second (a "
+        "token bucket; parties on one machine or behind one NAT share it); more are refused "
+        "with RESOURCE_EXHAUSTED before anything is read, and clients retry after the wait "
+        "the refusal names")
+    peer_call_burst: int = Field(100, ge=1, description="new calls one address may open "
+                                 "at once before net.peer_calls_per_s applies (the token "
+                                 "bucket's size)")
     join_timeout_s: float = Field(120.0, gt=0, description="how long the server waits for "
                                   "clients before the first round (and after a resume)")
     reply_timeout_s: float = Field(600.0, gt=0, description="client: how long to wait for the "

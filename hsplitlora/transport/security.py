@@ -29,6 +29,7 @@ import grpc
 import yaml
 
 from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.limits import RETRY_AFTER_KEY
 
 __all__ = ["AuthError", "Authenticator", "ConnectionFailed", "Refused", "bind",
            "call_metadata", "certificate_names", "explain", "load_tokens", "open_channel",
@@ -230,6 +231,18 @@ class Authenticator:
         return None
 
 
+def _retry_after(err: grpc.RpcError) -> float | None:
+    """The seconds a rate refusal asks the caller to wait (None: not a rate refusal)."""
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return int(value) / 1000
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
 def explain(err: grpc.RpcError, address: str, net: NetConfig) -> Exception:
     """A gRPC failure as an exception whose message says what to do."""
     code = err.code() if hasattr(err, "code") else None
@@ -237,6 +250,9 @@ def explain(err: grpc.RpcError, address: str, net: NetConfig) -> Exception:
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AuthError(f"{address} refused us: {details}. Check the client id and the token "
                          "(the server's net.tokens_file must hold the same token)")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _retry_after(err) is not None:
+        # Over the per-address call rate: waiting is the fix, so the caller retries.
+        return ConnectionFailed(f"{address} is busy: {details}")
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
                 grpc.StatusCode.RESOURCE_EXHAUSTED):
         return Refused(f"{address} refused the request: {details}")

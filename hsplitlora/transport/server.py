@@ -37,7 +37,13 @@ from hsplitlora.transport.codec import CODECS, decode_activations, encode
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FederationServicer, FedService, RemoteFed
 from hsplitlora.transport.guard import guarded_step
-from hsplitlora.transport.limits import StreamGate, Ticket, first_within
+from hsplitlora.transport.limits import (
+    StreamGate,
+    Throttle,
+    Ticket,
+    first_within,
+    peer_rate_limit,
+)
 from hsplitlora.transport.plan import Plan
 from hsplitlora.transport.security import Authenticator, bind, options
 from hsplitlora.transport.validate import (
@@ -450,24 +456,7 @@ class Coordinator:
         log.info("run complete after %d rounds", self.plan.steps)
 
 
-class _Throttle:
-    """Says whether a message about ``key`` is due (at most once per ``every_s``)."""
-
-    def __init__(self, every_s: float) -> None:
-        self.every_s = every_s
-        self._last: dict[Any, float] = {}
-        self._lock = threading.Lock()
-
-    def due(self, key: Any) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(key, -self.every_s) < self.every_s:
-                return False
-            self._last[key] = now
-            return True
-
-
-_REFUSALS = _Throttle(60.0)
+_REFUSALS = Throttle(60.0)
 
 
 def admit(gate: StreamGate | None, service: str, party: str,
@@ -508,7 +497,8 @@ def listen(coordinator: Admission, net: NetConfig, tokens: Mapping[str, str] | N
     # each admitted call, and gRPC refuses what is beyond at once instead of queueing it.
     gate = stream_gate(net, n, federation=isinstance(coordinator.fed, FedService))
     server = grpc.server(ThreadPoolExecutor(max_workers=gate.workers), options=options(net),
-                         maximum_concurrent_rpcs=gate.workers)
+                         maximum_concurrent_rpcs=gate.workers,
+                         interceptors=[peer_rate_limit(net)])
     auth = Authenticator(tokens, {str(i) for i in range(n)}, net)
     pb_grpc.add_SplitTrainingServicer_to_server(TrainingServicer(coordinator, auth, net, gate),
                                                 server)
