@@ -14,10 +14,14 @@ Each connection is reopened ``--retry-s`` (1 s) after the server closes it; with
 ``--retry-s 0.05`` the attack becomes a connection flood, whose cost is the TCP and
 HTTP/2 handshakes on both sides (no cap on open calls bounds that; a firewall does).
 
-For N in 0, 50 and 200 per kind it prints honest steps per second (and the ratio to N=0)
-and the server's resident memory growth over its N=0 baseline; the targets are a ratio
->= 0.8 and growth <= 100 MB. Every party shares this machine's cores, so the attacker's
-own CPU use counts against the honest client too.
+For N in 0, 50 and 200 per kind it prints honest steps per second (and the ratio to N=0),
+the server's resident memory growth over its N=0 baseline, and the CPU the server and the
+attacker used over the measurement (in cores: 1.0 = one core busy); the targets are a
+ratio >= 0.8 and growth <= 100 MB. With 3 or more cores the attacker is pinned to cores of
+its own (``os.sched_setaffinity``), as it would be on its own machine, so the ratio
+measures what the attack costs the server; with fewer, every party shares the cores and
+the attacker's own CPU counts against the honest client too (the ``attacker_cpu`` column
+says how much), and the table says ``shared``.
 
     python bench/net_abuse.py [--levels 0,50,200] [--kinds helloless,flood,malformed,unauth]
                               [--seconds 4]
@@ -54,6 +58,22 @@ def serve(port_file: Path) -> None:
     live = start_live(net, num_clients=2, steps=10**7, interval=10**7, tokens=TOKENS)
     port_file.write_text(str(live.port))
     live.thread.join()
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cores() -> tuple[set[int], set[int]] | None:
+    """(cores for the server and the honest client, cores for the attacker), or None when
+    there are too few to keep them apart."""
+    mine = sorted(os.sched_getaffinity(0))
+    if len(mine) < 3:
+        return None
+    split = max(1, len(mine) // 3)
+    return set(mine[:-split]), set(mine[-split:])
 
 
 def rss_mb(pid: int) -> float:
@@ -146,11 +166,15 @@ def run_kind(kind: str, levels: list[int], seconds: float, retry_s: float) -> li
     from hsplitlora.transport.client import Link
     from hsplitlora.transport.config import NetConfig
 
+    split = cores()
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         server = subprocess.Popen([sys.executable, __file__, "--serve", str(port_file)],
                                   env={**os.environ, "PYTHONPATH": str(REPO)},
                                   stderr=subprocess.DEVNULL)
+        if split is not None:  # the server and this (honest) process on one set of cores
+            os.sched_setaffinity(server.pid, split[0])
+            os.sched_setaffinity(0, split[0])
         try:
             while not port_file.exists():
                 time.sleep(0.1)
@@ -171,9 +195,16 @@ def run_kind(kind: str, levels: list[int], seconds: float, retry_s: float) -> li
                      "--levels", str(n), "--retry-s", str(retry_s)],
                     env={**os.environ, "PYTHONPATH": str(REPO)},
                     stderr=subprocess.DEVNULL) if n else None
+                if attack is not None and split is not None:
+                    os.sched_setaffinity(attack.pid, split[1])
                 if n:  # let the attack build up (stepping on: an idle client is dropped)
                     honest_rate(link, state, 3.0)
+                used = [cpu_s(server.pid), cpu_s(attack.pid) if attack else 0.0]
+                start = time.monotonic()
                 rate = honest_rate(link, state, seconds)
+                wall = time.monotonic() - start
+                used = [(cpu_s(server.pid) - used[0]) / wall,
+                        (cpu_s(attack.pid) - used[1]) / wall if attack else 0.0]
                 peak = rss_mb(server.pid)
                 if attack is not None:
                     attack.kill()
@@ -181,7 +212,9 @@ def run_kind(kind: str, levels: list[int], seconds: float, retry_s: float) -> li
                 base_rate = rate if base_rate is None else base_rate
                 rows.append({"kind": kind, "hostile": n, "steps_per_s": round(rate, 1),
                              "ratio": round(rate / base_rate, 2),
-                             "rss_growth_mb": round(peak - base_rss, 1)})
+                             "rss_growth_mb": round(peak - base_rss, 1),
+                             "server_cpu": round(used[0], 2), "attacker_cpu": round(used[1], 2),
+                             "cores": "shared" if split is None else "separate"})
                 print(json.dumps(rows[-1]), flush=True)
             link.close()
             return rows
