@@ -357,13 +357,24 @@ class Coordinator:
             log.info("client %d admitted at round %d", cid, round)
 
     def _strike(self, cid: int, round: int) -> None:
-        """Back off a client that keeps timing out: after its second timeout in a row it
-        sits out 2, then 4, 8... rounds (at most 64) before it is admitted again, so a
-        stalling client cannot cost every round a full step timeout."""
+        """Back off a client that keeps timing out or sending uploads that are refused:
+        after its second failed step in a row it sits out 2, then 4, 8... rounds (at most
+        64) before it is admitted again, so a stalling or hostile client (each new
+        connection of which the round would wait for, in id order, before the clients
+        after it) cannot cost every round. Strikes outlive reconnections; a step clears
+        them."""
         strikes = self._strikes.get(cid, 0) + 1
         self._strikes[cid] = strikes
         if strikes >= 2:
             self._benched_until[cid] = round + 1 + min(2 ** (strikes - 1), 64)
+
+    def _refused_step(self, session: Session, round: int, reason: str) -> None:
+        """Refuse this round's upload, and count it against the client: a connected
+        client is still served next round (a refusal changes nothing else), but one that
+        reconnects after refusals in a row, as a flood whose stream was cut does, waits
+        out its back-off first."""
+        self._refuse(session, round, reason)
+        self._strike(session.client_id, round)
 
     def _remove(self, session: Session) -> None:
         with self._cond:
@@ -393,14 +404,14 @@ class Coordinator:
             self._remove(session)
             return None
         if isinstance(item, WireError):
-            self._refuse(session, t, f"upload of client {cid}, round {t}: {item}")
+            self._refused_step(session, t, f"upload of client {cid}, round {t}: {item}")
             return None
         what = f"activations of client {cid}, round {t}"
         try:
             acts = self._decode(t, session, item)
             reply = guarded_step(self.server, cid, acts, self.bound, what)
         except WireError as e:
-            self._refuse(session, t, str(e))
+            self._refused_step(session, t, str(e))
             return None
         data = pack(encode("grad", reply.grad, session.codec),
                     {"loss": repr(reply.loss), "tokens": str(reply.tokens)})

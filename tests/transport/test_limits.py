@@ -210,6 +210,38 @@ def test_a_client_that_keeps_timing_out_is_backed_off():
         live.stop()
 
 
+def test_a_client_that_reconnects_after_refused_uploads_is_backed_off():
+    """A compromised client whose junk is refused and who comes back on a new connection
+    (a flood's stream is cut) would be admitted, and waited for in id order, every round;
+    after its second refusal in a row it sits out two rounds, as a client that keeps
+    timing out does. (Connected, a refused client is still served each round.)"""
+    net = NetConfig(step_timeout_s=5, join_timeout_s=10)
+    live = start_live(net, steps=6, interval=6)
+    try:
+        honest = live.link(1)
+        good = remote(honest)
+        evil = live.link(0)
+        assert honest.welcome(5).round == evil.welcome(5).round == 0
+        welcomes = []
+        for t in range(6):
+            if t in (0, 1):
+                evil.send("acts", t, b"junk")
+                got = evil.receive(5)
+                assert isinstance(got, pb.Control) and got.kind == pb.Control.REFUSED
+                evil.close()
+                evil = live.link(0)
+                wait_for(lambda: 0 in live.coordinator._pending, 10, "the reconnection")
+            good.round = t
+            good.step(1, activations(t))
+            if t == 0:
+                welcomes.append(evil.welcome(5).round)
+        welcomes.append(evil.welcome(5).round)
+        assert welcomes == [1, 4]  # after its second refusal it sat out rounds 2 and 3
+        evil.close()
+    finally:
+        live.stop()
+
+
 class _Clock:
     def __init__(self) -> None:
         self.now = 100.0
