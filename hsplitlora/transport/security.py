@@ -29,7 +29,7 @@ import grpc
 import yaml
 
 from hsplitlora.transport.config import NetConfig
-from hsplitlora.transport.limits import RETRY_AFTER_KEY
+from hsplitlora.transport.limits import RETRY_AFTER_KEY, Throttle, peer_address
 
 __all__ = ["AuthError", "Authenticator", "ConnectionFailed", "Refused", "bind",
            "call_metadata", "certificate_names", "explain", "load_tokens", "open_channel",
@@ -165,6 +165,7 @@ class Authenticator:
         self.window_s = net.token_window_s if net is not None else 60.0
         self.mutual_tls = net is not None and net.mutual_tls
         self._seen: dict[str, float] = {}  # nonce -> when it may be forgotten
+        self._log = Throttle(60.0)
         self._lock = threading.Lock()
         if tokens is None:
             log.warning("no net.tokens_file: any process that reaches this port may join as "
@@ -183,7 +184,10 @@ class Authenticator:
         if reason is None and party in self.parties and self.tokens is not None:
             reason = self._token_problem(meta, party, method)
         if reason is not None:
-            log.warning("refused a call from %s: %s", context.peer(), reason)
+            address = peer_address(context.peer())
+            if self._log.due((address, party)):  # a flood of refusals must not flood the log
+                log.warning("refused a call from %s: %s (further refusals of this address "
+                            "and party are logged once a minute)", context.peer(), reason)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
         return party
 
