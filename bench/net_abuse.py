@@ -10,9 +10,11 @@ kind open, reopening each as soon as the server closes it:
 - ``malformed``: a hello, then the 80-byte header that used to kill the server, repeated
 - ``unauth``: calls with a wrong token
 
-Each connection is reopened ``--retry-s`` (1 s) after the server closes it; with
-``--retry-s 0.05`` the attack becomes a connection flood, whose cost is the TCP and
-HTTP/2 handshakes on both sides (no cap on open calls bounds that; a firewall does).
+Each connection is reopened ``--retry-s`` (1 s) after the server closes it (and stops
+sending into a call the server ended, so its CPU goes into new calls); with ``--retry-s
+0.05`` the attack becomes a connection flood: the per-address call rate limit
+(``net.peer_calls_per_s``) refuses the calls past it before reading anything, and the TCP
+and HTTP/2 handshakes are left to a firewall.
 
 For N in 0, 50 and 200 per kind it prints honest steps per second (and the ratio to N=0),
 the server's resident memory growth over its N=0 baseline, and the CPU the server and the
@@ -86,7 +88,7 @@ def rss_mb(pid: int) -> float:
 _FRAMES: dict[str, list] = {}  # made once per kind: the attacker's own CPU is not the test
 
 
-def hostile_frames(kind: str, stop: threading.Event) -> Iterator:
+def hostile_frames(kind: str, stop: threading.Event, ended: threading.Event) -> Iterator:
     from hsplitlora.transport import hsplitlora_pb2 as pb
     from hsplitlora.transport.wire import frames
 
@@ -103,14 +105,15 @@ def hostile_frames(kind: str, stop: threading.Event) -> Iterator:
     hello, uploads = _FRAMES[kind][:1], _FRAMES[kind][1:]
     yield from hello if kind != "helloless" else _FRAMES[kind]
     for seq in range(250 if uploads else 0):
-        if stop.is_set():
+        if stop.is_set() or ended.is_set():
             return
         for f in uploads:  # a fresh sequence number per upload, as a client would send
             c = f.chunk
             yield pb.ClientFrame(chunk=pb.Chunk(seq=seq, kind=c.kind, round=c.round,
                                                 total_bytes=c.total_bytes, index=c.index,
                                                 last=c.last, data=c.data))
-    stop.wait(60)
+    while not (stop.is_set() or ended.is_set()):  # hold the stream until the server ends it
+        ended.wait(0.2)
 
 
 def attacker(address: str, kind: str, stop: threading.Event, net, retry_s: float) -> None:
@@ -122,15 +125,16 @@ def attacker(address: str, kind: str, stop: threading.Event, net, retry_s: float
 
     token = "wrong" if kind == "unauth" else TOKENS["0"]
     while not stop.is_set():
-        channel = open_channel(address, net)
+        channel, ended = open_channel(address, net), threading.Event()
         try:
             call = pb_grpc.SplitTrainingStub(channel).Train(
-                hostile_frames(kind, stop), metadata=call_metadata("0", token))
+                hostile_frames(kind, stop, ended), metadata=call_metadata("0", token))
             for _ in call:
                 pass
         except grpc.RpcError:
             pass
         finally:
+            ended.set()
             channel.close()
         stop.wait(retry_s)
 
