@@ -10,14 +10,20 @@ kind open, reopening each as soon as the server closes it:
 - ``malformed``: a hello, then the 80-byte header that used to kill the server, repeated
 - ``unauth``: calls with a wrong token
 
-Each connection is reopened ``--retry-s`` (1 s) after the server closes it; with
-``--retry-s 0.05`` the attack becomes a connection flood, whose cost is the TCP and
-HTTP/2 handshakes on both sides (no cap on open calls bounds that; a firewall does).
+Each connection is reopened ``--retry-s`` (1 s) after the server closes it (and stops
+sending into a call the server ended, so its CPU goes into new calls); with ``--retry-s
+0.05`` the attack becomes a connection flood: the per-address call rate limit
+(``net.peer_calls_per_s``) refuses the calls past it before reading anything, and the TCP
+and HTTP/2 handshakes are left to a firewall.
 
-For N in 0, 50 and 200 per kind it prints honest steps per second (and the ratio to N=0)
-and the server's resident memory growth over its N=0 baseline; the targets are a ratio
->= 0.8 and growth <= 100 MB. Every party shares this machine's cores, so the attacker's
-own CPU use counts against the honest client too.
+For N in 0, 50 and 200 per kind it prints honest steps per second (and the ratio to N=0),
+the server's resident memory growth over its N=0 baseline, and the CPU the server and the
+attacker used over the measurement (in cores: 1.0 = one core busy); the targets are a
+ratio >= 0.8 and growth <= 100 MB. With 3 or more cores the attacker is pinned to cores of
+its own (``os.sched_setaffinity``), as it would be on its own machine, so the ratio
+measures what the attack costs the server; with fewer, every party shares the cores and
+the attacker's own CPU counts against the honest client too (the ``attacker_cpu`` column
+says how much), and the table says ``shared``.
 
     python bench/net_abuse.py [--levels 0,50,200] [--kinds helloless,flood,malformed,unauth]
                               [--seconds 4]
@@ -56,6 +62,22 @@ def serve(port_file: Path) -> None:
     live.thread.join()
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cores() -> tuple[set[int], set[int]] | None:
+    """(cores for the server and the honest client, cores for the attacker), or None when
+    there are too few to keep them apart."""
+    mine = sorted(os.sched_getaffinity(0))
+    if len(mine) < 3:
+        return None
+    split = max(1, len(mine) // 3)
+    return set(mine[:-split]), set(mine[-split:])
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -66,7 +88,7 @@ def rss_mb(pid: int) -> float:
 _FRAMES: dict[str, list] = {}  # made once per kind: the attacker's own CPU is not the test
 
 
-def hostile_frames(kind: str, stop: threading.Event) -> Iterator:
+def hostile_frames(kind: str, stop: threading.Event, ended: threading.Event) -> Iterator:
     from hsplitlora.transport import hsplitlora_pb2 as pb
     from hsplitlora.transport.wire import frames
 
@@ -83,14 +105,15 @@ def hostile_frames(kind: str, stop: threading.Event) -> Iterator:
     hello, uploads = _FRAMES[kind][:1], _FRAMES[kind][1:]
     yield from hello if kind != "helloless" else _FRAMES[kind]
     for seq in range(250 if uploads else 0):
-        if stop.is_set():
+        if stop.is_set() or ended.is_set():
             return
         for f in uploads:  # a fresh sequence number per upload, as a client would send
             c = f.chunk
             yield pb.ClientFrame(chunk=pb.Chunk(seq=seq, kind=c.kind, round=c.round,
                                                 total_bytes=c.total_bytes, index=c.index,
                                                 last=c.last, data=c.data))
-    stop.wait(60)
+    while not (stop.is_set() or ended.is_set()):  # hold the stream until the server ends it
+        ended.wait(0.2)
 
 
 def attacker(address: str, kind: str, stop: threading.Event, net, retry_s: float) -> None:
@@ -102,15 +125,16 @@ def attacker(address: str, kind: str, stop: threading.Event, net, retry_s: float
 
     token = "wrong" if kind == "unauth" else TOKENS["0"]
     while not stop.is_set():
-        channel = open_channel(address, net)
+        channel, ended = open_channel(address, net), threading.Event()
         try:
             call = pb_grpc.SplitTrainingStub(channel).Train(
-                hostile_frames(kind, stop), metadata=call_metadata("0", token))
+                hostile_frames(kind, stop, ended), metadata=call_metadata("0", token))
             for _ in call:
                 pass
         except grpc.RpcError:
             pass
         finally:
+            ended.set()
             channel.close()
         stop.wait(retry_s)
 
@@ -146,11 +170,15 @@ def run_kind(kind: str, levels: list[int], seconds: float, retry_s: float) -> li
     from hsplitlora.transport.client import Link
     from hsplitlora.transport.config import NetConfig
 
+    split = cores()
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         server = subprocess.Popen([sys.executable, __file__, "--serve", str(port_file)],
                                   env={**os.environ, "PYTHONPATH": str(REPO)},
                                   stderr=subprocess.DEVNULL)
+        if split is not None:  # the server and this (honest) process on one set of cores
+            os.sched_setaffinity(server.pid, split[0])
+            os.sched_setaffinity(0, split[0])
         try:
             while not port_file.exists():
                 time.sleep(0.1)
@@ -171,9 +199,16 @@ def run_kind(kind: str, levels: list[int], seconds: float, retry_s: float) -> li
                      "--levels", str(n), "--retry-s", str(retry_s)],
                     env={**os.environ, "PYTHONPATH": str(REPO)},
                     stderr=subprocess.DEVNULL) if n else None
+                if attack is not None and split is not None:
+                    os.sched_setaffinity(attack.pid, split[1])
                 if n:  # let the attack build up (stepping on: an idle client is dropped)
                     honest_rate(link, state, 3.0)
+                used = [cpu_s(server.pid), cpu_s(attack.pid) if attack else 0.0]
+                start = time.monotonic()
                 rate = honest_rate(link, state, seconds)
+                wall = time.monotonic() - start
+                used = [(cpu_s(server.pid) - used[0]) / wall,
+                        (cpu_s(attack.pid) - used[1]) / wall if attack else 0.0]
                 peak = rss_mb(server.pid)
                 if attack is not None:
                     attack.kill()
@@ -181,7 +216,9 @@ def run_kind(kind: str, levels: list[int], seconds: float, retry_s: float) -> li
                 base_rate = rate if base_rate is None else base_rate
                 rows.append({"kind": kind, "hostile": n, "steps_per_s": round(rate, 1),
                              "ratio": round(rate / base_rate, 2),
-                             "rss_growth_mb": round(peak - base_rss, 1)})
+                             "rss_growth_mb": round(peak - base_rss, 1),
+                             "server_cpu": round(used[0], 2), "attacker_cpu": round(used[1], 2),
+                             "cores": "shared" if split is None else "separate"})
                 print(json.dumps(rows[-1]), flush=True)
             link.close()
             return rows

@@ -94,13 +94,14 @@ def client_step(client: Client, server: MainServer, rec: Recorder, round: int, *
                 local: bool = False) -> bool:
     """One split step: the client's forward, the server's step, the client's backward.
     ``local``: the client runs the server segment itself (nothing crosses a network).
-    Returns False if a remote client went away (the round goes on without it)."""
+    Returns False if a remote client went away, or a remote server refused its step (the
+    round goes on without it)."""
     try:
         acts = client.forward()
+        reply = server.step(client.client_id, acts)
     except PartyLost as e:
         log.warning("round %d goes on without client %d: %s", round, client.client_id, e)
         return False
-    reply = server.step(client.client_id, acts)
     client.backward(reply.grad)
     rec.train_step(round=round, client=client.client_id, loss=reply.loss, tokens=reply.tokens,
                    bytes_up=0 if local else acts.nbytes, bytes_down=0 if local else reply.nbytes,

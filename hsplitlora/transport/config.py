@@ -56,9 +56,10 @@ class NetConfig(BaseModel):
                                 "4 MB gRPC default is raised to this); must exceed chunk_kb")
     max_tensor_mb: int | None = Field(
         None, ge=1, description="largest tensor blob (one upload, all chunks together) "
-        "accepted; null = derived from the run: one batch of activations (main server), one "
-        "adapter (fed server), 2048 MB where nothing bounds it (what a client receives, "
-        "the heterogeneous modes)")
+        "accepted; null = derived from the run: one batch of activations (main server; in the "
+        "heterogeneous modes, or the widest adapter a plan allows if larger), one adapter "
+        "(fed server), 2048 MB where nothing bounds it (what a client receives, uploads to "
+        "a separate heterogeneous fed server)")
     max_activation: float | None = Field(
         None, gt=0, description="largest |value| of an activation or gradient accepted; "
         "null = derived from the model's hidden size (see Plan.value_bound)")
@@ -70,6 +71,14 @@ class NetConfig(BaseModel):
                                   "this long is closed")
     streams_per_party: int = Field(2, ge=1, description="open calls one party may hold per "
                                    "service (a reconnecting client briefly holds two)")
+    peer_calls_per_s: float = Field(
+        50.0, gt=0, description="new calls one network address may open per second (a "
+        "token bucket; parties on one machine or behind one NAT share it); more are refused "
+        "with RESOURCE_EXHAUSTED before anything is read, and clients retry after the wait "
+        "the refusal names")
+    peer_call_burst: int = Field(100, ge=1, description="new calls one address may open "
+                                 "at once before net.peer_calls_per_s applies (the token "
+                                 "bucket's size)")
     join_timeout_s: float = Field(120.0, gt=0, description="how long the server waits for "
                                   "clients before the first round (and after a resume)")
     reply_timeout_s: float = Field(600.0, gt=0, description="client: how long to wait for the "

@@ -41,7 +41,7 @@ from hsplitlora.transport.client import ClientRunner
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FederationServicer, FedService, RemoteFed
 from hsplitlora.transport.hetero_fed import HeteroFedService
-from hsplitlora.transport.limits import StreamGate
+from hsplitlora.transport.limits import StreamGate, peer_rate_limit
 from hsplitlora.transport.parties import (
     build_client,
     build_fed,
@@ -239,7 +239,8 @@ def serve_fed(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     gate = StreamGate({"Federation": net.streams_per_party},
                       {"Federation": net.streams_per_party * (n + 1)})
     grpc_server = grpc.server(ThreadPoolExecutor(max_workers=gate.workers), options=options(net),
-                              maximum_concurrent_rpcs=gate.workers)
+                              maximum_concurrent_rpcs=gate.workers,
+                              interceptors=[peer_rate_limit(net)])
     auth = Authenticator(_tokens(net), {*(str(i) for i in range(n)), "server"}, net)
     pb_grpc.add_FederationServicer_to_server(FederationServicer(fed, auth, net, gate),
                                              grpc_server)

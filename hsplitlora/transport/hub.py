@@ -50,8 +50,9 @@ from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport.calls import pack_call, pack_updates, read_scores, settings_to_json
 from hsplitlora.transport.codec import encode
 from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.guard import guarded_step
 from hsplitlora.transport.hetero_fed import RemoteFedAggregation
-from hsplitlora.transport.plan import Plan
+from hsplitlora.transport.plan import Plan, layout_bytes
 from hsplitlora.transport.server import GONE, Session, decode_upload, hello_problem, listen
 from hsplitlora.transport.validate import check_finite, check_header, check_magnitude
 from hsplitlora.transport.wire import Blob, WireError, pack, read_header, unpack
@@ -97,8 +98,14 @@ class _Server:
         return getattr(self._role, name)
 
     def step(self, client_id: int, acts: Activations) -> ServerReply:
-        reply = self._role.step(client_id, acts)
+        """The role's step, undone if its outcome is not finite (as in the homogeneous
+        modes): then the client is dropped from the round, and nothing it sent stays."""
         proxy = self._hub.clients[client_id]
+        what = f"activations of client {client_id}, round {proxy.round}"
+        try:
+            reply = guarded_step(self._role, client_id, acts, self._hub.bound, what)
+        except WireError as e:
+            raise proxy.refuse(str(e)) from None
         packed = pack_call("backward", None, encode("grad", reply.grad, proxy.codec))
         proxy.outgoing = (reply.grad, packed)
         return _WiredReply(reply.loss, reply.tokens, reply.grad, packed)
@@ -157,6 +164,11 @@ class RemoteClient:
         log.warning("client %d dropped in round %d: %s", self.client_id, self.round, reason)
         return PartyLost(f"client {self.client_id}: {reason}")
 
+    def refuse(self, reason: str) -> PartyLost:
+        """Drop the client from the round for a step the server undid: ABORTED, which
+        the client retries, so it reconnects and is readmitted at the next round."""
+        return self._lose(reason, grpc.StatusCode.ABORTED)
+
     def _await(self, kind: str, what: str) -> Blob:
         if not self.here:
             raise PartyLost(f"client {self.client_id} is not connected")
@@ -185,8 +197,7 @@ class RemoteClient:
     def _activations(self, blob: Blob, what: str) -> Activations:
         try:
             plan = self.hub.plan
-            acts = decode_upload(blob.data, plan, self.codec, what,
-                                 plan.value_bound(self.hub.net.max_activation))
+            acts = decode_upload(blob.data, plan, self.codec, what, self.hub.bound)
         except WireError as e:
             raise self._lose(f"its {what} were refused: {e}",
                              grpc.StatusCode.INVALID_ARGUMENT) from None
@@ -226,7 +237,7 @@ class RemoteClient:
             check_header(read_header(blob.data), layout, {}, what)
             state = unpack(blob.data)
             check_finite(state, what)
-            check_magnitude(state, self.hub.plan.value_bound(self.hub.net.max_activation), what)
+            check_magnitude(state, self.hub.bound, what)
         except WireError as e:
             raise self._lose(str(e), grpc.StatusCode.INVALID_ARGUMENT) from None
         return state
@@ -341,6 +352,7 @@ class HeteroHub:
         self._pending: dict[int, Session] = {}
         self._base: nn.Module | None = None
         self._shapes: dict[str, tuple[int, int]] = {}
+        self._adapter_bytes = 0  # the largest adapter a client may upload (set by bind())
         self.spec: ArchSpec | None = None
         self.tokens = tokens
         self._fed: RemoteFedAggregation | None = None
@@ -362,6 +374,10 @@ class HeteroHub:
                             "vocab_size": int(mc.vocab_size), "dtype": head.dtype})
         self.spec = arch_spec(mc)
         self._shapes = matrix_shapes(p.model, self.spec.targets)
+        widest = LoraSettings(r=max(self.cfg.lora.r, *self.cfg.hetero.rank_set),
+                              targets=self.spec.targets)
+        self._adapter_bytes = layout_bytes({k: ("F32", shape) for k, shape in adapter_shapes(
+            self._shapes, widest, self.spec.default_targets).items()})
         self.device = p.device
         if p.resumed is not None:
             self.start_round = p.resumed["round"] + 1
@@ -374,6 +390,11 @@ class HeteroHub:
                 alpha=self.cfg.lora.alpha, shapes=self._shapes)
         return self
 
+    @property
+    def bound(self) -> float:
+        """The largest |value| an activation, gradient or adapter may carry in this run."""
+        return self.plan.value_bound(self.net.max_activation)
+
     # -- the gRPC front's side -----------------------------------------------------------
     def check_hello(self, party: str, frame: pb.ClientFrame) -> str | None:
         return hello_problem(party, frame, self.plan)
@@ -382,9 +403,11 @@ class HeteroHub:
     inbox_limit = 2
 
     def upload_limit(self, codec: str) -> int:
-        """Clients send activations, adapters and scores here, whose sizes the plans change
-        from round to round: ``net.max_tensor_mb`` (2048 MB when unset) bounds them all."""
-        return self.net.max_tensor_bytes
+        """The largest blob a client of this run may send (``net.max_tensor_mb`` when
+        set): one batch of activations (the same size at every cut) or its adapter at the
+        largest rank on every matrix it could hold, since re-plans move cuts and ranks.
+        Before :meth:`bind` only small messages can be legitimate (no call was sent)."""
+        return self.net.tensor_limit(max(self.plan.upload_bytes(codec), self._adapter_bytes))
 
     def register(self, session: Session) -> None:
         with self._cond:

@@ -1,21 +1,34 @@
-"""Per-party bounds on what a peer can hold on a server: streams, waits and bytes.
+"""Per-party bounds on what a peer can hold on a server: streams, waits, bytes and rates.
 
 gRPC's synchronous server gives every open call a worker thread, so a peer that opens
 calls and sends nothing can starve everyone (a hello-less stream used to hold its worker
 forever). :class:`StreamGate` caps the open calls of each party and of each service, so
 the training stream and the federation calls each keep their own workers; calls past a
-cap are refused at once. :func:`deadline_reader` turns "wait for the next message" into
-a wait with a deadline.
+cap are refused at once. :class:`PeerRateLimit` caps how fast one network address may
+open calls, before anything of theirs is read. :func:`deadline_reader` turns "wait for
+the next message" into a wait with a deadline.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
-from collections.abc import Iterator
-from typing import TypeVar
+import time
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, TypeVar
 
-__all__ = ["StreamGate", "Ticket", "deadline_reader", "first_within"]
+import grpc
+
+from hsplitlora.transport.config import NetConfig
+
+__all__ = ["RETRY_AFTER_KEY", "PeerRateLimit", "RateLimiter", "StreamGate", "Throttle",
+           "Ticket", "deadline_reader", "first_within", "peer_address",
+           "peer_rate_limit"]
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_KEY = "x-hsplitlora-retry-after-ms"  # trailer of a rate refusal: try again then
 
 T = TypeVar("T")
 _DONE = object()
@@ -109,3 +122,116 @@ def deadline_reader(requests: Iterator[T], timeout_s: float) -> Iterator[T]:
         if item is _DONE:
             return
         yield item  # type: ignore[misc]
+
+
+class Throttle:
+    """Says whether a message about ``key`` is due (at most once per ``every_s``), so a
+    flood of refusals cannot flood the log."""
+
+    def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s = every_s
+        self._clock = clock
+        self._last: dict[Any, float] = {}
+        self._lock = threading.Lock()
+
+    def due(self, key: Any) -> bool:
+        now = self._clock()
+        with self._lock:
+            if now - self._last.get(key, -self.every_s) < self.every_s:
+                return False
+            self._last[key] = now
+            return True
+
+
+class RateLimiter:
+    """A token bucket per key: ``burst`` calls at once, then ``rate`` per second.
+
+    Buckets that have filled up again are forgotten once more than ``max_keys`` are held,
+    so many addresses cost memory only while they are busy."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 4096) -> None:
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self._clock = clock
+        self._buckets: dict[Hashable, tuple[float, float]] = {}  # key -> (tokens, when)
+        self._lock = threading.Lock()
+
+    def allow(self, key: Hashable) -> float:
+        """0 if a call of ``key`` may go ahead now (and count it), else the seconds until
+        one may."""
+        now = self._clock()
+        with self._lock:
+            tokens, then = self._buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+            if tokens < 1.0:
+                self._buckets[key] = (tokens, now)
+                return (1.0 - tokens) / self.rate
+            self._buckets[key] = (tokens - 1.0, now)
+            if len(self._buckets) > self.max_keys:
+                self._forget(now)
+            return 0.0
+
+    def _forget(self, now: float) -> None:
+        full = self.burst / self.rate  # seconds an empty bucket takes to fill
+        for key in [k for k, (_, when) in self._buckets.items() if now - when >= full]:
+            del self._buckets[key]
+
+
+def peer_address(peer: str) -> str:
+    """The network address of a gRPC peer string, without the port
+    (``ipv4:10.0.0.5:51234`` -> ``ipv4:10.0.0.5``, ``ipv6:[::1]:5`` -> ``ipv6:[::1]``)."""
+    head, sep, port = peer.rpartition(":")
+    return head if sep and port.isdigit() and ":" in head else peer
+
+
+class PeerRateLimit(grpc.ServerInterceptor):
+    """Refuses new calls from a network address past ``net.peer_calls_per_s`` (after a
+    burst of ``net.peer_call_burst``) with ``RESOURCE_EXHAUSTED`` and a retry-after
+    trailer, before authentication or any request is read: a peer that reconnects in a
+    loop then costs the server one cheap refusal per call, and never its step time.
+    Refusals are logged once per ``log_every_s`` per address, not per call."""
+
+    def __init__(self, limiter: RateLimiter, log_every_s: float = 60.0) -> None:
+        self.limiter = limiter
+        self._log = Throttle(log_every_s, limiter._clock)
+
+    def intercept_service(self, continuation: Callable[[Any], Any],
+                          handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        # The peer's address is only known to the call's context: check it there, first.
+        kind = {(False, False): "unary_unary", (False, True): "unary_stream",
+                (True, False): "stream_unary", (True, True): "stream_stream"}[
+            (handler.request_streaming, handler.response_streaming)]
+        behavior = getattr(handler, kind)
+        method = handler_call_details.method
+
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            self.check(context, method)
+            return behavior(request, context)
+
+        return getattr(grpc, f"{kind}_rpc_method_handler")(
+            checked, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    def check(self, context: grpc.ServicerContext, method: str = "") -> None:
+        """Let the call go on, or abort it (the caller's address is over its rate)."""
+        address = peer_address(context.peer())
+        wait = self.limiter.allow(address)
+        if not wait:
+            return
+        reason = (f"too many new calls from {address}: more than "
+                  f"{self.limiter.rate:g} per second (net.peer_calls_per_s, after a burst of "
+                  f"net.peer_call_burst={self.limiter.burst}); retry in {wait:.2f} s")
+        if self._log.due(address):
+            log.warning("refused a %s call: %s (further refusals of this address are logged "
+                        "once every %g s)", method or "new", reason, self._log.every_s)
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(wait * 1000) + 1)),))
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)
+
+
+def peer_rate_limit(net: NetConfig, clock: Callable[[], float] = time.monotonic
+                    ) -> PeerRateLimit:
+    """The per-address call rate limit of a server of this deployment."""
+    return PeerRateLimit(RateLimiter(net.peer_calls_per_s, net.peer_call_burst, clock))

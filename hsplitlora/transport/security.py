@@ -29,6 +29,7 @@ import grpc
 import yaml
 
 from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.limits import RETRY_AFTER_KEY, Throttle, peer_address
 
 __all__ = ["AuthError", "Authenticator", "ConnectionFailed", "Refused", "bind",
            "call_metadata", "certificate_names", "explain", "load_tokens", "open_channel",
@@ -164,6 +165,7 @@ class Authenticator:
         self.window_s = net.token_window_s if net is not None else 60.0
         self.mutual_tls = net is not None and net.mutual_tls
         self._seen: dict[str, float] = {}  # nonce -> when it may be forgotten
+        self._log = Throttle(60.0)
         self._lock = threading.Lock()
         if tokens is None:
             log.warning("no net.tokens_file: any process that reaches this port may join as "
@@ -182,7 +184,10 @@ class Authenticator:
         if reason is None and party in self.parties and self.tokens is not None:
             reason = self._token_problem(meta, party, method)
         if reason is not None:
-            log.warning("refused a call from %s: %s", context.peer(), reason)
+            address = peer_address(context.peer())
+            if self._log.due((address, party)):  # a flood of refusals must not flood the log
+                log.warning("refused a call from %s: %s (further refusals of this address "
+                            "and party are logged once a minute)", context.peer(), reason)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
         return party
 
@@ -230,6 +235,18 @@ class Authenticator:
         return None
 
 
+def _retry_after(err: grpc.RpcError) -> float | None:
+    """The seconds a rate refusal asks the caller to wait (None: not a rate refusal)."""
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return int(value) / 1000
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
 def explain(err: grpc.RpcError, address: str, net: NetConfig) -> Exception:
     """A gRPC failure as an exception whose message says what to do."""
     code = err.code() if hasattr(err, "code") else None
@@ -237,6 +254,9 @@ def explain(err: grpc.RpcError, address: str, net: NetConfig) -> Exception:
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AuthError(f"{address} refused us: {details}. Check the client id and the token "
                          "(the server's net.tokens_file must hold the same token)")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _retry_after(err) is not None:
+        # Over the per-address call rate: waiting is the fix, so the caller retries.
+        return ConnectionFailed(f"{address} is busy: {details}")
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
                 grpc.StatusCode.RESOURCE_EXHAUSTED):
         return Refused(f"{address} refused the request: {details}")

@@ -37,7 +37,13 @@ from hsplitlora.transport.codec import CODECS, decode_activations, encode
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FederationServicer, FedService, RemoteFed
 from hsplitlora.transport.guard import guarded_step
-from hsplitlora.transport.limits import StreamGate, Ticket, first_within
+from hsplitlora.transport.limits import (
+    StreamGate,
+    Throttle,
+    Ticket,
+    first_within,
+    peer_rate_limit,
+)
 from hsplitlora.transport.plan import Plan
 from hsplitlora.transport.security import Authenticator, bind, options
 from hsplitlora.transport.validate import (
@@ -214,7 +220,7 @@ class TrainingServicer(pb_grpc.SplitTrainingServicer):
             yield item
 
     def _read(self, requests: Iterator[pb.ClientFrame], session: Session) -> None:
-        assembler = Reassembler(self.coordinator.upload_limit(session.codec))
+        assembler = Reassembler(lambda: self.coordinator.upload_limit(session.codec))
         try:
             for frame in requests:
                 if session.gone.is_set():
@@ -351,13 +357,24 @@ class Coordinator:
             log.info("client %d admitted at round %d", cid, round)
 
     def _strike(self, cid: int, round: int) -> None:
-        """Back off a client that keeps timing out: after its second timeout in a row it
-        sits out 2, then 4, 8... rounds (at most 64) before it is admitted again, so a
-        stalling client cannot cost every round a full step timeout."""
+        """Back off a client that keeps timing out or sending uploads that are refused:
+        after its second failed step in a row it sits out 2, then 4, 8... rounds (at most
+        64) before it is admitted again, so a stalling or hostile client (each new
+        connection of which the round would wait for, in id order, before the clients
+        after it) cannot cost every round. Strikes outlive reconnections; a step clears
+        them."""
         strikes = self._strikes.get(cid, 0) + 1
         self._strikes[cid] = strikes
         if strikes >= 2:
             self._benched_until[cid] = round + 1 + min(2 ** (strikes - 1), 64)
+
+    def _refused_step(self, session: Session, round: int, reason: str) -> None:
+        """Refuse this round's upload, and count it against the client: a connected
+        client is still served next round (a refusal changes nothing else), but one that
+        reconnects after refusals in a row, as a flood whose stream was cut does, waits
+        out its back-off first."""
+        self._refuse(session, round, reason)
+        self._strike(session.client_id, round)
 
     def _remove(self, session: Session) -> None:
         with self._cond:
@@ -387,14 +404,14 @@ class Coordinator:
             self._remove(session)
             return None
         if isinstance(item, WireError):
-            self._refuse(session, t, f"upload of client {cid}, round {t}: {item}")
+            self._refused_step(session, t, f"upload of client {cid}, round {t}: {item}")
             return None
         what = f"activations of client {cid}, round {t}"
         try:
             acts = self._decode(t, session, item)
             reply = guarded_step(self.server, cid, acts, self.bound, what)
         except WireError as e:
-            self._refuse(session, t, str(e))
+            self._refused_step(session, t, str(e))
             return None
         data = pack(encode("grad", reply.grad, session.codec),
                     {"loss": repr(reply.loss), "tokens": str(reply.tokens)})
@@ -450,24 +467,7 @@ class Coordinator:
         log.info("run complete after %d rounds", self.plan.steps)
 
 
-class _Throttle:
-    """Says whether a message about ``key`` is due (at most once per ``every_s``)."""
-
-    def __init__(self, every_s: float) -> None:
-        self.every_s = every_s
-        self._last: dict[Any, float] = {}
-        self._lock = threading.Lock()
-
-    def due(self, key: Any) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(key, -self.every_s) < self.every_s:
-                return False
-            self._last[key] = now
-            return True
-
-
-_REFUSALS = _Throttle(60.0)
+_REFUSALS = Throttle(60.0)
 
 
 def admit(gate: StreamGate | None, service: str, party: str,
@@ -508,7 +508,8 @@ def listen(coordinator: Admission, net: NetConfig, tokens: Mapping[str, str] | N
     # each admitted call, and gRPC refuses what is beyond at once instead of queueing it.
     gate = stream_gate(net, n, federation=isinstance(coordinator.fed, FedService))
     server = grpc.server(ThreadPoolExecutor(max_workers=gate.workers), options=options(net),
-                         maximum_concurrent_rpcs=gate.workers)
+                         maximum_concurrent_rpcs=gate.workers,
+                         interceptors=[peer_rate_limit(net)])
     auth = Authenticator(tokens, {str(i) for i in range(n)}, net)
     pb_grpc.add_SplitTrainingServicer_to_server(TrainingServicer(coordinator, auth, net, gate),
                                                 server)

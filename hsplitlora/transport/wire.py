@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -160,15 +160,21 @@ class Reassembler:
 
     A blob that breaks a rule raises :class:`WireError` once; its remaining chunks are
     then skipped silently, so the stream stays usable for the next message.
+    ``max_bytes`` may be a function, asked as each blob starts: a stream can open before
+    the receiver knows the run's sizes (the heterogeneous hub loads its model meanwhile).
     """
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int | Callable[[], int]) -> None:
+        self._limit = max_bytes
         self._seq: int | None = None
         self._parts: list[bytes] = []
         self._size = 0
         self._head: pb.Chunk | None = None
         self._refused: int | None = None
+
+    @property
+    def max_bytes(self) -> int:
+        return self._limit() if callable(self._limit) else self._limit
 
     def feed(self, chunk: pb.Chunk) -> Blob | None:
         if chunk.seq == self._refused:
@@ -185,9 +191,10 @@ class Reassembler:
             if chunk.index != 0:
                 raise WireError(f"{chunk.kind} blob {chunk.seq} starts at chunk {chunk.index}, "
                                 "not 0")
-            if chunk.total_bytes > self.max_bytes:
+            limit = self.max_bytes
+            if chunk.total_bytes > limit:
                 raise WireError(f"{chunk.kind!r} blob of {chunk.total_bytes} bytes exceeds the "
-                                f"limit of {self.max_bytes} bytes (net.max_tensor_mb)")
+                                f"limit of {limit} bytes (net.max_tensor_mb)")
             self._head, self._seq = chunk, chunk.seq
         elif chunk.seq != self._seq or chunk.index != len(self._parts):
             raise WireError(f"chunk {chunk.index} of blob {chunk.seq} arrived while blob "

@@ -59,7 +59,12 @@ def _fed(cfg: dict, net: dict, kwargs: dict[str, Any]) -> None:
 
 def _join(cfg: dict, net: dict, client_id: int, address: str, out: str,
           kwargs: dict[str, Any], die_at: int | None, drop_at: int | None = None,
-          hold_at: tuple[int, str] | None = None, joined: str | None = None) -> None:
+          hold_at: tuple[int, str] | None = None, joined: str | None = None,
+          poison_at: int | None = None) -> None:
+    import dataclasses
+
+    import torch
+
     from hsplitlora.roles.client import Client
     from hsplitlora.transport.client import Link
     from hsplitlora.transport.deploy import join
@@ -78,6 +83,18 @@ def _join(cfg: dict, net: dict, client_id: int, address: str, out: str,
             return forward(self)
 
         Client.forward = scripted_forward  # type: ignore[method-assign]
+    if poison_at is not None:  # a hostile client: finite but huge activations, once
+        honest_forward = Client.forward
+        sent = [0]
+
+        def poisoned_forward(self: Client) -> Any:
+            acts = honest_forward(self)
+            sent[0] += 1
+            if sent[0] == poison_at + 1:
+                return dataclasses.replace(acts, hidden=torch.full_like(acts.hidden, 3.0e38))
+            return acts
+
+        Client.forward = poisoned_forward  # type: ignore[method-assign]
     if joined is not None:  # tell the test this client's hello is on its way
         opened = Link.__init__
 
@@ -133,15 +150,16 @@ def start_fed(cfg: RunConfig, net: NetConfig, **kwargs: Any) -> multiprocessing.
 def start_client(cfg: RunConfig, net: NetConfig, client_id: int, address: str, out: Path,
                  die_at: int | None = None, drop_at: int | None = None,
                  hold_at: tuple[int, Path] | None = None, joined: Path | None = None,
-                 **kwargs: Any) -> multiprocessing.Process:
+                 poison_at: int | None = None, **kwargs: Any) -> multiprocessing.Process:
     """Client ``client_id`` in its own process; ``die_at=n`` kills it at its ``n``-th
     forward pass, ``drop_at=n`` closes its stream between its ``n``-th forward pass and
     the gradient (it reconnects), ``hold_at=(n, path)`` pauses it before its ``n``-th
-    forward pass until ``path`` exists, and ``joined=path`` creates ``path`` once its
-    hello is sent (so a test can order a rejoin before a round without racing it)."""
+    forward pass until ``path`` exists, ``joined=path`` creates ``path`` once its hello
+    is sent (so a test can order a rejoin before a round without racing it), and
+    ``poison_at=n`` makes its ``n``-th activations all 3e38 (finite, and poison)."""
     return start(_join, _dump(cfg), _dump(net), client_id, address, str(out), kwargs, die_at,
                  drop_at, None if hold_at is None else (hold_at[0], str(hold_at[1])),
-                 None if joined is None else str(joined))
+                 None if joined is None else str(joined), poison_at)
 
 
 def start_cli(name: str, *argv: str) -> multiprocessing.Process:

@@ -66,7 +66,7 @@ class Live:
 
 
 def start_live(net: NetConfig, *, num_clients: int = 2, steps: int = 3, interval: int = 3,
-               tokens: dict[str, str] | None = None) -> Live:
+               tokens: dict[str, str] | None = None, bind_to: str = "127.0.0.1:0") -> Live:
     model = tiny_model("llama")
     torch.manual_seed(0)
     attach_lora(model, LoraSettings(r=4, alpha=8))
@@ -83,7 +83,7 @@ def start_live(net: NetConfig, *, num_clients: int = 2, steps: int = 3, interval
                      samples=samples, bound=plan.value_bound(net.max_activation))
     rec = Recorder(None, steps, show_progress=False)
     coordinator = Coordinator(server, plan, net, fed, rec)
-    grpc_server, port = listen(coordinator, net, tokens, address="127.0.0.1:0")
+    grpc_server, port = listen(coordinator, net, tokens, address=bind_to)
     live = Live(net, port, server, reference, client_seg, fed, coordinator, grpc_server,
                 threading.Thread(target=lambda: None))
 

@@ -22,6 +22,8 @@ def test_defaults_raise_grpcs_receive_limit_and_keep_frames_below_it():
     ({"mutual_tls": True}, "mutual_tls needs net.tls_cert"),
     ({"codec": "zstd"}, "Input should be 'none', 'bf16', 'fp16' or 'int8'"),
     ({"rejoin_atempts": 3}, "Extra inputs are not permitted"),
+    ({"peer_calls_per_s": 0}, "peer_calls_per_s\n  Input should be greater than 0"),
+    ({"peer_call_burst": 0}, "peer_call_burst\n  Input should be greater than or equal to 1"),
 ])
 def test_inconsistent_settings_are_refused(fields, message):
     with pytest.raises(ValidationError, match=message):

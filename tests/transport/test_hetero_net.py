@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from hsplitlora.checkpoint import load_checkpoint
 from hsplitlora.config import RunConfig
+from hsplitlora.train import hetero  # noqa: F401 (trusts the types its checkpoints hold)
 from hsplitlora.train.run import train
 from hsplitlora.transport.config import NetConfig
 from tests.transport import harness
@@ -178,3 +179,31 @@ def test_a_killed_heterogeneous_deployment_resumes_to_the_uninterrupted_result(
     assert set(adapter) == set(local.adapter) and adapter
     for k, v in local.adapter.items():
         assert torch.equal(adapter[k], v), k
+
+
+def test_a_heterogeneous_step_whose_result_is_not_finite_is_undone_and_never_checkpointed(
+        tmp_path, tiny_llama_dir):
+    """Client 0's activations of round 1 are all 3e38: finite, and with a bound as loose as
+    fp32 allows (``net.max_activation``) they pass validation, so the hub's step itself
+    must catch the overflow. The step is undone, client 0 is dropped from round 1 (it
+    reconnects), the others finish every round, and neither the checkpoint nor the final
+    adapter holds a non-finite value."""
+    cfg = hetero_config(tiny_llama_dir, tmp_path)
+    net = NetConfig(port=0, step_timeout_s=30, join_timeout_s=60, rejoin_backoff_s=0.2,
+                    max_activation=3.4e38)
+    server, address = harness.serve_loopback(cfg, net, tmp_path)
+    evil = harness.start_client(cfg, net, 0, address, tmp_path / "client-0.safetensors",
+                                poison_at=1)
+    others = [harness.start_client(cfg, net, i, address, tmp_path / f"client-{i}.safetensors")
+              for i in (1, 2)]
+    assert harness.finish([server, evil, *others], 150) == [0, 0, 0, 0]
+    steps = [r for r in harness.records(tmp_path / "net") if "event" not in r]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert 1 not in {r["round"] for r in steps if r["client"] == 0}
+    for cid in (1, 2):
+        assert {r["round"] for r in steps if r["client"] == cid} == set(range(4))
+    saved = load_checkpoint(tmp_path / "net" / "checkpoint" / "server.pt")
+    tensors = [v for g in saved["system"]["server"]["groups"] for v in g["adapter"].values()]
+    assert tensors and all(torch.isfinite(v).all() for v in tensors)
+    adapter = peft_adapter(tmp_path / "net")
+    assert adapter and all(torch.isfinite(v).all() for v in adapter.values())

@@ -32,12 +32,14 @@ from hsplitlora.transport.calls import (
     settings_to_json,
     unpack_updates,
 )
+from hsplitlora.transport.client import Link
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.host import RoleHost
 from hsplitlora.transport.hub import HeteroHub, RemoteClient
 from hsplitlora.transport.server import Session
 from hsplitlora.transport.wire import Blob, WireError, pack
 from tests.conftest import tiny_model
+from tests.transport import harness
 from tests.transport.test_hetero_net import hetero_config
 
 PLANS = [
@@ -210,3 +212,29 @@ def test_huge_finite_activations_drop_the_client_in_the_hub(hub):
     session.inbox.put(Blob("reply", 0, _acts(torch.full((2, 5, hub.plan.hidden_size), 3e38))))
     with pytest.raises(PartyLost, match=r"magnitude 3e\+38, beyond the bound"):
         proxy.forward()
+
+
+def test_the_hub_derives_its_upload_limit_from_the_run_and_refuses_what_is_larger(hub):
+    """Unset ``net.max_tensor_mb``: the hub accepts one batch of activations, or the
+    widest adapter a plan could give a client, and not 2 GB; a larger upload through the
+    wire is refused at its first frame, and the stream stays usable."""
+    limit = hub.upload_limit("none")
+    widest = max(hub.cfg.lora.r, *hub.cfg.hetero.rank_set)
+    adapter = sum(widest * (d_in + d_out) * 4 for d_out, d_in in hub._shapes.values())
+    assert limit == max(hub.plan.upload_bytes("none"), adapter + (1 << 16))
+    assert limit < 1 << 20
+    link = Link(f"127.0.0.1:{hub.port}", hub.net, pb.Hello(
+        client_id=0, cut=-1, num_samples=10, codec="none", mode="hsplitlora"), None)
+    try:
+        harness.wait_for(lambda: 0 in hub._pending, 10, "the hub to register the stream")
+        inbox = hub._pending[0].inbox
+        b, s, h = hub.plan.batch_size, hub.plan.max_length, hub.plan.hidden_size
+        link.send("reply", 0, b"\0" * (limit + 1))
+        refused = inbox.get(timeout=10)
+        assert isinstance(refused, WireError)
+        assert f"exceeds the limit of {limit} bytes (net.max_tensor_mb)" in str(refused)
+        batch = _acts(torch.zeros(b, s, h))
+        link.send("reply", 0, batch)
+        assert inbox.get(timeout=10) == Blob("reply", 0, batch)
+    finally:
+        link.close()

@@ -15,7 +15,13 @@ import grpc
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.config import NetConfig
-from hsplitlora.transport.security import ConnectionFailed, call_metadata, open_channel
+from hsplitlora.transport.limits import RETRY_AFTER_KEY, RateLimiter, Throttle, peer_address
+from hsplitlora.transport.security import (
+    ConnectionFailed,
+    call_metadata,
+    explain,
+    open_channel,
+)
 from hsplitlora.transport.wire import frames
 from tests.transport.harness import wait_for
 from tests.transport.live import activations, remote, start_live
@@ -38,6 +44,7 @@ class _Stream:
         self.release = threading.Event()
         self.code = None
         self.details = ""
+        self.trailers: dict = {}
         self.done = threading.Event()
         self._channel = open_channel(address, net)
 
@@ -54,6 +61,7 @@ class _Stream:
                     pass
             except grpc.RpcError as e:
                 self.code, self.details = e.code(), e.details()
+                self.trailers = dict(e.trailing_metadata() or ())
             self.done.set()
 
         threading.Thread(target=watch, daemon=True).start()
@@ -199,4 +207,112 @@ def test_a_client_that_keeps_timing_out_is_backed_off():
         assert welcomes == [1, 4]
         staller.close()
     finally:
+        live.stop()
+
+
+def test_a_client_that_reconnects_after_refused_uploads_is_backed_off():
+    """A compromised client whose junk is refused and who comes back on a new connection
+    (a flood's stream is cut) would be admitted, and waited for in id order, every round;
+    after its second refusal in a row it sits out two rounds, as a client that keeps
+    timing out does. (Connected, a refused client is still served each round.)"""
+    net = NetConfig(step_timeout_s=5, join_timeout_s=10)
+    live = start_live(net, steps=6, interval=6)
+    try:
+        honest = live.link(1)
+        good = remote(honest)
+        evil = live.link(0)
+        assert honest.welcome(5).round == evil.welcome(5).round == 0
+        welcomes = []
+        for t in range(6):
+            if t in (0, 1):
+                evil.send("acts", t, b"junk")
+                got = evil.receive(5)
+                assert isinstance(got, pb.Control) and got.kind == pb.Control.REFUSED
+                evil.close()
+                evil = live.link(0)
+                wait_for(lambda: 0 in live.coordinator._pending, 10, "the reconnection")
+            good.round = t
+            good.step(1, activations(t))
+            if t == 0:
+                welcomes.append(evil.welcome(5).round)
+        welcomes.append(evil.welcome(5).round)
+        assert welcomes == [1, 4]  # after its second refusal it sat out rounds 2 and 3
+        evil.close()
+    finally:
+        live.stop()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_rate_limiter_is_a_token_bucket_per_address():
+    clock = _Clock()
+    limiter = RateLimiter(rate=2.0, burst=3, clock=clock)
+    burst = [limiter.allow("ipv4:10.0.0.1") for _ in range(5)]
+    assert burst[:3] == [0.0, 0.0, 0.0] and burst[3] == burst[4] == 0.5  # 1 token / 2 per s
+    assert limiter.allow("ipv4:10.0.0.2") == 0.0  # another address has its own bucket
+    clock.now += 0.5
+    assert limiter.allow("ipv4:10.0.0.1") == 0.0 and limiter.allow("ipv4:10.0.0.1") > 0
+    clock.now += 100  # refilled, never past the burst
+    assert [limiter.allow("ipv4:10.0.0.1") for _ in range(4)].count(0.0) == 3
+    small = RateLimiter(rate=1.0, burst=1, clock=clock, max_keys=2)
+    for i in range(3):
+        small.allow(f"a{i}")
+    clock.now += 1.0
+    small.allow("a3")  # past max_keys: the buckets that filled up again are forgotten
+    assert len(small._buckets) <= 2
+    assert peer_address("ipv4:127.0.0.1:50123") == "ipv4:127.0.0.1"
+    assert peer_address("ipv6:[::1]:50123") == "ipv6:[::1]"
+    assert peer_address("unix:/tmp/s") == "unix:/tmp/s"
+    log = Throttle(60.0, clock)
+    assert [log.due("x"), log.due("x"), log.due("y")] == [True, False, True]
+    clock.now += 60
+    assert log.due("x")
+
+
+def test_a_burst_of_calls_from_one_address_is_refused_while_others_are_served(caplog):
+    """The cap is per address: past the burst, new calls from 127.0.0.1 are refused with
+    RESOURCE_EXHAUSTED and a retry-after (which the client turns into a retry), logged
+    once; the honest client's open stream keeps training, and a call from another
+    address (::1) still reaches the server. The rate is so low that no token comes back
+    during the test, so the count is exact."""
+    net = NetConfig(step_timeout_s=10, join_timeout_s=1, min_clients=1, peer_calls_per_s=0.001,
+                    peer_call_burst=4)
+    live = start_live(net, steps=2, interval=2, tokens=TOKENS, bind_to="[::]:0")
+    streams = []
+    try:
+        honest = live.link(1, token=TOKENS["1"])  # call 1 of 127.0.0.1's burst
+        assert honest.welcome(5).round == 0
+        with caplog.at_level("WARNING", logger="hsplitlora.transport.limits"):
+            streams = [_Stream(live.address, net, "1", "wrong") for _ in range(8)]
+            for s in streams:
+                assert s.done.wait(5)
+        codes = [s.code for s in streams]
+        assert codes[:3] == [grpc.StatusCode.UNAUTHENTICATED] * 3  # within the burst
+        assert codes[3:] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 5
+        assert "too many new calls from ipv4:127.0.0.1" in streams[3].details
+        assert "net.peer_calls_per_s" in streams[3].details
+        assert int(streams[3].trailers[RETRY_AFTER_KEY]) > 0
+        assert sum("too many new calls" in r.getMessage() for r in caplog.records) == 1
+        flood = grpc.RpcError()
+        flood.code = lambda: grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[method-assign]
+        flood.details = lambda: streams[3].details  # type: ignore[method-assign]
+        flood.trailing_metadata = lambda: tuple(streams[3].trailers.items())  # type: ignore
+        assert isinstance(explain(flood, live.address, net), ConnectionFailed)  # retried
+        other = _Stream(f"[::1]:{live.port}", net, "1", "wrong")
+        assert other.done.wait(5) and other.code == grpc.StatusCode.UNAUTHENTICATED
+        good = remote(honest)
+        for t in range(2):
+            good.round = t
+            upload = activations(70 + t)
+            assert good.step(1, upload).loss == live.reference.step(1, upload).loss
+        other.close()
+    finally:
+        for s in streams:
+            s.close()
         live.stop()

@@ -45,6 +45,19 @@ def test_bad_credentials_are_refused_and_logged_on_both_sides(token_server, capl
     assert token_server.coordinator._pending == {}  # nobody got in
 
 
+def test_a_flood_of_refused_calls_is_logged_once_per_address_and_party(token_server, caplog):
+    caplog.set_level(logging.WARNING, logger="hsplitlora.transport.security")
+    for client_id in (0, 0, 0, 0, 0, 7):
+        link = token_server.link(client_id, token="wrong")
+        with pytest.raises(AuthError):
+            link.welcome(5)
+        link.close()
+    logged = [r.getMessage() for r in caplog.records if "refused a call" in r.getMessage()]
+    assert len(logged) == 2, logged
+    assert "wrong token for party '0'" in logged[0] and "logged once a minute" in logged[0]
+    assert "unknown party '7'" in logged[1]
+
+
 def test_the_right_token_is_admitted(token_server):
     links = [token_server.link(i, token=TOKENS[str(i)]) for i in (0, 1)]
     welcomes = [link.welcome(5) for link in links]
