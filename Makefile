@@ -14,9 +14,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 .PHONY: install demo test lint bench
 install: $(BIN)/.installed
 
-demo: install  ## SplitLoRA on SmolLM2-135M (4 clients, E2E), then score it beside the untuned model
-	$(BIN)/hsplitlora train --config configs/demo.yaml --overwrite
-	$(BIN)/hsplitlora evaluate runs/demo --untuned
+demo: install  ## HSplitLoRA on SmolLM2-135M (4 heterogeneous clients, E2E), scored beside the untuned model
+	$(BIN)/hsplitlora train --config configs/hsplitlora.yaml --overwrite
+	$(BIN)/hsplitlora evaluate runs/hsplitlora --untuned
 
 test: install  ## the whole test suite (tiny models, a few minutes on 2 cores)
 	$(BIN)/python -m pytest
