@@ -366,17 +366,24 @@ def _population(n: int, memory: int, flops: float = 1e9, link: float = 1e5):
                           downlink_bps=link) for i in range(n)]
 
 
+def _memories(low: float, extra: float) -> tuple[int, int, int, int]:
+    """The floor (one block, no LoRA), a roomy client's memory (two blocks, rank 8 on
+    every matrix), and the two memories a monotonicity test compares: ``small``, ``low``
+    of the way from the floor to roomy, and ``large``, a further ``extra`` of that span."""
+    floor = client_memory(SMALL, 1, {}, WORK).total
+    roomy = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
+                          WORK).total
+    small = int(floor + low * (roomy - floor))
+    return floor, roomy, small, int(small + extra * (roomy - floor))
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 1000), low=st.floats(0, 1), extra=st.floats(0, 0.5),
        deadline=st.floats(0.9, 2.0))
 def test_at_a_fixed_deadline_more_memory_never_lowers_a_clients_utility(seed, low, extra,
                                                                       deadline):
     gains = _spectral(SMALL, seed)
-    floor = client_memory(SMALL, 1, {}, WORK).total
-    roomy = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
-                          WORK).total
-    small = int(floor + low * (roomy - floor))
-    large = int(small + extra * (roomy - floor))
+    _, roomy, small, large = _memories(low, extra)
     s = PlannerSettings(ranks=Q, server_rank=2, round_time_s=deadline)
     try:
         u_small = plan_clients(_population(1, small) + _population(1, roomy), SERVER, SMALL,
@@ -392,11 +399,7 @@ def test_at_a_fixed_deadline_more_memory_never_lowers_a_clients_utility(seed, lo
 @given(seed=st.integers(0, 1000), low=st.floats(0, 1), extra=st.floats(0, 0.5))
 def test_choosing_the_deadline_more_memory_never_lowers_the_objective(seed, low, extra):
     gains = _spectral(SMALL, seed)
-    floor = client_memory(SMALL, 1, {}, WORK).total
-    roomy = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
-                          WORK).total
-    small = int(floor + low * (roomy - floor))
-    large = int(small + extra * (roomy - floor))
+    floor, roomy, small, large = _memories(low, extra)
     s = PlannerSettings(ranks=Q, server_rank=2)
     others = _population(2, int(floor + 0.5 * (roomy - floor)), flops=3e9)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +59,14 @@ class Live:
                          codec=codec or net.codec, mode="splitlora")
         return Link(self.address, net, hello, token)
 
+    def welcomed(self, *client_ids: int) -> list[Link]:
+        """Links for ``client_ids``, each welcomed; all hellos go out before the first
+        welcome is awaited, since the run starts only once enough clients joined."""
+        links = [self.link(i) for i in client_ids]
+        for link in links:
+            link.welcome(5)
+        return links
+
     def remote_fed(self, client_id: int, token: str | None = None) -> RemoteFed:
         return RemoteFed(self.address, self.net, str(client_id), token)
 
@@ -96,6 +106,16 @@ def start_live(net: NetConfig, *, num_clients: int = 2, steps: int = 3, interval
     live.thread = threading.Thread(target=run, daemon=True)
     live.thread.start()
     return live
+
+
+@contextmanager
+def serving(net: NetConfig, **kwargs: Any) -> Iterator[Live]:
+    """``start_live(net, **kwargs)``, stopped when the block ends, however it ends."""
+    live = start_live(net, **kwargs)
+    try:
+        yield live
+    finally:
+        live.stop()
 
 
 def activations(seed: int, batch: int = BATCH, seq: int = 12, **changes: Any) -> Activations:

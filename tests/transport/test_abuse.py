@@ -22,7 +22,7 @@ from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport.client import Link, StepRefused
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.security import Refused
-from tests.transport.live import activations, remote, start_live
+from tests.transport.live import activations, remote, serving
 from tests.transport.test_wire_fuzz import KILLERS
 
 
@@ -53,15 +53,25 @@ def _honest_round(live, good, t, seed):
     assert reply.loss == expected.loss and torch.equal(reply.grad, expected.grad)
 
 
+def _poison_two_rounds(live, refusal: str, seed: int) -> None:
+    """Client 0 uploads finite activations of magnitude 3e38 in rounds 0 and 1 and is
+    refused with ``refusal`` each time; client 1's steps (seeds ``seed + t``) are exact."""
+    evil, honest = live.welcomed(0, 1)
+    bad, good = remote(evil), remote(honest)
+    poison = activations(0, hidden=torch.full((2, 12, 32), 3.0e38))
+    for t in range(2):
+        bad.round = t
+        with pytest.raises(StepRefused, match=refusal):
+            bad.step(0, poison)
+        _honest_round(live, good, t, seed + t)
+
+
 def test_headers_that_killed_the_server_are_refused_and_the_run_goes_on():
     killers = [h for h, _ in KILLERS][:8]
     steps = len(killers)
-    live = start_live(NetConfig(step_timeout_s=10, join_timeout_s=10), steps=steps,
-                      interval=steps)
-    try:
-        evil, honest = live.link(0), live.link(1)
-        evil.welcome(5)
-        honest.welcome(5)
+    with serving(NetConfig(step_timeout_s=10, join_timeout_s=10), steps=steps,
+                 interval=steps) as live:
+        evil, honest = live.welcomed(0, 1)
         good = remote(honest)
         for t, header in enumerate(killers):
             evil.send("acts", t, _raw(header))
@@ -70,45 +80,21 @@ def test_headers_that_killed_the_server_are_refused_and_the_run_goes_on():
             _honest_round(live, good, t, 200 + t)
         assert not live.errors
         assert _equal(_state(live.server), _state(live.reference))
-    finally:
-        live.stop()
 
 
 def test_huge_finite_activations_are_refused_before_they_reach_the_server():
-    live = start_live(NetConfig(step_timeout_s=10, join_timeout_s=10), steps=2, interval=2)
-    try:
-        evil, honest = live.link(0), live.link(1)
-        evil.welcome(5)
-        honest.welcome(5)
-        bad, good = remote(evil), remote(honest)
-        poison = activations(0, hidden=torch.full((2, 12, 32), 3.0e38))
-        for t in range(2):
-            bad.round = t
-            with pytest.raises(StepRefused, match=r"magnitude 3e\+38, beyond the bound"):
-                bad.step(0, poison)
-            _honest_round(live, good, t, 300 + t)
+    with serving(NetConfig(step_timeout_s=10, join_timeout_s=10), steps=2, interval=2) as live:
+        _poison_two_rounds(live, r"magnitude 3e\+38, beyond the bound", 300)
         assert not live.errors
         assert _equal(_state(live.server), _state(live.reference))
-    finally:
-        live.stop()
 
 
 def test_a_step_whose_result_is_not_finite_is_undone_and_never_checkpointed(tmp_path):
     # A bound as loose as fp32 allows: 3e38 passes validation, and the step must catch it.
     net = NetConfig(step_timeout_s=10, join_timeout_s=10, max_activation=3.4e38)
-    live = start_live(net, steps=2, interval=2)
-    live.coordinator.checkpoint = tmp_path / "server.pt"
-    try:
-        evil, honest = live.link(0), live.link(1)
-        evil.welcome(5)
-        honest.welcome(5)
-        bad, good = remote(evil), remote(honest)
-        poison = activations(0, hidden=torch.full((2, 12, 32), 3.0e38))
-        for t in range(2):
-            bad.round = t
-            with pytest.raises(StepRefused, match="the step was undone"):
-                bad.step(0, poison)
-            _honest_round(live, good, t, 400 + t)
+    with serving(net, steps=2, interval=2) as live:
+        live.coordinator.checkpoint = tmp_path / "server.pt"
+        _poison_two_rounds(live, "the step was undone", 400)
         live.remote_fed(1).aggregate(1, lora_state(live.client_segment), 11)
         live.thread.join(10)
         assert not live.errors
@@ -116,8 +102,6 @@ def test_a_step_whose_result_is_not_finite_is_undone_and_never_checkpointed(tmp_
         saved = load_checkpoint(tmp_path / "server.pt")["server"]
         for group in saved["groups"]:
             assert all(torch.isfinite(v).all() for v in group["adapter"].values())
-    finally:
-        live.stop()
 
 
 def test_a_stall_in_an_aggregation_round_keeps_earlier_uploads_and_records_the_truth():
@@ -126,11 +110,8 @@ def test_a_stall_in_an_aggregation_round_keeps_earlier_uploads_and_records_the_t
     upload arrived: it must still count, and the metrics must name exactly who was
     aggregated (client 0 alone, as the fed server forced the round without client 2)."""
     net = NetConfig(step_timeout_s=1.0, join_timeout_s=10)
-    live = start_live(net, num_clients=3, steps=1, interval=1)
-    try:
-        links = [live.link(i) for i in range(3)]
-        for link in links:
-            link.welcome(5)
+    with serving(net, num_clients=3, steps=1, interval=1) as live:
+        links = live.welcomed(0, 1, 2)
         adapter = lora_state(live.client_segment)
         remote(links[0]).step(0, activations(1))
         merged: dict = {}
@@ -147,13 +128,10 @@ def test_a_stall_in_an_aggregation_round_keeps_earlier_uploads_and_records_the_t
         events = [r for r in live.coordinator.rec.records if r.get("event") == "aggregate"]
         assert [e["clients"] for e in events] == [[0]]
         assert live.fed.aggregated(0) == [0]
-    finally:
-        live.stop()
 
 
 def test_claimed_sample_counts_must_match_the_shard_in_the_hello_and_at_the_fed_server():
-    live = start_live(NetConfig(step_timeout_s=1, join_timeout_s=2))
-    try:
+    with serving(NetConfig(step_timeout_s=1, join_timeout_s=2)) as live:
         hello = pb.Hello(client_id=1, cut=2, num_samples=10**6, codec="none", mode="splitlora")
         greedy = Link(live.address, live.net, hello, None)
         with pytest.raises(Refused, match="client 1 claims 1000000 samples but its shard of "
@@ -169,5 +147,3 @@ def test_claimed_sample_counts_must_match_the_shard_in_the_hello_and_at_the_fed_
         with pytest.raises(Refused, match=r"magnitude 3e\+38, beyond the bound"):
             fed.aggregate(0, huge, 11)
         fed.close()
-    finally:
-        live.stop()

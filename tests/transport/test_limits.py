@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 
 import grpc
 
@@ -24,7 +26,7 @@ from hsplitlora.transport.security import (
 )
 from hsplitlora.transport.wire import frames
 from tests.transport.harness import wait_for
-from tests.transport.live import activations, remote, start_live
+from tests.transport.live import activations, remote, serving
 
 TOKENS = {"0": "tok-0", "1": "tok-1"}
 
@@ -71,14 +73,23 @@ class _Stream:
         self._channel.close()
 
 
+@contextmanager
+def _streams() -> Iterator[list[_Stream]]:
+    """A list for the test's _Streams; each is closed when the block ends."""
+    streams: list[_Stream] = []
+    try:
+        yield streams
+    finally:
+        for s in streams:
+            s.close()
+
+
 def test_hello_less_streams_cannot_stop_training():
     net = NetConfig(step_timeout_s=10, join_timeout_s=1, min_clients=1, hello_timeout_s=1.5)
-    live = start_live(net, steps=2, interval=2, tokens=TOKENS)
-    streams = []
-    try:
+    with serving(net, steps=2, interval=2, tokens=TOKENS) as live, _streams() as streams:
         # 14 authenticated streams of client 0 that never say hello (the pool used to be
         # 2n+8 = 12 workers, and the hello had no deadline)
-        streams = [_Stream(live.address, net, "0", TOKENS["0"]) for _ in range(14)]
+        streams.extend(_Stream(live.address, net, "0", TOKENS["0"]) for _ in range(14))
         time.sleep(0.5)
         refused = [s for s in streams if s.done.is_set()]
         assert len(refused) == 12
@@ -103,16 +114,11 @@ def test_hello_less_streams_cannot_stop_training():
         held = [s for s in streams if s.code == grpc.StatusCode.DEADLINE_EXCEEDED]
         assert len(held) == 2 and "no hello within net.hello_timeout_s=1.5 s" in held[0].details
         outsider.close()
-    finally:
-        for s in streams:
-            s.close()
-        live.stop()
 
 
 def test_a_flood_of_complete_uploads_is_cut_off_and_memory_stays_flat():
     net = NetConfig(step_timeout_s=10, join_timeout_s=10, max_tensor_mb=8)
-    live = start_live(net, steps=1, interval=1)
-    try:
+    with serving(net, steps=1, interval=1) as live:
         honest = live.link(1)
         junk = b"\x07" * (4 << 20)  # 4 MB that is no safetensors blob
 
@@ -134,30 +140,22 @@ def test_a_flood_of_complete_uploads_is_cut_off_and_memory_stays_flat():
         upload = activations(9)
         assert remote(honest).step(1, upload).loss == live.reference.step(1, upload).loss
         attacker.close()
-    finally:
-        live.stop()
 
 
 def test_uploads_larger_than_one_batch_are_refused_by_default():
-    live = start_live(NetConfig(step_timeout_s=10, join_timeout_s=10), steps=1, interval=1)
-    try:
-        evil, honest = live.link(0), live.link(1)
-        evil.welcome(5)
-        honest.welcome(5)
+    with serving(NetConfig(step_timeout_s=10, join_timeout_s=10), steps=1, interval=1) as live:
+        evil, honest = live.welcomed(0, 1)
         limit = live.coordinator.upload_limit("none")
         assert limit < 1 << 20  # one batch of the tiny model, not 2 GB
         evil.send("acts", 0, b"\0" * (limit + 1))
         got = evil.receive(10)
         assert isinstance(got, pb.Control) and got.kind == pb.Control.REFUSED
         assert f"exceeds the limit of {limit} bytes" in got.message
-    finally:
-        live.stop()
 
 
 def test_a_silent_adapter_upload_is_closed_after_the_step_timeout():
-    live = start_live(NetConfig(step_timeout_s=1, join_timeout_s=10), steps=1, interval=1)
-    channel = open_channel(live.address, live.net)
-    try:
+    with (serving(NetConfig(step_timeout_s=1, join_timeout_s=10), steps=1, interval=1) as live,
+          closing(open_channel(live.address, live.net)) as channel):
         hold = threading.Event()
 
         def nothing():
@@ -175,15 +173,11 @@ def test_a_silent_adapter_upload_is_closed_after_the_step_timeout():
             raise AssertionError("the silent upload was never closed")
         assert time.monotonic() - start < 5
         hold.set()
-    finally:
-        channel.close()
-        live.stop()
 
 
 def test_a_client_that_keeps_timing_out_is_backed_off():
     net = NetConfig(step_timeout_s=0.5, join_timeout_s=10)
-    live = start_live(net, steps=6, interval=6)
-    try:
+    with serving(net, steps=6, interval=6) as live:
         honest = live.link(1)
         good = remote(honest)
         staller = live.link(0)
@@ -206,8 +200,6 @@ def test_a_client_that_keeps_timing_out_is_backed_off():
         # after its second timeout in a row (round 1) it sits out rounds 2 and 3
         assert welcomes == [1, 4]
         staller.close()
-    finally:
-        live.stop()
 
 
 def test_a_client_that_reconnects_after_refused_uploads_is_backed_off():
@@ -216,8 +208,7 @@ def test_a_client_that_reconnects_after_refused_uploads_is_backed_off():
     after its second refusal in a row it sits out two rounds, as a client that keeps
     timing out does. (Connected, a refused client is still served each round.)"""
     net = NetConfig(step_timeout_s=5, join_timeout_s=10)
-    live = start_live(net, steps=6, interval=6)
-    try:
+    with serving(net, steps=6, interval=6) as live:
         honest = live.link(1)
         good = remote(honest)
         evil = live.link(0)
@@ -238,8 +229,6 @@ def test_a_client_that_reconnects_after_refused_uploads_is_backed_off():
         welcomes.append(evil.welcome(5).round)
         assert welcomes == [1, 4]  # after its second refusal it sat out rounds 2 and 3
         evil.close()
-    finally:
-        live.stop()
 
 
 class _Clock:
@@ -283,13 +272,12 @@ def test_a_burst_of_calls_from_one_address_is_refused_while_others_are_served(ca
     during the test, so the count is exact."""
     net = NetConfig(step_timeout_s=10, join_timeout_s=1, min_clients=1, peer_calls_per_s=0.001,
                     peer_call_burst=4)
-    live = start_live(net, steps=2, interval=2, tokens=TOKENS, bind_to="[::]:0")
-    streams = []
-    try:
+    with (serving(net, steps=2, interval=2, tokens=TOKENS, bind_to="[::]:0") as live,
+          _streams() as streams):
         honest = live.link(1, token=TOKENS["1"])  # call 1 of 127.0.0.1's burst
         assert honest.welcome(5).round == 0
         with caplog.at_level("WARNING", logger="hsplitlora.transport.limits"):
-            streams = [_Stream(live.address, net, "1", "wrong") for _ in range(8)]
+            streams.extend(_Stream(live.address, net, "1", "wrong") for _ in range(8))
             for s in streams:
                 assert s.done.wait(5)
         codes = [s.code for s in streams]
@@ -312,7 +300,3 @@ def test_a_burst_of_calls_from_one_address_is_refused_while_others_are_served(ca
             upload = activations(70 + t)
             assert good.step(1, upload).loss == live.reference.step(1, upload).loss
         other.close()
-    finally:
-        for s in streams:
-            s.close()
-        live.stop()

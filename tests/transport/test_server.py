@@ -19,7 +19,7 @@ from hsplitlora.transport.codec import encode_activations
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.security import ConnectionFailed, Refused
 from hsplitlora.transport.wire import pack
-from tests.transport.live import MAX_LEN, activations, remote, start_live
+from tests.transport.live import MAX_LEN, activations, remote, serving
 
 
 def _state(server):
@@ -64,9 +64,8 @@ MALFORMED = [
 
 def test_malformed_uploads_are_refused_and_the_others_carry_on():
     steps = len(MALFORMED)
-    live = start_live(NetConfig(step_timeout_s=10, join_timeout_s=10, max_tensor_mb=1),
-                      steps=steps, interval=steps)
-    try:
+    with serving(NetConfig(step_timeout_s=10, join_timeout_s=10, max_tensor_mb=1),
+                 steps=steps, interval=steps) as live:
         evil, honest = live.link(0), live.link(1)
         assert evil.welcome(5).round == honest.welcome(5).round == 0
         bad, good = remote(evil), remote(honest)
@@ -93,15 +92,12 @@ def test_malformed_uploads_are_refused_and_the_others_carry_on():
         live.thread.join(10)
         assert not live.errors
         assert _equal(_state(live.server), _state(live.reference))
-    finally:
-        live.stop()
 
 
 @pytest.mark.parametrize(("codec", "tolerance"), [("bf16", 2e-2), ("fp16", 2e-3), ("int8", 5e-2)])
 def test_compressed_wire_formats_approximate_the_exact_step(codec, tolerance):
-    live = start_live(NetConfig(step_timeout_s=10, join_timeout_s=10, codec=codec),
-                      num_clients=1, steps=1)
-    try:
+    with serving(NetConfig(step_timeout_s=10, join_timeout_s=10, codec=codec),
+                 num_clients=1, steps=1) as live:
         link = live.link(0)
         link.welcome(5)
         upload = activations(7, seq=MAX_LEN, hidden=torch.randn(2, MAX_LEN, 32) * 3)
@@ -114,16 +110,11 @@ def test_compressed_wire_formats_approximate_the_exact_step(codec, tolerance):
         assert err < 4 * tolerance, err
         assert proxy.bytes_up < len(pack(encode_activations(upload, "none")))
         assert proxy.bytes_down < exact.grad.numel() * 4
-    finally:
-        live.stop()
 
 
 def test_a_stalled_client_is_dropped_from_the_round_and_rejoins_later():
-    live = start_live(NetConfig(step_timeout_s=1.0, join_timeout_s=10), steps=3, interval=3)
-    try:
-        staller, steady = live.link(0), live.link(1)
-        staller.welcome(5)
-        steady.welcome(5)
+    with serving(NetConfig(step_timeout_s=1.0, join_timeout_s=10), steps=3, interval=3) as live:
+        staller, steady = live.welcomed(0, 1)
         fast = remote(steady)
         fast.step(1, activations(1))  # served once the server gives up on client 0
         with pytest.raises(ConnectionFailed, match="no activations for round 0 within "
@@ -147,13 +138,10 @@ def test_a_stalled_client_is_dropped_from_the_round_and_rejoins_later():
         for cid, seed in [(1, 1), (1, 3), (0, 4), (1, 5)]:
             live.reference.step(cid, activations(seed))
         assert _equal(_state(live.server), _state(live.reference))
-    finally:
-        live.stop()
 
 
 def test_malformed_adapter_uploads_are_refused_by_the_fed_server():
-    live = start_live(NetConfig(step_timeout_s=1, join_timeout_s=2))
-    try:
+    with serving(NetConfig(step_timeout_s=1, join_timeout_s=2)) as live:
         fed = live.remote_fed(0)
         good = lora_state(live.client_segment)
         key = next(iter(good))
@@ -169,24 +157,18 @@ def test_malformed_adapter_uploads_are_refused_by_the_fed_server():
         with pytest.raises(Refused, match="aggregation round 0 was never opened"):
             fed.aggregate(0, good, 10)  # well formed, but no round is open
         fed.close()
-    finally:
-        live.stop()
 
 
 def test_with_min_clients_the_run_starts_without_the_missing_after_the_join_timeout():
-    live = start_live(NetConfig(step_timeout_s=5, join_timeout_s=0.5, min_clients=1), steps=1)
-    try:
+    with serving(NetConfig(step_timeout_s=5, join_timeout_s=0.5, min_clients=1), steps=1) as live:
         alone = live.link(1)
         assert alone.welcome(5).round == 0  # after 0.5 s of waiting for client 0
         reply = remote(alone).step(1, activations(9))
         assert reply.loss == live.reference.step(1, activations(9)).loss
-    finally:
-        live.stop()
 
 
 def test_without_enough_clients_the_server_gives_up_with_a_reason():
-    live = start_live(NetConfig(step_timeout_s=5, join_timeout_s=0.3))
-    live.thread.join(5)
-    live.stop()
+    with serving(NetConfig(step_timeout_s=5, join_timeout_s=0.3)) as live:
+        live.thread.join(5)
     assert len(live.errors) == 1 and isinstance(live.errors[0], TimeoutError)
     assert "only 0 of 2 clients connected within net.join_timeout_s=0.3 s" in str(live.errors[0])
