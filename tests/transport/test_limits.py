@@ -143,7 +143,7 @@ def test_a_flood_of_complete_uploads_is_cut_off_and_memory_stays_flat():
 
 
 def test_uploads_larger_than_one_batch_are_refused_by_default():
-    with serving(NetConfig(step_timeout_s=10, join_timeout_s=10), steps=1, interval=1) as live:
+    with serving(NetConfig(step_timeout_s=1, join_timeout_s=10), steps=1, interval=1) as live:
         evil, honest = live.welcomed(0, 1)
         limit = live.coordinator.upload_limit("none")
         assert limit < 1 << 20  # one batch of the tiny model, not 2 GB
@@ -154,7 +154,7 @@ def test_uploads_larger_than_one_batch_are_refused_by_default():
 
 
 def test_a_silent_adapter_upload_is_closed_after_the_step_timeout():
-    with (serving(NetConfig(step_timeout_s=1, join_timeout_s=10), steps=1, interval=1) as live,
+    with (serving(NetConfig(step_timeout_s=1, join_timeout_s=1), steps=1, interval=1) as live,
           closing(open_channel(live.address, live.net)) as channel):
         hold = threading.Event()
 
