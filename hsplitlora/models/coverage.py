@@ -56,8 +56,41 @@ _EXTRA: dict[str, dict[str, Any]] = {
     "bailing_hybrid": dict(n_group=1, topk_group=1), "beam": dict(n_group=1, topk_group=1),
     "dots1": dict(n_shared_experts=1), "dots3_note_text": dict(num_key_value_heads=4),
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"]),
-    "qwen4_exp_text": dict(token_budget=8, compress_ratio=2),
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8,
+                           indexer_budget=8, indexer_compress_ratio=2, linear_key_head_dim=8,
+                           linear_value_head_dim=8, linear_num_key_heads=2,
+                           linear_num_value_heads=4, hc_lowrank=8),
     "zaya": dict(num_experts_per_tok=1),
+    # rotary settings per layer type (the full layers without rotary, NoPE)
+    "cohere_compass_text": dict(
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        rope_parameters={"sliding_attention": dict(rope_type="default", rope_theta=10000.0,
+                                                   mrope_section=[2, 1, 1]),
+                         "full_attention": None}),
+    # the modeling reads rope_theta from attn_config, which the config class does not declare
+    "dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8),
+                 ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2)),
+    # the KV-sharing layers need a producing layer of each type before them
+    "gemma3n_text": dict(layer_types=["sliding_attention", "full_attention"] * 2,
+                         num_kv_shared_layers=2, vocab_size_per_layer_input=320,
+                         hidden_size_per_layer_input=8, laurel_rank=4),
+    "zamba2": dict(layers_block_type=["linear_attention", "hybrid"] * 2, mamba_d_state=16,
+                   chunk_size=8, adapter_rank=4),
+    "deepseek_v4": dict(q_lora_rank=16, o_groups=2, o_lora_rank=8, index_n_heads=2,
+                        index_head_dim=8, index_topk=4),
+    "kimi_linear": dict(_MLA, linear_head_dim=8, linear_num_heads=4,
+                        layer_types=["linear_attention"] * 3 + ["full_attention"]),
+    "gemma4_assistant": dict(backbone_hidden_size=32),
+    "gemma4_unified_assistant": dict(backbone_hidden_size=32),
+}
+# Per model_type: the model_type of its text_config, built tiny too (with these changes);
+# the config class's default text_config is full size.
+_ASSISTANT = dict(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
+                  num_kv_shared_layers=4)  # a Gemma 4 drafter's text model: all shared
+_TEXT_CONFIG: dict[str, tuple[str, dict[str, Any]]] = {
+    "emu3": ("emu3_text_model", {}), "fuyu": ("persimmon", {}),
+    "gemma4_assistant": ("gemma4_text", _ASSISTANT),
+    "gemma4_unified_assistant": ("gemma4_unified_text", _ASSISTANT),
 }
 
 # Encoder models that transformers also ships as causal LMs (``is_decoder=True``): swept,
@@ -111,13 +144,16 @@ def text_decoder(model_type: str) -> bool:
     return model_type not in _ENCODERS and not subs and not enc_dec
 
 
-def tiny_config(model_type: str) -> Any:
+def tiny_config(model_type: str, **changes: Any) -> Any:
     """A tiny config of ``model_type`` from transformers' own config class."""
     cls = _config_class(model_type)
     names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     names |= set(getattr(cls, "attribute_map", {}))
     kwargs = {k: v for k, v in _TINY.items() if k in names or k in ("is_decoder",)}
-    kwargs.update(_EXTRA.get(model_type, {}))
+    kwargs.update(_EXTRA.get(model_type, {}), **changes)
+    if model_type in _TEXT_CONFIG:
+        text_type, changes = _TEXT_CONFIG[model_type]
+        kwargs["text_config"] = tiny_config(text_type, **changes)
     return cls(**kwargs)
 
 

@@ -127,13 +127,19 @@ class ArchSpec:
 
 
 # Facts discovery cannot decide, per model_type. Keys are ArchSpec fields, plus "refuse":
-# a reason the architecture cannot be split exactly (checked by the coverage sweep).
+# a reason the architecture cannot be split exactly (checked by the coverage sweep), and
+# "refuse_if": (config field, reason), the same refusal only when that field is set.
 _LOOPED = ("its blocks do not run once each, in list order (the backbone loops over a "
            "range of them)")
 _DENSE = ("its blocks also read the states of earlier blocks, besides the hidden states, "
           "which the client would have to send too")
 _NO_EMBEDS = ("its backbone cannot start from hidden states (inputs_embeds), so the server "
               "cannot run its blocks on received activations")
+_HYPER = ("its backbone widens the hidden states into several residual streams "
+          "(hyper-connections) before the blocks")
+_DRAFTER = ("it is a speculative-decoding drafter: it runs on the target model's hidden "
+            "states and KV states (shared_kv_states), not on token ids, and every block "
+            "attends to the target model's KV states")
 _PER_LAYER_INPUTS = ("its blocks read per-layer inputs computed from the token ids, which "
                      "only the client has")
 OVERRIDES: dict[str, dict[str, Any]] = {
@@ -165,8 +171,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "rwkv": {"refuse": "its backbone reaches into every block of the list (rescaling their "
                        "attention and feed-forward weights in eval mode), so a segment cannot "
                        "end early"},
-    "hy_v4": {"refuse": "its backbone widens the hidden states into several residual "
-                        "streams (hyper-connections) before the blocks"},
+    "qwen4_exp_text": {"refuse_if": ("ple_layer_ids", _PER_LAYER_INPUTS)},
+    "hy_v4": {"refuse": _HYPER},
+    "gemma4_assistant": {"refuse": _DRAFTER},
+    "gemma4_unified_assistant": {"refuse": _DRAFTER},
+    "deepseek_v4": {"refuse": _HYPER},
 }
 # its config counts each block's two sub-layers in num_hidden_layers
 OVERRIDES["longcat_flash"] = {"n_layers": "num_layers"}
@@ -366,6 +375,10 @@ def discover(model: nn.Module) -> ArchSpec:
     override = OVERRIDES.get(model_type, {})
     if "refuse" in override:
         raise _refuse(model_type, override["refuse"], "See docs/architectures.md.")
+    if "refuse_if" in override and getattr(config, override["refuse_if"][0], None):
+        field_name, why = override["refuse_if"]
+        raise _refuse(model_type, f"{why} (its config sets {field_name})",
+                      f"Set {field_name} to none to split it; see docs/architectures.md.")
     if getattr(config, "is_encoder_decoder", False):
         raise _refuse(model_type, "it is an encoder-decoder model; the server would need the "
                       "encoder's output at every block", "Use a decoder-only causal LM.")

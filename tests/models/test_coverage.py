@@ -8,9 +8,11 @@ the 90 % target and that none is wrong. ``scripts/coverage_sweep.py`` prints the
 
 import pytest
 
-from hsplitlora.models.coverage import ATOL, check, registry, text_decoder
+from hsplitlora.models.coverage import ATOL, check, registry, text_decoder, tiny_config
+from hsplitlora.models.structure import SplitError, arch_spec
 
-FAST = ["gemma2", "phi3", "opt", "mixtral", "gpt_neox", "bloom", "olmo2", "starcoder2"]
+FAST = ["gemma2", "phi3", "opt", "mixtral", "gpt_neox", "bloom", "olmo2", "starcoder2",
+        "cohere_compass_text", "dbrx"]
 
 
 @pytest.mark.parametrize("model_type", FAST)
@@ -25,6 +27,13 @@ def test_an_architecture_that_cannot_be_cut_is_refused_with_its_reason():
     assert result.status == "refused"
     assert "cannot split architecture 'zamba' exactly: its hybrid blocks call one shared" \
         in result.reason
+
+
+def test_qwen4_exp_with_per_layer_embeddings_is_refused_by_its_config_field():
+    config = tiny_config("qwen4_exp_text", ple_layer_ids=[1], ple_embed_dim=8,
+                         ngram_vocab_size_base=1000, heads_per_ngram=2, split_ngram_parts=4)
+    with pytest.raises(SplitError, match="per-layer inputs.*sets ple_layer_ids"):
+        arch_spec(config)
 
 
 @pytest.mark.sweep
