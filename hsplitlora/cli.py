@@ -140,8 +140,14 @@ def train(
                 "client_trainable_params"):
         if key in s:
             v = s[key]
+            if v is None and "plans" in s:  # a planned run: a cut and ranks per client
+                v = "per client (below)"
             table.add_row(key, f"{v:.4f}" if isinstance(v, float) else str(v))
     console.print(table)
+    if "plans" in s:
+        console.print("plans that ran last (cut, client-side adapters): " + ", ".join(
+            f"client {i}: cut {p['cut']}, {p['client_adapters']}"
+            for i, p in enumerate(s["plans"])))
     for when in ("before", "after"):
         if when in result.samples:
             console.print(f"[bold]{when} fine-tuning:[/bold] {escape(result.samples[when])}")

@@ -94,3 +94,30 @@ def test_load_trained_rebuilds_the_fine_tuned_model(tmp_path, tiny_llama_dir, ti
     ids = torch.randint(0, 300, (2, 10))
     torch.testing.assert_close(model(input_ids=ids).logits,
                                result.model.eval()(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_planned_run_reports_the_plans_that_ran_not_one_cut_or_rank(tmp_path, tiny_llama_dir):
+    from tests.transport.test_hetero_net import hetero_config
+
+    cfg = hetero_config(tiny_llama_dir, tmp_path, steps=4)
+    path = tmp_path / "run.yaml"
+    path.write_text(cfg.to_yaml())
+    result = CliRunner().invoke(app, ["train", "-c", str(path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "net" / "summary.json").read_text())
+    assert summary["cut"] is None and summary["rank"] is None
+    plans = summary["plans"]
+    assert len(plans) == cfg.train.num_clients
+    # the run re-planned (no smoothing, threshold 0): the summary has the last plans, as
+    # the last replan event recorded them
+    records = [json.loads(line)
+               for line in (tmp_path / "net" / "metrics.jsonl").read_text().splitlines()]
+    replans = [r for r in records if r.get("event") == "replan"]
+    assert summary["replans"] == len(replans) >= 1
+    assert [p["cut"] for p in plans] == [p["cut"] for p in replans[-1]["plans"]]
+    assert all(p["memory_bytes"] <= p["budget_bytes"] for p in plans)
+    assert 0 < summary["server"]["memory_bytes"] <= summary["server"]["budget_bytes"]
+    flat = " ".join(result.output.split())  # rich wraps long lines
+    assert "plans that ran last" in flat
+    for i, p in enumerate(plans):
+        assert f"client {i}: cut {p['cut']}, {p['client_adapters']}" in flat
