@@ -229,7 +229,8 @@ def serve_fed(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
         spec = arch_spec(p.model.config)
         fed = HeteroFedService(aggregator_for(cfg),
                                cfg.lora.alpha, matrix_shapes(p.model, spec.targets), spec,
-                               net.step_timeout_s, last)
+                               net.step_timeout_s, last,
+                               ranks=[cfg.lora.r, *cfg.hetero.rank_set])
     else:
         checkpoint = run_dir / "checkpoint" / "fed.pt"
         fed = build_fed_service(p, net, checkpoint=checkpoint)

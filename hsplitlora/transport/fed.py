@@ -256,7 +256,9 @@ class FederationServicer(pb_grpc.FederationServicer):
                  cid: int) -> tuple[int, State, int]:
         """One adapter upload: its round, the validated state and its sample count."""
         layout = getattr(self.service, "layout", None)
+        widest = getattr(self.service, "upload_bytes", None)  # heterogeneous: the widest
         limit = (self.net.tensor_limit(layout_bytes(layout)) if layout is not None
+                 else self.net.tensor_limit(widest) if widest is not None
                  else self.net.max_tensor_bytes)
         assembler = Reassembler(limit)
         what = f"adapter of client {cid}"

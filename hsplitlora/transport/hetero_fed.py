@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ from hsplitlora.transport.calls import (
 )
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import opened_round
+from hsplitlora.transport.plan import widest_adapter_bytes
 from hsplitlora.transport.security import call_metadata, explain, open_channel
 from hsplitlora.transport.validate import Layout, check_finite
 from hsplitlora.transport.wire import (
@@ -90,9 +91,13 @@ class HeteroFedService:
     ``combine`` request; thread-safe (one gRPC call per party)."""
 
     def __init__(self, aggregator: str, alpha: float, shapes: Mapping[str, tuple[int, int]],
-                 spec: ArchSpec, timeout_s: float, last_round: int) -> None:
+                 spec: ArchSpec, timeout_s: float, last_round: int,
+                 ranks: Sequence[int] = ()) -> None:
         self.aggregator, self.alpha = aggregator, alpha
         self.shapes, self.spec = dict(shapes), spec
+        # the largest upload a client may send: its widest possible adapter (``ranks``:
+        # every rank a plan may give; none known, net.max_tensor_mb's limit applies)
+        self.upload_bytes = widest_adapter_bytes(self.shapes, spec, ranks) if ranks else None
         self.blocks = 1 + max((spec.block_of(m) for m in self.shapes), default=-1)
         self.timeout_s = timeout_s
         self.last_round = last_round

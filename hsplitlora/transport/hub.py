@@ -52,7 +52,7 @@ from hsplitlora.transport.codec import encode
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.guard import guarded_step
 from hsplitlora.transport.hetero_fed import RemoteFedAggregation
-from hsplitlora.transport.plan import Plan, layout_bytes
+from hsplitlora.transport.plan import Plan, widest_adapter_bytes
 from hsplitlora.transport.server import GONE, Session, decode_upload, hello_problem, listen
 from hsplitlora.transport.validate import check_finite, check_header, check_magnitude
 from hsplitlora.transport.wire import Blob, WireError, pack, read_header, unpack
@@ -374,10 +374,8 @@ class HeteroHub:
                             "vocab_size": int(mc.vocab_size), "dtype": head.dtype})
         self.spec = arch_spec(mc)
         self._shapes = matrix_shapes(p.model, self.spec.targets)
-        widest = LoraSettings(r=max(self.cfg.lora.r, *self.cfg.hetero.rank_set),
-                              targets=self.spec.targets)
-        self._adapter_bytes = layout_bytes({k: ("F32", shape) for k, shape in adapter_shapes(
-            self._shapes, widest, self.spec.default_targets).items()})
+        self._adapter_bytes = widest_adapter_bytes(
+            self._shapes, self.spec, [self.cfg.lora.r, *self.cfg.hetero.rank_set])
         self.device = p.device
         if p.resumed is not None:
             self.start_round = p.resumed["round"] + 1

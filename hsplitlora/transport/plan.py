@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from hsplitlora.models.lora import LoraSettings, adapter_shapes
+from hsplitlora.models.structure import ArchSpec
 from hsplitlora.transport.codec import wire_layout
 from hsplitlora.transport.validate import Layout, Limit
 
@@ -32,6 +35,16 @@ def layout_bytes(layout: Layout, dims: dict[str, int] | None = None) -> int:
             n *= d if isinstance(d, int) else (dims or {})[d]
         total += n
     return total
+
+
+def widest_adapter_bytes(shapes: Mapping[str, tuple[int, int]], spec: ArchSpec,
+                         ranks: Iterable[int]) -> int:
+    """Blob bytes of the largest adapter a heterogeneous client may upload: every matrix
+    it could hold at the largest rank a plan may give, since re-plans move cuts and ranks
+    (what the hub and the fed server derive their default upload limits from)."""
+    widest = LoraSettings(r=max(ranks), targets=spec.targets)
+    return layout_bytes({k: ("F32", shape) for k, shape in adapter_shapes(
+        shapes, widest, spec.default_targets).items()})
 
 
 def value_bound(hidden_size: int, configured: float | None) -> float:

@@ -161,3 +161,24 @@ def test_the_main_server_refuses_a_result_that_does_not_fit_what_it_asked(model)
     bad = {**good, next(iter(good)): torch.full_like(next(iter(good.values())), float("nan"))}
     with pytest.raises(WireError, match="finite"):
         remote._read(pack(bad, {"clients": "0,1"}), asked, "r")
+
+
+def test_the_fed_server_derives_its_upload_limit_from_the_widest_adapter(model):
+    """A heterogeneous fed server takes at most the widest adapter a plan could give a
+    client (every matrix at the largest rank), not net.max_tensor_mb's 2 GB."""
+    from hsplitlora.transport.fed import FederationServicer
+    from hsplitlora.transport.plan import layout_bytes
+    from hsplitlora.transport.wire import frames
+
+    spec = arch_spec(model.config)
+    shapes = matrix_shapes(model, spec.targets)
+    service = HeteroFedService("noisefree", ALPHA, shapes, spec, 5.0, last_round=9,
+                               ranks=[4, 2, 8])
+    widest = adapter_shapes(shapes, LoraSettings(r=8, targets=spec.targets),
+                            spec.default_targets)
+    assert service.upload_bytes == layout_bytes({k: ("F32", s) for k, s in widest.items()})
+    net = NetConfig()
+    assert service.upload_bytes < 1 << 20 < net.max_tensor_bytes
+    front = FederationServicer(service, None, net)
+    with pytest.raises(WireError, match=f"exceeds the limit of {service.upload_bytes} bytes"):
+        front._receive(frames(b"\0" * (service.upload_bytes + 1), "adapter", 0, 0, 1 << 16), 0)
