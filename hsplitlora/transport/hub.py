@@ -52,6 +52,7 @@ from hsplitlora.transport.codec import encode
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.guard import guarded_step
 from hsplitlora.transport.hetero_fed import RemoteFedAggregation
+from hsplitlora.transport.limits import Backoff
 from hsplitlora.transport.plan import Plan, widest_adapter_bytes
 from hsplitlora.transport.server import GONE, Session, decode_upload, hello_problem, listen
 from hsplitlora.transport.validate import check_finite, check_header, check_magnitude
@@ -106,6 +107,7 @@ class _Server:
             reply = guarded_step(self._role, client_id, acts, self._hub.bound, what)
         except WireError as e:
             raise proxy.refuse(str(e)) from None
+        self._hub.backoff.clear(client_id)
         packed = pack_call("backward", None, encode("grad", reply.grad, proxy.codec))
         proxy.outgoing = (reply.grad, packed)
         return _WiredReply(reply.loss, reply.tokens, reply.grad, packed)
@@ -157,17 +159,21 @@ class RemoteClient:
         if not self._send(method, args):
             raise PartyLost(f"client {self.client_id} is not connected")
 
-    def _lose(self, reason: str, code: grpc.StatusCode) -> PartyLost:
+    def _lose(self, reason: str, code: grpc.StatusCode, *, strike: bool = False) -> PartyLost:
+        """Drop the client from the round; ``strike``: it failed its step (timed out, or
+        sent what was refused), which counts toward its back-off."""
         session, self.session = self.session, None
         if session is not None:
             session.abort(code, reason)
+        if strike:
+            self.hub.backoff.strike(self.client_id, self.round)
         log.warning("client %d dropped in round %d: %s", self.client_id, self.round, reason)
         return PartyLost(f"client {self.client_id}: {reason}")
 
     def refuse(self, reason: str) -> PartyLost:
         """Drop the client from the round for a step the server undid: ABORTED, which
         the client retries, so it reconnects and is readmitted at the next round."""
-        return self._lose(reason, grpc.StatusCode.ABORTED)
+        return self._lose(reason, grpc.StatusCode.ABORTED, strike=True)
 
     def _await(self, kind: str, what: str) -> Blob:
         if not self.here:
@@ -178,11 +184,13 @@ class RemoteClient:
             item = self.session.inbox.get(timeout=timeout)
         except queue.Empty:
             raise self._lose(f"no {what} within net.step_timeout_s={timeout:g} s; reconnect "
-                             "to rejoin", grpc.StatusCode.DEADLINE_EXCEEDED) from None
+                             "to rejoin", grpc.StatusCode.DEADLINE_EXCEEDED,
+                             strike=True) from None
         if item is GONE:
             raise self._lose("disconnected", grpc.StatusCode.CANCELLED)
         if isinstance(item, WireError):
-            raise self._lose(f"its {what} was refused: {item}", grpc.StatusCode.INVALID_ARGUMENT)
+            raise self._lose(f"its {what} was refused: {item}", grpc.StatusCode.INVALID_ARGUMENT,
+                             strike=True)
         if item.kind == "error":
             try:
                 message = read_header(item.data).meta.get("message", "no reason given")
@@ -191,7 +199,7 @@ class RemoteClient:
             raise self._lose(f"it failed a call: {message}", grpc.StatusCode.ABORTED)
         if item.kind != kind:
             raise self._lose(f"it sent a {item.kind!r} blob where its {what} was due",
-                             grpc.StatusCode.INVALID_ARGUMENT)
+                             grpc.StatusCode.INVALID_ARGUMENT, strike=True)
         return item
 
     def _activations(self, blob: Blob, what: str) -> Activations:
@@ -200,7 +208,7 @@ class RemoteClient:
             acts = decode_upload(blob.data, plan, self.codec, what, self.hub.bound)
         except WireError as e:
             raise self._lose(f"its {what} were refused: {e}",
-                             grpc.StatusCode.INVALID_ARGUMENT) from None
+                             grpc.StatusCode.INVALID_ARGUMENT, strike=True) from None
         return _Wired(acts.hidden, acts.attention_mask, acts.labels, len(blob.data))
 
     # -- the Client methods --------------------------------------------------------------
@@ -353,6 +361,7 @@ class HeteroHub:
         self._base: nn.Module | None = None
         self._shapes: dict[str, tuple[int, int]] = {}
         self._adapter_bytes = 0  # the largest adapter a client may upload (set by bind())
+        self.backoff = Backoff()  # clients that keep timing out or being refused
         self.spec: ArchSpec | None = None
         self.tokens = tokens
         self._fed: RemoteFedAggregation | None = None
@@ -486,8 +495,15 @@ class HeteroHub:
         return here
 
     def _admit(self, round: int) -> None:
+        """Admit the waiting clients, except those serving a back-off (unless no client
+        is training: then a slow client beats none), as the homogeneous server does."""
         with self._cond:
-            joining, self._pending = self._pending, {}
+            anyone = any(c.here for c in self.clients.values())
+            joining = {cid: s for cid, s in self._pending.items()
+                       if self.backoff.ready(cid, round) or not anyone}
+            self._pending = {cid: s for cid, s in self._pending.items() if cid not in joining}
+        for cid in self._pending:
+            log.info(self.backoff.explain(cid))
         for cid, session in sorted(joining.items()):
             self.clients[cid].admit(session, round)
 

@@ -22,7 +22,7 @@ import grpc
 
 from hsplitlora.transport.config import NetConfig
 
-__all__ = ["RETRY_AFTER_KEY", "PeerRateLimit", "RateLimiter", "StreamGate", "Throttle",
+__all__ = ["RETRY_AFTER_KEY", "Backoff", "PeerRateLimit", "RateLimiter", "StreamGate", "Throttle",
            "Ticket", "deadline_reader", "first_within", "peer_address",
            "peer_rate_limit"]
 
@@ -122,6 +122,35 @@ def deadline_reader(requests: Iterator[T], timeout_s: float) -> Iterator[T]:
         if item is _DONE:
             return
         yield item  # type: ignore[misc]
+
+
+class Backoff:
+    """Rounds a client sits out for failing its steps again and again (timing out, or
+    sending uploads that are refused): after its second failure in a row, 2, then 4, 8...
+    rounds (at most 64) before it is admitted again, so a stalling or hostile client, each
+    new connection of which a round would wait for, cannot cost every round. Strikes
+    outlive reconnections; a step that goes through clears them."""
+
+    def __init__(self) -> None:
+        self.strikes: dict[int, int] = {}  # failed steps in a row, per client
+        self.until: dict[int, int] = {}  # first round a struck client may rejoin
+
+    def strike(self, cid: int, round: int) -> None:
+        strikes = self.strikes.get(cid, 0) + 1
+        self.strikes[cid] = strikes
+        if strikes >= 2:
+            self.until[cid] = round + 1 + min(2 ** (strikes - 1), 64)
+
+    def clear(self, cid: int) -> None:
+        self.strikes.pop(cid, None)
+
+    def ready(self, cid: int, round: int) -> bool:
+        """Whether client ``cid`` may be admitted at ``round``."""
+        return self.until.get(cid, -1) <= round
+
+    def explain(self, cid: int) -> str:
+        return (f"client {cid} waits until round {self.until[cid]}: it failed "
+                f"{self.strikes.get(cid, 0)} steps in a row")
 
 
 class Throttle:

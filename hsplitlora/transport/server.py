@@ -38,6 +38,7 @@ from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FederationServicer, FedService, RemoteFed
 from hsplitlora.transport.guard import guarded_step
 from hsplitlora.transport.limits import (
+    Backoff,
     StreamGate,
     Throttle,
     Ticket,
@@ -274,8 +275,7 @@ class Coordinator:
         self._cond = threading.Condition()
         self._pending: dict[int, Session] = {}
         self._active: dict[int, Session] = {}
-        self._strikes: dict[int, int] = {}  # step timeouts in a row, per client
-        self._benched_until: dict[int, int] = {}  # first round a struck client may rejoin
+        self.backoff = Backoff()  # clients that keep timing out or being refused
 
     # -- called from stream threads ------------------------------------------------------
     def check_hello(self, party: str, frame: pb.ClientFrame) -> str | None:
@@ -341,32 +341,19 @@ class Coordinator:
         and again (unless nobody else is training: then a slow client beats none)."""
         with self._cond:
             ready = {cid: s for cid, s in self._pending.items()
-                     if self._benched_until.get(cid, -1) <= round}
+                     if self.backoff.ready(cid, round)}
             if not ready and not self._active:
                 ready = dict(self._pending)
             joining = ready
             self._pending = {cid: s for cid, s in self._pending.items() if cid not in ready}
             self._active.update(joining)
         for cid in self._pending:
-            log.info("client %d waits until round %d: it timed out %d times in a row", cid,
-                     self._benched_until[cid], self._strikes[cid])
+            log.info(self.backoff.explain(cid))
         p = self.plan
         for cid, session in sorted(joining.items()):
             session.outbox.put(pb.ServerFrame(welcome=pb.Welcome(
                 round=round, steps=p.steps, interval=p.interval, mode=p.mode, cut=p.cut)))
             log.info("client %d admitted at round %d", cid, round)
-
-    def _strike(self, cid: int, round: int) -> None:
-        """Back off a client that keeps timing out or sending uploads that are refused:
-        after its second failed step in a row it sits out 2, then 4, 8... rounds (at most
-        64) before it is admitted again, so a stalling or hostile client (each new
-        connection of which the round would wait for, in id order, before the clients
-        after it) cannot cost every round. Strikes outlive reconnections; a step clears
-        them."""
-        strikes = self._strikes.get(cid, 0) + 1
-        self._strikes[cid] = strikes
-        if strikes >= 2:
-            self._benched_until[cid] = round + 1 + min(2 ** (strikes - 1), 64)
 
     def _refused_step(self, session: Session, round: int, reason: str) -> None:
         """Refuse this round's upload, and count it against the client: a connected
@@ -374,7 +361,7 @@ class Coordinator:
         reconnects after refusals in a row, as a flood whose stream was cut does, waits
         out its back-off first."""
         self._refuse(session, round, reason)
-        self._strike(session.client_id, round)
+        self.backoff.strike(session.client_id, round)
 
     def _remove(self, session: Session) -> None:
         with self._cond:
@@ -397,7 +384,7 @@ class Coordinator:
             log.warning("client %d: %s", cid, reason)
             session.abort(grpc.StatusCode.DEADLINE_EXCEEDED, reason)
             self._remove(session)
-            self._strike(cid, t)
+            self.backoff.strike(cid, t)
             return None
         if item is GONE:
             log.warning("client %d disconnected in round %d; the round goes on without it", cid, t)
@@ -416,7 +403,7 @@ class Coordinator:
         data = pack(encode("grad", reply.grad, session.codec),
                     {"loss": repr(reply.loss), "tokens": str(reply.tokens)})
         session.send("grad", t, data)
-        self._strikes.pop(cid, None)
+        self.backoff.clear(cid)
         self.rec.train_step(round=t, client=cid, loss=reply.loss, tokens=reply.tokens,
                             bytes_up=len(item.data), bytes_down=len(data), lr=self.server.lr)
         log.debug("round %d client %d: loss %.4f, %d bytes up, %d down", t, cid, reply.loss,

@@ -238,3 +238,34 @@ def test_the_hub_derives_its_upload_limit_from_the_run_and_refuses_what_is_large
         assert inbox.get(timeout=10) == Blob("reply", 0, batch)
     finally:
         link.close()
+
+
+def test_a_heterogeneous_client_that_keeps_timing_out_is_backed_off(hub):
+    """As on the homogeneous server: after two failed steps in a row (here a timeout and
+    a refused upload) a reconnecting client sits out 2 rounds, unless nobody else trains;
+    a step that goes through clears its strikes."""
+    proxy, session = _proxy(hub)
+    hub.clients = {0: proxy}
+    hub.net = hub.net.model_copy(update={"step_timeout_s": 0.05})
+    proxy.round = 3
+    with pytest.raises(PartyLost, match="no activations"):
+        proxy.forward()  # strike 1: timed out
+    proxy.session = session = Session(pb.Hello(client_id=0, codec="none"), 1 << 20)
+    session.inbox.put(Blob("reply", 3, b"junk"))
+    with pytest.raises(PartyLost, match="refused"):
+        proxy.forward()  # strike 2: its upload was refused
+    assert hub.backoff.strikes[0] == 2 and hub.backoff.until[0] == 3 + 1 + 2
+    other, _ = _proxy(hub)
+    other.client_id = 1
+    hub.clients[1] = other  # someone else trains, so the struck client waits
+    back = Session(pb.Hello(client_id=0, codec="none"), 1 << 20)
+    hub._pending = {0: back}
+    hub._admit(4)
+    assert hub._pending == {0: back} and not proxy.here
+    other.session = None  # nobody else: a slow client beats none
+    hub.clients[0].admit = lambda s, r: setattr(proxy, "session", s)
+    hub._admit(5)
+    assert hub._pending == {} and proxy.session is back
+    hub.backoff.clear(0)  # a step went through: the next failure is a first strike again
+    hub.backoff.strike(0, 10)
+    assert hub.backoff.strikes[0] == 1 and hub.backoff.ready(0, 11)
