@@ -131,17 +131,16 @@ def _config_class(model_type: str) -> type:
 def text_decoder(model_type: str) -> bool:
     """Whether ``model_type`` is a text-only decoder: not multimodal, not an encoder-decoder
     and not an encoder run as a decoder. The sweep's 90 % target counts these."""
-    from hsplitlora.models.structure import _MODALITIES
+    from hsplitlora.models.structure import _multimodal
 
     cls = _config_class(model_type)
-    subs = [k for k in getattr(cls, "sub_configs", None) or {}
-            if any(m in k for m in _MODALITIES)]
-    enc_dec = False
+    config: Any = cls
     try:
-        enc_dec = bool(cls().is_encoder_decoder)
-    except Exception:  # noqa: BLE001 - a config whose defaults do not build says nothing
+        config = cls()
+    except Exception:  # noqa: BLE001 - a config whose defaults do not build: its class
         pass
-    return model_type not in _ENCODERS and not subs and not enc_dec
+    enc_dec = not isinstance(config, type) and bool(config.is_encoder_decoder)
+    return model_type not in _ENCODERS and not _multimodal(config) and not enc_dec
 
 
 def tiny_config(model_type: str, **changes: Any) -> Any:

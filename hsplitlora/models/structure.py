@@ -17,6 +17,7 @@ the few facts discovery cannot decide. Why each rule is what it is: ``docs/archi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -359,13 +360,23 @@ def _final_norm(backbone: nn.Module, blocks: str, pp_plan: dict[str, Any]) -> st
     return None
 
 
-_MODALITIES = ("vision", "visual", "image", "audio", "speech", "video", "encoder", "depth")
+_MODALITIES = ("vision", "visual", "image", "audio", "speech", "video", "encoder", "depth",
+               "vq")
+_MODALITY_TOKENS = ("image_token", "video_token", "audio_token")
 
 
 def _multimodal(config: Any) -> list[str]:
-    """Sub-configs of other modalities (MPT's attn_config is not one)."""
-    subs = getattr(type(config), "sub_configs", None) or {}
-    return [k for k in subs if any(m in k for m in _MODALITIES)]
+    """What declares a non-text input in a config (an instance or its class): sub-configs
+    of another modality (a vision tower, Emu3's image VQ tokenizer ``vq_config``; MPT's
+    ``attn_config`` is not one) or the id of the placeholder token images, video or audio
+    replace (Fuyu embeds image patches with a linear layer and has no vision sub-config)."""
+    cls = config if isinstance(config, type) else type(config)
+    subs = [k for k in getattr(cls, "sub_configs", None) or {}
+            if any(m in k for m in _MODALITIES)]
+    names = ({f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls)
+             else set()) | (set() if isinstance(config, type) else set(vars(config)))
+    tokens = sorted(n for n in names if any(t in n for t in _MODALITY_TOKENS))
+    return subs + tokens
 
 
 def discover(model: nn.Module) -> ArchSpec:
@@ -383,7 +394,7 @@ def discover(model: nn.Module) -> ArchSpec:
         raise _refuse(model_type, "it is an encoder-decoder model; the server would need the "
                       "encoder's output at every block", "Use a decoder-only causal LM.")
     if _multimodal(config):
-        raise _refuse(model_type, f"it is a multimodal wrapper (sub-configs "
+        raise _refuse(model_type, f"it is a multimodal wrapper (its config declares "
                       f"{_multimodal(config)})", "Load its text-only *ForCausalLM instead.")
     prefix = override.get("backbone", getattr(model, "base_model_prefix", ""))
     backbone = getattr(model, prefix, None) if prefix else None
