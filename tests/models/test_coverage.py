@@ -59,6 +59,11 @@ def test_emu3_and_fuyu_are_multimodal_entries_and_split_or_refuse_for_that_reaso
     assert fuyu.status == "refused" and "multimodal wrapper" in fuyu.reason
 
 
+def test_drafters_that_run_on_another_models_states_are_not_counted_as_text_decoders():
+    assert not text_decoder("gemma4_assistant") and not text_decoder("gemma4_unified_assistant")
+    assert text_decoder("gemma4_text") and text_decoder("llama")
+
+
 @pytest.mark.parametrize("model_type, changes", [
     ("deepseek_v4", dict(mlp_layer_types=["moe"] * 4)),  # no token-id routed layers
     ("hy_v4", dict(indexer_types=["full"] * 4)),  # every block runs its own indexer
