@@ -228,6 +228,12 @@ class ModelDims:
         :class:`~hsplitlora.models.lora.LoraSettings`) picks the candidate matrices, all
         of the architecture's targetable ones when ``None``."""
         spec = arch_spec(config)
+        if spec.streams > 1:
+            raise ValueError(
+                f"{spec.model_type} sends {spec.streams} residual streams across a cut "
+                "(hyper-connections), but the cost model counts one hidden state per token "
+                "in activation memory and on the wire; train it with a uniform split "
+                "(homogeneous SplitLoRA) or extend hsplitlora.hetero.costmodel")
         if not spec.uniform:
             raise ValueError(
                 f"the cost model assumes identical blocks, but {spec.model_type}'s blocks "

@@ -101,6 +101,11 @@ _ENCODERS = {
     "xlm-roberta", "xlm-roberta-xl", "xmod", "xlm", "xlnet", "reformer",
 }
 
+# Speculative-decoding drafters: their forward ignores input_ids and runs on the target
+# model's hidden states and KV states (the target here is multimodal Gemma 4), so they are
+# no language model of their own: swept, but not counted either.
+_DRAFTERS = {"gemma4_assistant", "gemma4_unified_assistant"}
+
 
 @dataclass(frozen=True)
 class Result:
@@ -129,19 +134,20 @@ def _config_class(model_type: str) -> type:
 
 
 def text_decoder(model_type: str) -> bool:
-    """Whether ``model_type`` is a text-only decoder: not multimodal, not an encoder-decoder
-    and not an encoder run as a decoder. The sweep's 90 % target counts these."""
-    from hsplitlora.models.structure import _MODALITIES
+    """Whether ``model_type`` is a text-only decoder: not multimodal, not an encoder-decoder,
+    not an encoder run as a decoder and not a drafter that runs on another model's states.
+    The sweep's 90 % target counts these."""
+    from hsplitlora.models.structure import _multimodal
 
     cls = _config_class(model_type)
-    subs = [k for k in getattr(cls, "sub_configs", None) or {}
-            if any(m in k for m in _MODALITIES)]
-    enc_dec = False
+    config: Any = cls
     try:
-        enc_dec = bool(cls().is_encoder_decoder)
-    except Exception:  # noqa: BLE001 - a config whose defaults do not build says nothing
+        config = cls()
+    except Exception:  # noqa: BLE001 - a config whose defaults do not build: its class
         pass
-    return model_type not in _ENCODERS and not subs and not enc_dec
+    enc_dec = not isinstance(config, type) and bool(config.is_encoder_decoder)
+    return (model_type not in (_ENCODERS | _DRAFTERS) and not _multimodal(config)
+            and not enc_dec)
 
 
 def tiny_config(model_type: str, **changes: Any) -> Any:

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import peft
 import torch
@@ -25,7 +26,7 @@ from hsplitlora.errors import UserError
 from hsplitlora.models.fused import PartLora
 from hsplitlora.models.shared import merge_into, merge_state
 from hsplitlora.models.split import arch_spec
-from hsplitlora.models.structure import ArchSpec, Part
+from hsplitlora.models.structure import ArchSpec, Part, SplitError
 
 __all__ = [
     "LoraSettings",
@@ -106,7 +107,16 @@ def _blocks_prefix(module: nn.Module) -> str:
 
 
 def _spec(module: nn.Module) -> ArchSpec:
-    return module.spec if hasattr(module, "spec") else arch_spec(module.config)
+    if hasattr(module, "spec"):
+        return cast(ArchSpec, module.spec)
+    try:
+        return arch_spec(module.config)
+    except SplitError:
+        # a causal LM whose config has no causal-LM class of its own (Emu3's text model,
+        # built from the multimodal entry): read the structure off the model itself
+        if not hasattr(module, "get_output_embeddings"):
+            raise
+        return arch_spec(module)
 
 
 def check_targets(spec: ArchSpec, wanted: tuple[str, ...] | list[str]) -> None:

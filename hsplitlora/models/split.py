@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from hsplitlora.models.shared import shared_memo
-from hsplitlora.models.structure import ArchSpec, SplitError, arch_spec
+from hsplitlora.models.structure import ArchSpec, SplitError, arch_spec, check_cut
 
 __all__ = [
     "ARCHITECTURES",
@@ -300,11 +300,14 @@ class ServerSegment(_Segment):
         if self._passthrough:  # cut L of a backbone with nothing after its blocks
             return activations
         self._incoming = activations
+        # hyper-connections: the activations are [b, s, streams, d] and the backbone takes
+        # [b, s, d] embeddings (for the mask and rotary tables) before widening them
+        embeds = activations[:, :, 0] if self.spec.streams > 1 else activations
         try:
             out = self.backbone(
                 # a copy: some backbones scale inputs_embeds in place (CTRL), and whatever
                 # they compute from it is replaced by the activations at the first block
-                inputs_embeds=activations.detach().clone(),
+                inputs_embeds=embeds.detach().clone(),
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=False,
@@ -425,6 +428,7 @@ def split_model(model: nn.Module, cut: int) -> tuple[ClientSegment, ServerSegmen
     blocks = list(backbone.get_submodule(spec.blocks))
     n = len(blocks)
     _check_cut(cut, n)
+    check_cut(model.config, spec, cut)
     client_bb, _ = _copy_backbone(backbone, spec, blocks[:cut], None)
     stop = _Stop(blocks[min(cut, n - 1)] if n else None)
     cast(nn.ModuleList, client_bb.get_submodule(spec.blocks)).append(stop)

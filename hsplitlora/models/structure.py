@@ -17,6 +17,7 @@ the few facts discovery cannot decide. Why each rule is what it is: ``docs/archi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ __all__ = [
     "Part",
     "SplitError",
     "arch_spec",
+    "check_cut",
     "discover",
 ]
 
@@ -104,6 +106,7 @@ class ArchSpec:
     block_norms: tuple[str, ...] = ()  # norm-like modules of a block, by path
     norm: str = "rms"  # "layer" when the block norms are LayerNorms (weight and bias)
     positions: int = 0  # rows of a learned position embedding (GPT-2); 0: none (rotary)
+    streams: int = 1  # residual streams crossing a cut: hyper-connections send [b, s, n, d]
 
     def block_of(self, name: str) -> int:
         """Index of the block holding ``name``, a module or parameter name of the unsplit
@@ -135,8 +138,6 @@ _DENSE = ("its blocks also read the states of earlier blocks, besides the hidden
           "which the client would have to send too")
 _NO_EMBEDS = ("its backbone cannot start from hidden states (inputs_embeds), so the server "
               "cannot run its blocks on received activations")
-_HYPER = ("its backbone widens the hidden states into several residual streams "
-          "(hyper-connections) before the blocks")
 _DRAFTER = ("it is a speculative-decoding drafter: it runs on the target model's hidden "
             "states and KV states (shared_kv_states), not on token ids, and every block "
             "attends to the target model's KV states")
@@ -172,10 +173,17 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                        "attention and feed-forward weights in eval mode), so a segment cannot "
                        "end early"},
     "qwen4_exp_text": {"refuse_if": ("ple_layer_ids", _PER_LAYER_INPUTS)},
-    "hy_v4": {"refuse": _HYPER},
+    # hyper-connections split exactly (the streams cross the cut); these cuts do not
+    "hy_v4": {"refuse_at": ("indexer_types", "shared", "first",
+                            "its first server block reuses the previous block's indexer "
+                            "top-k selection (a shared DSA layer), which the client would "
+                            "have to send too")},
     "gemma4_assistant": {"refuse": _DRAFTER},
     "gemma4_unified_assistant": {"refuse": _DRAFTER},
-    "deepseek_v4": {"refuse": _HYPER},
+    "deepseek_v4": {"refuse_at": ("mlp_layer_types", "hash_moe", "server",
+                                  "its hash_moe layers pick experts by token id (a frozen "
+                                  "token-to-expert table), and only the client has the "
+                                  "token ids")},
 }
 # its config counts each block's two sub-layers in num_hidden_layers
 OVERRIDES["longcat_flash"] = {"n_layers": "num_layers"}
@@ -231,8 +239,26 @@ def _linears(block: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         # a router that subclasses nn.Linear but returns (weights, experts) is no target:
         # an adapter adds to a tensor output
         router = type(base) is not nn.Linear and "router" in type(base).__name__.lower()
-        if _is_linear(base) and not router:
+        if _is_linear(base) and not router and _acts_as_linear(base):
             yield name, base
+
+
+def _acts_as_linear(layer: nn.Module) -> bool:
+    """Whether an nn.Linear subclass with its own forward still maps ``[n, d_in]`` to
+    ``[n, d_out]``: peft wraps it as a plain Linear and adds ``B A x`` to that output, so
+    a per-group matmul (DeepSeek V4's ``o_a_proj``) must not be a target. A shape probe,
+    which runs on the meta device too; FalconLinear passes."""
+    if type(layer) is nn.Linear or type(layer).forward is nn.Linear.forward \
+            or _fan_in_fan_out(layer):
+        return True
+    w = cast(torch.Tensor, layer.weight)
+    d_out, d_in = int(w.shape[0]), int(w.shape[1])
+    try:
+        with torch.no_grad():
+            out = layer(torch.zeros(1, d_in, device=w.device, dtype=w.dtype))
+    except Exception:  # noqa: BLE001 - it does not take [n, d_in]: not a plain linear map
+        return False
+    return isinstance(out, torch.Tensor) and tuple(out.shape) == (1, d_out)
 
 
 def _layer_count(config: Any) -> tuple[str, int]:
@@ -359,13 +385,23 @@ def _final_norm(backbone: nn.Module, blocks: str, pp_plan: dict[str, Any]) -> st
     return None
 
 
-_MODALITIES = ("vision", "visual", "image", "audio", "speech", "video", "encoder", "depth")
+_MODALITIES = ("vision", "visual", "image", "audio", "speech", "video", "encoder", "depth",
+               "vq")
+_MODALITY_TOKENS = ("image_token", "video_token", "audio_token")
 
 
 def _multimodal(config: Any) -> list[str]:
-    """Sub-configs of other modalities (MPT's attn_config is not one)."""
-    subs = getattr(type(config), "sub_configs", None) or {}
-    return [k for k in subs if any(m in k for m in _MODALITIES)]
+    """What declares a non-text input in a config (an instance or its class): sub-configs
+    of another modality (a vision tower, Emu3's image VQ tokenizer ``vq_config``; MPT's
+    ``attn_config`` is not one) or the id of the placeholder token images, video or audio
+    replace (Fuyu embeds image patches with a linear layer and has no vision sub-config)."""
+    cls = config if isinstance(config, type) else type(config)
+    subs = [k for k in getattr(cls, "sub_configs", None) or {}
+            if any(m in k for m in _MODALITIES)]
+    names = ({f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls)
+             else set()) | (set() if isinstance(config, type) else set(vars(config)))
+    tokens = sorted(n for n in names if any(t in n for t in _MODALITY_TOKENS))
+    return subs + tokens
 
 
 def discover(model: nn.Module) -> ArchSpec:
@@ -383,7 +419,7 @@ def discover(model: nn.Module) -> ArchSpec:
         raise _refuse(model_type, "it is an encoder-decoder model; the server would need the "
                       "encoder's output at every block", "Use a decoder-only causal LM.")
     if _multimodal(config):
-        raise _refuse(model_type, f"it is a multimodal wrapper (sub-configs "
+        raise _refuse(model_type, f"it is a multimodal wrapper (its config declares "
                       f"{_multimodal(config)})", "Load its text-only *ForCausalLM instead.")
     prefix = override.get("backbone", getattr(model, "base_model_prefix", ""))
     backbone = getattr(model, prefix, None) if prefix else None
@@ -475,7 +511,27 @@ def discover(model: nn.Module) -> ArchSpec:
         block_norms=norms,
         norm="layer" if layer_norm else "rms",
         positions=positions[0] if len(positions) == 1 else 0,
+        # hyper-connections (DeepSeek V4, HY v4) widen the embeddings into hc_mult streams
+        # before the blocks and collapse them after: a cut carries all of them
+        streams=int(getattr(config, "hc_mult", None) or 1),
     )
+
+
+def check_cut(config: Any, spec: ArchSpec, cut: int) -> None:
+    """Refuse a cut that would need more than the residual state to cross it
+    (``OVERRIDES`` ``refuse_at``: a per-layer config list whose entry marks such a block,
+    on any server block or on the first)."""
+    rule = OVERRIDES.get(spec.model_type, {}).get("refuse_at")
+    if rule is None:
+        return
+    field_name, value, scope, why = rule
+    types = list(getattr(config, field_name, None) or [])
+    server = types[cut:] if scope == "server" else types[cut:cut + 1]
+    if value in server:
+        marked = [i for i, t in enumerate(types) if t == value]
+        raise _refuse(spec.model_type, f"{why} (cut {cut}; {field_name} marks blocks "
+                      f"{marked})", "Choose a cut no such block follows; see "
+                      "docs/architectures.md.")
 
 
 def _default_targets(matrices: tuple[Matrix, ...]) -> tuple[str, ...]:
