@@ -92,12 +92,15 @@ class MainServer:
                      settings: Mapping[int, LoraSettings], version: int) -> None:
         """Merge aggregation ``version``'s update into the base weights the server-side
         participants share (once: they share them) and restart each participant's
-        adapters at the ranks planned for its client."""
+        adapters at the ranks planned for its client (those in ``settings``: a
+        non-merging aggregation restarts only the participants it aggregated, before
+        loading their new adapters)."""
         for cid, segment in self.segments.items():
             merge_base_update(segment, updates, version,
                               fan_in_fan_out=segment.spec.fan_in_fan_out)
-            restart_lora(segment, settings[cid])
-            self.optimizers[cid].reset(lora_parameters(segment))
+            if cid in settings:
+                restart_lora(segment, settings[cid])
+                self.optimizers[cid].reset(lora_parameters(segment))
 
     def _segment(self, client_id: int) -> ServerSegment:
         try:
