@@ -95,7 +95,7 @@ class SelfPruning:
 
 
 # what checkpoints hold besides tensors and containers
-trusted_types([PartyPlan, SelfPruning, agg.LoraPair])
+trusted_types([PartyPlan, agg.LoraPair])
 
 
 class HeteroSystem:

@@ -96,8 +96,7 @@ def test_tail_share_is_the_trailing_ranks_share_of_the_update():
 def test_hetlora_self_pruning_drops_exactly_the_tails_below_the_threshold():
     # gamma 0.5: rank 2 may drop to 1, rank 4 to 2. Client 1's tail is tiny (pruned),
     # client 0's is as large as its head (kept).
-    system = _system("zeropad", TWO)
-    system.pruning = SelfPruning(gamma=0.5, threshold=0.1)
+    system = _system("zeropad", TWO, pruning=SelfPruning(gamma=0.5, threshold=0.1))
     A0, B0 = _known(1, 2)
     A1, B1 = _known(2, 4)
     B1[:, 2:] *= 1e-3
@@ -121,8 +120,8 @@ def test_hetlora_self_pruning_drops_exactly_the_tails_below_the_threshold():
 
 
 def test_self_pruning_in_a_run_lowers_the_plans_and_records_a_replan():
-    system = _system("zeropad", TWO)
-    system.pruning = SelfPruning(gamma=0.5, threshold=0.999)  # any trained tail goes
+    # any trained tail goes
+    system = _system("zeropad", TWO, pruning=SelfPruning(gamma=0.5, threshold=0.999))
     rec = Recorder(None, 4, show_progress=False)
     run_hetero(system, steps=4, interval=2, rec=rec)
     replans = [r for r in rec.records if r.get("event") == "replan"]
@@ -170,3 +169,14 @@ def test_every_aggregator_leaves_the_optimizer_state_the_same_way(aggregator):
     optimizers = [c.optimizer for c in system.clients] + list(system.server.optimizers.values())
     assert all(o.opt is None or not o.opt.state for o in optimizers)
     assert all(o.steps_done == 2 for o in optimizers if o.opt is not None)
+
+
+def test_hetlora_with_a_separate_fed_server_is_refused_with_the_reason():
+    from hsplitlora.train.placement import InProcess
+
+    class WithFedServer(InProcess):
+        def fed_aggregation(self):
+            return object()
+
+    with pytest.raises(ValueError, match="separate fed server"):
+        _system("zeropad", TWO, place=WithFedServer(torch.device("cpu")))
