@@ -236,6 +236,9 @@ class HeteroConfig(_Strict):
     federated: bool = Field(False, description="hetlora/flexlora/flora: unsplit, every client "
                             "trains the whole model (its budget must allow it)")
     rank_set: list[int] = Field([0, 2, 4, 8, 16], description="candidate ranks Q (0 = none)")
+    hetlora_weights: Literal["sparsity", "samples"] = Field(
+        "sparsity", description="hetlora's aggregation weights: shard size times the norm "
+        "of the client's update ||B A|| (its paper's sparsity weighting), or shard size")
     prune_gamma: float = Field(0.9, gt=0, le=1, description="hetlora rank self-pruning: a "
                                "prune keeps floor(gamma r) of a matrix's r ranks (at least "
                                "1), so ranks decay geometrically over rounds")

@@ -122,6 +122,7 @@ class HeteroSystem:
         seed: int = 0,
         probes: Sequence[Any] | None = None,
         pruning: SelfPruning | None = None,
+        sparsity_weights: bool = True,
     ) -> None:
         if aggregator not in AGGREGATORS:
             raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")
@@ -129,6 +130,8 @@ class HeteroSystem:
             raise ValueError(f"rank self-pruning is HetLoRA's (aggregator zeropad), not "
                              f"{aggregator!r}'s")
         self.pruning = pruning
+        # HetLoRA's weights: data share times the update's norm (its paper), or data alone
+        self.sparsity_weights = sparsity_weights
         self.spec = arch_spec(base.config)
         self.base = base  # unsplit, no LoRA: the fed-level view of the merged base weights
         self.candidates = target_module_names(base, self.spec.targets)
@@ -338,7 +341,8 @@ class HeteroSystem:
                 self._adopt_ranks(cid, state)
         weights = [c.num_samples for c in members if c.client_id in uploads]
         up = sum(nbytes(agg.to_peft_state_dict(s)) for s in states)
-        result = combine(self.aggregator, states, weights)
+        result = combine(self.aggregator, states, weights,
+                         sparsity_weights=self.sparsity_weights)
         if isinstance(result, PerParticipant):
             result = PerParticipant(dict(zip(uploads, result.outputs, strict=True)),
                                     result.glob)
@@ -437,7 +441,8 @@ def prune_states(states: Sequence[Mapping[str, agg.LoraPair]], pruning: SelfPrun
 
 
 def combine(aggregator: str, states: Sequence[Mapping[str, agg.LoraPair]],
-            weights: Sequence[float]) -> dict[str, Update] | PerParticipant:
+            weights: Sequence[float], *, sparsity_weights: bool = True
+            ) -> dict[str, Update] | PerParticipant:
     """One aggregation over full participant adapters (client side joined with its
     server-side copy): the update to merge (``noisefree``, ``stack``) or each
     participant's new adapter with the global model (``svd``, ``zeropad``, ``fedavg``)."""
@@ -449,7 +454,9 @@ def combine(aggregator: str, states: Sequence[Mapping[str, agg.LoraPair]],
     if aggregator == "svd":  # the global model: the exact weighted update, stacked
         return PerParticipant(agg.svd(states, weights)[0], agg.stack(states, weights))
     if aggregator == "zeropad":  # the global adapter, and each participant's truncation
-        return PerParticipant(agg.zeropad(states, weights), agg.zeropad_global(states, weights))
+        return PerParticipant(
+            agg.zeropad(states, weights, norm_weighted=sparsity_weights),
+            agg.zeropad_global(states, weights, norm_weighted=sparsity_weights))
     merged = agg.fedavg(states, weights)
     return PerParticipant([merged for _ in states], merged)
 

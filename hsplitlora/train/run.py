@@ -231,7 +231,7 @@ def _run_hetero(p: Prepared, rec: Recorder,
         precision=t.precision, compile=t.compile, device=p.device,
         label_smoothing=t.label_smoothing, federated=cfg.hetero.federated, place=place, seed=t.seed,
         probes=[probe_stream(p, cid) for cid in range(t.num_clients)],
-        pruning=pruning(cfg))
+        pruning=pruning(cfg), sparsity_weights=cfg.hetero.hetlora_weights == "sparsity")
     start, trained = 0, set()
     if p.resumed is not None:
         state = p.resumed

@@ -36,12 +36,13 @@ def _pair(system, cid: int) -> agg.LoraPair:
     return system.participant_states([cid])[0][Q]
 
 
-def _hetlora_by_hand(states, p):
+def _hetlora_by_hand(states, p, sparsity=True):
     """HetLoRA's aggregation written out: sparsity weights p_k ||s_k B_k A_k||, both
     factors zero-padded to rank 4 (B at the first client's scale s_1) and averaged."""
     (A1, B1), (A2, B2) = states
     s1, s2 = ALPHA / A1.shape[0], ALPHA / A2.shape[0]
-    n1, n2 = float((s1 * B1 @ A1).norm()), float((s2 * B2 @ A2).norm())
+    n1, n2 = (float((s1 * B1 @ A1).norm()), float((s2 * B2 @ A2).norm())) if sparsity \
+        else (1.0, 1.0)
     w1, w2 = p[0] * n1 / (p[0] * n1 + p[1] * n2), p[1] * n2 / (p[0] * n1 + p[1] * n2)
     pad_A = lambda A: torch.cat([A, torch.zeros(4 - A.shape[0], 32)])  # noqa: E731
     pad_B = lambda B: torch.cat([B, torch.zeros(32, 4 - B.shape[1])], 1)  # noqa: E731
@@ -61,14 +62,15 @@ def test_hetlora_participants_start_from_truncations_of_one_global_adapter():
         assert torch.equal(pair.A, glob.A[:r]) and float(pair.B.abs().max()) == 0
 
 
-def test_hetlora_aggregation_equals_a_hand_computation():
-    system = _system("zeropad", TWO)
+@pytest.mark.parametrize("sparsity", [True, False])
+def test_hetlora_aggregation_equals_a_hand_computation(sparsity):
+    system = _system("zeropad", TWO, sparsity_weights=sparsity)
     known = [_known(1, 2), _known(2, 4)]
     for cid, (A, B) in enumerate(known):
         _set(system, cid, A, B)
     n = [c.num_samples for c in system.clients]
     p = [x / sum(n) for x in n]
-    A, B, s = _hetlora_by_hand(known, p)
+    A, B, s = _hetlora_by_hand(known, p, sparsity)
     system.aggregate()
     glob = system.global_model[Q]
     assert glob.rank == 4
