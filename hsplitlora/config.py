@@ -242,6 +242,11 @@ class HeteroConfig(_Strict):
     prune_gamma: float = Field(0.9, gt=0, le=1, description="hetlora rank self-pruning: a "
                                "prune keeps floor(gamma r) of a matrix's r ranks (at least "
                                "1), so ranks decay geometrically over rounds")
+    prune_lambda: float = Field(0.0, ge=0, description="hetlora: weight of its paper's "
+                                "regulariser lambda ||B_tail|| ||A_tail|| on the trailing "
+                                "(1 - gamma) ranks, added to every local step so that they "
+                                "shrink and self-pruning drops them; 0 = off (its value is "
+                                "not known from the paper)")
     prune_threshold: float = Field(0.05, ge=0, lt=1, description="hetlora: at each "
                                    "aggregation a client prunes a matrix's trailing ranks "
                                    "when their share of its update, ||B_tail A_tail|| / "

@@ -15,6 +15,7 @@ from hsplitlora.models.lora import (
     lora_state,
     merge_base_update,
     restart_lora,
+    tail_penalty,
 )
 from hsplitlora.models.shared import MergeState, adopt_merges, share_frozen
 from hsplitlora.models.split import ServerSegment
@@ -121,6 +122,8 @@ class MainServer:
                                             labels)
         loss, tokens = token_loss(logits, targets, self.label_smoothing)
         loss.backward()
+        s = self.optimizers[client_id].settings
+        tail_penalty(segment, s.tail_gamma, s.tail_lambda)
         self.optimizers[client_id].step()
         assert hidden.grad is not None
         return ServerReply(float(loss.detach()), tokens, hidden.grad)

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from hsplitlora import aggregate as agg
+from hsplitlora.config import RunConfig
+from hsplitlora.models.lora import lora_parameters, tail_penalty
 from hsplitlora.train.hetero import AGGREGATORS, PartyPlan, SelfPruning, run_hetero
 from hsplitlora.train.recorder import Recorder
+from hsplitlora.train.run import train
+from tests.conftest import tiny_model
+from tests.train.golden.runs import config_for
 from tests.train.test_hetero import _system, _train_locally
 
 Q = "model.layers.0.self_attn.q_proj"  # [32, 32] on the tiny Llama; client-side at cut 1
@@ -182,3 +187,34 @@ def test_hetlora_with_a_separate_fed_server_is_refused_with_the_reason():
 
     with pytest.raises(ValueError, match="separate fed server"):
         _system("zeropad", TWO, place=WithFedServer(torch.device("cpu")))
+
+
+def test_hetlora_regulariser_pushes_exactly_the_trailing_ranks():
+    # d/dB_tail of lam ||B_tail|| ||A_tail|| = lam ||A_tail|| B_tail / ||B_tail||, and
+    # symmetrically for A_tail; the kept ranks get nothing
+    system = _system("zeropad", TWO)
+    A, B = _known(4, 4)
+    _set(system, 1, A, B)
+    segment = system.clients[1].segment
+    for p in lora_parameters(segment):
+        p.grad = None
+    tail_penalty(segment, gamma=0.5, lam=2.0)
+    grads = {n.split(".lora_")[1][0]: p.grad for n, p in segment.named_parameters()
+             if ".lora_" in n}
+    a, b = A[2:].norm(), B[:, 2:].norm()
+    _close(grads["B"][:, 2:], 2.0 * a * B[:, 2:] / b)
+    _close(grads["A"][2:], 2.0 * b * A[2:] / a)
+    assert float(grads["B"][:, :2].abs().max()) == 0 and float(grads["A"][:2].abs().max()) == 0
+
+
+@pytest.mark.parametrize("lam,prunes", [(0.0, False), (50.0, True)])
+def test_the_regulariser_is_what_makes_a_short_hetlora_run_prune(tiny_tokenizer, lam, prunes):
+    # the golden hetlora run, tails worth under 20 % of an update pruned: left to
+    # training the tails never get that small in 4 steps; the regulariser shrinks them
+    raw = config_for("hetlora").model_dump(mode="json")
+    raw["hetero"].update(prune_gamma=0.5, prune_lambda=lam, prune_threshold=0.2)
+    result = train(RunConfig.model_validate(raw), model=tiny_model("llama"),
+                   tokenizer=tiny_tokenizer, write=False, show_progress=False)
+    pruned = [r for r in result.records
+              if r.get("event") == "replan" and r.get("reason") == "self-pruning"]
+    assert bool(pruned) == prunes
