@@ -56,9 +56,11 @@ __all__ = [
     "normalise_weights",
     "peft_adapter_name",
     "prune_regulariser",
+    "prune_tail",
     "self_prune",
     "stack",
     "svd",
+    "tail_share",
     "to_peft_state_dict",
     "truncate",
     "weighted_delta",
@@ -449,12 +451,13 @@ def fedavg(states: Sequence[AdapterState], weights: Sequence[float]) -> dict[str
 def zeropad_global(
     states: Sequence[AdapterState],
     weights: Sequence[float],
-    rank: int | None = None,
+    rank: int | Mapping[str, int] | None = None,
     *,
     norm_weighted: bool = True,
 ) -> dict[str, LoraPair]:
     """HetLoRA's global adapter: per module, every holder's factors zero-padded to ``rank``
-    (``None``: the largest rank held) and averaged, ``A`` and ``B`` separately.
+    (one for all modules, or per module name; ``None`` or a module missing from the
+    mapping: the largest rank held) and averaged, ``A`` and ``B`` separately.
 
     Client ``k``'s weight is ``p_k * ||scale_k B_k A_k||_F`` renormalised over the clients that
     hold the module, HetLoRA's sparsity weighting (``norm_weighted=False`` uses ``p_k`` alone; if
@@ -468,7 +471,9 @@ def zeropad_global(
     HetLoRA evaluates and hands out by :func:`truncate`.
     """
     p = normalise_weights(weights, len(states))
-    return {module: _padded_mean(states, p, module, rank, norm_weighted)[0]
+    return {module: _padded_mean(states, p, module,
+                                 rank.get(module) if isinstance(rank, Mapping) else rank,
+                                 norm_weighted)[0]
             for module in _modules(states)}
 
 
@@ -573,6 +578,43 @@ def self_prune(pair: LoraPair, gamma: float, threshold: float) -> LoraPair:
         raise ValueError(f"threshold = {threshold!r}; the pruning threshold must be >= 0")
     keep = _kept_rank(pair.rank, gamma)
     if keep == pair.rank or float(prune_regulariser(pair, gamma)) >= threshold:
+        return pair
+    return LoraPair(
+        A=_owned(pair.A[:keep]), B=_owned(pair.B[:, :keep] * (keep / pair.rank)), alpha=pair.alpha
+    )
+
+
+def _product_norm(B: Tensor, A: Tensor) -> float:
+    """``||B @ A||_F`` from the ``r x r`` Gram matrices, never forming ``B @ A``."""
+    work = _work_dtype(A.dtype)
+    B, A = B.to(work), A.to(work)
+    return math.sqrt(max(float(torch.sum((B.T @ B) * (A @ A.T))), 0.0))
+
+
+def tail_share(pair: LoraPair, keep: int) -> float:
+    """How much the ranks ``[keep, r)`` contribute to the update:
+    ``||B[:, keep:] A[keep:]||_F / ||B A||_F`` (0 for a zero update: nothing to lose)."""
+    whole = _product_norm(pair.B, pair.A)
+    if whole == 0.0 or keep >= pair.rank:
+        return 0.0
+    return _product_norm(pair.B[:, keep:], pair.A[keep:]) / whole
+
+
+def prune_tail(pair: LoraPair, gamma: float, threshold: float) -> LoraPair:
+    """HetLoRA's rank self-pruning, decided by contribution: drop the ranks
+    ``[floor(gamma * r), r)`` when :func:`tail_share` of them is below ``threshold``.
+
+    A zero update (``B = 0``, nothing trained yet) is never pruned: its tail's share says
+    nothing. The kept ranks' update is unchanged (``B`` absorbs ``keep / r`` as in
+    :func:`self_prune`); at least one rank is kept.
+    """
+    if not 0 <= threshold < 1:
+        raise ValueError(f"threshold = {threshold!r}; the share of the update below which the "
+                         "tail ranks are pruned must lie in [0, 1)")
+    keep = _kept_rank(pair.rank, gamma)
+    if keep == pair.rank or _product_norm(pair.B, pair.A) == 0.0:
+        return pair
+    if tail_share(pair, keep) >= threshold:
         return pair
     return LoraPair(
         A=_owned(pair.A[:keep]), B=_owned(pair.B[:, :keep] * (keep / pair.rank)), alpha=pair.alpha

@@ -236,6 +236,21 @@ class HeteroConfig(_Strict):
     federated: bool = Field(False, description="hetlora/flexlora/flora: unsplit, every client "
                             "trains the whole model (its budget must allow it)")
     rank_set: list[int] = Field([0, 2, 4, 8, 16], description="candidate ranks Q (0 = none)")
+    hetlora_weights: Literal["sparsity", "samples"] = Field(
+        "sparsity", description="hetlora's aggregation weights: shard size times the norm "
+        "of the client's update ||B A|| (its paper's sparsity weighting), or shard size")
+    prune_gamma: float = Field(0.9, gt=0, le=1, description="hetlora rank self-pruning: a "
+                               "prune keeps floor(gamma r) of a matrix's r ranks (at least "
+                               "1), so ranks decay geometrically over rounds")
+    prune_lambda: float = Field(0.0, ge=0, description="hetlora: weight of its paper's "
+                                "regulariser lambda ||B_tail|| ||A_tail|| on the trailing "
+                                "(1 - gamma) ranks, added to every local step so that they "
+                                "shrink and self-pruning drops them; 0 = off (its value is "
+                                "not known from the paper)")
+    prune_threshold: float = Field(0.05, ge=0, lt=1, description="hetlora: at each "
+                                   "aggregation a client prunes a matrix's trailing ranks "
+                                   "when their share of its update, ||B_tail A_tail|| / "
+                                   "||B A||, is below this; 0 = never prune")
     server_rank: int = Field(8, ge=0, description="rank of the server-side adapters")
     cuts: list[int] | None = Field(None, description="cuts the planner may choose; "
                                    "null = 1 .. L-1")

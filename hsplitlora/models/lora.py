@@ -36,6 +36,7 @@ __all__ = [
     "base_weights",
     "check_targets",
     "lora_parameters",
+    "tail_penalty",
     "lora_state",
     "restart_lora",
     "load_lora_state",
@@ -419,6 +420,26 @@ def restart_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
             a.copy_(fresh)
             b.zero_()
     return module
+
+
+def tail_penalty(module: nn.Module, gamma: float, lam: float) -> None:
+    """Back-propagate HetLoRA's regulariser ``lam * ||B[:, k:]|| ||A[k:]||``, ``k =
+    floor(gamma r)``, over every LoRA layer of ``module``: it shrinks the trailing ranks so
+    that rank self-pruning can drop them. A tail with a zero factor adds nothing (the
+    norm has no gradient at zero, and the product is zero there anyway)."""
+    if lam <= 0:
+        return
+    terms = []
+    for layer in _lora_layers(module).values():
+        A, B = layer.lora_A[_ADAPTER].weight, layer.lora_B[_ADAPTER].weight
+        keep = max(1, math.floor(gamma * A.shape[0]))
+        if keep >= A.shape[0] or not (A.requires_grad and B.requires_grad):
+            continue
+        b, a = torch.linalg.norm(B[:, keep:]), torch.linalg.norm(A[keep:])
+        if float(b.detach()) > 0 and float(a.detach()) > 0:
+            terms.append(b * a)
+    if terms:
+        (lam * torch.stack(terms).sum()).backward()
 
 
 def _lora_layers(module: nn.Module) -> dict[str, LoraLayer]:

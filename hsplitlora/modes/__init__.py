@@ -40,6 +40,8 @@ class Mode:
     unsplit_variant: bool = False  # ``hetero.federated``: clients hold the whole model
     # on heterogeneous devices, one rank for all: the largest the weakest client fits
     weakest_rank: bool = False
+    # HetLoRA's rank self-pruning at each aggregation (``hetero.prune_gamma`` / ``_threshold``)
+    self_pruning: bool = False
     trains: tuple[str, ...] = ("A", "B")  # the LoRA factors trained (and aggregated)
     placements: frozenset[str] = frozenset({"inprocess", "ray", "grpc"})
     color: str = "Greys"  # matplotlib colormap of its bars and curves in experiment plots

@@ -14,6 +14,7 @@ from hsplitlora.models.lora import (
     lora_state,
     merge_base_update,
     restart_lora,
+    tail_penalty,
 )
 from hsplitlora.models.shared import MergeState, adopt_merges
 from hsplitlora.models.split import ClientSegment
@@ -89,6 +90,8 @@ class Client:
                              f"not match activations {tuple(hidden.shape)}")
         if hidden.requires_grad:  # a cut of 0 leaves nothing trainable on the client
             hidden.backward(grad.to(device=hidden.device, dtype=hidden.dtype))
+        s = self.optimizer.settings
+        tail_penalty(self.segment, s.tail_gamma, s.tail_lambda)
         self.optimizer.step()
 
     def adapter_state(self) -> dict[str, torch.Tensor]:

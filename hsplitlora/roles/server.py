@@ -15,6 +15,7 @@ from hsplitlora.models.lora import (
     lora_state,
     merge_base_update,
     restart_lora,
+    tail_penalty,
 )
 from hsplitlora.models.shared import MergeState, adopt_merges, share_frozen
 from hsplitlora.models.split import ServerSegment
@@ -92,12 +93,15 @@ class MainServer:
                      settings: Mapping[int, LoraSettings], version: int) -> None:
         """Merge aggregation ``version``'s update into the base weights the server-side
         participants share (once: they share them) and restart each participant's
-        adapters at the ranks planned for its client."""
+        adapters at the ranks planned for its client (those in ``settings``: a
+        non-merging aggregation restarts only the participants it aggregated, before
+        loading their new adapters)."""
         for cid, segment in self.segments.items():
             merge_base_update(segment, updates, version,
                               fan_in_fan_out=segment.spec.fan_in_fan_out)
-            restart_lora(segment, settings[cid])
-            self.optimizers[cid].reset(lora_parameters(segment))
+            if cid in settings:
+                restart_lora(segment, settings[cid])
+                self.optimizers[cid].reset(lora_parameters(segment))
 
     def _segment(self, client_id: int) -> ServerSegment:
         try:
@@ -118,6 +122,8 @@ class MainServer:
                                             labels)
         loss, tokens = token_loss(logits, targets, self.label_smoothing)
         loss.backward()
+        s = self.optimizers[client_id].settings
+        tail_penalty(segment, s.tail_gamma, s.tail_lambda)
         self.optimizers[client_id].step()
         assert hidden.grad is not None
         return ServerReply(float(loss.detach()), tokens, hidden.grad)

@@ -16,7 +16,14 @@ Aggregation, every ``I`` local steps, over the participants' adapters (weights: 
   restart at each participant's planned rank. Only the stacked factors travel (or the
   dense update, when it is smaller).
 * ``svd`` (FlexLoRA), ``zeropad`` (HetLoRA), ``fedavg`` (homogeneous ranks only): the
-  method's per-participant adapters are loaded back; base weights never change.
+  method's per-participant adapters are loaded back; base weights never change. The
+  method's global model is kept beside them: FlexLoRA's exact weighted update (stacked
+  factors), HetLoRA's rank-``r_max`` global adapter (which every participant starts from,
+  truncated to its ranks, and which may self-prune its trailing ranks: :class:`SelfPruning`).
+
+One optimizer policy for every aggregator: after an aggregation each participant's AdamW
+starts afresh (moments of the adapters it had mean nothing for the ones it gets back),
+the learning-rate schedule going on where it was.
 
 A re-plan (new cuts or ranks) is only possible right after a merging aggregation, when the
 learned update lives in the base weights and the adapters are fresh anyway.
@@ -27,7 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -53,7 +60,8 @@ from hsplitlora.train.placement import InProcess, PartyLost, Placement
 from hsplitlora.train.recorder import Recorder
 
 __all__ = ["AGGREGATORS", "MERGING", "Contribution", "FedAggregation", "HeteroSystem",
-           "PartyPlan", "Traffic", "combine", "run_hetero"]
+           "PartyPlan", "PerParticipant", "SelfPruning", "Traffic", "combine",
+           "prune_states", "run_hetero"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +84,18 @@ class PartyPlan:
                             targets=targets, ranks=ranks, init_seed=init_seed)
 
 
-trusted_types([PartyPlan, agg.LoraPair])  # what checkpoints hold besides tensors and containers
+@dataclass(frozen=True)
+class SelfPruning:
+    """HetLoRA's rank self-pruning, at each aggregation, of each participant's matrices
+    (docs/hsplitlora.md, Baselines): keep ``floor(gamma * r)`` ranks when the others'
+    share of the update is below ``threshold``."""
+
+    gamma: float = 0.9
+    threshold: float = 0.05
+
+
+# what checkpoints hold besides tensors and containers
+trusted_types([PartyPlan, agg.LoraPair])
 
 
 class HeteroSystem:
@@ -102,9 +121,17 @@ class HeteroSystem:
         place: Placement | None = None,
         seed: int = 0,
         probes: Sequence[Any] | None = None,
+        pruning: SelfPruning | None = None,
+        sparsity_weights: bool = True,
     ) -> None:
         if aggregator not in AGGREGATORS:
             raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")
+        if pruning is not None and aggregator != "zeropad":
+            raise ValueError(f"rank self-pruning is HetLoRA's (aggregator zeropad), not "
+                             f"{aggregator!r}'s")
+        self.pruning = pruning
+        # HetLoRA's weights: data share times the update's norm (its paper), or data alone
+        self.sparsity_weights = sparsity_weights
         self.spec = arch_spec(base.config)
         self.base = base  # unsplit, no LoRA: the fed-level view of the merged base weights
         self.candidates = target_module_names(base, self.spec.targets)
@@ -117,9 +144,10 @@ class HeteroSystem:
         # Every merged update so far, in order: replayed over the pristine base they
         # rebuild the merged weights bit for bit, at the size of adapters, not of the model.
         self.merges: list[dict[str, Update]] = []
-        # Non-merging methods: each participant's adapter from the latest aggregation
-        # (the global model is their weighted update).
-        self.outputs: dict[int, dict[str, agg.LoraPair]] = {}
+        # Non-merging methods: the global model of the latest aggregation, per matrix
+        # (FlexLoRA: the exact weighted update as stacked factors; HetLoRA: the global
+        # adapter at rank r_max, which is also what every participant starts from).
+        self.global_model: dict[str, agg.LoraPair] = {}
         self.shapes = matrix_shapes(base, self.spec.targets)
         self.plans = list(plans)
         self.client_optim = client_optim
@@ -128,6 +156,11 @@ class HeteroSystem:
         place = place or InProcess(torch.device(device))
         place.watch_base(base)
         self.fed: FedAggregation | None = place.fed_aggregation()
+        if aggregator == "zeropad" and self.fed is not None:
+            raise ValueError("hetlora (aggregator zeropad) cannot run with a separate fed "
+                             "server yet: its rank-r_max global adapter and the participants' "
+                             "self-pruned ranks live with the main server; drop "
+                             "net.fed_address")
         clients, segments = [], {}
         for cid, (plan, stream) in enumerate(zip(self.plans, streams, strict=True)):
             settings = self.settings(cid)
@@ -141,6 +174,35 @@ class HeteroSystem:
         self.server = place.place(HeteroServerRecipe(segments, server_optim, precision,
                                                      label_smoothing, compile), "server")
         place.started()
+        # HetLoRA's global rank per matrix: the largest any participant starts with.
+        self.r_max: dict[str, int] = {}
+        if aggregator == "zeropad":
+            self._start_from_global()
+
+    def _start_from_global(self) -> None:
+        """HetLoRA: one global adapter per matrix at rank ``r_max`` (the first participant
+        holding that rank lends its fresh A; B = 0), and every participant starts from its
+        truncation, instead of from an A of its own."""
+        states = self.participant_states()
+        for state in states:
+            for m, pair in state.items():
+                self.r_max[m] = max(self.r_max.get(m, 0), pair.rank)
+        glob: dict[str, agg.LoraPair] = {}
+        for state in states:
+            for m, pair in state.items():
+                if m not in glob and pair.rank == self.r_max[m]:
+                    glob[m] = agg.LoraPair(A=pair.A.clone(), B=torch.zeros_like(pair.B),
+                                           alpha=pair.alpha)
+        self.global_model = glob
+        outputs = {cid: {m: agg.truncate(glob[m], pair.rank, pair.alpha, m)
+                         for m, pair in state.items()}
+                   for cid, state in enumerate(states)}
+        for cid, out in outputs.items():
+            flat = agg.to_peft_state_dict(out)
+            own = {k: flat[k] for k in self.client_layout(cid)}
+            self.clients[cid].load_adapter_state(own)
+            self.server.load_adapter_state({k: v for k, v in flat.items() if k not in own},
+                                           cid)
 
     def settings(self, cid: int, side: str = "client") -> LoraSettings:
         """Participant ``cid``'s adapters on one side (client or server), seeded by run,
@@ -221,20 +283,45 @@ class HeteroSystem:
                       _update_bytes(updates, self._client_modules(c.client_id))]
                      for c in self.clients]
             return Traffic(links, up - sum(uploads.values()), _update_bytes(updates, set(updates)))
-        self.outputs = dict(result)
+        outputs, glob = result
+        self.global_model = self._padded(glob)
         links, server_down = [], 0
+        restart, server_side = {}, {}
         for client in members:
             cid = client.client_id
             if cid not in included:
                 continue
-            flat = agg.to_peft_state_dict(result[cid])
+            flat = agg.to_peft_state_dict(outputs[cid])
             own = {k: flat[k] for k in self.client_layout(cid)}
+            # the one optimizer policy: fresh AdamW moments after every aggregation
+            client.reset_adapters(self.settings(cid))
             client.load_adapter_state(own)
-            server_keys = self.server.adapter_state(cid)
-            self.server.load_adapter_state({k: flat[k] for k in server_keys}, cid)
+            restart[cid] = self.settings(cid, "server")
+            server_side[cid] = {k: v for k, v in flat.items() if k not in own}
             links.append([cid, uploads[cid], nbytes(own)])
             server_down += nbytes(flat) - nbytes(own)
+        self.server.apply_update({}, restart, self.version)  # fresh AdamW, as the clients
+        for cid, state in server_side.items():
+            self.server.load_adapter_state(state, cid)
         return Traffic(links, up - sum(uploads.values()), server_down)
+
+    def _padded(self, glob: Mapping[str, agg.LoraPair]) -> dict[str, agg.LoraPair]:
+        """HetLoRA's global adapter at its fixed rank ``r_max`` per matrix (zero ranks past
+        what this aggregation's participants held); the other methods' as they come."""
+        out = {}
+        for m, pair in glob.items():
+            pad = self.r_max.get(m, pair.rank) - pair.rank
+            out[m] = pair if pad <= 0 else agg.LoraPair(
+                A=torch.nn.functional.pad(pair.A, (0, 0, 0, pad)),
+                B=torch.nn.functional.pad(pair.B, (0, pad)), alpha=pair.scale * (pair.rank + pad))
+        return out
+
+    def _adopt_ranks(self, cid: int, state: Mapping[str, agg.LoraPair]) -> None:
+        """Participant ``cid``'s plan takes the ranks of its (self-pruned) adapter."""
+        plan = self.plans[cid]
+        ranks = {m: pair.rank for m, pair in state.items()}
+        if any(plan.ranks.get(m) != r for m, r in ranks.items()):
+            self.plans[cid] = PartyPlan(plan.cut, {**plan.ranks, **ranks})
 
     def _combine_here(self, members: Sequence[Any]) -> tuple[list[int], Any, int]:
         """Aggregation in this process: fetch the clients' adapters, join each with its
@@ -248,11 +335,17 @@ class HeteroSystem:
         if not uploads:
             return [], None, 0
         states = [self._joined(cid, state) for cid, state in uploads.items()]
+        if self.pruning is not None:  # each client prunes before it uploads (HetLoRA)
+            states = prune_states(states, self.pruning)
+            for cid, state in zip(uploads, states, strict=True):
+                self._adopt_ranks(cid, state)
         weights = [c.num_samples for c in members if c.client_id in uploads]
         up = sum(nbytes(agg.to_peft_state_dict(s)) for s in states)
-        result = combine(self.aggregator, states, weights)
-        if self.aggregator not in MERGING:
-            result = dict(zip(uploads, result, strict=True))
+        result = combine(self.aggregator, states, weights,
+                         sparsity_weights=self.sparsity_weights)
+        if isinstance(result, PerParticipant):
+            result = PerParticipant(dict(zip(uploads, result.outputs, strict=True)),
+                                    result.glob)
         return list(uploads), result, up
 
     def client_layout(self, cid: int) -> dict[str, tuple[int, int]]:
@@ -278,7 +371,7 @@ class HeteroSystem:
                 log.warning("the checkpoint goes on without client %d: %s", c.client_id, e)
         return {"plans": list(self.plans), "restarts": self.restarts,
                 "merges": list(self.merges),
-                "outputs": dict(self.outputs),
+                "global": dict(self.global_model), "r_max": dict(self.r_max),
                 "server": self.server.state_dict(), "clients": clients}
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -289,7 +382,8 @@ class HeteroSystem:
             merge_base_update(self.base, updates, version,
                               fan_in_fan_out=self.spec.fan_in_fan_out)
         self.plans, self.restarts = list(state["plans"]), state["restarts"]
-        self.outputs = dict(state["outputs"])
+        self.global_model = dict(state.get("global", {}))
+        self.r_max = dict(state.get("r_max", {}))
         for cid, plan in enumerate(self.plans):
             client_seg, server_seg = hetero_segments(self.base, plan.cut, self.settings(cid))
             self.clients[cid].replace_segment(client_seg)
@@ -318,7 +412,8 @@ class HeteroSystem:
 
         Merging methods: what has been merged into the base so far (after the final
         aggregation the adapters are fresh, B = 0, and add nothing). Other methods: the
-        exact weighted sum of the updates the latest aggregation gave its participants.
+        latest aggregation's global model, ``scale * B A`` of each matrix: FlexLoRA's exact
+        weighted update, HetLoRA's rank-``r_max`` global adapter.
         """
         if self.aggregator in MERGING:
             out = {}
@@ -327,27 +422,43 @@ class HeteroSystem:
                 if delta is not None and delta.abs().max() > 0:
                     out[module] = delta.T if self.spec.fan_in_fan_out else delta.clone()
             return out
-        ids = sorted(self.outputs)
-        return agg.weighted_delta([self.outputs[cid] for cid in ids],
-                                  [self.clients[cid].num_samples for cid in ids])
+        return {m: agg.delta(pair).float() for m, pair in self.global_model.items()}
+
+
+class PerParticipant(NamedTuple):
+    """A non-merging aggregation's result: each participant's new adapter and the
+    method's global model per matrix."""
+
+    outputs: Any  # list (in the states' order) or dict by participant id
+    glob: dict[str, agg.LoraPair]
+
+
+def prune_states(states: Sequence[Mapping[str, agg.LoraPair]], pruning: SelfPruning
+                 ) -> list[dict[str, agg.LoraPair]]:
+    """HetLoRA's rank self-pruning of every participant's matrices."""
+    return [{m: agg.prune_tail(pair, pruning.gamma, pruning.threshold)
+             for m, pair in state.items()} for state in states]
 
 
 def combine(aggregator: str, states: Sequence[Mapping[str, agg.LoraPair]],
-            weights: Sequence[float]) -> dict[str, Update] | list[dict[str, agg.LoraPair]]:
+            weights: Sequence[float], *, sparsity_weights: bool = True
+            ) -> dict[str, Update] | PerParticipant:
     """One aggregation over full participant adapters (client side joined with its
     server-side copy): the update to merge (``noisefree``, ``stack``) or each
-    participant's new adapter (``svd``, ``zeropad``, ``fedavg``)."""
+    participant's new adapter with the global model (``svd``, ``zeropad``, ``fedavg``)."""
     if aggregator == "noisefree":
         return {m: _as_update(agg.dense_or_factors(f))
                 for m, f in agg.noisefree(states, weights).items()}
     if aggregator == "stack":  # FLoRA ships the stacked adapter itself (rank sum r_k, scale 1)
         return {m: (pair.B, pair.A) for m, pair in agg.stack(states, weights).items()}
-    if aggregator == "svd":
-        return agg.svd(states, weights)[0]
-    if aggregator == "zeropad":
-        return agg.zeropad(states, weights)
+    if aggregator == "svd":  # the global model: the exact weighted update, stacked
+        return PerParticipant(agg.svd(states, weights)[0], agg.stack(states, weights))
+    if aggregator == "zeropad":  # the global adapter, and each participant's truncation
+        return PerParticipant(
+            agg.zeropad(states, weights, norm_weighted=sparsity_weights),
+            agg.zeropad_global(states, weights, norm_weighted=sparsity_weights))
     merged = agg.fedavg(states, weights)
-    return [merged for _ in states]
+    return PerParticipant([merged for _ in states], merged)
 
 
 @dataclass(frozen=True)
@@ -426,12 +537,16 @@ def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
 
     def aggregate(among: list[Any], t: int, last: bool) -> None:
         ids = {c.client_id for c in among}
+        before = list(system.plans)
         moved = system.aggregate(ids, t)
         rec.event("aggregate", round=t, side="all", method=system.aggregator,
                   clients=sorted(ids), links=moved.links,
                   bytes_up=sum(up for _, up, _ in moved.links),
                   bytes_down=sum(down for _, _, down in moved.links),
                   server_bytes_up=moved.server_up, server_bytes_down=moved.server_down)
+        if system.plans != before:  # HetLoRA's self-pruning lowered some ranks
+            rec.event("replan", round=t, reason="self-pruning",
+                      plans=[{"cut": p.cut, "ranks": dict(p.ranks)} for p in system.plans])
         if system.aggregator not in MERGING:
             return None
         rec.global_model(t, lambda: None)  # the global model is the merged base itself

@@ -30,6 +30,9 @@ class OptimSettings:
     total_steps: int = 1
     schedule: str = "linear"  # "linear" decays to 0 after warm-up; "constant" holds
     grad_clip: float = 0.0
+    # HetLoRA's rank regulariser on each step (models.lora.tail_penalty); lambda 0 = off
+    tail_gamma: float = 1.0
+    tail_lambda: float = 0.0
 
 
 class Optimizer:

@@ -45,10 +45,12 @@ def party_seed(seed: int, client_id: int) -> int:
 
 def optim_settings(cfg: Any, total_steps: int) -> OptimSettings:
     """One party's AdamW and schedule from ``cfg.train``, over ``total_steps`` of its own."""
-    t = cfg.train
+    t, h = cfg.train, cfg.hetero
+    tail = ({"tail_gamma": h.prune_gamma, "tail_lambda": h.prune_lambda}
+            if cfg.mode.self_pruning else {})  # HetLoRA's regulariser of its trailing ranks
     return OptimSettings(lr=t.lr, weight_decay=t.weight_decay, eps=t.adam_eps,
                          warmup_steps=t.warmup_steps, total_steps=total_steps,
-                         schedule=t.schedule, grad_clip=t.grad_clip)
+                         schedule=t.schedule, grad_clip=t.grad_clip, **tail)
 
 
 @dataclass(kw_only=True)

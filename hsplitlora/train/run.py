@@ -230,7 +230,8 @@ def _run_hetero(p: Prepared, rec: Recorder,
         alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, aggregator=planner.aggregator,
         precision=t.precision, compile=t.compile, device=p.device,
         label_smoothing=t.label_smoothing, federated=cfg.hetero.federated, place=place, seed=t.seed,
-        probes=[probe_stream(p, cid) for cid in range(t.num_clients)])
+        probes=[probe_stream(p, cid) for cid in range(t.num_clients)],
+        pruning=pruning(cfg), sparsity_weights=cfg.hetero.hetlora_weights == "sparsity")
     start, trained = 0, set()
     if p.resumed is not None:
         state = p.resumed
@@ -271,6 +272,16 @@ def _run_hetero(p: Prepared, rec: Recorder,
                             alphas=alphas)
     attach_lora(p.model, settings)
     return state, settings
+
+
+def pruning(cfg: RunConfig) -> Any:
+    """HetLoRA's rank self-pruning for a mode that has it (and a threshold above 0)."""
+    from hsplitlora.train.hetero import SelfPruning
+
+    h = cfg.hetero
+    if not cfg.mode.self_pruning or h.prune_threshold == 0:
+        return None
+    return SelfPruning(h.prune_gamma, h.prune_threshold)
 
 
 def mean_length(shards: list[TokenizedDataset]) -> int:

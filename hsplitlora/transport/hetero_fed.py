@@ -35,7 +35,7 @@ from hsplitlora import aggregate as agg
 from hsplitlora.models.lora import adapter_shapes
 from hsplitlora.models.split import ArchSpec
 from hsplitlora.roles.messages import nbytes
-from hsplitlora.train.hetero import MERGING, Contribution, combine
+from hsplitlora.train.hetero import MERGING, Contribution, PerParticipant, combine
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.calls import (
@@ -61,6 +61,8 @@ from hsplitlora.transport.wire import (
 __all__ = ["HeteroFedService", "RemoteFedAggregation"]
 
 log = logging.getLogger(__name__)
+# the key prefix of the global model in a non-merging aggregation result (beside "<id>/")
+GLOBAL = "global"
 
 State = dict[str, torch.Tensor]
 
@@ -172,9 +174,12 @@ class HeteroFedService:
         log.info("aggregation round %d (%s): clients %s", round, self.aggregator, ids)
         if self.aggregator in MERGING:
             tensors = pack_updates(result)  # type: ignore[arg-type]
-        else:
-            tensors = {f"{i}/{k}": v for i, out in zip(ids, result, strict=True)
+        else:  # each participant's adapter, and the method's global model
+            outputs, glob = result  # type: ignore[misc]
+            tensors = {f"{i}/{k}": v for i, out in zip(ids, outputs, strict=True)
                        for k, v in agg.to_peft_state_dict(out).items()}
+            tensors.update({f"{GLOBAL}/{k}": v for k, v in agg.to_peft_state_dict(glob).items()})
+            meta["global_alpha"] = json.dumps({m: p.alpha for m, p in glob.items()})
         return pack(tensors, {**meta, "bytes_up": str(up)})
 
     def _open(self, round: int, blob: bytes) -> _Round:
@@ -295,7 +300,15 @@ class RemoteFedAggregation:
         up = int(header.meta.get("bytes_up", "0"))
         if self.aggregator in MERGING:
             return ids, unpack_updates(tensors, self.shapes, what), up
-        outs = _split(tensors, what)
+        prefix = f"{GLOBAL}/"
+        glob_flat = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            alphas = {m: float(a) for m, a in
+                      json.loads(header.meta.get("global_alpha", "{}")).items()}
+            glob = agg.from_peft_state_dict(glob_flat, alphas) if glob_flat else {}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise WireError(f"{what}: the global model is malformed ({e!r})") from None
+        outs = _split({k: v for k, v in tensors.items() if not k.startswith(prefix)}, what)
         result = {}
         for cid in ids:
             p = asked[cid]
@@ -305,7 +318,7 @@ class RemoteFedAggregation:
                 raise WireError(f"{what}: client {cid}'s adapter has tensors {got}, expected "
                                 f"{want}")
             result[cid] = agg.from_peft_state_dict(outs[cid], self.alpha)
-        return ids, result, up
+        return ids, PerParticipant(result, glob), up
 
     def finish(self, last_round: int) -> None:
         """Tell the fed server the run is over (it may be gone already)."""

@@ -33,14 +33,15 @@ PLANS = [
 ]
 
 
-def _system(aggregator: str = "noisefree", plans=PLANS) -> HeteroSystem:
+def _system(aggregator: str = "noisefree", plans=PLANS, **kw) -> HeteroSystem:
     base = tiny_model("llama")
     shards = [_features(6 + 2 * i, seed=i) for i in range(len(plans))]
     streams = [batch_stream(s, 2, seed=i, pad_id=0) for i, s in enumerate(shards)]
     optim = OptimSettings(lr=2e-2, total_steps=10)
     torch.manual_seed(0)
     return HeteroSystem(base, plans, streams, [len(s) for s in shards], client_optim=optim,
-                        server_optim=optim, alpha=8.0, aggregator=aggregator, precision="fp32")
+                        server_optim=optim, alpha=8.0, aggregator=aggregator, precision="fp32",
+                        **kw)
 
 
 def _copies(system: HeteroSystem, module: str) -> list[torch.Tensor]:

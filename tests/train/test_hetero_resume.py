@@ -32,7 +32,8 @@ def _cfg(tmp_path, mode: str, aggregator: str, **train_kw) -> RunConfig:
                   "agg_interval": 2, "lr": 0.01, "warmup_steps": 1, "precision": "fp32",
                   **train_kw},
         "hetero": {"scenario": SCENARIO, "aggregator": aggregator, "rank_set": [0, 2, 4, 8],
-                   "server_rank": 4, "probe_batches": 1, "replan_threshold": 0.0},
+                   "server_rank": 4, "probe_batches": 1, "replan_threshold": 0.0,
+                   "prune_gamma": 0.5, "prune_threshold": 0.9},  # hetlora prunes often
         "eval": {"max_examples": 0},
         "output": {"dir": str(tmp_path), "name": "run", "sample_prompt": None},
     })
@@ -42,6 +43,7 @@ def _cfg(tmp_path, mode: str, aggregator: str, **train_kw) -> RunConfig:
     ("hsplitlora", "noisefree", 2),  # mid-interval: two merges and re-plans still to come
     ("hsplitlora", "noisefree", 3),  # right after a merge and re-plan
     ("flexlora", "svd", 2),
+    ("hetlora", "zeropad", 2),  # its global adapter and pruned ranks travel in the checkpoint
 ])
 def test_a_resumed_heterogeneous_run_ends_where_the_uninterrupted_one_does(
         tmp_path, tiny_tokenizer, monkeypatch, mode, aggregator, stop):
@@ -62,6 +64,9 @@ def test_a_resumed_heterogeneous_run_ends_where_the_uninterrupted_one_does(
     if mode == "hsplitlora" and stop == 2:
         # a merge and a re-plan happened after resuming
         assert ("replan", 3) in events_of(resumed.records)
+    if mode == "hetlora":  # self-pruning lowered ranks before and after the checkpoint
+        rounds = [r["round"] for r in whole.records if r.get("event") == "replan"]
+        assert min(rounds) <= stop < max(rounds), rounds
     assert resumed.adapter.keys() == whole.adapter.keys() and resumed.adapter
     for k, v in whole.adapter.items():
         assert torch.equal(resumed.adapter[k], v), k

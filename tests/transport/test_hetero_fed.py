@@ -101,10 +101,12 @@ def test_the_fed_server_combines_exactly_as_the_simulation(model, aggregator):
                 assert torch.equal(got[m], u)
             else:
                 assert torch.equal(got[f"{m}.U"], u[0]) and torch.equal(got[f"{m}.V"], u[1])
-    else:
-        for cid, out in enumerate(expected):
+    else:  # each participant's adapter, and FlexLoRA's global model: the exact update
+        for cid, out in enumerate(expected.outputs):
             for k, v in agg.to_peft_state_dict(out).items():
                 assert torch.equal(got[f"{cid}/{k}"], v)
+        glob = agg.to_peft_state_dict(expected.glob)
+        assert glob and all(torch.equal(got[f"global/{k}"], v) for k, v in glob.items())
 
 
 def test_a_late_client_is_left_out_and_the_weights_renormalise(model):
@@ -152,7 +154,7 @@ def test_the_main_server_refuses_a_result_that_does_not_fit_what_it_asked(model)
     good = {f"{cid}/{k}": v for cid in (0, 1) for k, v in
             {**_parts(model, cid)[1], **_parts(model, cid)[2]}.items()}
     ids, result, up = remote._read(pack(good, {"clients": "0,1", "bytes_up": "7"}), asked, "r")
-    assert ids == [0, 1] and up == 7 and set(result) == {0, 1}
+    assert ids == [0, 1] and up == 7 and set(result.outputs) == {0, 1}
     with pytest.raises(WireError, match="not a subset"):
         remote._read(pack(good, {"clients": "0,5"}), asked, "r")
     short = {k: v for k, v in good.items() if not k.startswith("1/")}

@@ -33,7 +33,9 @@ def hetero_config(model_dir, out_dir, aggregator: str = "noisefree", steps: int 
                      "round_time_s": 1e9,
                      # no smoothing: each re-measurement moves the energy ranking, so the
                      # run re-plans (over the network too)
-                     "ema_beta": 0.0}
+                     "ema_beta": 0.0,
+                     # hetlora: prune often, so ranks change over the network too
+                     "prune_gamma": 0.5, "prune_threshold": 0.9}
     return RunConfig.model_validate(raw)
 
 
@@ -42,12 +44,14 @@ def _steps(records):
             if "event" not in r]
 
 
-@pytest.mark.parametrize("mode,aggregator", [("hsplitlora", "noisefree"), ("flexlora", "svd")])
+@pytest.mark.parametrize("mode,aggregator", [("hsplitlora", "noisefree"), ("flexlora", "svd"),
+                                            ("hetlora", "zeropad")])
 def test_networked_heterogeneous_run_is_bit_identical_to_the_simulation(
         tmp_path, tiny_llama_dir, mode, aggregator):
     """HSplitLoRA: importance probing through the streams, clients planned to different
     cuts and ranks, noise-free merging and re-planning after each merge (threshold 0);
-    FlexLoRA: SVD aggregation, adapters loaded back into each client."""
+    FlexLoRA: SVD aggregation, adapters loaded back into each client; HetLoRA: truncations
+    of its global adapter loaded back, ranks self-pruned (a replan) over the network."""
     cfg = hetero_config(tiny_llama_dir, tmp_path, aggregator, mode=mode)
     local = train(cfg, write=False, show_progress=False)
     net = NetConfig(port=0, step_timeout_s=30, join_timeout_s=60)
@@ -61,6 +65,10 @@ def test_networked_heterogeneous_run_is_bit_identical_to_the_simulation(
     if mode == "hsplitlora":
         assert len({p["cut"] for p in plans[0]}) > 1  # the clients really differ in cut
         assert any(r.get("event") == "replan" for r in records)
+    if mode == "hetlora":
+        replans = [r["plans"] for r in records if r.get("event") == "replan"]
+        assert replans and replans == [r["plans"] for r in local.records
+                                       if r.get("event") == "replan"]
     assert _steps(records) == _steps(local.records)
     adapter = peft_adapter(run)
     assert set(adapter) == set(local.adapter) and adapter
