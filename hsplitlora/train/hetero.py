@@ -32,6 +32,7 @@ learned update lives in the base weights and the adapters are fresh anyway.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -501,13 +502,7 @@ class Traffic:
 
 def _layout_bytes(layout: Mapping[str, tuple[int, ...]]) -> int:
     """Bytes of an fp32 adapter state with these tensor shapes (what a client uploads)."""
-    total = 0
-    for shape in layout.values():
-        n = 1
-        for d in shape:
-            n *= d
-        total += 4 * n
-    return total
+    return 4 * sum(math.prod(shape) for shape in layout.values())
 
 
 def _update_bytes(updates: Mapping[str, Update], held: set[str]) -> int:

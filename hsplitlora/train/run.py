@@ -620,10 +620,9 @@ def _planned(p: Prepared, client_params: list[int], rec: Recorder) -> dict[str, 
     """A heterogeneous run's plans as they ran last (re-plans included), each client's and
     the main server's cost-model memory and compute beside one another."""
     assert p.plans is not None
+    spec = arch_spec(p.model.config)
     out: dict[str, Any] = {
-        "plans": [{"cut": cut, "client_adapters": sum(1 for m in ranks
-                                                      if arch_spec(p.model.config).block_of(m)
-                                                      < cut),
+        "plans": [{"cut": cut, "client_adapters": sum(1 for m in ranks if spec.block_of(m) < cut),
                    "client_trainable_params": n}
                   for (cut, ranks), n in zip(p.plans.values(), client_params, strict=True)],
         "replans": sum(1 for r in rec.records if r.get("event") == "replan"),
