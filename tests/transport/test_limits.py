@@ -175,31 +175,41 @@ def test_a_silent_adapter_upload_is_closed_after_the_step_timeout():
         hold.set()
 
 
-def test_a_client_that_keeps_timing_out_is_backed_off():
-    net = NetConfig(step_timeout_s=0.5, join_timeout_s=10)
+def _welcomes_after_two_failed_rounds(net: NetConfig, fail) -> list[int]:
+    """Client 0 fails rounds 0 and 1 (``fail(link, round)``), reconnecting at once each
+    time, while client 1 steps every round; the rounds client 0 is welcomed at."""
     with serving(net, steps=6, interval=6) as live:
         honest = live.link(1)
         good = remote(honest)
-        staller = live.link(0)
-        assert honest.welcome(5).round == staller.welcome(5).round == 0
+        bad = live.link(0)
+        assert honest.welcome(5).round == bad.welcome(5).round == 0
         welcomes = []
         for t in range(6):
-            if t in (0, 1):  # the staller says nothing, is dropped, and reconnects at once
-                try:
-                    staller.receive(5)
-                except ConnectionFailed as e:
-                    assert f"no activations for round {t}" in str(e)
-                staller.close()
-                staller = live.link(0)
+            if t in (0, 1):
+                fail(bad, t)
+                bad.close()
+                bad = live.link(0)
                 wait_for(lambda: 0 in live.coordinator._pending, 10, "the reconnection")
             good.round = t
             good.step(1, activations(t))
             if t == 0:
-                welcomes.append(staller.welcome(5).round)
-        welcomes.append(staller.welcome(5).round)
-        # after its second timeout in a row (round 1) it sits out rounds 2 and 3
-        assert welcomes == [1, 4]
-        staller.close()
+                welcomes.append(bad.welcome(5).round)
+        welcomes.append(bad.welcome(5).round)
+        bad.close()
+        return welcomes
+
+
+def test_a_client_that_keeps_timing_out_is_backed_off():
+    def stall(link, t):  # the staller says nothing and is dropped
+        try:
+            link.receive(5)
+        except ConnectionFailed as e:
+            assert f"no activations for round {t}" in str(e)
+
+    welcomes = _welcomes_after_two_failed_rounds(
+        NetConfig(step_timeout_s=0.5, join_timeout_s=10), stall)
+    # after its second timeout in a row (round 1) it sits out rounds 2 and 3
+    assert welcomes == [1, 4]
 
 
 def test_a_client_that_reconnects_after_refused_uploads_is_backed_off():
@@ -207,28 +217,14 @@ def test_a_client_that_reconnects_after_refused_uploads_is_backed_off():
     (a flood's stream is cut) would be admitted, and waited for in id order, every round;
     after its second refusal in a row it sits out two rounds, as a client that keeps
     timing out does. (Connected, a refused client is still served each round.)"""
-    net = NetConfig(step_timeout_s=5, join_timeout_s=10)
-    with serving(net, steps=6, interval=6) as live:
-        honest = live.link(1)
-        good = remote(honest)
-        evil = live.link(0)
-        assert honest.welcome(5).round == evil.welcome(5).round == 0
-        welcomes = []
-        for t in range(6):
-            if t in (0, 1):
-                evil.send("acts", t, b"junk")
-                got = evil.receive(5)
-                assert isinstance(got, pb.Control) and got.kind == pb.Control.REFUSED
-                evil.close()
-                evil = live.link(0)
-                wait_for(lambda: 0 in live.coordinator._pending, 10, "the reconnection")
-            good.round = t
-            good.step(1, activations(t))
-            if t == 0:
-                welcomes.append(evil.welcome(5).round)
-        welcomes.append(evil.welcome(5).round)
-        assert welcomes == [1, 4]  # after its second refusal it sat out rounds 2 and 3
-        evil.close()
+    def junk(link, t):
+        link.send("acts", t, b"junk")
+        got = link.receive(5)
+        assert isinstance(got, pb.Control) and got.kind == pb.Control.REFUSED
+
+    welcomes = _welcomes_after_two_failed_rounds(
+        NetConfig(step_timeout_s=5, join_timeout_s=10), junk)
+    assert welcomes == [1, 4]  # after its second refusal it sat out rounds 2 and 3
 
 
 class _Clock:
