@@ -1,12 +1,15 @@
 """Experiment grids: modes x ranks x cuts x seeds from one YAML, resumable, one summary.
 
 An experiment file holds a ``base`` run config (the train-config schema, inline or a path
-to a config file), a ``grid`` of values to sweep, an optional ``evaluate`` section, and the
-``output`` folder. Every run gets a folder named by its grid values; a run whose folder has
-``summary.json`` (and ``scores.json`` when evaluation is asked) is done and skipped; a
-folder without it is an interrupted run, which goes on from its last checkpoint (runs are
-trained with checkpoints) or, with none, is deleted and re-run, so an interrupted grid
-resumes where it stopped. The grid folder gets ``summary.md``, ``summary.csv`` and the plots.
+to a config file), a ``grid`` of values to sweep, optional named ``variants`` (bundles of
+settings, such as a method with one component switched off, that the grid key ``variant``
+picks), an optional ``evaluate`` section, an optional ``compare`` section (the headline
+check over seeds, :mod:`hsplitlora.experiment_table`), and the ``output`` folder. Every
+run gets a folder named by its grid values; a run whose folder has ``summary.json`` (and
+``scores.json`` when evaluation is asked) is done and skipped; a folder without it is an
+interrupted run, which goes on from its last checkpoint (runs are trained with
+checkpoints) or, with none, is deleted and re-run, so an interrupted grid resumes where it
+stopped. The grid folder gets ``summary.md``, ``summary.csv`` and the plots.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from hsplitlora.config import (
 from hsplitlora.eval.evaluate import SCORES_FILE, evaluate_run
 from hsplitlora.eval.generate import GenerationSettings
 from hsplitlora.eval.metrics import METRIC_NAMES
+from hsplitlora.experiment_table import LossCurve, headline, mean_spread, seed_groups, time_to_loss
 from hsplitlora.modes import MODES
 from hsplitlora.train.run import checkpoint_path, train
 
@@ -66,9 +70,13 @@ GRID_KEYS: dict[str, tuple[str, str]] = {
     "cut": ("train.cut", "cut"),
     "clients": ("train.num_clients", "clients"),
     "seed": ("train.seed", "seed"),
+    "partition": ("data.partition", "part"),
 }
-CSV_COLUMNS = ("run", "mode", "rank", "cut", "clients", "seed", "eval_ppl", *METRIC_NAMES,
-               "wall_s", "simulated_s", "client_trainable_params", "bytes_sent")
+# The grid key naming a bundle of settings from the file's ``variants``.
+VARIANT = "variant"
+CSV_COLUMNS = ("run", "variant", "partition", "mode", "rank", "cut", "clients", "seed",
+               "eval_ppl", *METRIC_NAMES, "wall_s", "simulated_s", "client_trainable_params",
+               "bytes_sent")
 
 
 class EvaluateSpec(BaseModel):
@@ -83,11 +91,24 @@ class EvaluateSpec(BaseModel):
         return GenerationSettings(num_beams=self.num_beams)
 
 
+class CompareSpec(BaseModel):
+    """The headline check of a grid over seeds: does ``method`` beat every baseline?"""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str = Field(description="the variant under test")
+    baselines: list[str] = Field(min_length=1, description="the variants it must beat")
+    time_ratio: float = Field(0.8, gt=0, description="the method must reach the best "
+                              "baseline's final eval loss within this fraction of that "
+                              "baseline's simulated time")
+
+
 class _ExperimentFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base: dict[str, Any] | Path = Field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     grid: dict[str, list[Any]]
     evaluate: EvaluateSpec | None = None
+    compare: CompareSpec | None = None
     output: Path
 
 
@@ -104,6 +125,7 @@ class Experiment:
     output: Path
     runs: list[PlannedRun]
     evaluate: EvaluateSpec | None
+    compare: CompareSpec | None = None
 
 
 def _fail(path: Path, message: str) -> ConfigError:
@@ -123,17 +145,21 @@ def _read_mapping(path: Path, what: str) -> dict[str, Any]:
 
 
 def _config_path(key: str, source: Path) -> str:
+    if key == VARIANT:
+        return VARIANT
     if key in GRID_KEYS:
         return GRID_KEYS[key][0]
     if "." in key:
         return key
-    raise _fail(source, f"grid key {key!r} is neither a shorthand ({', '.join(GRID_KEYS)}) "
-                "nor a dotted config path like train.lr")
+    raise _fail(source, f"grid key {key!r} is neither a shorthand ({', '.join(GRID_KEYS)}, "
+                f"{VARIANT}) nor a dotted config path like train.lr")
 
 
 def run_name(values: dict[str, Any]) -> str:
-    """``mode=splitlora_r=4_cut=3_seed=42``: shorthands in a fixed order, then the rest."""
-    order = [k for k in GRID_KEYS if k in values] + [k for k in values if k not in GRID_KEYS]
+    """``mode=splitlora_r=4_cut=3_seed=42``: the variant, shorthands in a fixed order, then
+    the rest."""
+    first = [VARIANT, *GRID_KEYS]
+    order = [k for k in first if k in values] + [k for k in values if k not in first]
     parts = [f"{GRID_KEYS[k][1] if k in GRID_KEYS else k}={values[k]}" for k in order]
     return "_".join(parts).replace("/", "-").replace(" ", "")
 
@@ -146,8 +172,29 @@ def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _mode_of(values: dict[str, Any], base: dict[str, Any]) -> Any:
-    return values.get("mode", base.get("train", {}).get("mode", "splitlora"))
+def _mode_of(values: dict[str, Any], variant: dict[str, Any], base: dict[str, Any]) -> Any:
+    return values.get("mode", variant.get("train.mode",
+                                          base.get("train", {}).get("mode", "splitlora")))
+
+
+def _check_variants(spec: _ExperimentFile, path: Path) -> None:
+    for name, settings in spec.variants.items():
+        bad = [k for k in settings if "." not in k]
+        if bad:
+            raise _fail(path, f"variants.{name}: {', '.join(bad)} is not a dotted config path "
+                        "(write e.g. train.mode: hsplitlora, hetero.importance: false)")
+    if VARIANT in spec.grid:
+        unknown = [v for v in spec.grid[VARIANT] if v not in spec.variants]
+        if unknown:
+            raise _fail(path, f"grid.{VARIANT} names {', '.join(map(str, unknown))}, not in "
+                        f"variants ({', '.join(spec.variants) or 'none defined'})")
+    elif spec.variants:
+        raise _fail(path, f"variants are defined but grid has no {VARIANT} key to pick them")
+    if spec.compare is not None:
+        named = [spec.compare.method, *spec.compare.baselines]
+        missing = [v for v in named if v not in spec.grid.get(VARIANT, [])]
+        if missing:
+            raise _fail(path, f"compare names {', '.join(missing)}, not in grid.{VARIANT}")
 
 
 def load_experiment(path: Path) -> Experiment:
@@ -171,20 +218,25 @@ def load_experiment(path: Path) -> Experiment:
     for key, options in spec.grid.items():
         if not options:
             raise _fail(path, f"grid.{key} is empty; give at least one value")
+    _check_variants(spec, path)
     paths = {key: _config_path(key, path) for key in spec.grid}
 
     runs: dict[str, PlannedRun] = {}
     for combo in itertools.product(*spec.grid.values()):
         values = dict(zip(spec.grid, combo, strict=True))
-        mode = MODES.get(_mode_of(values, base))  # an unknown one fails validation below
+        variant = spec.variants.get(values.get(VARIANT), {})
+        mode = MODES.get(_mode_of(values, variant, base))  # an unknown one fails below
         if mode is not None and not mode.split:  # a cut means nothing there: run once
             values.pop("cut", None)
         name = run_name(values)
         if name in runs:
             continue
         run_raw = copy.deepcopy(base)
+        for key, value in variant.items():
+            _set(run_raw, key, copy.deepcopy(value))
         for key, value in values.items():
-            _set(run_raw, paths[key], value)
+            if key != VARIANT:
+                _set(run_raw, paths[key], value)
         _set(run_raw, "output.dir", str(spec.output))
         _set(run_raw, "output.name", name)
         try:
@@ -192,7 +244,7 @@ def load_experiment(path: Path) -> Experiment:
         except ValidationError as e:
             raise ConfigError(format_validation_error(e, f"{path} (run {name})")) from None
         runs[name] = PlannedRun(name, values, cfg)
-    return Experiment(path, spec.output, list(runs.values()), spec.evaluate)
+    return Experiment(path, spec.output, list(runs.values()), spec.evaluate, spec.compare)
 
 
 # Fields that change neither training nor its numbers; a finished run is reused across them.
@@ -300,6 +352,8 @@ def collect_rows(exp: Experiment) -> list[dict[str, Any]]:
         cfg = run.config
         row: dict[str, Any] = {
             "run": run.name,
+            "variant": run.values.get(VARIANT, cfg.train.mode),
+            "partition": cfg.data.partition,
             "mode": cfg.train.mode,
             "rank": cfg.lora.r,  # the grid's setting, which groups the bars
             "cut": cfg.train.cut if cfg.mode.split else None,
@@ -501,13 +555,138 @@ def _fmt(value: Any, kind: str = "") -> str:
 
 
 _MD_COLUMNS = [  # header, row key, format
-    ("mode", "mode", ""), ("rank", "rank", ""), ("cut", "cut", ""), ("clients", "clients", ""),
+    ("variant", "variant", ""), ("partition", "partition", ""), ("mode", "mode", ""),
+    ("rank", "rank", ""), ("cut", "cut", ""), ("clients", "clients", ""),
     ("seed", "seed", ""), ("ppl", "eval_ppl", ""), ("BLEU (%)", "BLEU", "pct"),
     ("NIST", "NIST", ""), ("METEOR", "METEOR", ""), ("ROUGE-L (%)", "ROUGE_L", "pct"),
     ("CIDEr", "CIDEr", ""), ("wall (s)", "wall_s", "time"),
     ("simulated (s)", "simulated_s", "time"),
     ("client params", "client_trainable_params", "count"), ("sent (MiB)", "bytes_sent", "bytes"),
 ]
+
+
+def loss_curve(run_dir: Path) -> LossCurve | None:
+    """The run's held-out loss at each evaluation against simulated seconds (the last
+    evaluation of a round counts); ``None`` without eval events or a simulated clock."""
+    sim = _load_json(run_dir / "summary.json").get("simulated_round_s")
+    by_round = {r["round"]: r["loss"] for r in _records(run_dir)
+                if r.get("event") == "eval" and "loss" in r}
+    if not sim or not by_round or max(by_round) >= len(sim):
+        return None
+    rounds = sorted(by_round)
+    return LossCurve([sim[t] for t in rounds], [by_round[t] for t in rounds])
+
+
+def _setting_keys(exp: Experiment) -> list[str]:
+    """The grid keys that name a setting: all but the seed."""
+    keys = [k for k in (exp.runs[0].values if exp.runs else {}) if k != "seed"]
+    return keys or ["mode"]
+
+
+def _pm(mean: float | None, spread: float | None, kind: str = "") -> str:
+    if mean is None:
+        return "-"
+    return _fmt(mean, kind) + ("" if spread is None else f" ± {_fmt(spread, kind)}")
+
+
+_SEED_COLUMNS = [("ppl", "eval_ppl", ""), ("BLEU (%)", "BLEU", "pct"), ("NIST", "NIST", ""),
+                 ("METEOR", "METEOR", ""), ("ROUGE-L (%)", "ROUGE_L", "pct"),
+                 ("CIDEr", "CIDEr", ""), ("sim. s to target", "to_target", "time"),
+                 ("simulated (s)", "simulated_s", "time"),
+                 ("client params", "client_trainable_params", "count"),
+                 ("MiB per client", "bytes_per_client", "bytes")]
+
+
+def _seed_table(exp: Experiment, rows: list[dict[str, Any]]) -> list[str]:
+    """Mean ± spread over seeds per setting, the common-target times, and the headline
+    check (see :mod:`hsplitlora.experiment_table`)."""
+    values = {run.name: run.values for run in exp.runs}
+    keys = _setting_keys(exp)
+    curves = {row["run"]: loss_curve(exp.output / row["run"]) for row in rows}
+    enriched = [{**row, **{k: values[row["run"]].get(k, row.get(k)) for k in keys},
+                 "bytes_per_client": row["bytes_sent"] / max(row["clients"], 1)}
+                for row in rows]
+    targets: dict[str, float] = {}  # per partition: the worst setting's mean final loss
+    for row in enriched:
+        same = [r for r in enriched if r["partition"] == row["partition"]]
+        finals = [mean_spread(curves[r["run"]].final for r in grp
+                              if curves[r["run"]] is not None)[0]
+                  for grp in seed_groups(same, keys).values()]
+        finals = [f for f in finals if f is not None]
+        if finals:
+            targets[row["partition"]] = max(finals)
+    for row in enriched:
+        curve, target = curves[row["run"]], targets.get(row["partition"])
+        row["to_target"] = (time_to_loss(curve, target)
+                            if curve is not None and target is not None else None)
+    lines = ["", "## Over seeds", "",
+             "Mean ± sample standard deviation over the seeds that finished (n). "
+             "sim. s to target: simulated seconds until the held-out loss first reaches the "
+             "partition's common target, the worst final eval loss of any setting there "
+             f"({', '.join(f'{p}: {t:.4f}' for p, t in targets.items()) or 'none yet'}); "
+             "linear between evaluations.", "",
+             "| " + " | ".join([*keys, "n", *(h for h, _, _ in _SEED_COLUMNS)]) + " |",
+             "|" + "---|" * (len(keys) + 1 + len(_SEED_COLUMNS))]
+    for key, group in seed_groups(enriched, keys).items():
+        cells = [str(v) for v in key] + [str(len(group))]
+        for _, col, kind in _SEED_COLUMNS:
+            mean, spread, count = mean_spread(r[col] for r in group)
+            missing = col == "to_target" and 0 < count < len(group)
+            cells.append(_pm(mean, spread, kind) + (f" ({count} of {len(group)} reached)"
+                                                    if missing else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    if exp.compare is not None:
+        lines += ["", f"### Headline check: {exp.compare.method} against "
+                  f"{', '.join(exp.compare.baselines)}", ""]
+        for partition in dict.fromkeys(r["partition"] for r in enriched):
+            runs = {v: [(r["eval_ppl"], curves[r["run"]]) for r in enriched
+                        if r["partition"] == partition and r.get("variant") == v
+                        and r["eval_ppl"] is not None]
+                    for v in [exp.compare.method, *exp.compare.baselines]}
+            verdict = headline(partition, exp.compare.method, exp.compare.baselines, runs,
+                               exp.compare.time_ratio)
+            lines.append("- " + (verdict.line(exp.compare.time_ratio) if verdict else
+                                 f"**{partition}**: not every compared variant has finished."))
+    return lines
+
+
+def _plot_loss_vs_simulated(exp: Experiment, rows: list[dict[str, Any]]) -> list[Path]:
+    """Per partition: held-out loss against simulated time, one colour per setting, one
+    line per seed."""
+    written = []
+    keys = _setting_keys(exp)
+    values = {run.name: run.values for run in exp.runs}
+    for partition in dict.fromkeys(r["partition"] for r in rows):
+        mine = [r for r in rows if r["partition"] == partition]
+        curves = {r["run"]: loss_curve(exp.output / r["run"]) for r in mine}
+        if not any(c is not None and len(c.seconds) > 1 for c in curves.values()):
+            continue
+        settings = list(seed_groups([{**r, **values[r["run"]]} for r in mine], keys))
+        cmap = plt.get_cmap("tab10")
+        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        labelled: set[tuple[Any, ...]] = set()
+        for r in mine:
+            curve = curves[r["run"]]
+            if curve is None:
+                continue
+            setting = tuple(values[r["run"]].get(k, r.get(k)) for k in keys)
+            label = " ".join(str(v) for v, k in zip(setting, keys, strict=True)
+                             if k not in ("partition", "data.partition"))
+            ax.plot(curve.seconds, curve.loss, color=cmap(settings.index(setting) % 10),
+                    lw=1.2, marker=".", label=None if setting in labelled else label)
+            labelled.add(setting)
+        ax.set_xlabel("simulated time (s) on the configured device profiles")
+        ax.set_ylabel("held-out loss")
+        ax.set_title(f"{exp.source.stem}, {partition}: eval loss against simulated time "
+                     "(one line per seed)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = exp.output / f"loss_vs_simulated_{partition}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def write_summary(exp: Experiment, rows: list[dict[str, Any]], *, plots: bool = True
@@ -527,6 +706,7 @@ def write_summary(exp: Experiment, rows: list[dict[str, Any]], *, plots: bool = 
         metrics = _plot_metrics(exp, rows)
         if metrics:
             written.append(metrics)
+        written += _plot_loss_vs_simulated(exp, rows)
 
     lines = [f"# {exp.source.stem}", "",
              f"Made by `hsplitlora experiment {exp.source}`; {len(rows)} of {len(exp.runs)} "
@@ -552,6 +732,8 @@ def write_summary(exp: Experiment, rows: list[dict[str, Any]], *, plots: bool = 
     if rows and all(row["simulated_s"] is None for row in rows):
         lines.append("No simulated clock was recorded, so there is no simulated-time column "
                      "value or plot.")
+    if rows and (len({row["seed"] for row in rows}) > 1 or exp.compare is not None):
+        lines += _seed_table(exp, rows)
     figures = sorted(exp.output.glob("*.png"))
     lines += ["", *[f"![{p.stem}]({p.name})" for p in figures]]
     md_path = exp.output / "summary.md"

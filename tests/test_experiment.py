@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import yaml
@@ -192,3 +193,68 @@ def test_runner_refuses_a_finished_run_made_with_another_config(
     changed = _experiment(tmp_path, tiny_llama_dir, grid=grid_spec, lr=0.02)
     with pytest.raises(ConfigError, match=r"train.lr: 0.01 there, 0.02 now"):
         run_experiment(changed, show_progress=False)
+
+
+def test_variants_expand_with_their_settings_and_bad_ones_are_refused(tmp_path, tiny_llama_dir):
+    variants = {"plain": {"train.mode": "splitlora"},
+                "fast": {"train.mode": "splitlora", "train.lr": 0.05},
+                "whole": {"train.mode": "federated"}}
+    grid = {"seed": [0], "partition": ["iid", "dirichlet"], "variant": list(variants),
+            "cut": [1]}
+    path = _experiment(tmp_path, tiny_llama_dir, grid=grid)
+    spec = yaml.safe_load(path.read_text())
+    spec["variants"] = variants
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    exp = load_experiment(path)
+    by_name = {run.name: run.config for run in exp.runs}
+    assert list(by_name)[:3] == ["variant=plain_cut=1_seed=0_part=iid",
+                                 "variant=fast_cut=1_seed=0_part=iid",
+                                 "variant=whole_seed=0_part=iid"]  # no cut where unsplit
+    fast = by_name["variant=fast_cut=1_seed=0_part=dirichlet"]
+    assert (fast.train.lr, fast.train.mode, fast.data.partition) == (0.05, "splitlora",
+                                                                      "dirichlet")
+    assert by_name["variant=plain_cut=1_seed=0_part=iid"].train.lr == 0.01  # the base's
+
+    for change, message in [
+        ({"grid": {**grid, "variant": ["plain", "nope"]}}, r"grid.variant names nope, not in "
+         r"variants \(plain, fast, whole\)"),
+        ({"variants": {"plain": {"mode": "splitlora"}}, "grid": {**grid, "variant": ["plain"]}},
+         r"variants.plain: mode is not a dotted config path"),
+        ({"grid": {"seed": [0]}}, r"variants are defined but grid has no variant key"),
+        ({"compare": {"method": "plain", "baselines": ["other"]}},
+         r"compare names other, not in grid.variant"),
+    ]:
+        path.write_text(yaml.safe_dump({**spec, **change}, sort_keys=False))
+        with pytest.raises(ConfigError, match=message):
+            load_experiment(path)
+
+
+def test_the_table_over_seeds_is_the_mean_and_spread_of_the_runs(tmp_path, tiny_llama_dir):
+    grid = {"seed": [0, 1], "variant": ["slow", "fast"], "cut": [1]}
+    path = _experiment(tmp_path, tiny_llama_dir, grid=grid)
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["eval"]["every"] = 1
+    spec["variants"] = {"slow": {"train.mode": "splitlora", "train.lr": 0.001},
+                        "fast": {"train.mode": "splitlora", "train.lr": 0.05}}
+    spec["compare"] = {"method": "fast", "baselines": ["slow"]}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    rows = run_experiment(path, show_progress=False)
+    grid_dir = tmp_path / "grid"
+    md = (grid_dir / "summary.md").read_text()
+    assert (grid_dir / "loss_vs_simulated_iid.png").read_bytes()[:4] == b"\x89PNG"
+
+    fast = [r for r in rows if r["variant"] == "fast"]
+    ppl = [r["eval_ppl"] for r in fast]
+    mean, spread = sum(ppl) / 2, abs(ppl[0] - ppl[1]) / math.sqrt(2)
+    line = next(x for x in md.splitlines() if x.startswith("| fast | 1 | 2 |"))
+    shown = experiment_module._fmt
+    assert line.split(" | ")[3] == f"{shown(mean)} ± {shown(spread)}"
+    curves = {r["run"]: experiment_module.loss_curve(grid_dir / r["run"]) for r in rows}
+    assert all(len(c.seconds) == 2 and c.seconds[0] < c.seconds[1] for c in curves.values())
+    # the curve's last point is the run's final held-out loss at its whole simulated time
+    summary = json.loads((grid_dir / fast[0]["run"] / "summary.json").read_text())
+    last = curves[fast[0]["run"]]
+    assert (last.loss[-1], last.seconds[-1]) == (pytest.approx(summary["eval_loss"]),
+                                                 pytest.approx(summary["simulated_s"]))
+    assert "### Headline check: fast against slow" in md
+    assert "- **iid**: perplexity" in md
