@@ -65,7 +65,7 @@ def simulate(
     for r in records:
         if "event" not in r:
             steps[r["round"]].append(r)
-        elif r["event"] in ("aggregate", "handoff", "probe"):
+        elif r["event"] in ("aggregate", "handoff", "probe", "start"):
             aggs[r["round"]].append(r)
         elif r["event"] == "plan":
             cuts, ranks = _plans(r, cuts, ranks)

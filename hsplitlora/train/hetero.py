@@ -177,13 +177,17 @@ class HeteroSystem:
         place.started()
         # HetLoRA's global rank per matrix: the largest any participant starts with.
         self.r_max: dict[str, int] = {}
+        # What setting the run up moved over the clients' links (HetLoRA's hand-out of
+        # its global adapter), for the run's ``start`` event; None: nothing.
+        self.start_traffic: Traffic | None = None
         if aggregator == "zeropad":
-            self._start_from_global()
+            self.start_traffic = self._start_from_global()
 
-    def _start_from_global(self) -> None:
+    def _start_from_global(self) -> Traffic:
         """HetLoRA: one global adapter per matrix at rank ``r_max`` (the first participant
         holding that rank lends its fresh A; B = 0), and every participant starts from its
-        truncation, instead of from an A of its own."""
+        truncation, instead of from an A of its own. Every client uploads its fresh
+        adapters and downloads its truncation: that traffic is returned."""
         states = self.participant_states()
         for state in states:
             for m, pair in state.items():
@@ -198,12 +202,15 @@ class HeteroSystem:
         outputs = {cid: {m: agg.truncate(glob[m], pair.rank, pair.alpha, m)
                          for m, pair in state.items()}
                    for cid, state in enumerate(states)}
+        links = []
         for cid, out in outputs.items():
             flat = agg.to_peft_state_dict(out)
             own = {k: flat[k] for k in self.client_layout(cid)}
             self.clients[cid].load_adapter_state(own)
             self.server.load_adapter_state({k: v for k, v in flat.items() if k not in own},
                                            cid)
+            links.append([cid, _layout_bytes(self.client_layout(cid)), nbytes(own)])
+        return Traffic(links, 0, 0)
 
     def settings(self, cid: int, side: str = "client") -> LoraSettings:
         """Participant ``cid``'s adapters on one side (client or server), seeded by run,
@@ -258,6 +265,9 @@ class HeteroSystem:
         server in another process (``fed``) the clients' adapters go there, not here.
         """
         members = [c for c in self.clients if ids is None or c.client_id in ids]
+        # what each client uploads: its adapters as they are now (HetLoRA's self-pruning,
+        # in the combine, changes the layouts only afterwards)
+        sent = {c.client_id: _layout_bytes(self.client_layout(c.client_id)) for c in members}
         if self.fed is None:
             included, result, up = self._combine_here(members)
         else:
@@ -267,7 +277,7 @@ class HeteroSystem:
                 for c in members})
         if not included:
             return Traffic([], 0, 0)
-        uploads = {cid: _layout_bytes(self.client_layout(cid)) for cid in included}
+        uploads = {cid: sent[cid] for cid in included}
         if self.aggregator in MERGING:
             updates = result
             self.merges.append(updates)
@@ -553,6 +563,12 @@ def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
                           plans=[{"cut": p.cut, "ranks": dict(p.ranks)} for p in plans])
         return None
 
+    moved = system.start_traffic
+    if moved is not None and start == 0:
+        rec.event("start", round=0, method=system.aggregator,
+                  clients=[cid for cid, _, _ in moved.links], links=moved.links,
+                  bytes_up=sum(up for _, up, _ in moved.links),
+                  bytes_down=sum(down for _, _, down in moved.links))
     schedule = Parallel(
         system.clients,
         lambda c, t: client_step(c, system.server, rec, t, local=system.federated),

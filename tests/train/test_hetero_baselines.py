@@ -139,9 +139,11 @@ def test_self_pruning_in_a_run_lowers_the_plans_and_records_a_replan():
                                     for p in system.plans]
     assert [_pair(system, cid).rank for cid in (0, 1)] == [1, 1]
     assert system.global_model[Q].rank == 4  # r_max stays
-    # the pruned client uploads what it holds: rank 1 on [32, 32] in fp32
+    # a client uploads what it holds before this aggregation prunes it: ranks 1 and 2
+    # (from the first prune) on [32, 32] in fp32; it downloads its pruned rank 1
     aggs = [r for r in rec.records if r.get("event") == "aggregate"]
-    assert [up for _, up, _ in aggs[1]["links"]] == [2 * 32 * 4, 2 * 32 * 4]
+    assert [up for _, up, _ in aggs[1]["links"]] == [1 * 2 * 32 * 4, 2 * 2 * 32 * 4]
+    assert [down for _, _, down in aggs[1]["links"]] == [1 * 2 * 32 * 4, 1 * 2 * 32 * 4]
 
 
 def test_flexlora_global_model_is_the_exact_weighted_update_and_clients_get_its_svd():

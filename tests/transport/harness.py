@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -60,7 +61,7 @@ def _fed(cfg: dict, net: dict, kwargs: dict[str, Any]) -> None:
 def _join(cfg: dict, net: dict, client_id: int, address: str, out: str,
           kwargs: dict[str, Any], die_at: int | None, drop_at: int | None = None,
           hold_at: tuple[int, str] | None = None, joined: str | None = None,
-          poison_at: int | None = None) -> None:
+          poison_at: int | None = None, wire_log: str | None = None) -> None:
     import dataclasses
 
     import torch
@@ -104,6 +105,8 @@ def _join(cfg: dict, net: dict, client_id: int, address: str, out: str,
             Path(joined).touch()
 
         Link.__init__ = opening  # type: ignore[method-assign]
+    if wire_log is not None:
+        _log_wire(Link, Path(wire_log))
     if drop_at is not None:  # a lost stream between forward and backward (not a crash)
         from hsplitlora.transport.client import RemoteMainServer
 
@@ -120,6 +123,39 @@ def _join(cfg: dict, net: dict, client_id: int, address: str, out: str,
     adapter = join(RunConfig.model_validate(cfg), NetConfig.model_validate(net), client_id,
                    address, **kwargs)
     save_file({k: v.contiguous() for k, v in adapter.items()}, out)
+
+
+def _payload_bytes(blob: bytes) -> int:
+    """The tensor bytes of a safetensors blob: all of it but the length word and header."""
+    (header,) = struct.unpack("<Q", blob[:8])
+    return len(blob) - 8 - header
+
+
+def _log_wire(link: Any, path: Path) -> None:
+    """Append one JSON line per blob the client's link sends or receives: direction, blob
+    kind, round, the call's method (for calls), whole bytes and tensor payload bytes."""
+    from hsplitlora.transport.calls import read_call
+
+    send, receive = link.send, link.receive
+
+    def write(entry: dict[str, Any]) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def logged_send(self: Any, kind: str, round: int, data: bytes) -> None:
+        write({"dir": "up", "kind": kind, "round": round, "method": None,
+               "bytes": len(data), "payload": _payload_bytes(data)})
+        send(self, kind, round, data)
+
+    def logged_receive(self: Any, timeout: float) -> Any:
+        blob = receive(self, timeout)
+        if hasattr(blob, "data"):  # a blob, not a control message
+            method = read_call(blob.data).method if blob.kind == "call" else None
+            write({"dir": "down", "kind": blob.kind, "round": blob.round, "method": method,
+                   "bytes": len(blob.data), "payload": _payload_bytes(blob.data)})
+        return blob
+
+    link.send, link.receive = logged_send, logged_receive
 
 
 def _cli(name: str, argv: list[str]) -> None:
@@ -150,16 +186,19 @@ def start_fed(cfg: RunConfig, net: NetConfig, **kwargs: Any) -> multiprocessing.
 def start_client(cfg: RunConfig, net: NetConfig, client_id: int, address: str, out: Path,
                  die_at: int | None = None, drop_at: int | None = None,
                  hold_at: tuple[int, Path] | None = None, joined: Path | None = None,
-                 poison_at: int | None = None, **kwargs: Any) -> multiprocessing.Process:
+                 poison_at: int | None = None, wire_log: Path | None = None,
+                 **kwargs: Any) -> multiprocessing.Process:
     """Client ``client_id`` in its own process; ``die_at=n`` kills it at its ``n``-th
     forward pass, ``drop_at=n`` closes its stream between its ``n``-th forward pass and
     the gradient (it reconnects), ``hold_at=(n, path)`` pauses it before its ``n``-th
     forward pass until ``path`` exists, ``joined=path`` creates ``path`` once its hello
     is sent (so a test can order a rejoin before a round without racing it), and
-    ``poison_at=n`` makes its ``n``-th activations all 3e38 (finite, and poison)."""
+    ``poison_at=n`` makes its ``n``-th activations all 3e38 (finite, and poison);
+    ``wire_log=path`` writes one line per blob its link carries (:func:`_log_wire`)."""
     return start(_join, _dump(cfg), _dump(net), client_id, address, str(out), kwargs, die_at,
                  drop_at, None if hold_at is None else (hold_at[0], str(hold_at[1])),
-                 None if joined is None else str(joined), poison_at)
+                 None if joined is None else str(joined), poison_at,
+                 None if wire_log is None else str(wire_log))
 
 
 def start_cli(name: str, *argv: str) -> multiprocessing.Process:
@@ -205,14 +244,22 @@ def serve_loopback(cfg: RunConfig, net: NetConfig, tmp_path: Path,
 def start_clients(cfg: RunConfig, net: NetConfig, address: str, tmp_path: Path,
                   die: dict[int, int] | None = None,
                   hold: dict[int, tuple[int, Path]] | None = None,
-                  ) -> list[multiprocessing.Process]:
+                  wire_logs: bool = False) -> list[multiprocessing.Process]:
     """One process per client of ``cfg``; client ``i`` writes ``client-i.safetensors``
     and, with ``die={i: n}``, is killed at its ``n``-th forward pass; ``hold={i: (n,
-    path)}`` pauses it there until ``path`` exists."""
+    path)}`` pauses it there until ``path`` exists; ``wire_logs``: client ``i`` logs its
+    link's blobs to ``wire-i.jsonl`` (read them with :func:`wire_log`)."""
     die, hold = die or {}, hold or {}
     return [start_client(cfg, net, i, address, tmp_path / f"client-{i}.safetensors",
-                         die_at=die.get(i), hold_at=hold.get(i))
+                         die_at=die.get(i), hold_at=hold.get(i),
+                         wire_log=tmp_path / f"wire-{i}.jsonl" if wire_logs else None)
             for i in range(cfg.train.num_clients)]
+
+
+def wire_log(tmp_path: Path, client_id: int) -> list[dict[str, Any]]:
+    """What client ``client_id``'s link carried, one dict per blob (``wire_logs=True``)."""
+    lines = (tmp_path / f"wire-{client_id}.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:

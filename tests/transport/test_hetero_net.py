@@ -39,6 +39,57 @@ def hetero_config(model_dir, out_dir, aggregator: str = "noisefree", steps: int 
     return RunConfig.model_validate(raw)
 
 
+def _wire_totals(log):
+    """A client's link log summed per (direction, what): each reply counts under the call
+    it answers (the client answers its calls in order). Values: [whole bytes, payload]."""
+    totals: dict[tuple[str, str], list[int]] = {}
+    answering = None
+    for e in log:
+        if e["dir"] == "down" and e["kind"] == "call":
+            answering = e["method"]
+        what = e["method"] if e["kind"] == "call" else (
+            f"reply:{answering}" if e["kind"] == "reply" else e["kind"])
+        t = totals.setdefault((e["dir"], what), [0, 0])
+        t[0] += e["bytes"]
+        t[1] += e["payload"]
+    return totals
+
+
+def _assert_records_are_what_the_wire_carried(records, tmp_path, num_clients):
+    """Issue 13's accounting check: every byte a client's record claims is a byte its
+    link carried. Steps count whole blobs (activations up, the backward call's gradient
+    down); aggregation counts the adapter tensors a client uploads and the update (or
+    adapters) it downloads, headers aside; probing counts the probe blobs up and their
+    gradients down. What is not recorded (control calls, snapshot replies) is small."""
+    for cid in range(num_clients):
+        wire = _wire_totals(harness.wire_log(tmp_path, cid))
+        steps = [r for r in records if "event" not in r and r["client"] == cid]
+        links = {event: [link for r in records if r.get("event") == event
+                         for link in r["links"] if link[0] == cid]
+                 for event in ("start", "aggregate", "probe")}
+        adapters = links["start"] + links["aggregate"]  # HetLoRA's hand-out, aggregations
+        assert sum(s["bytes_up"] for s in steps) == wire["up", "reply:forward"][0]
+        assert sum(s["bytes_down"] for s in steps) == wire["down", "backward"][0]
+        assert sum(link[1] for link in adapters) == wire["up", "reply:adapter_state"][1]
+        downloads = [wire.get(("down", m), [0, 0]) for m in ("apply_update",
+                                                             "load_adapter_state")]
+        assert sum(link[2] for link in adapters) == sum(p for _, p in downloads) > 0
+        probed = wire.get(("up", "probe"), [0, 0])
+        assert sum(link[1] for link in links["probe"]) == probed[0]
+        assert sum(link[2] for link in links["probe"]) == wire.get(("down", "probe_grad"),
+                                                                   [0, 0])[1]
+        assert (probed[0] > 0) == any(r.get("event") == "probe" for r in records)
+        recorded = {("up", "reply:forward"), ("down", "backward"), ("up", "reply:adapter_state"),
+                    ("down", "apply_update"), ("down", "load_adapter_state"), ("up", "probe"),
+                    ("down", "probe_grad")}
+        everything = sum(whole for whole, _ in wire.values())
+        headers = sum(whole - payload for key, (whole, payload) in wire.items()
+                      if key in recorded and key[1] in ("reply:adapter_state", "apply_update",
+                                                        "load_adapter_state", "probe_grad"))
+        unrecorded = sum(whole for key, (whole, _) in wire.items() if key not in recorded)
+        assert (unrecorded + headers) / everything < 0.06, (cid, unrecorded, headers, everything)
+
+
 def _steps(records):
     return [(r["round"], r["client"], r["loss"], r["tokens"]) for r in records
             if "event" not in r]
@@ -56,10 +107,12 @@ def test_networked_heterogeneous_run_is_bit_identical_to_the_simulation(
     local = train(cfg, write=False, show_progress=False)
     net = NetConfig(port=0, step_timeout_s=30, join_timeout_s=60)
     server, address = harness.serve_loopback(cfg, net, tmp_path)
-    codes = harness.finish([server, *harness.start_clients(cfg, net, address, tmp_path)], 150)
+    codes = harness.finish([server, *harness.start_clients(cfg, net, address, tmp_path,
+                                                           wire_logs=True)], 150)
     assert codes == [0, 0, 0, 0]
     run = tmp_path / "net"
     records = harness.records(run)
+    _assert_records_are_what_the_wire_carried(records, tmp_path, cfg.train.num_clients)
     plans = [r["plans"] for r in records if r.get("event") == "plan"]
     assert plans == [r["plans"] for r in local.records if r.get("event") == "plan"]
     if mode == "hsplitlora":
