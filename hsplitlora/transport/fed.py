@@ -24,6 +24,7 @@ import torch
 
 from hsplitlora.checkpoint import atomic_save
 from hsplitlora.roles.fedserver import FedServer
+from hsplitlora.roles.messages import nbytes
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.config import NetConfig
@@ -88,6 +89,9 @@ class _Round:
     done: bool = False
     blob: bytes | None = None  # the packed aggregate, sent to every client of the round
     aggregated: list[int] = field(default_factory=list)  # whose adapters the blob holds
+    # tensor bytes each client uploaded, and that the aggregate sends back to each
+    uploaded: dict[int, int] = field(default_factory=dict)
+    sent: int = 0
 
 
 class FedService:
@@ -133,6 +137,7 @@ class FedService:
                 raise LookupError(f"client {client_id} has no part in aggregation round {round}"
                                   " (it did not finish that round, or the round is over)")
             r.received[client_id] = (state, num_samples)
+            r.uploaded[client_id] = nbytes(dict(state))
             self._maybe_finish(round, r, force=False)
             self._wait_done(round, r)
             if r.blob is None:
@@ -156,6 +161,16 @@ class FedService:
         with self._cond:
             r = self._rounds.get(round)
             return list(r.aggregated) if r is not None and r.done else None
+
+    def links(self, round: int) -> list[list[int]]:
+        """Per client of ``round``'s aggregate ``[id, bytes up, bytes down]``: the adapter
+        tensors it uploaded and the aggregate it got back, for the run's records (the
+        same figures an in-process run records)."""
+        with self._cond:
+            r = self._rounds.get(round)
+            if r is None or not r.done:
+                return []
+            return [[cid, r.uploaded[cid], r.sent] for cid in r.aggregated]
 
     def latest(self, min_round: int, wait_s: float) -> tuple[int, bytes] | None:
         """The newest aggregate if its round is at least ``min_round`` (waiting for it)."""
@@ -193,7 +208,7 @@ class FedService:
                           "(%s); the round gives no aggregate", round, ids, bad[0])
                 ids = []
         if ids:
-            r.aggregated = ids
+            r.aggregated, r.sent = ids, nbytes(merged)
             r.blob = pack(merged, {"round": str(round), "clients": ",".join(map(str, ids))})
             self._blob, self.latest_round = r.blob, round
             log.info("aggregation round %d: clients %s", round, ids)

@@ -435,8 +435,11 @@ class Coordinator:
             if alive != present:
                 present = alive
                 self.fed.open(t, present)
+        links = self.fed.links(t)
         self.rec.event("aggregate", round=t, side="client",
-                       clients=self.fed.aggregated(t) or [])
+                       clients=self.fed.aggregated(t) or [], links=links,
+                       bytes_up=sum(up for _, up, _ in links),
+                       bytes_down=sum(down for _, _, down in links))
 
     def _save(self, t: int) -> None:
         assert self.checkpoint is not None

@@ -132,30 +132,45 @@ def _payload_bytes(blob: bytes) -> int:
 
 
 def _log_wire(link: Any, path: Path) -> None:
-    """Append one JSON line per blob the client's link sends or receives: direction, blob
-    kind, round, the call's method (for calls), whole bytes and tensor payload bytes."""
+    """Append one JSON line per blob the client sends or receives, on its link to the main
+    server and on its calls to a fed server: direction, blob kind, round, the call's
+    method (for calls), whole bytes and tensor payload bytes."""
+    from hsplitlora.transport import fed
     from hsplitlora.transport.calls import read_call
+
+    def write(direction: str, kind: str, round: int, method: str | None, data: bytes) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps({"dir": direction, "kind": kind, "round": round,
+                                "method": method, "bytes": len(data),
+                                "payload": _payload_bytes(data)}) + "\n")
 
     send, receive = link.send, link.receive
 
-    def write(entry: dict[str, Any]) -> None:
-        with path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-
     def logged_send(self: Any, kind: str, round: int, data: bytes) -> None:
-        write({"dir": "up", "kind": kind, "round": round, "method": None,
-               "bytes": len(data), "payload": _payload_bytes(data)})
+        write("up", kind, round, None, data)
         send(self, kind, round, data)
 
     def logged_receive(self: Any, timeout: float) -> Any:
         blob = receive(self, timeout)
         if hasattr(blob, "data"):  # a blob, not a control message
             method = read_call(blob.data).method if blob.kind == "call" else None
-            write({"dir": "down", "kind": blob.kind, "round": blob.round, "method": method,
-                   "bytes": len(blob.data), "payload": _payload_bytes(blob.data)})
+            write("down", blob.kind, blob.round, method, blob.data)
         return blob
 
     link.send, link.receive = logged_send, logged_receive
+    # the fed server: the adapter blob a client packs for upload, the aggregate it decodes
+    pack, decode = fed.pack, fed._decode_adapter
+
+    def logged_pack(*args: Any, **kw: Any) -> bytes:
+        data = pack(*args, **kw)
+        write("up", "adapter", -1, None, data)
+        return data
+
+    def logged_decode(data: bytes, *args: Any, **kw: Any) -> Any:
+        write("down", "aggregate", -1, None, data)
+        return decode(data, *args, **kw)
+
+    fed.pack, fed._decode_adapter = logged_pack, logged_decode
 
 
 def _cli(name: str, argv: list[str]) -> None:

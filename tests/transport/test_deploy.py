@@ -30,16 +30,45 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
         assert torch.equal(v, want[k]), f"{k}: max diff {(v - want[k]).abs().max():.3g}"
 
 
+def _assert_records_are_what_the_wire_carried(records, tmp_path):
+    """Per client: the steps' recorded bytes are the whole activation and gradient blobs
+    its link carried; each aggregation's ``links`` are the adapter tensors it uploaded to
+    the fed server and the aggregate's it got back (headers aside)."""
+    aggs = [r for r in records if r.get("event") == "aggregate" and r["side"] == "client"]
+    assert aggs
+    for cid in range(3):
+        wire = harness.wire_log(tmp_path, cid)
+        steps = [r for r in records if "event" not in r and r["client"] == cid]
+        assert sum(s["bytes_up"] for s in steps) == sum(
+            e["bytes"] for e in wire if e["kind"] == "acts")
+        assert sum(s["bytes_down"] for s in steps) == sum(
+            e["bytes"] for e in wire if e["kind"] == "grad")
+        links = [link for r in aggs for link in r["links"] if link[0] == cid]
+        assert len(links) == len(aggs)
+        for direction, kind, column in (("up", "adapter", 1), ("down", "aggregate", 2)):
+            blobs = [e["payload"] for e in wire if (e["dir"], e["kind"]) == (direction, kind)]
+            assert [link[column] for link in links] == blobs and all(blobs)
+
+
 @pytest.mark.parametrize("mode", ["splitlora", "splitfed"])
 def test_networked_run_is_bit_identical_to_the_in_process_simulation(tmp_path, tiny_llama_dir,
                                                                       mode):
     cfg = run_config(tiny_llama_dir, tmp_path, mode=mode)
-    reference = train(cfg, write=False, show_progress=False).adapter
+    local = train(cfg, write=False, show_progress=False)
+    reference = local.adapter
     net = NetConfig(port=0, step_timeout_s=20, join_timeout_s=60)
     server, address = harness.serve_loopback(cfg, net, tmp_path)
-    codes = harness.finish([server, *harness.start_clients(cfg, net, address, tmp_path)], 90)
+    codes = harness.finish([server, *harness.start_clients(cfg, net, address, tmp_path,
+                                                           wire_logs=True)], 90)
     assert codes == [0, 0, 0, 0]
     run = tmp_path / "net"
+    _assert_records_are_what_the_wire_carried(harness.records(run), tmp_path)
+
+    def links(records):
+        return [r["links"] for r in records
+                if r.get("event") == "aggregate" and r["side"] == "client"]
+
+    assert links(harness.records(run)) == links(local.records)  # as the simulation says
     adapter = peft_adapter(run)
     assert set(adapter) == set(reference)
     _assert_same(adapter, reference)
