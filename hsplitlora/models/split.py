@@ -44,6 +44,7 @@ __all__ = [
     "SplitError",
     "arch_spec",
     "num_blocks",
+    "server_view",
     "split_model",
 ]
 
@@ -349,10 +350,12 @@ def _segment_config(config: Any, spec: ArchSpec, start: int, stop: int, slots: i
 
 
 def _copy_backbone(
-    backbone: nn.Module, spec: ArchSpec, blocks: list[nn.Module], extra: nn.Module | None
+    backbone: nn.Module, spec: ArchSpec, blocks: list[nn.Module], extra: nn.Module | None,
+    *, share_blocks: bool = False,
 ) -> tuple[nn.Module, nn.Module | None]:
     """Copy the backbone's structure with only ``blocks`` in it (and ``extra`` in the same
-    call), over the same frozen tensors (:func:`~hsplitlora.models.shared.shared_memo`).
+    call), over the same frozen tensors (:func:`~hsplitlora.models.shared.shared_memo`);
+    ``share_blocks``: the very block modules, adapters and all, rather than copies.
 
     The original block list is swapped out during the copy so the blocks a segment does
     not hold are not even visited; copying ``extra`` (the head's causal LM shell) in the
@@ -362,6 +365,8 @@ def _copy_backbone(
     _set_path(backbone, spec.blocks, nn.ModuleList(blocks))
     try:
         memo = shared_memo(backbone)
+        if share_blocks:
+            memo.update({id(b): b for b in blocks})
         if extra is not None:
             memo.update(shared_memo(extra))
         shell, head = copy.deepcopy((backbone, extra), memo)
@@ -414,6 +419,24 @@ def _after_blocks(model: nn.Module, spec: ArchSpec) -> str | None:
         for handle in handles:
             handle.remove()
     return seen.get("entry")
+
+
+def server_view(segment: ServerSegment, cut: int) -> ServerSegment:
+    """Blocks ``[cut, L)`` of ``segment`` (which starts at or before ``cut``) as a server
+    segment of their own over the very same modules: training through the view trains
+    ``segment``'s adapters. A shared server side serves each client from its own cut
+    this way (one adapter per block, whichever clients reach it)."""
+    offset, n = cut - segment.first_block, len(segment.blocks)
+    if not 0 <= offset < n:
+        raise ValueError(f"a view of the server segment of blocks {segment.first_block}.."
+                         f"{segment.first_block + n - 1} must start in it, not at {cut}")
+    if offset == 0:
+        return segment
+    spec, backbone = segment.spec, segment.backbone
+    view, _ = _copy_backbone(backbone, spec, list(segment.blocks)[offset:], None,
+                             share_blocks=True)
+    view.config = _segment_config(backbone.config, spec, offset, n, n - offset)
+    return ServerSegment(view, segment.lm_head, spec, cut, n - offset)
 
 
 def split_model(model: nn.Module, cut: int) -> tuple[ClientSegment, ServerSegment]:

@@ -3,7 +3,7 @@ import torch
 import transformers
 
 from hsplitlora.models.lora import LoraSettings, attach_lora, lora_parameters
-from hsplitlora.models.split import SplitError, num_blocks, split_model
+from hsplitlora.models.split import SplitError, num_blocks, server_view, split_model
 from tests.conftest import tiny_model
 
 ARCHS = ["gpt2", "llama", "qwen2", "mistral"]
@@ -99,3 +99,35 @@ def test_unsplittable_architecture_is_a_clear_error():
 def test_out_of_range_cut_is_a_clear_error(cut):
     with pytest.raises(SplitError, match=r"cut .* out of range: this model has 4 blocks.*\[0, 4\]"):
         split_model(tiny_model("llama"), cut)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_server_view_from_a_later_cut_is_exact_and_trains_the_same_adapters(arch):
+    """A shared server side: the segment from the shallowest cut, viewed from each deeper
+    cut, gives that cut's logits and puts its gradients on the shared adapters."""
+    model = _lora_model(arch)
+    ids, mask = _batch()
+    n = num_blocks(model.config)
+    _, shared = split_model(model, 1)
+    for cut in range(1, n):
+        client, own = split_model(model, cut)
+        view = server_view(shared, cut)
+        assert view.first_block == cut and len(view.blocks) == n - cut
+        hidden = client(ids, mask).detach()
+        for seg in (own, view, shared):
+            seg.zero_grad(set_to_none=True)
+        torch.testing.assert_close(view(hidden, mask), own(hidden, mask), atol=1e-6, rtol=0)
+        (view(hidden, mask) ** 2).mean().backward()
+        (own(hidden, mask) ** 2).mean().backward()
+        got = dict(shared.named_full_parameters())
+        for name, p in own.named_full_parameters():
+            if p.requires_grad:  # the view's gradient landed on the shared adapter
+                torch.testing.assert_close(got[name].grad, p.grad, atol=1e-6, rtol=1e-5)
+        # the view owns nothing: its adapters are the shared segment's very tensors
+        assert {id(p) for p in lora_parameters(view)} <= {id(p) for p in lora_parameters(shared)}
+        before = [p for name, p in got.items() if "lora" in name
+                  and any(f".{b}." in name for b in range(1, cut))]  # blocks [1, cut)
+        assert len(before) == (2 if arch == "gpt2" else 4) * (cut - 1)  # A, B of the targets
+        assert all(p.grad is None for p in before)
+    with pytest.raises(ValueError, match="must start in it"):
+        server_view(split_model(model, 2)[1], 1)
