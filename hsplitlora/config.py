@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from hsplitlora.errors import UserError
 from hsplitlora.hetero.profiles import ScenarioConfig
-from hsplitlora.modes import MODES, Mode, mode_names, mode_of
+from hsplitlora.modes import MERGING, MODES, Mode, mode_names, mode_of
 from hsplitlora.transport.config import NetConfig
 
 __all__ = [
@@ -252,6 +252,11 @@ class HeteroConfig(_Strict):
                                    "when their share of its update, ||B_tail A_tail|| / "
                                    "||B A||, is below this; 0 = never prune")
     server_rank: int = Field(8, ge=0, description="rank of the server-side adapters")
+    server_side: Literal["shared", "per_participant"] | None = Field(
+        None, description="the main server's adapters: per_participant = one copy per "
+        "client from its cut (SFL-V1), shared = one adapter per block trained on every "
+        "client's batch that reaches it (SplitLoRA's, from each client's cut; merging "
+        "aggregators only); null = the mode's")
     cuts: list[int] | None = Field(None, description="cuts the planner may choose; "
                                    "null = 1 .. L-1")
     time_budget_s: float | None = Field(None, gt=0, description="hard per-step time limit of "
@@ -359,6 +364,19 @@ class RunConfig(_Strict):
             have = [m.name for m in MODES.values() if m.unsplit_variant]
             raise ValueError(f"hetero.federated applies to train.mode {', '.join(have)}, not "
                              f"{self.train.mode!r}")
+        if self.hetero.server_side is not None and self.mode.planned:
+            aggregator = self.mode.aggregator or self.hetero.aggregator
+            if self.hetero.server_side == "shared" and (aggregator not in MERGING
+                                                         or self.hetero.federated):
+                raise ValueError(
+                    f"hetero.server_side 'shared' needs a split run with a merging aggregator "
+                    f"({', '.join(sorted(MERGING))}), not {aggregator!r}"
+                    f"{' with hetero.federated' if self.hetero.federated else ''}; use "
+                    "hetero.server_side: per_participant")
+        elif self.hetero.server_side is not None:
+            raise ValueError(f"hetero.server_side applies to the planned modes, not "
+                             f"{self.train.mode!r}, whose server side is "
+                             f"{self.mode.server.replace('_', ' ')}")
         if self.model.dtype == "bfloat16" and self.train.precision == "fp32":
             raise ValueError("model.dtype 'bfloat16' needs train.precision 'bf16'; set "
                              "model.dtype: float32 for fp32 training")
@@ -368,6 +386,11 @@ class RunConfig(_Strict):
     def mode(self) -> Mode:
         """The facts of ``train.mode`` (:mod:`hsplitlora.modes`)."""
         return mode_of(self.train.mode)
+
+    @property
+    def server_side(self) -> str:
+        """The run's server side: ``hetero.server_side`` where set, else the mode's."""
+        return self.hetero.server_side or self.mode.server
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

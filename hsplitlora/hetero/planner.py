@@ -124,6 +124,7 @@ class PlannerSettings:
     interval: int = 10  # I: local steps per aggregation (adapters travel once per I steps)
     round_time_s: float | None = None  # fixed round deadline R; None = chosen; inf = memory only
     deadlines: int = 64  # deadlines tried between the fastest and the slowest round
+    shared_server: bool = False  # one server-side adapter per block for every client
 
     def __post_init__(self) -> None:
         if sorted(set(self.ranks)) != list(self.ranks) or self.ranks[0] != 0 or len(self.ranks) < 2:
@@ -516,20 +517,23 @@ def _client_plan(cid: int, profile: DeviceProfile, server: DeviceProfile, dims: 
 
 
 def server_load(plans: Sequence[ClientPlan], server: DeviceProfile, dims: ModelDims,
-                work: Workload, interval: int) -> ServerLoad:
+                work: Workload, interval: int, *, shared: bool = False) -> ServerLoad:
     """The main server's memory and compute per round (``interval`` steps per client)
-    under ``plans``."""
+    under ``plans``: one frozen base, one client's activations at a time, and each
+    client's server-side adapters with their AdamW state, or (``shared``) one adapter per
+    block, the widest server side's."""
     memories = [server_memory(dims, c.cut, c.server_ranks, work) for c in plans]
+    adapters = [m.lora_weights + m.lora_grads + m.optimizer for m in memories]
     total = (max(m.frozen_weights for m in memories)
              + max(m.activations + m.exchanged for m in memories)
-             + sum(m.lora_weights + m.lora_grads + m.optimizer for m in memories))
+             + (max(adapters) if shared else sum(adapters)))
     return ServerLoad(total, server.memory_bytes,
                       interval * sum(c.server_seconds for c in plans))
 
 
 def _server_load(plans: Sequence[ClientPlan], server: DeviceProfile, dims: ModelDims,
                  work: Workload, s: PlannerSettings) -> ServerLoad:
-    load = server_load(plans, server, dims, work, s.interval)
+    load = server_load(plans, server, dims, work, s.interval, shared=s.shared_server)
     if load.memory_bytes > server.memory_bytes:
         raise PlanError(
             f"the main server ({server.name}) would need {format_bytes(load.memory_bytes)} "

@@ -50,8 +50,9 @@ from hsplitlora.hetero.planner import (
 from hsplitlora.hetero.profiles import DeviceProfile, format_bytes
 from hsplitlora.models.lora import target_module_names
 from hsplitlora.models.split import arch_spec
+from hsplitlora.modes import MERGING
 from hsplitlora.roles.messages import Activations, ServerReply
-from hsplitlora.train.hetero import MERGING, HeteroSystem, PartyPlan
+from hsplitlora.train.hetero import HeteroSystem, PartyPlan
 from hsplitlora.train.placement import PartyLost
 from hsplitlora.train.recorder import Recorder
 
@@ -177,7 +178,7 @@ class Planner:
             ranks=tuple(sorted(set([0, *self.hc.rank_set]))), min_cut=min(cuts),
             max_cut=max(cuts), server_rank=self.hc.server_rank,
             time_budget_s=self.hc.time_budget_s, interval=cfg.train.agg_interval,
-            round_time_s=self.hc.round_time_s)
+            round_time_s=self.hc.round_time_s, shared_server=cfg.server_side == "shared")
 
     def state_dict(self) -> dict[str, Any]:
         """The importance history and the scores the current plans were made on."""
@@ -298,7 +299,8 @@ class Planner:
                                   round_seconds=self.settings.interval * seconds + moved,
                                   server_seconds=served / self.server.flops))
         return Plan(out, server=server_load(out, self.server, self.dims, self.work,
-                                            self.settings.interval))
+                                            self.settings.interval,
+                                            shared=self.settings.shared_server))
 
     def weakest_rank(self) -> int:
         """SplitLoRA on heterogeneous devices: the largest rank every client fits."""

@@ -13,9 +13,13 @@ import importlib
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["MODES", "Mode", "mode_names", "mode_of"]
+__all__ = ["MERGING", "MODES", "Mode", "mode_names", "mode_of"]
 
 Schedule = Literal["centralized", "relay", "parallel"]
+# The aggregators that merge each aggregation's exact update into the base and restart the
+# adapters (HSplitLoRA's noise-free aggregation, FLoRA's stacking); the others hand each
+# participant adapters back.
+MERGING = frozenset({"noisefree", "stack"})
 ServerSide = Literal["none", "shared", "per_participant"]
 
 

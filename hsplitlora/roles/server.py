@@ -66,28 +66,55 @@ class MainServer:
 
     @classmethod
     def heterogeneous(
-        cls, segments: Mapping[int, ServerSegment], optim: OptimSettings, **kwargs: object
+        cls, segments: Mapping[int, ServerSegment], optim: OptimSettings, *,
+        shared: bool = False, **kwargs: object
     ) -> MainServer:
-        """One server-side copy per client, each starting at that client's own cut
-        (HSplitLoRA): client ``i`` is served by blocks ``[k_i, L)``."""
+        """Client ``i`` is served by blocks ``[k_i, L)`` from its own cut (HSplitLoRA).
+        Per participant: one server-side copy per client. ``shared``: the segments are
+        views (:func:`~hsplitlora.models.split.server_view`) of one segment from the
+        shallowest cut, whose adapters one optimizer updates on every client's batch."""
         first = next(iter(segments.values()))
-        server = cls(first, [], optim, per_client=True, **kwargs)  # type: ignore[arg-type]
+        server = cls(first, [], optim, per_client=not shared, **kwargs)  # type: ignore[arg-type]
         server.segments = {cid: s.to(server.device) for cid, s in segments.items()}
-        server.optimizers = {cid: Optimizer(lora_parameters(s), optim)
-                             for cid, s in server.segments.items()}
+        if shared:
+            one = Optimizer(lora_parameters(_widest(server.segments.values())), optim)
+            server.optimizers = dict.fromkeys(server.segments, one)
+        else:
+            server.optimizers = {cid: Optimizer(lora_parameters(s), optim)
+                                 for cid, s in server.segments.items()}
         return server
 
     def cut(self, client_id: int) -> int:
         return self._segment(client_id).first_block
 
+    def _groups(self) -> list[tuple[Optimizer, list[int]]]:
+        """Clients by the optimizer (so the adapters) that serves them: one group under
+        SFL-V2 or a shared heterogeneous side, one per client under SFL-V1."""
+        groups: dict[int, tuple[Optimizer, list[int]]] = {}
+        for cid, opt in self.optimizers.items():
+            groups.setdefault(id(opt), (opt, []))[1].append(cid)
+        return list(groups.values())
+
+    def _widest(self, cids: Iterable[int]) -> ServerSegment:
+        return _widest(self.segments[c] for c in cids)
+
     def replace_segment(self, client_id: int, segment: ServerSegment,
                         merges: Mapping[str, MergeState] | None = None) -> None:
         """Serve ``client_id`` from a new segment (its cut changed at a re-plan);
         ``merges``: what was merged into its weights, when it arrives from another process."""
-        self.segments[client_id] = segment.to(self.device)
-        if merges:
-            adopt_merges(self.segments[client_id], merges)
-        self.optimizers[client_id].reset(lora_parameters(segment))
+        self.replace_segments({client_id: segment}, merges)
+
+    def replace_segments(self, segments: Mapping[int, ServerSegment],
+                         merges: Mapping[str, MergeState] | None = None) -> None:
+        """:meth:`replace_segment` for several clients in one call, as a shared server
+        side needs: its views must arrive together to stay views of one segment."""
+        for cid, segment in segments.items():
+            self.segments[cid] = segment.to(self.device)
+            if merges:
+                adopt_merges(self.segments[cid], merges)
+        for opt, cids in self._groups():
+            if any(c in segments for c in cids):
+                opt.reset(lora_parameters(self._widest(cids)))
 
     def apply_update(self, updates: Mapping[str, Update],
                      settings: Mapping[int, LoraSettings], version: int) -> None:
@@ -96,12 +123,15 @@ class MainServer:
         adapters at the ranks planned for its client (those in ``settings``: a
         non-merging aggregation restarts only the participants it aggregated, before
         loading their new adapters)."""
-        for cid, segment in self.segments.items():
+        for segment in self.segments.values():
             merge_base_update(segment, updates, version,
                               fan_in_fan_out=segment.spec.fan_in_fan_out)
-            if cid in settings:
-                restart_lora(segment, settings[cid])
-                self.optimizers[cid].reset(lora_parameters(segment))
+        for opt, cids in self._groups():  # adapters shared by a group restart once
+            restarted = [c for c in cids if c in settings]
+            if restarted:
+                widest = self._widest(cids)
+                restart_lora(widest, settings[restarted[0]])
+                opt.reset(lora_parameters(widest))
 
     def _segment(self, client_id: int) -> ServerSegment:
         try:
@@ -148,21 +178,23 @@ class MainServer:
             load_lora_state(segment, state)
 
     def state_dict(self) -> dict[str, Any]:
-        """Adapters and optimizer of every distinct server segment (one under SFL-V2, one
-        per client under SFL-V1), deep-copied so later steps cannot alter them, and this
-        process's RNG (dropout)."""
-        groups: dict[int, dict[str, Any]] = {}
-        for cid, segment in self.segments.items():
-            group = groups.setdefault(id(segment), {
-                "clients": [], "adapter": lora_state(segment),
-                "optimizer": copy.deepcopy(self.optimizers[cid].state_dict())})
-            group["clients"].append(cid)
-        return {"groups": list(groups.values()), "rng": torch.get_rng_state()}
+        """Adapters and optimizer of every distinct server side (one under SFL-V2 and a
+        shared heterogeneous side, one per client under SFL-V1), deep-copied so later
+        steps cannot alter them, and this process's RNG (dropout)."""
+        groups = [{"clients": cids, "adapter": lora_state(self._widest(cids)),
+                   "optimizer": copy.deepcopy(opt.state_dict())}
+                  for opt, cids in self._groups()]
+        return {"groups": groups, "rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict`, into segments built for the same plan."""
         for group in state["groups"]:
-            first = group["clients"][0]
-            load_lora_state(self._segment(first), group["adapter"])
-            self.optimizers[first].load_state_dict(copy.deepcopy(group["optimizer"]))
+            load_lora_state(self._widest(group["clients"]), group["adapter"])
+            self.optimizers[group["clients"][0]].load_state_dict(
+                copy.deepcopy(group["optimizer"]))
         torch.set_rng_state(state["rng"])
+
+
+def _widest(segments: Iterable[ServerSegment]) -> ServerSegment:
+    """The segment from the shallowest cut: of views of one segment, that segment."""
+    return min(segments, key=lambda s: s.first_block)

@@ -51,7 +51,8 @@ from hsplitlora.models.lora import (
     target_module_names,
 )
 from hsplitlora.models.shared import merged_delta, restore_original
-from hsplitlora.models.split import arch_spec
+from hsplitlora.models.split import arch_spec, num_blocks, server_view
+from hsplitlora.modes import MERGING
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import nbytes
 from hsplitlora.train.engine import Attendance, Parallel, client_step, everyone, run_rounds
@@ -60,14 +61,13 @@ from hsplitlora.train.parties import ClientRecipe, HeteroServerRecipe, hetero_se
 from hsplitlora.train.placement import InProcess, PartyLost, Placement
 from hsplitlora.train.recorder import Recorder
 
-__all__ = ["AGGREGATORS", "MERGING", "Contribution", "FedAggregation", "HeteroSystem",
+__all__ = ["AGGREGATORS", "Contribution", "FedAggregation", "HeteroSystem",
            "PartyPlan", "PerParticipant", "SelfPruning", "Traffic", "combine",
            "prune_states", "run_hetero"]
 
 log = logging.getLogger(__name__)
 
 AGGREGATORS = ("noisefree", "stack", "svd", "zeropad", "fedavg")
-MERGING = frozenset({"noisefree", "stack"})
 
 
 @dataclass(frozen=True)
@@ -124,9 +124,15 @@ class HeteroSystem:
         probes: Sequence[Any] | None = None,
         pruning: SelfPruning | None = None,
         sparsity_weights: bool = True,
+        shared_server: bool = False,
     ) -> None:
         if aggregator not in AGGREGATORS:
             raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")
+        if shared_server and aggregator not in MERGING:
+            raise ValueError(f"a shared server side needs a merging aggregator "
+                             f"({', '.join(sorted(MERGING))}), not {aggregator!r}: only a "
+                             "merge folds its adapters, trained by several clients at once, "
+                             "into the base")
         if pruning is not None and aggregator != "zeropad":
             raise ValueError(f"rank self-pruning is HetLoRA's (aggregator zeropad), not "
                              f"{aggregator!r}'s")
@@ -162,6 +168,15 @@ class HeteroSystem:
                              "server yet: its rank-r_max global adapter and the participants' "
                              "self-pruned ranks live with the main server; drop "
                              "net.fed_address")
+        # One server-side adapter per block, trained on every client's batch that reaches
+        # that block (SplitLoRA's shared server side, from each client's own cut), or one
+        # server-side copy per participant (SFL-V1).
+        self.shared_server = shared_server
+        if shared_server and self.fed is not None:
+            raise ValueError("a shared server side cannot run with a separate fed server "
+                             "yet: its adapters are aggregated beside the clients' by range "
+                             "of blocks; drop net.fed_address or use "
+                             "hetero.server_side: per_participant")
         clients, segments = [], {}
         for cid, (plan, stream) in enumerate(zip(self.plans, streams, strict=True)):
             settings = self.settings(cid)
@@ -172,8 +187,11 @@ class HeteroSystem:
                 probes=None if probes is None else probes[cid]), "client"))
             segments[cid] = server_seg
         self.clients = clients
+        if shared_server:
+            segments = self._shared_segments()
         self.server = place.place(HeteroServerRecipe(segments, server_optim, precision,
-                                                     label_smoothing, compile), "server")
+                                                     label_smoothing, compile,
+                                                     shared=shared_server), "server")
         place.started()
         # HetLoRA's global rank per matrix: the largest any participant starts with.
         self.r_max: dict[str, int] = {}
@@ -214,14 +232,55 @@ class HeteroSystem:
 
     def settings(self, cid: int, side: str = "client") -> LoraSettings:
         """Participant ``cid``'s adapters on one side (client or server), seeded by run,
-        restart, participant and side, so they come out the same in any process."""
+        restart, participant and side, so they come out the same in any process. A
+        shared server side has one for everyone (:meth:`_shared_settings`)."""
+        if side == "server" and self.shared_server:
+            return self._shared_settings()
         seed = (self.seed * 1_000_003 + self.restarts * 1009 + 2 * cid
                 + (side == "server")) % 2**63
         return self.plans[cid].settings(self.spec.targets, self.candidates, self.alpha,
                                         self.dropout, init_seed=seed)
 
+    def _shared_settings(self) -> LoraSettings:
+        """The shared server side's adapters: on each matrix of a block some client's
+        server side reaches, the largest rank any such client's plan gives it there."""
+        ranks: dict[str, int] = {}
+        for plan in self.plans:
+            for m, r in plan.ranks.items():
+                if self.spec.block_of(m) >= plan.cut:
+                    ranks[m] = max(ranks.get(m, 0), r)
+        seed = (self.seed * 1_000_003 + self.restarts * 1009 - 1) % 2**63
+        return PartyPlan(self._shallowest(), ranks).settings(
+            self.spec.targets, self.candidates, self.alpha, self.dropout, init_seed=seed)
+
+    def _shallowest(self) -> int:
+        return min(plan.cut for plan in self.plans)
+
+    def _shared_segments(self) -> dict[int, Any]:
+        """Every client's server segment as a view of one segment from the shallowest
+        cut (:func:`~hsplitlora.models.split.server_view`)."""
+        _, full = hetero_segments(self.base, self._shallowest(), self._shared_settings())
+        return {cid: server_view(full, plan.cut) for cid, plan in enumerate(self.plans)}
+
     def _server_settings(self) -> dict[int, LoraSettings]:
         return {cid: self.settings(cid, "server") for cid in range(len(self.plans))}
+
+    def _server_ranges(self, ids: Collection[int]
+                       ) -> list[tuple[dict[str, agg.LoraPair], int]]:
+        """A shared server side as aggregation participants: its adapters split into the
+        block ranges between consecutive cuts, each weighted by the shards of the clients
+        ``ids`` whose server side reaches it. With a client's own adapters weighted by its
+        shard, every block's contributors then weigh the whole data exactly once."""
+        state = agg.from_peft_state_dict(self.server.adapter_state(
+            min(range(len(self.plans)), key=lambda c: self.plans[c].cut)), self.alpha)
+        cuts = sorted({self.plans[c].cut for c in range(len(self.plans))})
+        out = []
+        for lo, hi in zip(cuts, [*cuts[1:], num_blocks(self.base.config)], strict=True):
+            part = {m: pair for m, pair in state.items() if lo <= self.spec.block_of(m) < hi}
+            weight = sum(self.clients[c].num_samples for c in ids if self.plans[c].cut <= lo)
+            if part and weight:
+                out.append((part, weight))
+        return out
 
     def participant_states(self, ids: Collection[int] | None = None
                            ) -> list[dict[str, agg.LoraPair]]:
@@ -232,8 +291,10 @@ class HeteroSystem:
 
     def _joined(self, cid: int, client_state: Mapping[str, torch.Tensor]
                 ) -> dict[str, agg.LoraPair]:
-        return agg.from_peft_state_dict({**client_state, **self.server.adapter_state(cid)},
-                                        self.alpha)
+        """A participant's whole adapter: its client's, and its server-side copy's (a
+        shared server side takes part on its own: :meth:`_server_ranges`)."""
+        server = {} if self.shared_server else self.server.adapter_state(cid)
+        return agg.from_peft_state_dict({**client_state, **server}, self.alpha)
 
     def replan(self, plans: Sequence[PartyPlan]) -> None:
         """Adopt new plans; only valid right after a merging aggregation."""
@@ -244,7 +305,10 @@ class HeteroSystem:
             if plan.cut != old[cid].cut:
                 client_seg, server_seg = hetero_segments(self.base, plan.cut, self.settings(cid))
                 self.clients[cid].replace_segment(client_seg)
-                self.server.replace_segment(cid, server_seg)
+                if not self.shared_server:
+                    self.server.replace_segment(cid, server_seg)
+        if self.shared_server and [p.cut for p in plans] != [p.cut for p in old]:
+            self.server.replace_segments(self._shared_segments())
         for cid, client in enumerate(self.clients):
             client.reset_adapters(self.settings(cid))
         self.server.apply_update({}, self._server_settings(), self.version)
@@ -351,6 +415,10 @@ class HeteroSystem:
             for cid, state in zip(uploads, states, strict=True):
                 self._adopt_ranks(cid, state)
         weights = [c.num_samples for c in members if c.client_id in uploads]
+        if self.shared_server:
+            for part, weight in self._server_ranges(list(uploads)):
+                states.append(part)
+                weights.append(weight)
         up = sum(nbytes(agg.to_peft_state_dict(s)) for s in states)
         result = combine(self.aggregator, states, weights,
                          sparsity_weights=self.sparsity_weights)
@@ -399,7 +467,10 @@ class HeteroSystem:
             client_seg, server_seg = hetero_segments(self.base, plan.cut, self.settings(cid))
             self.clients[cid].replace_segment(client_seg)
             self.clients[cid].reset_adapters(self.settings(cid))
-            self.server.replace_segment(cid, server_seg)
+            if not self.shared_server:
+                self.server.replace_segment(cid, server_seg)
+        if self.shared_server:
+            self.server.replace_segments(self._shared_segments())
         self.server.apply_update({}, self._server_settings(), self.version)  # planned ranks
         self.server.load_state_dict(state["server"])
         for c in self.clients:

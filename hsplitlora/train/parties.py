@@ -114,18 +114,24 @@ class ServerRecipe:
 
 @dataclass
 class HeteroServerRecipe:
-    """The heterogeneous main server: one server-side copy per client, from its own cut."""
+    """The heterogeneous main server: each client served from its own cut, by a copy of
+    its own or by a view of one shared server side."""
 
     segments: Mapping[int, ServerSegment]
     optim: OptimSettings
     precision: str
     label_smoothing: float
     compile: bool = False
-    per_client: bool = True
+    shared: bool = False  # the segments are views of one shared server side
+
+    @property
+    def per_client(self) -> bool:
+        return not self.shared
 
     def build(self, device: torch.device | str) -> MainServer:
-        return MainServer.heterogeneous(self.segments, self.optim, precision=self.precision,
-                                        device=device, label_smoothing=self.label_smoothing,
+        return MainServer.heterogeneous(self.segments, self.optim, shared=self.shared,
+                                        precision=self.precision, device=device,
+                                        label_smoothing=self.label_smoothing,
                                         compile=self.compile)
 
 

@@ -224,14 +224,17 @@ def _run_hetero(p: Prepared, rec: Recorder,
     planner = Planner(cfg, p.model, profiles, cfg.hetero.scenario.server_profile(),
                       mean_length(p.shards))
     initial = planner.provisional() if planner.uses_importance else planner.plans(None)
+    shared = cfg.server_side == "shared"  # one server adapter steps on every client's batch
     system = HeteroSystem(
         p.model, initial, _streams(p), [len(s) for s in p.shards],
-        client_optim=optim_settings(cfg, t.steps), server_optim=optim_settings(cfg, t.steps),
+        client_optim=optim_settings(cfg, t.steps),
+        server_optim=optim_settings(cfg, t.steps * t.num_clients if shared else t.steps),
         alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, aggregator=planner.aggregator,
         precision=t.precision, compile=t.compile, device=p.device,
         label_smoothing=t.label_smoothing, federated=cfg.hetero.federated, place=place, seed=t.seed,
         probes=[probe_stream(p, cid) for cid in range(t.num_clients)],
-        pruning=pruning(cfg), sparsity_weights=cfg.hetero.hetlora_weights == "sparsity")
+        pruning=pruning(cfg), sparsity_weights=cfg.hetero.hetlora_weights == "sparsity",
+        shared_server=shared)
     start, trained = 0, set()
     if p.resumed is not None:
         state = p.resumed

@@ -34,8 +34,9 @@ import torch
 from hsplitlora import aggregate as agg
 from hsplitlora.models.lora import adapter_shapes
 from hsplitlora.models.split import ArchSpec
+from hsplitlora.modes import MERGING
 from hsplitlora.roles.messages import nbytes
-from hsplitlora.train.hetero import MERGING, Contribution, PerParticipant, combine
+from hsplitlora.train.hetero import Contribution, PerParticipant, combine
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.calls import (

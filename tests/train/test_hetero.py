@@ -230,3 +230,81 @@ def test_an_aggregation_charges_each_client_link_only_what_crosses_it(aggregator
             c.client_id: nbytes(c.adapter_state()) for c in system.clients}
         assert moved.server_down == sum(nbytes(system.server.adapter_state(c.client_id))
                                         for c in system.clients)
+
+
+def _lora(segment) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in segment.named_full_parameters() if "lora" in n}
+
+
+def test_a_shared_server_side_is_one_adapter_trained_by_every_client_that_reaches_it():
+    system = _system(shared_server=True)
+    views = system.server.segments
+    # one adapter per block: block 3's server adapter is the same tensor in every view
+    tensors = [dict(v.named_full_parameters()) for v in views.values()]
+    name = "model.layers.3.mlp.down_proj.lora_B.default.weight"
+    assert len({t[name].data_ptr() for t in tensors}) == 1
+    # at every matrix the largest rank a plan gives it on the server side (0: none)
+    widest = views[0]
+    assert dict(system.settings(0, "server").ranks) == system.settings(2, "server").ranks
+    assert {m: r for m, r in system.settings(1, "server").ranks.items() if r} == {
+        "model.layers.2.self_attn.v_proj": 4, "model.layers.3.mlp.down_proj": 4}
+    # client 0 (cut 1) trains blocks 1-3 on the server; client 2 (cut 3) only block 3
+    c0, c2 = system.clients[0], system.clients[2]
+    c0.backward(system.server.step(0, c0.forward()).grad)
+    after0 = _lora(widest)
+    c2.backward(system.server.step(2, c2.forward()).grad)
+    after2 = _lora(widest)
+    for n in after0:
+        moved = not torch.equal(after0[n], after2[n])
+        assert moved == (".layers.3." in n), n
+
+
+def test_with_a_shared_server_side_noisefree_merges_the_exact_sum_by_block():
+    """Each block's update: the clients that hold it weighted by their shards, plus the
+    shared server adapter weighted by the shards of the clients whose server side reaches
+    that block (so the weights add up to the whole data)."""
+    system = _system(shared_server=True)
+    _train_locally(system, 2)
+    n = [c.num_samples for c in system.clients]
+    cuts = [p.cut for p in PLANS]
+    server = agg.from_peft_state_dict(system.server.adapter_state(0), system.alpha)
+    clients = [agg.from_peft_state_dict(c.adapter_state(), system.alpha) for c in system.clients]
+    before = {m: _copies(system, m)[0].clone() for m in system.candidates}
+    system.aggregate()
+    checked = 0
+    for module in system.candidates:
+        block = system.spec.block_of(module)
+        parts = [(n[i], clients[i][module]) for i in range(3) if module in clients[i]]
+        if module in server:
+            parts.append((sum(n[i] for i in range(3) if cuts[i] <= block), server[module]))
+        if not parts:
+            continue
+        total = sum(w for w, _ in parts)
+        want = sum(w / total * agg.delta(pair) for w, pair in parts)
+        copies = _copies(system, module)
+        assert all(torch.equal(copies[0], c) for c in copies[1:]), module
+        torch.testing.assert_close(copies[0], before[module] + want, atol=1e-6, rtol=1e-5)
+        checked += 1
+    assert checked >= 4
+    # restarted: every adapter, the shared one included, adds nothing now
+    assert all(float(p.abs().max()) == 0 for n_, p in _lora(system.server.segments[0]).items()
+               if "lora_B" in n_)
+
+
+def test_a_shared_server_side_needs_a_merging_aggregator():
+    with pytest.raises(ValueError, match="a shared server side needs a merging aggregator"):
+        _system("svd", shared_server=True)
+
+
+def test_a_shared_server_side_follows_a_replan_to_new_cuts():
+    system = _system(shared_server=True)
+    _train_locally(system, 1)
+    system.aggregate()
+    new = copy.deepcopy(PLANS)
+    new[0] = PartyPlan(2, {"model.layers.1.mlp.up_proj": 4})  # the shallowest cut moves
+    system.replan(new)
+    assert [system.server.cut(c) for c in range(3)] == [2, 2, 3]
+    views = system.server.segments.values()
+    name = "model.layers.3.mlp.down_proj.lora_A.default.weight"
+    assert len({dict(v.named_full_parameters())[name].data_ptr() for v in views}) == 1
+    _train_locally(system, 1)  # and it trains from there

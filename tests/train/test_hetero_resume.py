@@ -23,7 +23,8 @@ from tests.train.test_resume import events_of, killed_after_checkpoint, steps_of
 SCENARIO = {"kind": "heterogeneous", "memory_range": ["1.2 MiB", "3 MiB"], "seed": 1}
 
 
-def _cfg(tmp_path, mode: str, aggregator: str, **train_kw) -> RunConfig:
+def _cfg(tmp_path, mode: str, aggregator: str, server_side: str | None = None,
+         **train_kw) -> RunConfig:
     return RunConfig.model_validate({
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
         "data": {"train_files": [str(E2E / "original" / "devset.csv")], "eval_file": None,
@@ -33,24 +34,29 @@ def _cfg(tmp_path, mode: str, aggregator: str, **train_kw) -> RunConfig:
                   **train_kw},
         "hetero": {"scenario": SCENARIO, "aggregator": aggregator, "rank_set": [0, 2, 4, 8],
                    "server_rank": 4, "probe_batches": 1, "replan_threshold": 0.0,
-                   "prune_gamma": 0.5, "prune_threshold": 0.9},  # hetlora prunes often
+                   "prune_gamma": 0.5, "prune_threshold": 0.9,  # hetlora prunes often
+                   "server_side": server_side,
+                   # shared: a deadline no plan reaches, so memory alone decides and the
+                   # clients sit at different cuts (views of one server side)
+                   **({"round_time_s": 1e9} if server_side == "shared" else {})},
         "eval": {"max_examples": 0},
         "output": {"dir": str(tmp_path), "name": "run", "sample_prompt": None},
     })
 
 
-@pytest.mark.parametrize("mode,aggregator,stop", [
-    ("hsplitlora", "noisefree", 2),  # mid-interval: two merges and re-plans still to come
-    ("hsplitlora", "noisefree", 3),  # right after a merge and re-plan
-    ("flexlora", "svd", 2),
-    ("hetlora", "zeropad", 2),  # its global adapter and pruned ranks travel in the checkpoint
+@pytest.mark.parametrize("mode,aggregator,stop,server_side", [
+    ("hsplitlora", "noisefree", 2, None),  # mid-interval: merges and re-plans still to come
+    ("hsplitlora", "noisefree", 3, None),  # right after a merge and re-plan
+    ("hsplitlora", "noisefree", 2, "shared"),  # one server adapter, its views rebuilt
+    ("flexlora", "svd", 2, None),
+    ("hetlora", "zeropad", 2, None),  # its global adapter and pruned ranks are checkpointed
 ])
 def test_a_resumed_heterogeneous_run_ends_where_the_uninterrupted_one_does(
-        tmp_path, tiny_tokenizer, monkeypatch, mode, aggregator, stop):
-    whole = train(_cfg(tmp_path / "whole", mode, aggregator), model=tiny_model("llama"),
-                  tokenizer=tiny_tokenizer, show_progress=False)
+        tmp_path, tiny_tokenizer, monkeypatch, mode, aggregator, stop, server_side):
+    whole = train(_cfg(tmp_path / "whole", mode, aggregator, server_side),
+                  model=tiny_model("llama"), tokenizer=tiny_tokenizer, show_progress=False)
 
-    cfg = _cfg(tmp_path / "cut", mode, aggregator)
+    cfg = _cfg(tmp_path / "cut", mode, aggregator, server_side)
     killed_after_checkpoint(monkeypatch, stop, lambda: train(
         cfg, model=tiny_model("llama"), tokenizer=tiny_tokenizer, show_progress=False,
         checkpoint=True))
@@ -64,6 +70,9 @@ def test_a_resumed_heterogeneous_run_ends_where_the_uninterrupted_one_does(
     if mode == "hsplitlora" and stop == 2:
         # a merge and a re-plan happened after resuming
         assert ("replan", 3) in events_of(resumed.records)
+    if server_side == "shared":  # the views really start at different cuts
+        plans = next(r["plans"] for r in whole.records if r.get("event") == "plan")
+        assert len({p["cut"] for p in plans}) > 1, plans
     if mode == "hetlora":  # self-pruning lowered ranks before and after the checkpoint
         rounds = [r["round"] for r in whole.records if r.get("event") == "replan"]
         assert min(rounds) <= stop < max(rounds), rounds
