@@ -73,3 +73,21 @@ def test_shipped_configs_validate():
     assert configs
     for path in configs:
         assert isinstance(load_config(path), RunConfig)
+
+
+def test_a_shared_server_side_is_refused_where_it_cannot_run():
+    base = {"train": {"mode": "hsplitlora"}, "hetero": {"server_side": "shared"}}
+    assert RunConfig.model_validate(base).server_side == "shared"
+    assert RunConfig.model_validate({"train": {"mode": "hsplitlora"}}).server_side == (
+        "per_participant")  # the mode's
+    assert RunConfig.model_validate({"train": {"mode": "splitlora"}}).server_side == "shared"
+    for raw, message in [
+        ({**base, "hetero": {"server_side": "shared", "aggregator": "zeropad"}},
+         r"'shared' needs a split run with a merging aggregator \(noisefree, stack\), not "
+         r"'zeropad'; use hetero.server_side: per_participant"),
+        ({"train": {"mode": "flexlora"}, "hetero": {"server_side": "shared"}}, r"not 'svd'"),
+        ({"train": {"mode": "splitfed"}, "hetero": {"server_side": "shared"}},
+         r"applies to the planned modes, not 'splitfed', whose server side is per participant"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            RunConfig.model_validate(raw)
