@@ -110,8 +110,8 @@ class MainServer:
         side needs: its views must arrive together to stay views of one segment."""
         for cid, segment in segments.items():
             self.segments[cid] = segment.to(self.device)
-            if merges:
-                adopt_merges(self.segments[cid], merges)
+        if merges:  # views share their modules with the widest segment, merge states too
+            adopt_merges(self._widest(segments), merges)
         for opt, cids in self._groups():
             if any(c in segments for c in cids):
                 opt.reset(lora_parameters(self._widest(cids)))

@@ -134,6 +134,11 @@ class _Remote:
         actor goes on merging from there exactly as this process would)."""
         self._fire("replace_segment", *args, merge_states(args[-1]))
 
+    def replace_segments(self, segments: Mapping[int, Any]) -> None:
+        """Several segments in one message, so views of one segment arrive as views."""
+        widest = min(segments.values(), key=lambda s: s.first_block)
+        self._fire("replace_segments", dict(segments), merge_states(widest))
+
     def state_dict(self) -> dict[str, Any]:
         return self._get(self.actor.call.remote("state_dict"))
 

@@ -96,11 +96,13 @@ def test_the_cli_takes_the_backend_and_rejects_an_unknown_one(tmp_path, tiny_lla
     assert "train.backend" in out.output and "'inprocess' or 'ray'" in out.output
 
 
-@pytest.mark.parametrize("aggregator", ["noisefree", "svd"])
+@pytest.mark.parametrize("aggregator,server_side", [("noisefree", None), ("svd", None),
+                                                    ("noisefree", "shared")])
 def test_heterogeneous_ray_run_is_bit_identical_too(ray_session, tmp_path, tiny_llama_dir,
-                                                    aggregator):
+                                                    aggregator, server_side):
     """HSplitLoRA (importance probing, per-client cuts and ranks, noise-free merging) and
-    FlexLoRA-style SVD aggregation, with every client and the server in its own actor."""
+    FlexLoRA-style SVD aggregation, with every client and the server in its own actor; a
+    shared server side's views reach the server's actor as views of one segment."""
     from hsplitlora.config import RunConfig
 
     cfg = run_config(tiny_llama_dir, tmp_path, mode="hsplitlora", steps=4)
@@ -111,7 +113,7 @@ def test_heterogeneous_ray_run_is_bit_identical_too(ray_session, tmp_path, tiny_
                      "probe_batches": 1,
                      # a deadline no plan reaches: memory alone decides, so the budgets
                      # put the clients at different cuts and the actors hold different plans
-                     "round_time_s": 1e9}
+                     "round_time_s": 1e9, "server_side": server_side}
     cfg = RunConfig.model_validate(raw)
     local = train(cfg, write=False, show_progress=False)
     raw["train"]["backend"] = "ray"
