@@ -482,18 +482,23 @@ def _plot_curves(exp: Experiment, rows: list[dict[str, Any]]) -> list[Path]:
         for row, x, color in zip(rows, xs, _colors(rows), strict=True):
             ax.plot(x or [], curves[row["run"]].ppl, color=color, lw=1.4,
                     label=_label(row, seeds))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=9)
         ax.set_yscale("log")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = exp.output / f"ppl_vs_{key}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_curves(fig, ax, xlabel, ylabel, title,
+                                    exp.output / f"ppl_vs_{key}.png"))
     return written
+
+
+def _save_curves(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Label, grid and save a figure of curves; the file written."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _plot_metrics(exp: Experiment, rows: list[dict[str, Any]]) -> Path | None:
@@ -675,17 +680,10 @@ def _plot_loss_vs_simulated(exp: Experiment, rows: list[dict[str, Any]]) -> list
             ax.plot(curve.seconds, curve.loss, color=cmap(settings.index(setting) % 10),
                     lw=1.2, marker=".", label=None if setting in labelled else label)
             labelled.add(setting)
-        ax.set_xlabel("simulated time (s) on the configured device profiles")
-        ax.set_ylabel("held-out loss")
-        ax.set_title(f"{exp.source.stem}, {partition}: eval loss against simulated time "
-                     "(one line per seed)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = exp.output / f"loss_vs_simulated_{partition}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_curves(
+            fig, ax, "simulated time (s) on the configured device profiles", "held-out loss",
+            f"{exp.source.stem}, {partition}: eval loss against simulated time (one line "
+            "per seed)", exp.output / f"loss_vs_simulated_{partition}.png"))
     return written
 
 
