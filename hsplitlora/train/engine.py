@@ -93,19 +93,27 @@ def run_rounds(schedule: Schedule, rounds: int, rec: Recorder, *, start: int = 0
 def client_step(client: Client, server: MainServer, rec: Recorder, round: int, *,
                 local: bool = False) -> bool:
     """One split step: the client's forward, the server's step, the client's backward.
-    ``local``: the client runs the server segment itself (nothing crosses a network).
-    Returns False if a remote client went away, or a remote server refused its step (the
-    round goes on without it)."""
+    In a U-shaped split (the client sent no labels) the server's step is two hops: its
+    middle blocks forward, the client's tail takes the loss, the tail's gradient goes
+    back through the middle. ``local``: the client runs the server segment itself (nothing
+    crosses a network). Returns False if a remote client went away, or a remote server
+    refused its step (the round goes on without it)."""
     try:
         acts = client.forward()
-        reply = server.step(client.client_id, acts)
+        if acts.labels is not None:
+            reply = server.step(client.client_id, acts)
+            grad, up, down = reply.grad, acts.nbytes, reply.nbytes
+        else:
+            returned = server.forward(client.client_id, acts)
+            reply = client.finish(returned)
+            grad = server.backward(client.client_id, reply.grad)
+            up, down = acts.nbytes + reply.nbytes, nbytes([returned, grad])
     except PartyLost as e:
         log.warning("round %d goes on without client %d: %s", round, client.client_id, e)
         return False
-    client.backward(reply.grad)
+    client.backward(grad)
     rec.train_step(round=round, client=client.client_id, loss=reply.loss, tokens=reply.tokens,
-                   bytes_up=0 if local else acts.nbytes, bytes_down=0 if local else reply.nbytes,
-                   lr=server.lr)
+                   bytes_up=0 if local else up, bytes_down=0 if local else down, lr=server.lr)
     return True
 
 
