@@ -75,6 +75,11 @@ class Client:
         return len(self.segment.blocks)
 
     @property
+    def holds_tail(self) -> bool:
+        """A U-shaped split: this client runs the last blocks, the head and the loss."""
+        return self.tail is not None
+
+    @property
     def pending(self) -> torch.Tensor | None:
         """The activations of a forward pass that awaits its gradient, if any."""
         return self._pending

@@ -40,6 +40,11 @@ class Activations:
         sent = [self.hidden, self.attention_mask]
         return nbytes(sent if self.labels is None else [*sent, self.labels])
 
+    @property
+    def grad_nbytes(self) -> int:
+        """What the gradient of ``hidden`` costs on its way back (same shape and dtype)."""
+        return nbytes(self.hidden)
+
 
 @dataclass(frozen=True)
 class ServerReply:

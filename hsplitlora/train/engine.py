@@ -37,7 +37,7 @@ from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.roles.learner import Learner
 from hsplitlora.roles.messages import nbytes
 from hsplitlora.roles.server import MainServer
-from hsplitlora.train.placement import Attendance, PartyLost
+from hsplitlora.train.placement import Attendance, PartyLost, total
 from hsplitlora.train.recorder import Recorder
 
 __all__ = ["Attendance", "Centralized", "Parallel", "Relay", "Schedule", "attending",
@@ -93,21 +93,21 @@ def run_rounds(schedule: Schedule, rounds: int, rec: Recorder, *, start: int = 0
 def client_step(client: Client, server: MainServer, rec: Recorder, round: int, *,
                 local: bool = False) -> bool:
     """One split step: the client's forward, the server's step, the client's backward.
-    In a U-shaped split (the client sent no labels) the server's step is two hops: its
-    middle blocks forward, the client's tail takes the loss, the tail's gradient goes
-    back through the middle. ``local``: the client runs the server segment itself (nothing
-    crosses a network). Returns False if a remote client went away, or a remote server
-    refused its step (the round goes on without it)."""
+    In a U-shaped split (the client holds the tail and the labels) the server's step is
+    two hops: its middle blocks forward, the client's tail takes the loss, the tail's
+    gradient goes back through the middle. ``local``: the client runs the server segment
+    itself (nothing crosses a network). Returns False if a remote client went away, or a
+    remote server refused its step (the round goes on without it)."""
     try:
         acts = client.forward()
-        if acts.labels is not None:
+        if not client.holds_tail:
             reply = server.step(client.client_id, acts)
             grad, up, down = reply.grad, acts.nbytes, reply.nbytes
         else:
-            returned = server.forward(client.client_id, acts)
-            reply = client.finish(returned)
+            reply = client.finish(server.forward(client.client_id, acts))
             grad = server.backward(client.client_id, reply.grad)
-            up, down = acts.nbytes + reply.nbytes, nbytes([returned, grad])
+            # down: the activations at L - t (the size of their gradient) and the cut's grad
+            up, down = total(acts.nbytes, reply.nbytes), total(reply.nbytes, acts.grad_nbytes)
     except PartyLost as e:
         log.warning("round %d goes on without client %d: %s", round, client.client_id, e)
         return False

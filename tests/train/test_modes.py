@@ -37,10 +37,14 @@ def _losses(result):
     return [r["loss"] for r in result.records if "event" not in r]
 
 
+@pytest.fixture(scope="module")
+def central(tiny_tokenizer):
+    return _run(tiny_tokenizer, mode="centralized")
+
+
 @pytest.mark.parametrize("tail", [0, 1])
-def test_one_client_splitlora_matches_centralized_step_for_step(tiny_tokenizer, tail):
+def test_one_client_splitlora_matches_centralized_step_for_step(tiny_tokenizer, central, tail):
     split = _run(tiny_tokenizer, mode="splitlora", tail=tail)  # tail 1: U-shaped, block 3
-    central = _run(tiny_tokenizer, mode="centralized")
     assert len(_losses(split)) == len(_losses(central)) == 4
     torch.testing.assert_close(torch.tensor(_losses(split)), torch.tensor(_losses(central)),
                                atol=1e-6, rtol=0)
