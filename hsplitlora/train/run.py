@@ -564,7 +564,7 @@ def simulated_times(p: Prepared, records: list[dict[str, Any]],
                     ranks={c: r for c, (_, r) in plans.items()},
                     clients=profiles, server=cfg.hetero.scenario.server_profile(),
                     batch=cfg.train.batch_size, seq=mean_length(p.shards),
-                    precision=cfg.train.precision)
+                    precision=cfg.train.precision, tail=cfg.train.tail)
 
 
 def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
