@@ -175,7 +175,7 @@ class Client:
     def reset_adapters(self, settings: LoraSettings) -> None:
         """Fresh adapters (A random, B zero) at the planned ranks, and a fresh AdamW."""
         restart_lora(self.segment, settings)
-        self.optimizer.reset(lora_parameters(self.segment))
+        self.optimizer.reset(self._parameters())
 
     def probe_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
         """The next ``n`` importance-probe batches of this client's shard."""

@@ -37,7 +37,7 @@ from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.roles.learner import Learner
 from hsplitlora.roles.messages import nbytes
 from hsplitlora.roles.server import MainServer
-from hsplitlora.train.placement import Attendance, PartyLost, total
+from hsplitlora.train.placement import Attendance, Deferred, PartyLost, total
 from hsplitlora.train.recorder import Recorder
 
 __all__ = ["Attendance", "Centralized", "Parallel", "Relay", "Schedule", "attending",
@@ -98,6 +98,8 @@ def client_step(client: Client, server: MainServer, rec: Recorder, round: int, *
     gradient goes back through the middle. ``local``: the client runs the server segment
     itself (nothing crosses a network). Returns False if a remote client went away, or a
     remote server refused its step (the round goes on without it)."""
+    up: int | Deferred
+    down: int | Deferred
     try:
         acts = client.forward()
         if not client.holds_tail:

@@ -591,9 +591,9 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
     elif not p.cfg.mode.split:
         client_params = total  # one party holds everything
     else:
-        own = set(client_blocks(cut, p.cfg.train.tail, num_blocks(p.model.config)))
+        held = set(client_blocks(cut, p.cfg.train.tail, num_blocks(p.model.config)))
         client_params = sum(p_.numel() for n, p_ in p.model.named_parameters()
-                            if ".lora_" in n and spec.block_of(n) in own)
+                            if ".lora_" in n and spec.block_of(n) in held)
     return {
         "mode": p.cfg.train.mode,
         "model": p.cfg.model.name,

@@ -66,8 +66,9 @@ def build_server(p: Prepared) -> tuple[MainServer, Plan]:
     """The main server and the run's plan."""
     _check_mode(p)
     recipe = server_recipe(p)
-    # Activations leave the client in the dtype of the frozen base weights.
-    dtype = p.model.get_input_embeddings().weight.dtype
+    # Activations leave the client in the dtype of the frozen base weights (the server's
+    # copy of the backbone starts with the embeddings, a U-shaped middle has no head).
+    dtype = next(recipe.segment.backbone.parameters()).dtype
     return recipe.build(p.device), _plan(p, dtype)
 
 
