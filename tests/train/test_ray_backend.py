@@ -53,7 +53,7 @@ def test_ray_run_is_bit_identical_to_the_in_process_run(ray_session, tmp_path, t
 class _Broken:
     """A recipe whose role cannot be built: its actor fails on start."""
 
-    client_id, num_samples, per_client = 0, 1, False
+    client_id, num_samples, per_client, tail = 0, 1, False, None
 
     def build(self, device):
         raise ValueError("this shard is unreadable")
