@@ -183,6 +183,10 @@ class TrainConfig(_Strict):
                            "module each)")
     num_clients: int = Field(4, ge=1, description="number of clients")
     cut: int = Field(3, ge=0, description="blocks [0, cut) run on the clients")
+    tail: int = Field(0, ge=0, description="U-shaped split: the clients also keep the last "
+                      "`tail` blocks, the final norm, the LM head and the loss, so labels never "
+                      "leave them (the server runs blocks [cut, L - tail)); 0 = the server "
+                      "holds everything past the cut")
     steps: int = Field(100, ge=1, description="local steps per client (centralized runs "
                        "steps x num_clients steps, so every mode sees the same examples)")
     batch_size: int = Field(4, ge=1, description="examples per local step")
@@ -377,6 +381,13 @@ class RunConfig(_Strict):
             raise ValueError(f"hetero.server_side applies to the planned modes, not "
                              f"{self.train.mode!r}, whose server side is "
                              f"{self.mode.server.replace('_', ' ')}")
+        if self.train.tail and (not self.mode.split or self.mode.planned):
+            raise ValueError(
+                f"train.tail {self.train.tail} needs a main server between the client's cut "
+                f"and its tail: mode {self.train.mode!r} "
+                + ("plans its cuts per client, which does not count a tail yet"
+                   if self.mode.planned else "has none (the client holds the whole model)")
+                + "; use train.mode splitlora, splitfed or split, or train.tail: 0")
         if self.model.dtype == "bfloat16" and self.train.precision == "fp32":
             raise ValueError("model.dtype 'bfloat16' needs train.precision 'bf16'; set "
                              "model.dtype: float32 for fp32 training")

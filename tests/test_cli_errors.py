@@ -53,6 +53,14 @@ def _load_model_forbidden(monkeypatch):
 @pytest.mark.parametrize(("sections", "message"), [
     ({"train": {"cut": 9}}, "train.cut 9 is out of range: .* has 4 blocks, so the cut must be "
                             "in 0..4"),
+    ({"train": {"cut": 2, "tail": 2}}, r"train.tail 2 with train.cut 2 leaves the server no "
+                                       r"block: .* lower train.tail or train.cut so that "
+                                       r"cut \+ tail < 4"),
+    ({"train": {"mode": "federated", "tail": 1}}, "train.tail 1 needs a main server between "
+                                                  "the client's cut and its tail: mode "
+                                                  "'federated' has none"),
+    ({"train": {"mode": "hsplitlora", "tail": 1}}, "mode 'hsplitlora' plans its cuts per "
+                                                   "client, which does not count a tail yet"),
     ({"lora": {"targets": ["q_proj", "qkv"]}}, r"unknown LoRA target\(s\) \['qkv'\] in "
                                                "lora.targets"),
     ({"train": {"device": "cuda"}}, "no CUDA device is visible here: set train.device"),

@@ -104,6 +104,14 @@ whenever the client's first adapted block adapts all of q, k, v or none of them.
 them: up, the hidden states ``[b, s, d]`` in the activation dtype plus the int64 attention
 mask and labels ``[b, s]``; down, the activation gradient ``[b, s, d]``.
 
+**U-shaped split** (``tail`` blocks kept by the client): the client also holds blocks
+``[L - tail, L)``, the final norm, the LM head and the loss, costed as the server segment
+is (their input needs a gradient) but without a second copy of the embeddings; the server
+holds blocks ``[cut, L - tail)`` over its copy of the backbone, keeps its output until the
+tail's gradient returns, and computes no head. Up: hidden states and mask (no labels),
+then the tail's gradient; down: the activations at ``L - tail``, then the gradient at the
+cut.
+
 **Step latency** (:func:`step_time`) is sequential: client compute, upload, server
 compute, download. Compute time is FLOPs over the device's sustained FLOP/s; a transfer
 runs at the slower end of the link (``min(client uplink, server downlink)`` up and the
@@ -598,21 +606,59 @@ def block_weight_bytes(dims: ModelDims, weight_bytes: int, quantization: str = "
     return matrices + rest * weight_bytes
 
 
-def _check_cut(dims: ModelDims, cut: int) -> None:
+def _check_cut(dims: ModelDims, cut: int, tail: int = 0) -> None:
     if not 0 <= cut <= dims.n_layers:
         raise ValueError(f"cut {cut} is out of range: this model has {dims.n_layers} blocks, "
                          f"so the cut must be in [0, {dims.n_layers}]")
+    if tail and not 0 < tail < dims.n_layers - cut:
+        raise ValueError(f"tail {tail} with cut {cut} leaves the server no block: this model "
+                         f"has {dims.n_layers} blocks, so the tail must be in "
+                         f"[1, {dims.n_layers - cut - 1}]")
+
+
+def _plus(a: MemoryBreakdown, b: MemoryBreakdown) -> MemoryBreakdown:
+    return MemoryBreakdown(*(getattr(a, f.name) + getattr(b, f.name)
+                             for f in dataclasses.fields(MemoryBreakdown)))
+
+
+def _received_memory(dims: ModelDims, start: int, stop: int, ranks: Mapping[str, int],
+                     work: Workload, quantization: str) -> MemoryBreakdown:
+    """Blocks ``[start, stop)`` run on received activations (their input needs a gradient),
+    and where ``stop`` is ``L`` the final norm, the LM head and the loss: the server
+    segment, a U-shaped server's middle or a U-shaped client's tail, without the
+    embeddings (the party holding them counts them once)."""
+    adapted = _adapted(dims, ranks, range(start, stop))
+    weights, grads, optimizer = _lora_state(adapted, work)
+    saved = activation_bytes(dims, range(start, stop), ranks, work, input_grad=True)
+    head = 0
+    if stop == dims.n_layers:
+        n, targets = work.tokens, work.batch * (work.seq - 1)
+        saved += (n * (_FP32 * dims.hidden + (8 if dims.norm == "layer" else 4))  # final norm
+                  + targets * (_FP32 * dims.vocab + _INT64) + _FP32)  # log-probs, targets
+        head = dims.head_params * work.weight_bytes
+    blocks = stop - start
+    return MemoryBreakdown(
+        frozen_weights=(head + blocks * block_weight_bytes(dims, work.weight_bytes, quantization)
+                        + blocks * _candidate_params(dims) * work.merge_bytes),
+        activations=saved,
+        lora_weights=weights,
+        lora_grads=grads,
+        optimizer=optimizer,
+        # the received input; a middle also keeps its output until the tail's gradient
+        exchanged=_hidden_bytes(dims, work) * (1 if stop == dims.n_layers else 2),
+    )
 
 
 def client_memory(
-    dims: ModelDims, cut: int, ranks: Mapping[str, int], work: Workload
+    dims: ModelDims, cut: int, ranks: Mapping[str, int], work: Workload, tail: int = 0
 ) -> MemoryBreakdown:
-    """Memory of the client segment (embeddings + blocks ``[0, cut)``) for one step."""
-    _check_cut(dims, cut)
+    """Memory of the client segment (embeddings + blocks ``[0, cut)``) for one step, and of
+    a U-shaped client's tail (blocks ``[L - tail, L)``, final norm, LM head, loss)."""
+    _check_cut(dims, cut, tail)
     adapted = _adapted(dims, ranks, range(cut))
     first = _first_adapted(adapted, cut)
     weights, grads, optimizer = _lora_state(adapted, work)
-    return MemoryBreakdown(
+    own = MemoryBreakdown(
         frozen_weights=((dims.embedding_params + dims.norm_params) * work.weight_bytes
                         + cut * block_weight_bytes(dims, work.weight_bytes, work.quantization)
                         + cut * _candidate_params(dims) * work.merge_bytes),
@@ -622,32 +668,23 @@ def client_memory(
         optimizer=optimizer,
         exchanged=_hidden_bytes(dims, work) if cut < dims.n_layers else 0,
     )
+    if not tail:
+        return own
+    n = dims.n_layers
+    return _plus(own, _received_memory(dims, n - tail, n, ranks, work, work.quantization))
 
 
 def server_memory(
-    dims: ModelDims, cut: int, ranks: Mapping[str, int], work: Workload
+    dims: ModelDims, cut: int, ranks: Mapping[str, int], work: Workload, tail: int = 0
 ) -> MemoryBreakdown:
-    """Memory of the server segment (blocks ``[cut, L)``, final norm, LM head, loss)."""
-    _check_cut(dims, cut)
-    adapted = _adapted(dims, ranks, range(cut, dims.n_layers))
-    weights, grads, optimizer = _lora_state(adapted, work)
-    n, targets = work.tokens, work.batch * (work.seq - 1)
-    saved = (
-        activation_bytes(dims, range(cut, dims.n_layers), ranks, work, input_grad=True)
-        + n * (_FP32 * dims.hidden + (8 if dims.norm == "layer" else 4))  # final norm
-        + targets * (_FP32 * dims.vocab + _INT64) + _FP32  # log-probs, targets, weight sum
-    )
-    frozen = ((dims.embedding_params + dims.norm_params + dims.head_params) * work.weight_bytes
-              + (dims.n_layers - cut) * block_weight_bytes(dims, work.weight_bytes,
-                                                           work.server_quantization))
-    return MemoryBreakdown(
-        frozen_weights=frozen + (dims.n_layers - cut) * _candidate_params(dims) * work.merge_bytes,
-        activations=saved,
-        lora_weights=weights,
-        lora_grads=grads,
-        optimizer=optimizer,
-        exchanged=_hidden_bytes(dims, work),
-    )
+    """Memory of the server segment (blocks ``[cut, L)``, final norm, LM head, loss), or of
+    a U-shaped server's middle (blocks ``[cut, L - tail)``)."""
+    _check_cut(dims, cut, tail)
+    segment = _received_memory(dims, cut, dims.n_layers - tail, ranks, work,
+                               work.server_quantization)
+    # split_model copies the whole backbone: the embeddings and final norm come along
+    embeddings = (dims.embedding_params + dims.norm_params) * work.weight_bytes
+    return dataclasses.replace(segment, frozen_weights=segment.frozen_weights + embeddings)
 
 
 def _hidden_bytes(dims: ModelDims, work: Workload) -> int:
@@ -673,37 +710,56 @@ def _frontier_saving(dims: ModelDims, adapted: Mapping[Matrix, int], work: Workl
     return _linear_flops(skipped, work) + 2 * work.tokens * lora_inputs + attention
 
 
-def client_flops(dims: ModelDims, cut: int, ranks: Mapping[str, int], work: Workload) -> Flops:
-    """FLOPs of the client's forward and backward over blocks ``[0, cut)``."""
-    _check_cut(dims, cut)
+def _received_flops(dims: ModelDims, start: int, stop: int, ranks: Mapping[str, int],
+                    work: Workload) -> Flops:
+    """Blocks ``[start, stop)`` back-propagated to their input, and the LM head where
+    ``stop`` is ``L`` (see :func:`_received_memory`)."""
+    adapted = _adapted(dims, ranks, range(start, stop))
+    block, lora = block_flops(dims, work), _lora_flops(adapted, work)
+    head = 2 * work.tokens * dims.hidden * dims.vocab if stop == dims.n_layers else 0
+    blocks = stop - start
+    return Flops(blocks * block.forward + head + lora.forward,
+                 blocks * block.backward + head + lora.backward)
+
+
+def client_flops(dims: ModelDims, cut: int, ranks: Mapping[str, int], work: Workload,
+                 tail: int = 0) -> Flops:
+    """FLOPs of the client's forward and backward over blocks ``[0, cut)``, and over a
+    U-shaped client's tail and LM head."""
+    _check_cut(dims, cut, tail)
     adapted = _adapted(dims, ranks, range(cut))
     block, lora = block_flops(dims, work), _lora_flops(adapted, work)
     first = _first_adapted(adapted, cut)
     backward = (cut - first) * block.backward + lora.backward
     if adapted:
         backward -= _frontier_saving(dims, adapted[first], work)
-    return Flops(cut * block.forward + lora.forward, backward)
+    own = Flops(cut * block.forward + lora.forward, backward)
+    if not tail:
+        return own
+    rest = _received_flops(dims, dims.n_layers - tail, dims.n_layers, ranks, work)
+    return Flops(own.forward + rest.forward, own.backward + rest.backward)
 
 
-def server_flops(dims: ModelDims, cut: int, ranks: Mapping[str, int], work: Workload) -> Flops:
-    """FLOPs of the server's forward and backward: blocks ``[cut, L)`` and the LM head."""
-    _check_cut(dims, cut)
-    adapted = _adapted(dims, ranks, range(cut, dims.n_layers))
-    block, lora = block_flops(dims, work), _lora_flops(adapted, work)
-    head = 2 * work.tokens * dims.hidden * dims.vocab
-    blocks = dims.n_layers - cut
-    return Flops(blocks * block.forward + head + lora.forward,
-                 blocks * block.backward + head + lora.backward)
+def server_flops(dims: ModelDims, cut: int, ranks: Mapping[str, int], work: Workload,
+                 tail: int = 0) -> Flops:
+    """FLOPs of the server's forward and backward: blocks ``[cut, L)`` and the LM head, or
+    a U-shaped server's middle blocks ``[cut, L - tail)``."""
+    _check_cut(dims, cut, tail)
+    return _received_flops(dims, cut, dims.n_layers - tail, ranks, work)
 
 
-def bytes_up(batch: int, seq: int, hidden: int, act_bytes: int) -> int:
-    """Bytes a client uploads per step: hidden states, int64 attention mask and labels."""
+def bytes_up(batch: int, seq: int, hidden: int, act_bytes: int, tail: int = 0) -> int:
+    """Bytes a client uploads per step: hidden states, int64 attention mask and labels; a
+    U-shaped client sends no labels but the gradient at its tail."""
+    if tail:
+        return batch * seq * (2 * hidden * act_bytes + _INT64)
     return batch * seq * (hidden * act_bytes + 2 * _INT64)
 
 
-def bytes_down(batch: int, seq: int, hidden: int, act_bytes: int) -> int:
-    """Bytes the server sends back per step: the activation gradient."""
-    return batch * seq * hidden * act_bytes
+def bytes_down(batch: int, seq: int, hidden: int, act_bytes: int, tail: int = 0) -> int:
+    """Bytes the server sends back per step: the activation gradient, and to a U-shaped
+    client first the activations at its tail."""
+    return batch * seq * hidden * act_bytes * (2 if tail else 1)
 
 
 def adapter_bytes(dims: ModelDims, ranks: Mapping[str, int], work: Workload) -> int:
@@ -720,13 +776,15 @@ def step_time(
     client_ranks: Mapping[str, int],
     server_ranks: Mapping[str, int],
     work: Workload,
+    tail: int = 0,
 ) -> StepTime:
-    """Latency of one sequential step: client compute, upload, server compute, download."""
-    up = bytes_up(work.batch, work.seq, dims.hidden, work.act_bytes)
-    down = bytes_down(work.batch, work.seq, dims.hidden, work.act_bytes)
+    """Latency of one sequential step: client compute, upload, server compute, download
+    (a U-shaped step's two transfers each way, and its tail's compute, included)."""
+    up = bytes_up(work.batch, work.seq, dims.hidden, work.act_bytes, tail)
+    down = bytes_down(work.batch, work.seq, dims.hidden, work.act_bytes, tail)
     return StepTime(
-        client_compute=client_flops(dims, cut, client_ranks, work).total / client.flops,
+        client_compute=client_flops(dims, cut, client_ranks, work, tail).total / client.flops,
         upload=up / min(client.uplink_bps, server.downlink_bps),
-        server_compute=server_flops(dims, cut, server_ranks, work).total / server.flops,
+        server_compute=server_flops(dims, cut, server_ranks, work, tail).total / server.flops,
         download=down / min(server.uplink_bps, client.downlink_bps),
     )

@@ -49,7 +49,7 @@ from hsplitlora.hetero.planner import (
 )
 from hsplitlora.hetero.profiles import DeviceProfile, format_bytes
 from hsplitlora.models.lora import target_module_names
-from hsplitlora.models.split import arch_spec
+from hsplitlora.models.split import arch_spec, client_blocks
 from hsplitlora.modes import MERGING
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.train.hetero import HeteroSystem, PartyPlan
@@ -121,21 +121,25 @@ def probe_importance(system: HeteroSystem, n_batches: int, precision: str,
 
 
 def uniform_rank(dims: ModelDims, profile: DeviceProfile, cut: int, modules: Sequence[str],
-                 rank_set: Sequence[int], work: Workload) -> int:
-    """Largest rank of Q whose adapters on ``modules`` (client side) fit ``profile``."""
-    prefix_blocks = {m for m in modules if _block(m) < cut}
+                 rank_set: Sequence[int], work: Workload, tail: int = 0) -> int:
+    """Largest rank of Q whose adapters on ``modules`` (client side: its cut's blocks and a
+    U-shaped client's ``tail``) fit ``profile``."""
+    own = set(client_blocks(cut, tail, dims.n_layers))
+    prefix_blocks = {m for m in modules if _block(m) in own}
     best = 0
     for r in sorted(x for x in rank_set if x > 0):
-        mem = client_memory(dims, cut, {m: r for m in prefix_blocks}, work).total
+        mem = client_memory(dims, cut, {m: r for m in prefix_blocks}, work, tail).total
         if mem <= profile.memory_bytes:
             best = r
     if best == 0:
         need = client_memory(dims, cut, {m: min(x for x in rank_set if x > 0)
-                                         for m in prefix_blocks}, work).total
-        raise PlanError(f"client '{profile.name}' cannot hold cut {cut} with the smallest rank: "
+                                         for m in prefix_blocks}, work, tail).total
+        held = f"cut {cut} and a tail of {tail}" if tail else f"cut {cut}"
+        raise PlanError(f"client '{profile.name}' cannot hold {held} with the smallest rank: "
                         f"it needs {format_bytes(need)} but its budget is "
                         f"{format_bytes(profile.memory_bytes)} (short by "
-                        f"{format_bytes(need - profile.memory_bytes)}); lower train.cut, "
+                        f"{format_bytes(need - profile.memory_bytes)}); lower train.cut"
+                        f"{' or train.tail' if tail else ''}, "
                         "batch size or max_length, or give it more memory")
     return best
 
@@ -305,7 +309,8 @@ class Planner:
     def weakest_rank(self) -> int:
         """SplitLoRA on heterogeneous devices: the largest rank every client fits."""
         return min(uniform_rank(self.dims, p, self.cfg.train.cut, self.default_modules,
-                                self.hc.rank_set, self.work) for p in self.profiles)
+                                self.hc.rank_set, self.work, self.cfg.train.tail)
+                   for p in self.profiles)
 
 
 def meta_model(cfg: Any) -> nn.Module:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -304,13 +304,17 @@ def lora_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in _named_lora(module).items()}
 
 
-def load_lora_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+def load_lora_state(module: nn.Module | Sequence[nn.Module],
+                    state: Mapping[str, torch.Tensor]) -> None:
     """Copy adapter tensors (unsplit names) into ``module``; every adapter must be given.
+    ``module`` may be several that hold the adapters between them (a U-shaped client's
+    head and tail segments).
 
     Shapes must match exactly: a rank change needs a new :func:`attach_lora`, not a
     silent resize.
     """
-    own = _named_lora(module)
+    modules = [module] if isinstance(module, nn.Module) else module
+    own = {k: p for m in modules for k, p in _named_lora(m).items()}
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     if missing or extra:

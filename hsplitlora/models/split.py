@@ -17,6 +17,11 @@ code on a truncated block list:
 * the server's head runs the causal LM's own ``forward`` on the final hidden states, so
   what it does after the head (Gemma 2's logit soft-capping, Cohere's logit scale) is kept.
 
+A U-shaped split (``train.tail``) cuts twice: the client keeps blocks ``[0, k)`` and the
+tail ``[L - t, L)`` with the final norm and head; the server's middle segment runs blocks
+``[k, L - t)`` and ends at a stop like the client's, so it returns the exact input of
+block ``L - t``. The tail is a server segment starting at ``L - t`` that the client holds.
+
 Per-layer facts the backbone reads by block index from its config (``layer_types``:
 sliding vs full attention; per-layer rotary bases) are sliced to the segment's global
 range, so local block ``i`` of a segment starting at ``k`` reads entry ``k + i``. Where the
@@ -43,9 +48,11 @@ __all__ = [
     "ServerSegment",
     "SplitError",
     "arch_spec",
+    "client_blocks",
     "num_blocks",
     "server_view",
     "split_model",
+    "split_u",
 ]
 
 # The architectures the unit tests pin down by hand; every other one is discovered and
@@ -56,6 +63,14 @@ ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"
 def num_blocks(config: Any) -> int:
     """Number of transformer blocks of a model config."""
     return int(getattr(config, arch_spec(config).n_layers))
+
+
+def client_blocks(cut: int, tail: int, n_blocks: int) -> range | list[int]:
+    """The blocks a client holds: ``[0, cut)``, and with a tail (a U-shaped split) also
+    ``[n_blocks - tail, n_blocks)``."""
+    if not tail:
+        return range(cut)
+    return [*range(cut), *range(n_blocks - tail, n_blocks)]
 
 
 def _check_cut(cut: int, n_blocks: int) -> None:
@@ -261,9 +276,13 @@ class ClientSegment(_Segment):
 
 
 class ServerSegment(_Segment):
-    """Blocks ``[k, L)``, the final norm and the LM head: what the main server runs."""
+    """Blocks ``[k, L)``, the final norm and the LM head: what the main server runs.
 
-    def __init__(self, backbone: nn.Module, lm_head: nn.Module, spec: ArchSpec,
+    Without a head it is the middle of a U-shaped split: blocks ``[k, L - t)`` followed by
+    a stop, returning the input of block ``L - t`` (the client's tail runs the rest).
+    """
+
+    def __init__(self, backbone: nn.Module, lm_head: nn.Module | None, spec: ArchSpec,
                  first_block: int, n_blocks: int, after_blocks: str | None = None) -> None:
         super().__init__(backbone, spec, first_block, n_blocks)
         self.lm_head = lm_head
@@ -297,7 +316,8 @@ class ServerSegment(_Segment):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden states (after the final norm) for received activations."""
+        """Final hidden states (after the final norm) for received activations; for a
+        middle segment, the input of the first block after it."""
         if self._passthrough:  # cut L of a backbone with nothing after its blocks
             return activations
         self._incoming = activations
@@ -313,6 +333,8 @@ class ServerSegment(_Segment):
                 position_ids=position_ids,
                 use_cache=False,
             )
+        except _Reached as reached:  # a middle segment's stop
+            return reached.hidden
         finally:
             self._incoming = None
         return out.last_hidden_state
@@ -323,7 +345,9 @@ class ServerSegment(_Segment):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.lm_head(self.hidden(activations, attention_mask, position_ids))
+        """Logits, or for a middle segment the activations at its end."""
+        hidden = self.hidden(activations, attention_mask, position_ids)
+        return hidden if self.lm_head is None else self.lm_head(hidden)
 
 
 def _per_layer(config: Any, n: int) -> list[str]:
@@ -439,6 +463,47 @@ def server_view(segment: ServerSegment, cut: int) -> ServerSegment:
     return ServerSegment(view, segment.lm_head, spec, cut, n - offset)
 
 
+def _client_segment(backbone: nn.Module, spec: ArchSpec, blocks: list[nn.Module],
+                    cut: int) -> ClientSegment:
+    """Embeddings and blocks ``[0, cut)``, ending at a stop."""
+    client_bb, _ = _copy_backbone(backbone, spec, blocks[:cut], None)
+    _append_stop(client_bb, spec, blocks, cut)
+    client_bb.config = _segment_config(backbone.config, spec, 0, cut, cut + 1)
+    return ClientSegment(client_bb, spec, 0, cut)
+
+
+def _append_stop(copied: nn.Module, spec: ArchSpec, blocks: list[nn.Module], at: int) -> None:
+    """End a copied backbone at block ``at`` (which it does not hold)."""
+    stop = _Stop(blocks[min(at, len(blocks) - 1)] if blocks else None)
+    cast(nn.ModuleList, copied.get_submodule(spec.blocks)).append(stop)
+
+
+def _server_segment(model: nn.Module, spec: ArchSpec, blocks: list[nn.Module], start: int,
+                    stop: int) -> ServerSegment:
+    """Blocks ``[start, stop)``: with the final norm and head when ``stop`` is the last
+    block's end, else ending at a stop (the middle of a U-shaped split)."""
+    n = len(blocks)
+    backbone = getattr(model, spec.backbone)
+    if stop < n:
+        middle, _ = _copy_backbone(backbone, spec, blocks[start:stop], None)
+        _append_stop(middle, spec, blocks, stop)
+        middle.config = _segment_config(backbone.config, spec, start, stop, stop - start + 1)
+        return ServerSegment(middle, None, spec, start, stop - start)
+    server_bb, shell = _copy_backbone(backbone, spec, blocks[start:], _head_shell(model, spec))
+    server_bb.config = _segment_config(backbone.config, spec, start, n, n - start)
+    assert shell is not None
+    after = _after_blocks(model, spec) if start == n else None
+    return ServerSegment(server_bb, _Head(shell, spec), spec, start, n - start, after)
+
+
+def _blocks_checked(model: nn.Module, spec: ArchSpec, *cuts: int) -> list[nn.Module]:
+    blocks = list(getattr(model, spec.backbone).get_submodule(spec.blocks))
+    for cut in cuts:
+        _check_cut(cut, len(blocks))
+        check_cut(model.config, spec, cut)
+    return blocks
+
+
 def split_model(model: nn.Module, cut: int) -> tuple[ClientSegment, ServerSegment]:
     """Split a causal LM (optionally already carrying LoRA) after block ``cut``.
 
@@ -447,19 +512,28 @@ def split_model(model: nn.Module, cut: int) -> tuple[ClientSegment, ServerSegmen
     of any cut) over the very same frozen tensors, which nothing but a merge may write.
     """
     spec = arch_spec(model)
+    blocks = _blocks_checked(model, spec, cut)
     backbone = getattr(model, spec.backbone)
-    blocks = list(backbone.get_submodule(spec.blocks))
-    n = len(blocks)
-    _check_cut(cut, n)
-    check_cut(model.config, spec, cut)
-    client_bb, _ = _copy_backbone(backbone, spec, blocks[:cut], None)
-    stop = _Stop(blocks[min(cut, n - 1)] if n else None)
-    cast(nn.ModuleList, client_bb.get_submodule(spec.blocks)).append(stop)
-    client_bb.config = _segment_config(backbone.config, spec, 0, cut, cut + 1)
-    server_bb, shell = _copy_backbone(backbone, spec, blocks[cut:], _head_shell(model, spec))
-    server_bb.config = _segment_config(backbone.config, spec, cut, n, n - cut)
-    assert shell is not None
-    head = _Head(shell, spec)
-    after = _after_blocks(model, spec) if cut == n else None
-    return (ClientSegment(client_bb, spec, 0, cut),
-            ServerSegment(server_bb, head, spec, cut, n - cut, after))
+    return (_client_segment(backbone, spec, blocks, cut),
+            _server_segment(model, spec, blocks, cut, len(blocks)))
+
+
+def split_u(model: nn.Module, cut: int,
+            tail: int) -> tuple[ClientSegment, ServerSegment, ServerSegment]:
+    """A U-shaped split: the client's head (blocks ``[0, cut)``), the server's middle
+    (blocks ``[cut, L - tail)``, ending at a stop) and the client's tail (blocks
+    ``[L - tail, L)``, final norm, LM head), as :func:`split_model` copies them."""
+    spec = arch_spec(model)
+    n = int(getattr(model.config, spec.n_layers))
+    if isinstance(tail, bool) or not isinstance(tail, int) or not 0 < tail < n - cut:
+        raise SplitError(
+            f"tail {tail!r} with cut {cut!r} leaves no block to the server: this model has "
+            f"{n} blocks, so the tail must be an integer in [1, {n - cut - 1}] (blocks "
+            f"[cut, {n} - tail) run on the server)."
+        )
+    stop = n - tail
+    blocks = _blocks_checked(model, spec, cut, stop)
+    backbone = getattr(model, spec.backbone)
+    return (_client_segment(backbone, spec, blocks, cut),
+            _server_segment(model, spec, blocks, cut, stop),
+            _server_segment(model, spec, blocks, stop, n))

@@ -17,7 +17,8 @@ from hsplitlora.models.lora import (
     tail_penalty,
 )
 from hsplitlora.models.shared import MergeState, adopt_merges
-from hsplitlora.models.split import ClientSegment
+from hsplitlora.models.split import ClientSegment, ServerSegment
+from hsplitlora.roles.loss import segment_loss
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.roles.party_state import load_party_state, party_state
 from hsplitlora.train.compile import compiled_blocks
@@ -33,6 +34,11 @@ class Client:
 
     The raw tokens never leave this object: :meth:`forward` returns only activations,
     mask and labels; :meth:`backward` takes only the activation gradient.
+
+    With a ``tail`` (a U-shaped split) it also holds blocks ``[L - t, L)``, the final norm
+    and the head: :meth:`forward` sends no labels, :meth:`finish` takes the server's
+    activations at ``L - t`` and computes the loss here. The tail's adapters are the
+    client's own: one optimizer, one adapter state, aggregated with the client side.
     """
 
     def __init__(
@@ -47,21 +53,31 @@ class Client:
         device: torch.device | str = "cpu",
         probes: Iterator[dict[str, torch.Tensor]] | None = None,
         compile: bool = False,
+        tail: ServerSegment | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         self.client_id = client_id
         self.device = torch.device(device)
         self.segment = segment.to(self.device)
+        self.tail = tail.to(self.device) if tail is not None else None
+        self.label_smoothing = label_smoothing
         self.batches = batches
         self.probes = probes  # importance-probe batches (heterogeneous runs), apart from training's
         self.num_samples = num_samples
         self.precision = precision
         self.compile = compile  # torch.compile the blocks in training (train.compile)
-        self.optimizer = Optimizer(lora_parameters(self.segment), optim)
+        self.optimizer = Optimizer(self._parameters(), optim)
         self._pending: torch.Tensor | None = None
+        self._kept: tuple[torch.Tensor, torch.Tensor] | None = None  # mask, labels (tail)
 
     @property
     def cut(self) -> int:
         return len(self.segment.blocks)
+
+    @property
+    def holds_tail(self) -> bool:
+        """A U-shaped split: this client runs the last blocks, the head and the loss."""
+        return self.tail is not None
 
     @property
     def pending(self) -> torch.Tensor | None:
@@ -78,7 +94,23 @@ class Client:
                 compiled_blocks(self.segment.blocks, self.compile):
             hidden = self.segment(batch["input_ids"], batch["attention_mask"])
         self._pending = hidden
-        return Activations(hidden.detach(), batch["attention_mask"], batch["labels"])
+        if self.tail is None:
+            return Activations(hidden.detach(), batch["attention_mask"], batch["labels"])
+        self._kept = (batch["attention_mask"], batch["labels"])
+        return Activations(hidden.detach(), batch["attention_mask"], None)
+
+    def finish(self, returned: torch.Tensor) -> ServerReply:
+        """U-shaped split: run the tail on the server's activations at ``L - t``, take the
+        loss on the labels kept here and back-propagate it into the tail; the reply's
+        gradient (at ``L - t``) goes back to the server. :meth:`backward` then steps."""
+        if self.tail is None or self._kept is None:
+            raise RuntimeError(f"client {self.client_id}: finish needs a tail and a forward "
+                               "awaiting it")
+        (mask, labels), self._kept = self._kept, None
+        loss, tokens, grad = segment_loss(
+            self.tail, returned, mask, labels, precision=self.precision, device=self.device,
+            label_smoothing=self.label_smoothing, compile=self.compile)
+        return ServerReply(loss, tokens, grad)
 
     def backward(self, grad: torch.Tensor) -> None:
         """Finish back-propagation with the server's activation gradient, then step."""
@@ -91,14 +123,21 @@ class Client:
         if hidden.requires_grad:  # a cut of 0 leaves nothing trainable on the client
             hidden.backward(grad.to(device=hidden.device, dtype=hidden.dtype))
         s = self.optimizer.settings
-        tail_penalty(self.segment, s.tail_gamma, s.tail_lambda)
+        for segment in self._segments():
+            tail_penalty(segment, s.tail_gamma, s.tail_lambda)
         self.optimizer.step()
 
+    def _segments(self) -> list[ClientSegment | ServerSegment]:
+        return [self.segment] if self.tail is None else [self.segment, self.tail]
+
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        return [p for segment in self._segments() for p in lora_parameters(segment)]
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        return lora_state(self.segment)
+        return {k: v for segment in self._segments() for k, v in lora_state(segment).items()}
 
     def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        load_lora_state(self.segment, state)
+        load_lora_state(self._segments(), state)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on exactly as this client would: adapters,
@@ -109,7 +148,7 @@ class Client:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict`, into a segment built for the same plan."""
         load_party_state(self, state, self._streams())
-        self._pending = None
+        self._pending = self._kept = None
 
     def _streams(self) -> dict[str, Iterator[dict[str, torch.Tensor]] | None]:
         return {"batches": self.batches, "probes": self.probes}
@@ -136,7 +175,7 @@ class Client:
     def reset_adapters(self, settings: LoraSettings) -> None:
         """Fresh adapters (A random, B zero) at the planned ranks, and a fresh AdamW."""
         restart_lora(self.segment, settings)
-        self.optimizer.reset(lora_parameters(self.segment))
+        self.optimizer.reset(self._parameters())
 
     def probe_batches(self, n: int) -> list[dict[str, torch.Tensor]]:
         """The next ``n`` importance-probe batches of this client's shard."""

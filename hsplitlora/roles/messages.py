@@ -26,17 +26,24 @@ def nbytes(tensors: Mapping[str, torch.Tensor] | list[torch.Tensor] | torch.Tens
 class Activations:
     """A client's upload for one step: the smashed data and what the loss needs.
 
-    Labels travel because the main server computes the loss (as in SplitLoRA); the
-    attention mask because the server's blocks must mask the same padding.
+    Labels travel because the main server computes the loss (as in SplitLoRA), unless
+    the client keeps a tail (a U-shaped split: ``labels`` is None and the loss is the
+    client's); the attention mask because the server's blocks must mask the same padding.
     """
 
     hidden: torch.Tensor  # [batch, seq, d_model], output of the client's last block
     attention_mask: torch.Tensor  # [batch, seq], 1 for real tokens
-    labels: torch.Tensor  # [batch, seq], -100 where no loss is taken
+    labels: torch.Tensor | None  # [batch, seq], -100 where no loss is taken; None: kept
 
     @property
     def nbytes(self) -> int:
-        return nbytes([self.hidden, self.attention_mask, self.labels])
+        sent = [self.hidden, self.attention_mask]
+        return nbytes(sent if self.labels is None else [*sent, self.labels])
+
+    @property
+    def grad_nbytes(self) -> int:
+        """What the gradient of ``hidden`` costs on its way back (same shape and dtype)."""
+        return nbytes(self.hidden)
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,19 @@ from hsplitlora.models.lora import (
 from hsplitlora.models.shared import MergeState, adopt_merges, share_frozen
 from hsplitlora.models.split import ServerSegment
 from hsplitlora.roles.client import Update
+from hsplitlora.roles.loss import segment_loss
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.train.compile import compiled_blocks
-from hsplitlora.train.optim import Optimizer, OptimSettings, autocast, target_logits, token_loss
+from hsplitlora.train.optim import Optimizer, OptimSettings, autocast
 
 __all__ = ["MainServer"]
 
 
 class MainServer:
     """Finishes each client's forward pass, computes the loss, returns dL/d(activations).
+
+    In a U-shaped split the client keeps its tail and its labels: the server runs only
+    the middle blocks (:meth:`forward`, :meth:`backward`) and never sees a label.
 
     ``per_client=False`` is SplitLoRA (SFL-V2): one server-side adapter, updated on every
     client's batch in turn. ``per_client=True`` is SplitFed (SFL-V1): one copy per client,
@@ -52,6 +56,8 @@ class MainServer:
         self.compile = compile
         self.label_smoothing = label_smoothing
         self.per_client = per_client
+        # U-shaped split: each client's forward awaiting its tail's gradient
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         segment = segment.to(self.device)
         ids = list(client_ids)
         if per_client:
@@ -141,22 +147,48 @@ class MainServer:
 
     def step(self, client_id: int, acts: Activations) -> ServerReply:
         """Forward the server blocks on ``acts``, back-propagate, update, reply."""
+        if acts.labels is None:
+            raise ValueError(f"main server: client {client_id} kept its labels (a U-shaped "
+                             "split): its step is forward() and backward(), not step()")
+        segment = self._segment(client_id)
+        loss, tokens, grad = segment_loss(
+            segment, acts.hidden, acts.attention_mask, acts.labels, precision=self.precision,
+            device=self.device, label_smoothing=self.label_smoothing, compile=self.compile)
+        self._step(client_id, segment)
+        return ServerReply(loss, tokens, grad)
+
+    def forward(self, client_id: int, acts: Activations) -> torch.Tensor:
+        """U-shaped split: run the middle blocks on ``acts`` and return the activations at
+        the client's tail; :meth:`backward` finishes the step with the tail's gradient."""
         segment = self._segment(client_id)
         segment.train()
         hidden = acts.hidden.to(self.device).detach().requires_grad_(True)
-        mask = acts.attention_mask.to(self.device)
-        labels = acts.labels.to(self.device)
         with autocast(self.precision, self.device), \
                 compiled_blocks(segment.blocks, self.compile):
-            logits, targets = target_logits(segment.hidden(hidden, mask), segment.lm_head,
-                                            labels)
-        loss, tokens = token_loss(logits, targets, self.label_smoothing)
-        loss.backward()
+            out = segment(hidden, acts.attention_mask.to(self.device))
+        self._pending[client_id] = (hidden, out)
+        return out.detach()
+
+    def backward(self, client_id: int, grad: torch.Tensor) -> torch.Tensor:
+        """U-shaped split: back-propagate the tail's gradient through the middle blocks,
+        update, and return dL/d(activations at the client's cut)."""
+        try:
+            hidden, out = self._pending.pop(client_id)
+        except KeyError:
+            raise RuntimeError(f"main server: backward for client {client_id} before its "
+                               "forward") from None
+        if grad.shape != out.shape:
+            raise ValueError(f"main server: gradient shape {tuple(grad.shape)} from client "
+                             f"{client_id} does not match its activations {tuple(out.shape)}")
+        out.backward(grad.to(device=out.device, dtype=out.dtype))
+        self._step(client_id, self._segment(client_id))
+        assert hidden.grad is not None
+        return hidden.grad
+
+    def _step(self, client_id: int, segment: ServerSegment) -> None:
         s = self.optimizers[client_id].settings
         tail_penalty(segment, s.tail_gamma, s.tail_lambda)
         self.optimizers[client_id].step()
-        assert hidden.grad is not None
-        return ServerReply(float(loss.detach()), tokens, hidden.grad)
 
     @property
     def lr(self) -> float:

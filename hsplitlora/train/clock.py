@@ -55,9 +55,11 @@ def simulate(
     batch: int,
     seq: int,
     precision: str,
+    tail: int = 0,
 ) -> list[float]:
     """Simulated seconds at the end of each round (cumulative). ``unsplit``: the clients
-    run the whole model although the mode splits it (``hetero.federated``)."""
+    run the whole model although the mode splits it (``hetero.federated``); ``tail``: the
+    clients keep that many last blocks (a U-shaped split)."""
     steps: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
     aggs: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
     replans: dict[int, Mapping[str, Any]] = {}
@@ -84,7 +86,7 @@ def simulate(
             clock += sum(per) if mode.schedule == "centralized" else max(per)
         else:
             clock += _split_round(steps[rnd], mode.schedule == "relay", dims, cuts, ranks,
-                                  clients, server, work)
+                                  clients, server, work, tail)
         for a in aggs.get(rnd, []):
             if a["event"] == "probe":
                 clock += _probe(a["links"], dims, clients, server, work)
@@ -135,18 +137,28 @@ def _probe(links: Sequence[Sequence[int]], dims: ModelDims, clients: Sequence[De
 def _split_round(steps: Sequence[Mapping[str, Any]], sequential: bool, dims: ModelDims,
                  cuts: Mapping[int, int], ranks: Mapping[int, Mapping[str, int]],
                  clients: Sequence[DeviceProfile], server: DeviceProfile,
-                 work: Workload) -> float:
+                 work: Workload, tail: int = 0) -> float:
     timings = []
     for s in steps:
         cid = s["client"]
         dev, cut, plan = clients[cid], cuts[cid], ranks.get(cid, {})
         cf = client_flops(dims, cut, plan, work)
-        sf = server_flops(dims, cut, plan, work)
+        serving = server_flops(dims, cut, plan, work, tail).total / server.flops
+        up, down = s["bytes_up"], s["bytes_down"]
+        if tail:
+            # The server waits for the tail's round trip between its two hops (it serves
+            # one client at a time): the activations at L - t down, the tail's forward and
+            # backward on the client, its gradient (as large) up.
+            hop = down / 2
+            tail_s = (client_flops(dims, cut, plan, work, tail).total - cf.total) / dev.flops
+            serving += (hop / min(server.uplink_bps, dev.downlink_bps) + tail_s
+                        + hop / min(dev.uplink_bps, server.downlink_bps))
+            up, down = up - hop, down - hop
         timings.append((
             cf.forward / dev.flops,
-            s["bytes_up"] / min(dev.uplink_bps, server.downlink_bps),
-            sf.total / server.flops,
-            s["bytes_down"] / min(server.uplink_bps, dev.downlink_bps),
+            up / min(dev.uplink_bps, server.downlink_bps),
+            serving,
+            down / min(server.uplink_bps, dev.downlink_bps),
             cf.backward / dev.flops,
         ))
     if sequential:  # one client at a time

@@ -37,7 +37,7 @@ from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.roles.learner import Learner
 from hsplitlora.roles.messages import nbytes
 from hsplitlora.roles.server import MainServer
-from hsplitlora.train.placement import Attendance, PartyLost
+from hsplitlora.train.placement import Attendance, Deferred, PartyLost, total
 from hsplitlora.train.recorder import Recorder
 
 __all__ = ["Attendance", "Centralized", "Parallel", "Relay", "Schedule", "attending",
@@ -93,19 +93,29 @@ def run_rounds(schedule: Schedule, rounds: int, rec: Recorder, *, start: int = 0
 def client_step(client: Client, server: MainServer, rec: Recorder, round: int, *,
                 local: bool = False) -> bool:
     """One split step: the client's forward, the server's step, the client's backward.
-    ``local``: the client runs the server segment itself (nothing crosses a network).
-    Returns False if a remote client went away, or a remote server refused its step (the
-    round goes on without it)."""
+    In a U-shaped split (the client holds the tail and the labels) the server's step is
+    two hops: its middle blocks forward, the client's tail takes the loss, the tail's
+    gradient goes back through the middle. ``local``: the client runs the server segment
+    itself (nothing crosses a network). Returns False if a remote client went away, or a
+    remote server refused its step (the round goes on without it)."""
+    up: int | Deferred
+    down: int | Deferred
     try:
         acts = client.forward()
-        reply = server.step(client.client_id, acts)
+        if not client.holds_tail:
+            reply = server.step(client.client_id, acts)
+            grad, up, down = reply.grad, acts.nbytes, reply.nbytes
+        else:
+            reply = client.finish(server.forward(client.client_id, acts))
+            grad = server.backward(client.client_id, reply.grad)
+            # down: the activations at L - t (the size of their gradient) and the cut's grad
+            up, down = total(acts.nbytes, reply.nbytes), total(reply.nbytes, acts.grad_nbytes)
     except PartyLost as e:
         log.warning("round %d goes on without client %d: %s", round, client.client_id, e)
         return False
-    client.backward(reply.grad)
+    client.backward(grad)
     rec.train_step(round=round, client=client.client_id, loss=reply.loss, tokens=reply.tokens,
-                   bytes_up=0 if local else acts.nbytes, bytes_down=0 if local else reply.nbytes,
-                   lr=server.lr)
+                   bytes_up=0 if local else up, bytes_down=0 if local else down, lr=server.lr)
     return True
 
 

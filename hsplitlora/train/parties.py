@@ -21,7 +21,7 @@ from torch import nn
 from hsplitlora.data.tokenize import pad_id_for
 from hsplitlora.models.lora import LoraSettings, attach_lora
 from hsplitlora.models.shared import share_frozen
-from hsplitlora.models.split import ClientSegment, ServerSegment, split_model
+from hsplitlora.models.split import ClientSegment, ServerSegment, split_model, split_u
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.roles.learner import Learner
@@ -32,7 +32,7 @@ from hsplitlora.train.optim import OptimSettings
 __all__ = ["Batches", "ClientRecipe", "HeteroServerRecipe", "LearnerRecipe", "ServerRecipe",
            "client_recipes", "fed_server", "hetero_client_recipe", "hetero_segments",
            "learner_recipes", "optim_settings", "party_seed", "probe_stream", "server_recipe",
-           "shard_stream"]
+           "shard_stream", "split_segments"]
 
 Batches = Iterator[dict[str, torch.Tensor]]
 
@@ -66,6 +66,8 @@ class ClientRecipe:
     # The LoRA the segment carries (heterogeneous runs), so a party elsewhere can rebuild
     # the very same segment from its own copy of the base model.
     settings: LoraSettings | None = None
+    tail: ServerSegment | None = None  # a U-shaped split's blocks [L - t, L) and head
+    label_smoothing: float = 0.0  # the loss is the client's when it holds the tail
 
     def stream(self) -> BatchStream:
         """This client's batches from the first one (a rejoining client rebuilds it)."""
@@ -75,7 +77,8 @@ class ClientRecipe:
         """The client, drawing from ``batches`` (default: its own stream)."""
         return Client(self.client_id, self.segment, batches or self.batches, self.num_samples,
                       self.optim, precision=self.precision, device=device, probes=self.probes,
-                      compile=self.compile)
+                      compile=self.compile, tail=self.tail,
+                      label_smoothing=self.label_smoothing)
 
 
 @dataclass(kw_only=True)
@@ -173,16 +176,26 @@ def hetero_client_recipe(p: Any, client_id: int, cut: int,
                         probes=probe_stream(p, client_id), settings=settings)
 
 
-def client_recipes(p: Any, ids: Sequence[int] | None = None) -> list[ClientRecipe]:
-    """Each client's recipe: its own client segment (its adapters over the shared frozen
-    base), its shard, its optimizer."""
+def split_segments(p: Any) -> tuple[ClientSegment, ServerSegment, ServerSegment | None]:
+    """The run's segments at ``train.cut``: the client's, the main server's and, in a
+    U-shaped split (``train.tail``), the client's tail."""
     t = p.cfg.train
-    client_seg, _ = split_model(p.model, t.cut)
+    if t.tail:
+        return split_u(p.model, t.cut, t.tail)
+    return (*split_model(p.model, t.cut), None)
+
+
+def client_recipes(p: Any, ids: Sequence[int] | None = None) -> list[ClientRecipe]:
+    """Each client's recipe: its own client segment (and tail, its adapters over the
+    shared frozen base), its shard, its optimizer."""
+    t = p.cfg.train
+    client_seg, _, tail = split_segments(p)
     ids = range(t.num_clients) if ids is None else ids
     return [ClientRecipe(client_id=cid, segment=share_frozen(client_seg),
                          batches=shard_stream(p, cid), num_samples=len(p.shards[cid]),
                          optim=optim_settings(p.cfg, t.steps), precision=t.precision,
-                         compile=t.compile)
+                         compile=t.compile, label_smoothing=t.label_smoothing,
+                         tail=None if tail is None else share_frozen(tail))
             for cid in ids]
 
 
@@ -190,7 +203,7 @@ def server_recipe(p: Any) -> ServerRecipe:
     """The main server: SFL-V2's one shared server-side adapter (its schedule spans every
     client's steps), or SFL-V1's copy per client under ``splitfed``."""
     t, mode = p.cfg.train, p.cfg.mode
-    _, server_seg = split_model(p.model, t.cut)
+    _, server_seg, _ = split_segments(p)
     return ServerRecipe(server_seg, t.num_clients,
                         optim_settings(p.cfg, mode.server_steps(t.steps, t.num_clients)),
                         mode.server == "per_participant", t.precision, t.label_smoothing,

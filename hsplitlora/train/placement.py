@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
-__all__ = ["Attendance", "Deferred", "InProcess", "PartyLost", "Placement", "settle"]
+__all__ = ["Attendance", "Deferred", "InProcess", "PartyLost", "Placement", "settle",
+           "total"]
 
 
 class PartyLost(RuntimeError):
@@ -39,6 +40,13 @@ class Deferred:
 def settle(value: Any) -> Any:
     """The value itself, waiting for it if it is :class:`Deferred`."""
     return value.get() if isinstance(value, Deferred) else value
+
+
+def total(*values: int | Deferred) -> int | Deferred:
+    """The sum of byte counts, deferred while any of them is."""
+    if any(isinstance(v, Deferred) for v in values):
+        return Deferred(lambda: sum(settle(v) for v in values))
+    return sum(values)  # type: ignore[arg-type]
 
 
 # The clients present in a round (None: all of them).

@@ -65,6 +65,11 @@ def preflight(cfg: RunConfig, model_config: Any = None) -> None:
             raise ConfigError(f"train.cut {t.cut} is out of range: {name} has {blocks} blocks, "
                               f"so the cut must be in 0..{blocks} (blocks [0, cut) run on the "
                               "clients)")
+        if t.tail and t.cut + t.tail >= blocks:
+            raise ConfigError(f"train.tail {t.tail} with train.cut {t.cut} leaves the server no "
+                              f"block: {name} has {blocks} blocks and the server runs blocks "
+                              f"[cut, {blocks} - tail); lower train.tail or train.cut so that "
+                              f"cut + tail < {blocks}")
     bad_cuts = [c for c in cfg.hetero.cuts or [] if not 1 <= c < blocks]
     if cfg.mode.planned and bad_cuts:
         raise ConfigError(f"hetero.cuts {bad_cuts} are out of range: {name} has {blocks} "

@@ -53,7 +53,8 @@ def _cpu(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.cpu()
     if isinstance(x, Activations):
-        return Activations(x.hidden.cpu(), x.attention_mask.cpu(), x.labels.cpu())
+        return Activations(x.hidden.cpu(), x.attention_mask.cpu(),
+                           None if x.labels is None else x.labels.cpu())
     if isinstance(x, dict):
         return {k: _cpu(v) for k, v in x.items()}
     return x
@@ -82,14 +83,24 @@ class RoleActor:
         value = getattr(self.role, name)
         return value if key is None else value[key]
 
-    def forward(self) -> tuple[int, Activations]:
+    def forward(self) -> tuple[tuple[int, int], Activations]:
         acts = _cpu(self.role.forward())
-        return acts.nbytes, acts
+        return (acts.nbytes, acts.grad_nbytes), acts
 
     def step(self, client_id: int, acts: Activations) -> tuple[tuple[float, int, int, float],
                                                                 torch.Tensor]:
         reply = self.role.step(client_id, acts)
         return (reply.loss, reply.tokens, reply.nbytes, self.role.lr), reply.grad.cpu()
+
+    def finish(self, returned: torch.Tensor) -> tuple[tuple[float, int, int], torch.Tensor]:
+        """A U-shaped client's tail on the server's activations."""
+        reply = self.role.finish(returned)
+        return (reply.loss, reply.tokens, reply.nbytes), reply.grad.cpu()
+
+    def back(self, client_id: int, grad: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """The U-shaped server's backward through its middle blocks."""
+        out = self.role.backward(client_id, grad).cpu()
+        return self.role.lr, out
 
     def learn(self) -> tuple[float, int, float]:
         loss, tokens = self.role.step()
@@ -147,9 +158,10 @@ class _Remote:
 
 
 class _RemoteActivations:
-    def __init__(self, ref: Any, nbytes: Deferred) -> None:
+    def __init__(self, ref: Any, nbytes: Deferred, grad_nbytes: Deferred) -> None:
         self.ref = ref
         self.nbytes = nbytes
+        self.grad_nbytes = grad_nbytes
 
 
 class _RemoteReply:
@@ -165,10 +177,15 @@ class RemoteClient(_Remote):
         super().__init__(ray, actor)
         self.client_id = recipe.client_id
         self.num_samples = recipe.num_samples
+        self.holds_tail = recipe.tail is not None
 
     def forward(self) -> _RemoteActivations:
-        nbytes, acts = self.actor.forward.options(num_returns=2).remote()
-        return _RemoteActivations(acts, self._deferred(nbytes))
+        sizes, acts = self.actor.forward.options(num_returns=2).remote()
+        return _RemoteActivations(acts, self._deferred(sizes, 0), self._deferred(sizes, 1))
+
+    def finish(self, returned: Any) -> _RemoteReply:
+        meta, grad = self.actor.finish.options(num_returns=2).remote(returned)
+        return _RemoteReply(meta, grad, self)
 
     def backward(self, grad: Any) -> None:
         self._fire("backward", grad)
@@ -191,17 +208,27 @@ class RemoteServer(_Remote):
     def __init__(self, ray: Any, actor: Any, recipe: Any) -> None:
         super().__init__(ray, actor)
         self.per_client = recipe.per_client
-        self._last: Any = None
+        self._lr: Deferred | None = None
 
     def step(self, client_id: int, acts: Any) -> _RemoteReply:
         upload = acts.ref if isinstance(acts, _RemoteActivations) else acts
         meta, grad = self.actor.step.options(num_returns=2).remote(client_id, upload)
-        self._last = meta
+        self._lr = self._deferred(meta, 3)
         return _RemoteReply(meta, grad, self)
+
+    def forward(self, client_id: int, acts: _RemoteActivations) -> Any:
+        """A U-shaped step's middle: a reference to the activations at the client's tail."""
+        return self.actor.call.remote("forward", client_id, acts.ref)
+
+    def backward(self, client_id: int, grad: Any) -> Any:
+        lr, out = self.actor.back.options(num_returns=2).remote(client_id, grad)
+        self._lr = self._deferred(lr)
+        return out
 
     @property
     def lr(self) -> Deferred:
-        return self._deferred(self._last, 3)
+        assert self._lr is not None, "the server's LR is read after its first step"
+        return self._lr
 
     @property
     def segments(self) -> _RemoteSegments:

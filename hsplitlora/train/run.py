@@ -30,7 +30,7 @@ from hsplitlora.data.tokenize import TokenizedDataset, pad_id_for
 from hsplitlora.eval.generate import GenerationSettings, generate
 from hsplitlora.eval.perplexity import perplexity
 from hsplitlora.models.lora import LoraSettings, attach_lora, load_lora_state, save_peft_adapter
-from hsplitlora.models.split import arch_spec
+from hsplitlora.models.split import arch_spec, client_blocks, num_blocks
 from hsplitlora.report import plot_loss
 from hsplitlora.train import engine
 from hsplitlora.train.attendance import present
@@ -163,14 +163,14 @@ def _weakest_rank(cfg: RunConfig, model: nn.Module, shards: list[TokenizedDatase
     return rank
 
 
-def quantized_blocks(cfg: RunConfig, n_blocks: int) -> range:
-    """The blocks ``model.quantization`` applies to: a client's [0, cut) (and the
+def quantized_blocks(cfg: RunConfig, n_blocks: int) -> range | list[int]:
+    """The blocks ``model.quantization`` applies to: a client's [0, cut) and tail (and the
     server's with ``model.quantize_server``); every block where a party holds them all."""
     if cfg.model.quantization == "none":
         return range(0)
     if not cfg.mode.split or cfg.model.quantize_server:
         return range(n_blocks)
-    return range(min(cfg.train.cut, n_blocks))
+    return client_blocks(min(cfg.train.cut, n_blocks), cfg.train.tail, n_blocks)
 
 
 def quantize(cfg: RunConfig, model: nn.Module) -> None:
@@ -178,7 +178,6 @@ def quantize(cfg: RunConfig, model: nn.Module) -> None:
     if cfg.model.quantization == "none":
         return
     from hsplitlora.models.quantize import quantize_blocks
-    from hsplitlora.models.split import num_blocks
 
     quantize_blocks(model, quantized_blocks(cfg, num_blocks(model.config)),
                     cfg.model.quantization,
@@ -567,7 +566,7 @@ def simulated_times(p: Prepared, records: list[dict[str, Any]],
                     ranks={c: r for c, (_, r) in plans.items()},
                     clients=profiles, server=cfg.hetero.scenario.server_profile(),
                     batch=cfg.train.batch_size, seq=mean_length(p.shards),
-                    precision=cfg.train.precision)
+                    precision=cfg.train.precision, tail=cfg.train.tail)
 
 
 def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
@@ -595,8 +594,9 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
     elif not p.cfg.mode.split:
         client_params = total  # one party holds everything
     else:
+        held = set(client_blocks(cut, p.cfg.train.tail, num_blocks(p.model.config)))
         client_params = sum(p_.numel() for n, p_ in p.model.named_parameters()
-                            if ".lora_" in n and spec.block_of(n) < cut)
+                            if ".lora_" in n and spec.block_of(n) in held)
     return {
         "mode": p.cfg.train.mode,
         "model": p.cfg.model.name,

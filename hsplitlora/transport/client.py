@@ -2,11 +2,13 @@
 
 :class:`RemoteMainServer` has :meth:`MainServer.step`'s signature, so the client's loop is
 the in-process one (forward, step, backward, aggregate every ``I`` rounds) with the server
-on the other end of a stream. :class:`ClientRunner` adds what a network needs: it keeps a
-snapshot of the client's state at the start of each recent round (adapters, optimizer,
-data position, RNG), so when the server resumes from its checkpoint, or refuses an upload,
-the client rewinds to exactly that round; when it has no such snapshot (it was away) it
-takes the latest aggregate and carries on from the server's round.
+on the other end of a stream; a U-shaped client's step is the two hops around its tail
+(activations up, the middle's output down, the tail's gradient up, the cut's down).
+:class:`ClientRunner` adds what a network needs: it keeps a snapshot of the client's state
+at the start of each recent round (adapters, optimizer, data position, RNG), so when the
+server resumes from its checkpoint, or refuses an upload, the client rewinds to exactly
+that round; when it has no such snapshot (it was away) it takes the latest aggregate and
+carries on from the server's round.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.train.parties import Batches, ClientRecipe
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
-from hsplitlora.transport.codec import decode, encode_activations, wire_layout
+from hsplitlora.transport.codec import decode, encode, encode_activations, wire_layout
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import RemoteFed
 from hsplitlora.transport.plan import aggregates_at
@@ -41,9 +43,10 @@ from hsplitlora.transport.security import (
     explain,
     open_channel,
 )
-from hsplitlora.transport.validate import check_finite, check_header
+from hsplitlora.transport.validate import check_finite, check_header, loss_meta
 from hsplitlora.transport.wire import (
     Blob,
+    Header,
     Reassembler,
     WireError,
     frames,
@@ -182,26 +185,49 @@ class RemoteMainServer:
     def step(self, client_id: int, acts: Activations) -> ServerReply:
         data = pack(encode_activations(acts, self.codec))
         self.link.send("acts", self.round, data)
+        header, grad, size = self._receive(client_id, "grad", acts.hidden)
+        self.bytes_up, self.bytes_down = len(data), size
+        return ServerReply(*loss_meta(header.meta, self._what(client_id, "grad")), grad)
+
+    def forward(self, client_id: int, acts: Activations) -> torch.Tensor:
+        """U-shaped split: send the activations (no labels), receive the middle's output."""
+        data = pack(encode_activations(acts, self.codec))
+        self.link.send("acts", self.round, data)
+        _, returned, size = self._receive(client_id, "mid", acts.hidden)
+        self.bytes_up, self.bytes_down = len(data), size
+        return returned
+
+    def backward(self, client_id: int, tail: ServerReply) -> torch.Tensor:
+        """U-shaped split: send the tail's gradient (with its loss and target tokens, for
+        the server's records), receive the gradient at the cut."""
+        data = pack(encode("tailgrad", tail.grad, self.codec),
+                    {"loss": repr(tail.loss), "tokens": str(tail.tokens)})
+        self.link.send("tailgrad", self.round, data)
+        _, grad, size = self._receive(client_id, "grad", tail.grad)
+        self.bytes_up, self.bytes_down = self.bytes_up + len(data), self.bytes_down + size
+        return grad
+
+    def _what(self, client_id: int, kind: str) -> str:
+        return f"{kind} for client {client_id}, round {self.round}"
+
+    def _receive(self, client_id: int, kind: str,
+                 like: torch.Tensor) -> tuple[Header, torch.Tensor, int]:
+        """The server's next blob, which must be a ``kind`` tensor shaped as ``like``."""
         got = self.link.receive(self.timeout_s)
         if isinstance(got, pb.Control):
             if got.kind == pb.Control.REFUSED:
                 raise StepRefused(got.message)
             raise ConnectionFailed("the server ended the run while client "
-                                   f"{client_id} waited for its gradient")
-        what = f"gradient for client {client_id}, round {self.round}"
-        if got.kind != "grad" or got.round != self.round:
+                                   f"{client_id} waited for its {kind}")
+        what = self._what(client_id, kind)
+        if got.kind != kind or got.round != self.round:
             raise WireError(f"{what}: got a {got.kind!r} blob of round {got.round} instead")
         header = read_header(got.data)
-        layout = wire_layout("grad", self.codec, acts.hidden.dtype, tuple(acts.hidden.shape))
-        check_header(header, layout, {}, what)
+        check_header(header, wire_layout(kind, self.codec, like.dtype, tuple(like.shape)), {},
+                     what)
         wire = unpack(got.data)
         check_finite(wire, what)
-        try:
-            loss, tokens = float(header.meta["loss"]), int(header.meta["tokens"])
-        except (KeyError, ValueError):
-            raise WireError(f"{what}: metadata lacks a numeric loss and tokens") from None
-        self.bytes_up, self.bytes_down = len(data), len(got.data)
-        return ServerReply(loss, tokens, decode(wire, "grad", self.codec, acts.hidden.dtype))
+        return header, decode(wire, kind, self.codec, like.dtype), len(got.data)
 
 
 class _CountingStream:
@@ -280,7 +306,8 @@ class ClientRunner:
         self._welcomed = False
         hello = pb.Hello(client_id=self.client_id, cut=self.client.cut,
                          num_samples=self.client.num_samples, codec=self.net.codec,
-                         mode=self.mode)
+                         mode=self.mode, tail=len(self.client.tail.blocks)
+                         if self.client.tail is not None else 0)
         link = Link(self.address, self.net, hello, self.token)
         fed = RemoteFed(self.fed_address, self.net, str(self.client_id), self.token)
         try:
@@ -309,7 +336,12 @@ class ClientRunner:
             acts = self.client.forward()
             sent = time.perf_counter()
             try:
-                reply = remote.step(self.client_id, acts)
+                if self.client.holds_tail:
+                    reply = self.client.finish(remote.forward(self.client_id, acts))
+                    grad = remote.backward(self.client_id, reply)
+                else:
+                    reply = remote.step(self.client_id, acts)
+                    grad = reply.grad
             except StepRefused as e:
                 log.error("client %d, round %d: the server refused our activations: %s",
                           self.client_id, t, e)
@@ -318,7 +350,7 @@ class ClientRunner:
                     self._catch_up(fed, t)
                 self.round = t + 1
                 continue
-            self.client.backward(reply.grad)
+            self.client.backward(grad)
             self.history.append({"round": t, "loss": reply.loss, "tokens": reply.tokens,
                                  "bytes_up": remote.bytes_up, "bytes_down": remote.bytes_down,
                                  "latency_s": time.perf_counter() - sent})

@@ -5,7 +5,7 @@ is bit-identical to the in-process one. ``bf16``/``fp16`` halve the bytes; ``int
 one fp32 scale per channel (the last dimension, where transformer activations carry their
 outliers) and quarters them. Masks travel as uint8 and labels as int32 under every codec:
 both are small integers, so this is lossless and keeps the bookkeeping tensors from eating
-the savings of the compressed ones.
+the savings of the compressed ones. A U-shaped client sends no labels at all.
 """
 
 from __future__ import annotations
@@ -72,12 +72,14 @@ def wire_layout(name: str, codec: str, dtype: torch.dtype,
 
 
 def encode_activations(acts: Activations, codec: str) -> dict[str, torch.Tensor]:
+    """The wire tensors of an upload; a U-shaped client's has no labels."""
+    labels = {} if acts.labels is None else {"labels": acts.labels.to(torch.int32)}
     return {**encode("hidden", acts.hidden, codec),
-            "attention_mask": acts.attention_mask.to(torch.uint8),
-            "labels": acts.labels.to(torch.int32)}
+            "attention_mask": acts.attention_mask.to(torch.uint8), **labels}
 
 
 def decode_activations(wire: Mapping[str, torch.Tensor], codec: str,
                        dtype: torch.dtype) -> Activations:
+    labels = wire["labels"].to(torch.int64) if "labels" in wire else None
     return Activations(decode(wire, "hidden", codec, dtype),
-                       wire["attention_mask"].to(torch.int64), wire["labels"].to(torch.int64))
+                       wire["attention_mask"].to(torch.int64), labels)

@@ -10,6 +10,7 @@ is refused. Nothing non-finite then ever reaches a checkpoint or another client.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -23,22 +24,37 @@ __all__ = ["guarded_step"]
 
 class _Server(Protocol):
     def step(self, client_id: int, acts: Activations) -> ServerReply: ...
+    def forward(self, client_id: int, acts: Activations) -> torch.Tensor: ...
+    def backward(self, client_id: int, grad: torch.Tensor) -> torch.Tensor: ...
     def adapter_state(self, client_id: int | None = None) -> dict[str, torch.Tensor]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: Any) -> None: ...
 
 
+# A U-shaped client's answer to the server's activations: its loss, tokens and gradient.
+Tail = Callable[[torch.Tensor], ServerReply]
+
+
 def guarded_step(server: _Server, client_id: int, acts: Activations, bound: float,
-                 what: str) -> ServerReply:
+                 what: str, tail: Tail | None = None) -> ServerReply:
     """``server.step`` that either succeeds with finite results or changes nothing and
-    raises :class:`WireError` saying what went wrong."""
+    raises :class:`WireError` saying what went wrong. With ``tail`` (a U-shaped split)
+    the step is the server's two hops around the client's tail: whatever fails on the
+    way (the client's answer included) undoes it."""
     before = server.state_dict()  # deep copies: later steps cannot alter them
     try:
-        reply = server.step(client_id, acts)
+        if tail is None:
+            reply = server.step(client_id, acts)
+            grad = reply.grad
+        else:
+            returned = server.forward(client_id, acts)
+            check_finite({"returned": returned}, what)
+            reply = tail(returned)
+            grad = server.backward(client_id, reply.grad)
         if not math.isfinite(reply.loss):
             raise WireError(f"{what}: the server's loss on it is {reply.loss}")
-        check_finite({"grad": reply.grad}, what)
-        check_magnitude({"grad": reply.grad}, bound, what)
+        check_finite({"grad": grad}, what)
+        check_magnitude({"grad": grad}, bound, what)
         check_finite(server.adapter_state(client_id), f"{what}: the updated server adapter")
     except (WireError, FloatingPointError, RuntimeError, ValueError, OverflowError) as e:
         server.load_state_dict(before)
@@ -46,4 +62,7 @@ def guarded_step(server: _Server, client_id: int, acts: Activations, bound: floa
             raise WireError(f"{e}; the step was undone") from None
         raise WireError(f"{what}: the server step failed on it ({type(e).__name__}: {e}); "
                         "the step was undone") from None
-    return reply
+    except BaseException:
+        server.load_state_dict(before)
+        raise
+    return ServerReply(reply.loss, reply.tokens, grad)

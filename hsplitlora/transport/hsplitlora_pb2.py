@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%hsplitlora/transport/hsplitlora.proto\x12\x14hsplitlora.transport\"q\n\x05\x43hunk\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\r\n\x05index\x18\x05 \x01(\r\x12\x0c\n\x04last\x18\x06 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"Y\n\x05Hello\x12\x11\n\tclient_id\x18\x01 \x01(\x05\x12\x0b\n\x03\x63ut\x18\x02 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0c\n\x04mode\x18\x05 \x01(\t\"T\n\x07Welcome\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05steps\x18\x02 \x01(\x03\x12\x10\n\x08interval\x18\x03 \x01(\x05\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x0b\n\x03\x63ut\x18\x05 \x01(\x05\"z\n\x07\x43ontrol\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".hsplitlora.transport.Control.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x1d\n\x04Kind\x12\x08\n\x04\x44ONE\x10\x00\x12\x0b\n\x07REFUSED\x10\x01\"q\n\x0b\x43lientFrame\x12,\n\x05hello\x18\x01 \x01(\x0b\x32\x1b.hsplitlora.transport.HelloH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.hsplitlora.transport.ChunkH\x00\x42\x06\n\x04\x62ody\"\xa7\x01\n\x0bServerFrame\x12\x30\n\x07welcome\x18\x01 \x01(\x0b\x32\x1d.hsplitlora.transport.WelcomeH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.hsplitlora.transport.ChunkH\x00\x12\x30\n\x07\x63ontrol\x18\x03 \x01(\x0b\x32\x1d.hsplitlora.transport.ControlH\x00\x42\x06\n\x04\x62ody\".\n\tRoundOpen\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x12\n\nclient_ids\x18\x02 \x03(\x05\"\x05\n\x03\x41\x63k\"2\n\rLatestRequest\x12\x11\n\tmin_round\x18\x01 \x01(\x03\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\x32\x62\n\rSplitTraining\x12Q\n\x05Train\x12!.hsplitlora.transport.ClientFrame\x1a!.hsplitlora.transport.ServerFrame(\x01\x30\x01\x32\xb2\x02\n\nFederation\x12I\n\tAggregate\x12\x1b.hsplitlora.transport.Chunk\x1a\x1b.hsplitlora.transport.Chunk(\x01\x30\x01\x12L\n\x06Latest\x12#.hsplitlora.transport.LatestRequest\x1a\x1b.hsplitlora.transport.Chunk0\x01\x12\x42\n\x04Open\x12\x1f.hsplitlora.transport.RoundOpen\x1a\x19.hsplitlora.transport.Ack\x12G\n\x07\x43ombine\x12\x1b.hsplitlora.transport.Chunk\x1a\x1b.hsplitlora.transport.Chunk(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%hsplitlora/transport/hsplitlora.proto\x12\x14hsplitlora.transport\"q\n\x05\x43hunk\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\r\n\x05index\x18\x05 \x01(\r\x12\x0c\n\x04last\x18\x06 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"g\n\x05Hello\x12\x11\n\tclient_id\x18\x01 \x01(\x05\x12\x0b\n\x03\x63ut\x18\x02 \x01(\x05\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x03\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0c\n\x04mode\x18\x05 \x01(\t\x12\x0c\n\x04tail\x18\x06 \x01(\x05\"T\n\x07Welcome\x12\r\n\x05round\x18\x01 \x01(\x03\x12\r\n\x05steps\x18\x02 \x01(\x03\x12\x10\n\x08interval\x18\x03 \x01(\x05\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x0b\n\x03\x63ut\x18\x05 \x01(\x05\"z\n\x07\x43ontrol\x12\x30\n\x04kind\x18\x01 \x01(\x0e\x32\".hsplitlora.transport.Control.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x1d\n\x04Kind\x12\x08\n\x04\x44ONE\x10\x00\x12\x0b\n\x07REFUSED\x10\x01\"q\n\x0b\x43lientFrame\x12,\n\x05hello\x18\x01 \x01(\x0b\x32\x1b.hsplitlora.transport.HelloH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.hsplitlora.transport.ChunkH\x00\x42\x06\n\x04\x62ody\"\xa7\x01\n\x0bServerFrame\x12\x30\n\x07welcome\x18\x01 \x01(\x0b\x32\x1d.hsplitlora.transport.WelcomeH\x00\x12,\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1b.hsplitlora.transport.ChunkH\x00\x12\x30\n\x07\x63ontrol\x18\x03 \x01(\x0b\x32\x1d.hsplitlora.transport.ControlH\x00\x42\x06\n\x04\x62ody\".\n\tRoundOpen\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x12\n\nclient_ids\x18\x02 \x03(\x05\"\x05\n\x03\x41\x63k\"2\n\rLatestRequest\x12\x11\n\tmin_round\x18\x01 \x01(\x03\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\x32\x62\n\rSplitTraining\x12Q\n\x05Train\x12!.hsplitlora.transport.ClientFrame\x1a!.hsplitlora.transport.ServerFrame(\x01\x30\x01\x32\xb2\x02\n\nFederation\x12I\n\tAggregate\x12\x1b.hsplitlora.transport.Chunk\x1a\x1b.hsplitlora.transport.Chunk(\x01\x30\x01\x12L\n\x06Latest\x12#.hsplitlora.transport.LatestRequest\x1a\x1b.hsplitlora.transport.Chunk0\x01\x12\x42\n\x04Open\x12\x1f.hsplitlora.transport.RoundOpen\x1a\x19.hsplitlora.transport.Ack\x12G\n\x07\x43ombine\x12\x1b.hsplitlora.transport.Chunk\x1a\x1b.hsplitlora.transport.Chunk(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHUNK']._serialized_start=63
   _globals['_CHUNK']._serialized_end=176
   _globals['_HELLO']._serialized_start=178
-  _globals['_HELLO']._serialized_end=267
-  _globals['_WELCOME']._serialized_start=269
-  _globals['_WELCOME']._serialized_end=353
-  _globals['_CONTROL']._serialized_start=355
-  _globals['_CONTROL']._serialized_end=477
-  _globals['_CONTROL_KIND']._serialized_start=448
-  _globals['_CONTROL_KIND']._serialized_end=477
-  _globals['_CLIENTFRAME']._serialized_start=479
-  _globals['_CLIENTFRAME']._serialized_end=592
-  _globals['_SERVERFRAME']._serialized_start=595
-  _globals['_SERVERFRAME']._serialized_end=762
-  _globals['_ROUNDOPEN']._serialized_start=764
-  _globals['_ROUNDOPEN']._serialized_end=810
-  _globals['_ACK']._serialized_start=812
-  _globals['_ACK']._serialized_end=817
-  _globals['_LATESTREQUEST']._serialized_start=819
-  _globals['_LATESTREQUEST']._serialized_end=869
-  _globals['_SPLITTRAINING']._serialized_start=871
-  _globals['_SPLITTRAINING']._serialized_end=969
-  _globals['_FEDERATION']._serialized_start=972
-  _globals['_FEDERATION']._serialized_end=1278
+  _globals['_HELLO']._serialized_end=281
+  _globals['_WELCOME']._serialized_start=283
+  _globals['_WELCOME']._serialized_end=367
+  _globals['_CONTROL']._serialized_start=369
+  _globals['_CONTROL']._serialized_end=491
+  _globals['_CONTROL_KIND']._serialized_start=462
+  _globals['_CONTROL_KIND']._serialized_end=491
+  _globals['_CLIENTFRAME']._serialized_start=493
+  _globals['_CLIENTFRAME']._serialized_end=606
+  _globals['_SERVERFRAME']._serialized_start=609
+  _globals['_SERVERFRAME']._serialized_end=776
+  _globals['_ROUNDOPEN']._serialized_start=778
+  _globals['_ROUNDOPEN']._serialized_end=824
+  _globals['_ACK']._serialized_start=826
+  _globals['_ACK']._serialized_end=831
+  _globals['_LATESTREQUEST']._serialized_start=833
+  _globals['_LATESTREQUEST']._serialized_end=883
+  _globals['_SPLITTRAINING']._serialized_start=885
+  _globals['_SPLITTRAINING']._serialized_end=983
+  _globals['_FEDERATION']._serialized_start=986
+  _globals['_FEDERATION']._serialized_end=1292
 # @@protoc_insertion_point(module_scope)

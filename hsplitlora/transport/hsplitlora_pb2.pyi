@@ -27,18 +27,20 @@ class Chunk(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., round: _Optional[int] = ..., total_bytes: _Optional[int] = ..., index: _Optional[int] = ..., last: _Optional[bool] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("client_id", "cut", "num_samples", "codec", "mode")
+    __slots__ = ("client_id", "cut", "num_samples", "codec", "mode", "tail")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CUT_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     cut: int
     num_samples: int
     codec: str
     mode: str
-    def __init__(self, client_id: _Optional[int] = ..., cut: _Optional[int] = ..., num_samples: _Optional[int] = ..., codec: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+    tail: int
+    def __init__(self, client_id: _Optional[int] = ..., cut: _Optional[int] = ..., num_samples: _Optional[int] = ..., codec: _Optional[str] = ..., mode: _Optional[str] = ..., tail: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("round", "steps", "interval", "mode", "cut")

@@ -118,6 +118,8 @@ class RemoteClient:
     heterogeneous run calls. Calls that return nothing are sent and not waited for (the
     stream keeps them in order); the others wait up to ``net.step_timeout_s``."""
 
+    holds_tail = False  # the heterogeneous modes take no train.tail (config refuses one)
+
     def __init__(self, hub: HeteroHub, client_id: int, num_samples: int, cut: int,
                  settings: LoraSettings) -> None:
         self.hub = hub

@@ -15,11 +15,16 @@ from typing import Any
 import torch
 
 from hsplitlora.models.lora import lora_state
-from hsplitlora.models.split import split_model
 from hsplitlora.modes import MODES
 from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.roles.server import MainServer
-from hsplitlora.train.parties import ClientRecipe, client_recipes, fed_server, server_recipe
+from hsplitlora.train.parties import (
+    ClientRecipe,
+    client_recipes,
+    fed_server,
+    server_recipe,
+    split_segments,
+)
 from hsplitlora.train.run import Prepared
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FedService, adapter_layout, round_timeout
@@ -54,15 +59,16 @@ def _plan(p: Prepared, dtype: torch.dtype) -> Plan:
                 num_clients=t.num_clients, batch_size=t.batch_size,
                 max_length=p.cfg.data.max_length, hidden_size=int(mc.hidden_size),
                 vocab_size=int(mc.vocab_size), dtype=dtype,
-                samples=tuple(len(shard) for shard in p.shards))
+                samples=tuple(len(shard) for shard in p.shards), tail=t.tail)
 
 
 def build_server(p: Prepared) -> tuple[MainServer, Plan]:
     """The main server and the run's plan."""
     _check_mode(p)
     recipe = server_recipe(p)
-    # Activations leave the client in the dtype of the frozen base weights.
-    dtype = next(recipe.segment.lm_head.parameters()).dtype
+    # Activations leave the client in the dtype of the frozen base weights (the server's
+    # copy of the backbone starts with the embeddings, a U-shaped middle has no head).
+    dtype = next(recipe.segment.backbone.parameters()).dtype
     return recipe.build(p.device), _plan(p, dtype)
 
 
@@ -71,9 +77,11 @@ def build_fed(p: Prepared) -> FedServer:
 
 
 def client_adapter_layout(p: Prepared) -> Layout:
-    """Names, dtypes and shapes of a client-side adapter: what the fed server accepts."""
-    client_seg, _ = split_model(p.model, p.cfg.train.cut)
-    return adapter_layout(lora_state(client_seg))
+    """Names, dtypes and shapes of a client-side adapter (a U-shaped client's tail
+    included): what the fed server accepts."""
+    client_seg, _, tail = split_segments(p)
+    tail_state = {} if tail is None else lora_state(tail)
+    return adapter_layout({**lora_state(client_seg), **tail_state})
 
 
 def build_fed_service(p: Prepared, net: NetConfig, *,

@@ -85,6 +85,7 @@ class Plan:
     vocab_size: int
     dtype: torch.dtype  # of the activations the clients' segments produce
     samples: tuple[int, ...] = ()  # each client's shard size (empty: not known here)
+    tail: int = 0  # blocks each client keeps at the end (U-shaped split: no labels travel)
 
     def aggregates_at(self, round: int) -> bool:
         return aggregates_at(round, self.steps, self.interval)
@@ -102,9 +103,11 @@ class Plan:
         return layout_bytes(layout, {k: high for k, (_, high, _) in limits.items()})
 
     def activation_layout(self, codec: str) -> tuple[Layout, dict[str, Limit]]:
-        """The tensors a client's upload must hold, with the bounds of its batch."""
+        """The tensors a client's upload must hold, with the bounds of its batch (a
+        U-shaped client's holds no labels: they would be refused)."""
+        labels: Layout = {} if self.tail else {"labels": ("I32", ("B", "S"))}
         layout = {**wire_layout("hidden", codec, self.dtype, ("B", "S", self.hidden_size)),
-                  "attention_mask": ("U8", ("B", "S")), "labels": ("I32", ("B", "S"))}
+                  "attention_mask": ("U8", ("B", "S")), **labels}
         limits = {"B": (1, self.batch_size, "train.batch_size"),
                   "S": (1, self.max_length, "data.max_length")}
         return layout, limits

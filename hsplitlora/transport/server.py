@@ -25,15 +25,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
+import torch
 
 from hsplitlora.checkpoint import atomic_save
 from hsplitlora.roles.fedserver import FedServer
-from hsplitlora.roles.messages import Activations
+from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.roles.server import MainServer
 from hsplitlora.train.recorder import Recorder
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
-from hsplitlora.transport.codec import CODECS, decode_activations, encode
+from hsplitlora.transport.codec import CODECS, decode, decode_activations, encode, wire_layout
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FederationServicer, FedService, RemoteFed
 from hsplitlora.transport.guard import guarded_step
@@ -49,8 +50,10 @@ from hsplitlora.transport.plan import Plan
 from hsplitlora.transport.security import Authenticator, bind, options
 from hsplitlora.transport.validate import (
     check_activation_values,
+    check_finite,
     check_header,
     check_magnitude,
+    loss_meta,
 )
 from hsplitlora.transport.wire import (
     Blob,
@@ -75,6 +78,26 @@ _END = object()  # outbox: finish the stream normally
 class _Abort:
     code: grpc.StatusCode
     message: str
+
+
+class _Missed(Exception):  # noqa: N818 - control flow, not an error
+    """A client left the round (timed out or went away); already dealt with."""
+
+
+def decode_tail(blob: Blob, round: int, returned: torch.Tensor, codec: str, bound: float,
+                what: str) -> ServerReply:
+    """A U-shaped client's answer to the activations it was sent: the gradient at its tail
+    (shaped as they were), with its loss and target tokens for the server's records."""
+    if blob.kind != "tailgrad" or blob.round != round:
+        raise WireError(f"{what}: got a {blob.kind!r} blob of round {blob.round} instead")
+    header = read_header(blob.data)
+    check_header(header, wire_layout("tailgrad", codec, returned.dtype,
+                                     tuple(returned.shape)), {}, what)
+    wire = unpack(blob.data)
+    check_finite(wire, what)
+    grad = decode(wire, "tailgrad", codec, returned.dtype)
+    check_magnitude({"tailgrad": grad}, bound, what)
+    return ServerReply(*loss_meta(header.meta, what), grad)
 
 
 class Session:
@@ -123,6 +146,9 @@ def hello_problem(party: str, frame: pb.ClientFrame, plan: Plan) -> str | None:
     if h.cut != plan.cut:
         return (f"client runs {h.cut} blocks but the server's plan cuts at "
                 f"{plan.cut}; use the same train.cut on both sides")
+    if h.tail != plan.tail:
+        return (f"client keeps a tail of {h.tail} blocks but the server's plan has "
+                f"{plan.tail}; use the same train.tail on both sides")
     if h.codec not in CODECS:
         return f"unknown codec {h.codec!r}; use one of {', '.join(CODECS)}"
     return plan.samples_problem(h.client_id, h.num_samples)
@@ -375,40 +401,62 @@ class Coordinator:
     def _step(self, t: int, session: Session) -> tuple[int, int] | None:
         """Serve one client's step of round ``t``: the bytes up and down if it took part."""
         cid = session.client_id
-        try:
-            item = session.inbox.get(timeout=self.net.step_timeout_s)
-        except queue.Empty:
-            reason = (f"no activations for round {t} within net.step_timeout_s="
-                      f"{self.net.step_timeout_s:g} s: dropped from the round; reconnect to "
-                      "rejoin")
-            log.warning("client %d: %s", cid, reason)
-            session.abort(grpc.StatusCode.DEADLINE_EXCEEDED, reason)
-            self._remove(session)
-            self.backoff.strike(cid, t)
-            return None
-        if item is GONE:
-            log.warning("client %d disconnected in round %d; the round goes on without it", cid, t)
-            self._remove(session)
-            return None
-        if isinstance(item, WireError):
-            self._refused_step(session, t, f"upload of client {cid}, round {t}: {item}")
-            return None
         what = f"activations of client {cid}, round {t}"
+        sent: list[int] = []  # bytes down, before the gradient (U-shaped: the middle's)
+        received: list[int] = []  # bytes up
         try:
+            item = self._next(t, session, "activations")
+            received.append(len(item.data))
             acts = self._decode(t, session, item)
-            reply = guarded_step(self.server, cid, acts, self.bound, what)
+            tail = None
+            if self.plan.tail:
+                def tail(returned: torch.Tensor) -> ServerReply:
+                    data = pack(encode("mid", returned, session.codec))
+                    session.send("mid", t, data)
+                    sent.append(len(data))
+                    blob = self._next(t, session, "the tail's gradient")
+                    received.append(len(blob.data))
+                    return decode_tail(blob, t, returned, session.codec, self.bound,
+                                       f"tail gradient of client {cid}, round {t}")
+            reply = guarded_step(self.server, cid, acts, self.bound, what, tail)
+        except _Missed:
+            return None
         except WireError as e:
             self._refused_step(session, t, str(e))
             return None
         data = pack(encode("grad", reply.grad, session.codec),
                     {"loss": repr(reply.loss), "tokens": str(reply.tokens)})
         session.send("grad", t, data)
+        up, down = sum(received), sum(sent) + len(data)
         self.backoff.clear(cid)
         self.rec.train_step(round=t, client=cid, loss=reply.loss, tokens=reply.tokens,
-                            bytes_up=len(item.data), bytes_down=len(data), lr=self.server.lr)
+                            bytes_up=up, bytes_down=down, lr=self.server.lr)
         log.debug("round %d client %d: loss %.4f, %d bytes up, %d down", t, cid, reply.loss,
-                  len(item.data), len(data))
-        return len(item.data), len(data)
+                  up, down)
+        return up, down
+
+    def _next(self, t: int, session: Session, waiting_for: str) -> Blob:
+        """The client's next blob of round ``t``; :class:`_Missed` if it timed out or went
+        away (it leaves the round), :class:`WireError` if what came cannot be read."""
+        cid = session.client_id
+        try:
+            item = session.inbox.get(timeout=self.net.step_timeout_s)
+        except queue.Empty:
+            reason = (f"no {waiting_for} for round {t} within net.step_timeout_s="
+                      f"{self.net.step_timeout_s:g} s: dropped from the round; reconnect to "
+                      "rejoin")
+            log.warning("client %d: %s", cid, reason)
+            session.abort(grpc.StatusCode.DEADLINE_EXCEEDED, reason)
+            self._remove(session)
+            self.backoff.strike(cid, t)
+            raise _Missed from None
+        if item is GONE:
+            log.warning("client %d disconnected in round %d; the round goes on without it", cid, t)
+            self._remove(session)
+            raise _Missed
+        if isinstance(item, WireError):
+            raise WireError(f"upload of client {cid}, round {t}: {item}")
+        return item
 
     def _decode(self, t: int, session: Session, blob: Blob) -> Activations:
         what = f"activations of client {session.client_id}, round {t}"

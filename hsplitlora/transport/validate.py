@@ -15,7 +15,7 @@ import torch
 from hsplitlora.transport.wire import Header, WireError
 
 __all__ = ["Layout", "Limit", "check_activation_values", "check_finite", "check_header",
-           "check_magnitude"]
+           "check_magnitude", "loss_meta"]
 
 Layout = Mapping[str, tuple[str, tuple[int | str, ...]]]
 Limit = tuple[int, int, str]  # (lowest, highest, where the bound comes from)
@@ -83,8 +83,18 @@ def check_activation_values(tensors: Mapping[str, torch.Tensor], vocab_size: int
     mask = tensors["attention_mask"]
     if bool(((mask != 0) & (mask != 1)).any()):
         raise WireError(f"{what}: attention_mask must hold only 0 and 1")
-    labels = tensors["labels"]
+    labels = tensors.get("labels")
+    if labels is None:  # a U-shaped upload: the labels stayed with the client
+        return
     bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
     if bool(bad.any()):
         raise WireError(f"{what}: labels must be -100 or token ids in [0, {vocab_size}); "
                         f"found {labels[bad][0].item()}")
+
+
+def loss_meta(meta: Mapping[str, str], what: str) -> tuple[float, int]:
+    """The loss and target tokens a blob's metadata carries beside a gradient."""
+    try:
+        return float(meta["loss"]), int(meta["tokens"])
+    except (KeyError, ValueError):
+        raise WireError(f"{what}: metadata lacks a numeric loss and tokens") from None

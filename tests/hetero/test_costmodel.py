@@ -17,8 +17,8 @@ from hsplitlora.hetero.costmodel import (
 from hsplitlora.hetero.measure import counted_flops, saved_bytes
 from hsplitlora.hetero.profiles import DeviceProfile
 from hsplitlora.models.lora import LoraSettings, attach_lora, lora_parameters, target_module_names
-from hsplitlora.models.split import ARCHITECTURES, arch_spec, split_model
-from hsplitlora.roles.messages import Activations, ServerReply
+from hsplitlora.models.split import ARCHITECTURES, arch_spec, split_model, split_u
+from hsplitlora.roles.messages import Activations, ServerReply, nbytes
 from hsplitlora.train.optim import Optimizer, OptimSettings, causal_lm_loss
 
 LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -275,6 +275,66 @@ def test_bytes_on_the_wire_match_the_messages(dtype):
     size = hidden.element_size()
     assert bytes_up(BATCH, SEQ, model.config.hidden_size, size) == upload.nbytes
     assert bytes_down(BATCH, SEQ, model.config.hidden_size, size) == reply.nbytes
+
+
+def _u_hops(model, cut, tail, measure):
+    """Run the U-shaped split's hops as the parties do, measuring each with ``measure``:
+    forward head, middle, tail (with the loss), backward tail, middle, head."""
+    head, middle, tail_seg = segments = split_u(model, cut, tail)
+    for seg in segments:
+        seg.train()
+    ids, mask = _batch()
+    params = [p for seg in segments for p in seg.parameters()]
+    head_fwd, sent = measure(lambda: head(ids, mask), params)
+    at_server = sent.detach().requires_grad_(True)
+    mid_fwd, returned = measure(lambda: middle(at_server, mask), params)
+    at_tail = returned.detach().requires_grad_(True)
+    tail_fwd, loss = measure(lambda: causal_lm_loss(tail_seg(at_tail, mask), ids)[0], params)
+    tail_bwd, _ = measure(loss.backward, params)
+    mid_bwd, _ = measure(lambda: returned.backward(at_tail.grad), params)
+    head_bwd, _ = measure(lambda: sent.backward(at_server.grad) if cut else None, params)
+    wire = (Activations(sent.detach(), mask, None), at_tail.grad, returned, at_server.grad)
+    return segments, (head_fwd, mid_fwd, tail_fwd, tail_bwd, mid_bwd, head_bwd), wire
+
+
+@pytest.mark.parametrize("cut, tail", [(1, 2), (0, 1)])
+def test_u_shaped_costs_match_the_three_segments(cut, tail):
+    plan = _lora(_model("llama"), LLAMA_ALL)
+    dims = ModelDims.from_config(_config("llama"))
+    work = Workload.for_precision("fp32", BATCH, SEQ)
+    # FLOPs with eager attention (the counter cannot see inside CPU SDPA)
+    eager = _model("llama", attn="eager")
+    _lora(eager, LLAMA_ALL)
+    _, (head_fwd, mid_fwd, tail_fwd, tail_bwd, mid_bwd, head_bwd), _ = _u_hops(
+        eager, cut, tail, lambda fn, params: counted_flops(fn))
+    c, s = client_flops(dims, cut, plan, work, tail), server_flops(dims, cut, plan, work, tail)
+    assert (c.forward, c.backward) == (head_fwd + tail_fwd, head_bwd + tail_bwd)
+    assert (s.forward, s.backward) == (mid_fwd, mid_bwd)
+    # the tail's head and blocks move from the server's count to the client's
+    assert c.total + s.total == client_flops(dims, cut, plan, work).total + \
+        server_flops(dims, cut, plan, work).total
+    # memory with SDPA, the kernel the cost model assumes
+    model = _model("llama")
+    _lora(model, LLAMA_ALL)
+    (head, middle, tail_seg), (head_kept, mid_kept, tail_kept, *_), wire = _u_hops(
+        model, cut, tail, saved_bytes)
+    client_mem = client_memory(dims, cut, plan, work, tail)
+    server_mem = server_memory(dims, cut, plan, work, tail)
+    assert (client_mem.activations, server_mem.activations) == (head_kept + tail_kept, mid_kept)
+    # frozen: the client's two segments share one copy of the embeddings
+    client_storages = {p.untyped_storage().data_ptr(): p.numel() * p.element_size()
+                       for seg in (head, tail_seg) for n, p in seg.named_parameters()
+                       if ".lora_" not in n}
+    assert client_mem.frozen_weights == sum(client_storages.values())
+    assert server_mem.frozen_weights == _frozen_bytes(middle)
+    assert client_mem.lora_weights == sum(4 * p.numel() for seg in (head, tail_seg)
+                                          for p in lora_parameters(seg)) > 0
+    # both hops each way, and no labels up
+    upload, tail_grad, returned, cut_grad = wire
+    assert bytes_up(BATCH, SEQ, dims.hidden, 4, tail) == upload.nbytes + nbytes(tail_grad)
+    assert bytes_down(BATCH, SEQ, dims.hidden, 4, tail) == nbytes(returned) + nbytes(cut_grad)
+    with pytest.raises(ValueError, match="leaves the server no block"):
+        server_memory(dims, cut, plan, work, dims.n_layers - cut)
 
 
 def test_step_time_is_sequential_and_uses_the_slower_link_end():

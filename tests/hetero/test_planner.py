@@ -551,3 +551,30 @@ def test_llama2_7b_shaped_plans_fit_fp32_budgets_quickly():
     # 100 clients swamp the server's share: clients hold more blocks the more memory they have
     by_memory = sorted(plan.clients, key=lambda c: c.budget_bytes)
     assert by_memory[0].cut < by_memory[-1].cut
+
+
+def test_the_weakest_rank_counts_a_u_shaped_clients_tail():
+    from hsplitlora.hetero.costmodel import ModelDims, Workload, client_memory
+    from hsplitlora.hetero.profiles import DeviceProfile
+    from hsplitlora.hetero.scheme import uniform_rank
+    from tests.conftest import tiny_config
+
+    dims = ModelDims.from_config(tiny_config("llama"))
+    work = Workload.for_precision("fp32", 2, 16)
+    modules = list(dims.candidate_modules())
+    cut, tail, ranks = 1, 2, (2, 4, 8)
+
+    def need(r: int, t: int) -> int:  # adapters on the client's blocks: 0, and 2, 3 with a tail
+        own = {0, 2, 3} if t else {0}
+        return client_memory(dims, cut, {m: r for m in modules if dims.locate(m)[0] in own},
+                             work, t).total
+
+    def device(memory: int) -> DeviceProfile:
+        return DeviceProfile(name="phone", memory_bytes=memory, flops=1e9, uplink_bps=1e6,
+                             downlink_bps=1e6)
+
+    assert need(8, 0) < need(2, tail)  # the tail's blocks, head and loss cost more than rank
+    assert uniform_rank(dims, device(need(8, 0)), cut, modules, ranks, work) == 8
+    assert uniform_rank(dims, device(need(4, tail)), cut, modules, ranks, work, tail) == 4
+    with pytest.raises(PlanError, match="cannot hold cut 1 and a tail of 2 .* or train.tail"):
+        uniform_rank(dims, device(need(8, 0)), cut, modules, ranks, work, tail)

@@ -3,7 +3,7 @@ import torch
 import transformers
 
 from hsplitlora.models.lora import LoraSettings, attach_lora, lora_parameters
-from hsplitlora.models.split import SplitError, num_blocks, server_view, split_model
+from hsplitlora.models.split import SplitError, num_blocks, server_view, split_model, split_u
 from tests.conftest import tiny_model
 
 ARCHS = ["gpt2", "llama", "qwen2", "mistral"]
@@ -50,6 +50,52 @@ def test_every_cut_gives_the_unsplit_logits_and_lora_gradients(arch):
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4,
                                        msg=f"{arch} cut {cut}: {name}")
+
+
+def _unsplit_reference(model, ids, mask):
+    ref = model(input_ids=ids, attention_mask=mask).logits
+    (ref * torch.linspace(-1, 1, ref.shape[-1])).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g.abs().sum() > 0 for g in grads.values())
+    model.zero_grad()
+    return ref.detach(), grads
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_every_u_shaped_pair_of_cuts_gives_the_unsplit_logits_and_lora_gradients(arch):
+    model = _lora_model(arch)
+    ids, mask = _batch()
+    ref, ref_grads = _unsplit_reference(model, ids, mask)
+    n = num_blocks(model.config)
+    pairs = [(cut, stop) for cut in range(n) for stop in range(cut + 1, n)]
+    assert len(pairs) == 6
+    for cut, stop in pairs:
+        head, middle, tail = split_u(model, cut, n - stop)
+        assert (list(middle.block_range), list(tail.block_range)) == \
+            (list(range(cut, stop)), list(range(stop, n)))
+        # every hop is a detached leaf, as it is on the wire
+        sent = head(ids, mask)
+        at_server = sent.detach().requires_grad_(True)
+        returned = middle(at_server, mask)
+        at_tail = returned.detach().requires_grad_(True)
+        logits = tail(at_tail, mask)
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        returned.backward(at_tail.grad)
+        if sent.requires_grad:
+            sent.backward(at_server.grad)
+        grads = {name: p.grad for seg in (head, middle, tail)
+                 for name, p in seg.named_full_parameters() if p.requires_grad}
+        assert set(grads) == set(ref_grads), (cut, stop)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4,
+                                       msg=f"{arch} cuts {cut}, {stop}: {name}")
+
+
+@pytest.mark.parametrize("cut, tail", [(2, 2), (0, 4), (3, 1), (1, 0), (1, True)])
+def test_a_tail_that_leaves_the_server_no_block_is_a_clear_error(cut, tail):
+    with pytest.raises(SplitError, match="leaves no block to the server"):
+        split_u(tiny_model("llama"), cut, tail)
 
 
 def test_segments_hold_only_their_blocks_and_leave_the_model_alone():

@@ -80,3 +80,21 @@ def test_aggregation_takes_the_slowest_link_probes_are_timed_and_plans_follow_re
     assert moved[0] == pytest.approx(base[0])
     assert moved[1] - moved[0] == pytest.approx(deeper[1] - deeper[0])
     assert moved[1] - moved[0] != pytest.approx(base[1] - base[0])
+
+
+def test_a_u_shaped_step_holds_the_server_through_the_tails_round_trip():
+    dims = ModelDims.from_config(tiny_config("llama"))
+    work = Workload.for_precision("fp32", batch=2, seq=8)
+    cut, tail = 1, 2
+    head = client_flops(dims, cut, {}, work)
+    tail_s = (client_flops(dims, cut, {}, work, tail).total - head.total) / DEV.flops
+    middle = server_flops(dims, cut, {}, work, tail).total / SRV.flops
+    # recorded: up = acts 1000 + tail gradient 400, down = middle's output 400 + grad 400
+    c_up, c_down = min(DEV.uplink_bps, SRV.downlink_bps), min(SRV.uplink_bps, DEV.downlink_bps)
+    kw = dict(dims=dims, cuts={0: cut, 1: cut}, ranks={}, clients=[DEV, DEV], server=SRV,
+              batch=2, seq=8, precision="fp32", tail=tail)
+    serving = middle + 400 / c_down + tail_s + 400 / c_up
+    t = simulate(_records(2, up=1400, down=800), mode=mode_of("splitlora"), **kw)
+    # both arrive together; the second waits for the whole of the first's U-shaped service
+    assert t == [pytest.approx(head.forward / DEV.flops + 1000 / c_up + 2 * serving
+                               + 400 / c_down + head.backward / DEV.flops)]

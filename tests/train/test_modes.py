@@ -37,9 +37,14 @@ def _losses(result):
     return [r["loss"] for r in result.records if "event" not in r]
 
 
-def test_one_client_splitlora_matches_centralized_step_for_step(tiny_tokenizer):
-    split = _run(tiny_tokenizer, mode="splitlora")
-    central = _run(tiny_tokenizer, mode="centralized")
+@pytest.fixture(scope="module")
+def central(tiny_tokenizer):
+    return _run(tiny_tokenizer, mode="centralized")
+
+
+@pytest.mark.parametrize("tail", [0, 1])
+def test_one_client_splitlora_matches_centralized_step_for_step(tiny_tokenizer, central, tail):
+    split = _run(tiny_tokenizer, mode="splitlora", tail=tail)  # tail 1: U-shaped, block 3
     assert len(_losses(split)) == len(_losses(central)) == 4
     torch.testing.assert_close(torch.tensor(_losses(split)), torch.tensor(_losses(central)),
                                atol=1e-6, rtol=0)
@@ -48,12 +53,17 @@ def test_one_client_splitlora_matches_centralized_step_for_step(tiny_tokenizer):
         torch.testing.assert_close(split.adapter[k], v, atol=1e-6, rtol=0, msg=k)
     # and training did move the adapters
     assert any(v.abs().sum() > 0 for k, v in central.adapter.items() if "lora_B" in k)
+    # the client's own adapters: blocks [0, 2), and the tail's block 3
+    own = {0, 1, 3} if tail else {0, 1}
+    assert split.summary["client_trainable_params"] == sum(
+        v.numel() for k, v in split.adapter.items() if int(k.split(".")[2]) in own)
 
 
-@pytest.mark.parametrize("mode", ["centralized", "split", "splitfed", "splitlora"])
-def test_base_weights_stay_bit_identical_only_lora_changes(tiny_tokenizer, mode):
+@pytest.mark.parametrize(("mode", "tail"), [("centralized", 0), ("split", 0), ("splitfed", 0),
+                                           ("splitlora", 0), ("split", 1)])
+def test_base_weights_stay_bit_identical_only_lora_changes(tiny_tokenizer, mode, tail):
     reference = tiny_model("llama").state_dict()
-    result = _run(tiny_tokenizer, mode=mode, num_clients=2, steps=3, agg_interval=2)
+    result = _run(tiny_tokenizer, mode=mode, num_clients=2, steps=3, agg_interval=2, tail=tail)
     lora_seen = 0
     for name, p in result.model.state_dict().items():
         if ".lora_" in name:

@@ -30,11 +30,13 @@ def _steps(records):
 
 # Starting a run's actors costs ~15 s here, so three modes stand for five: the client and
 # server proxies with one shared and with per-client server adapters, and the learner proxy
-# (split and centralized call nothing these do not).
-@pytest.mark.parametrize("mode", ["splitlora", "splitfed", "federated"])
+# (split and centralized call nothing these do not). The per-client one is U-shaped (tail
+# 1: the client's tail and the server's two hops); the shared one is not.
+@pytest.mark.parametrize(("mode", "tail"), [("splitlora", 0), ("splitfed", 1), ("federated", 0)])
 def test_ray_run_is_bit_identical_to_the_in_process_run(ray_session, tmp_path, tiny_llama_dir,
-                                                        mode):
-    cfg = run_config(tiny_llama_dir, tmp_path, mode=mode, steps=3)
+                                                        mode, tail):
+    cfg = run_config(tiny_llama_dir, tmp_path, mode=mode, steps=3, cut=1 if tail else 2,
+                     tail=tail)
     local = train(cfg, write=False, show_progress=False)
     remote = train(cfg.model_copy(update={"train": cfg.train.model_copy(
         update={"backend": "ray"})}), write=False, show_progress=False)
@@ -51,7 +53,7 @@ def test_ray_run_is_bit_identical_to_the_in_process_run(ray_session, tmp_path, t
 class _Broken:
     """A recipe whose role cannot be built: its actor fails on start."""
 
-    client_id, num_samples, per_client = 0, 1, False
+    client_id, num_samples, per_client, tail = 0, 1, False, None
 
     def build(self, device):
         raise ValueError("this shard is unreadable")

@@ -134,15 +134,21 @@ def _payload_bytes(blob: bytes) -> int:
 def _log_wire(link: Any, path: Path) -> None:
     """Append one JSON line per blob the client sends or receives, on its link to the main
     server and on its calls to a fed server: direction, blob kind, round, the call's
-    method (for calls), whole bytes and tensor payload bytes."""
+    method (for calls), whole bytes and tensor payload bytes; the blob itself, as it
+    travelled, goes to the file the line names (read it with :func:`wire_blob`)."""
     from hsplitlora.transport import fed
     from hsplitlora.transport.calls import read_call
 
+    kept = path.with_suffix("")
+    kept.mkdir(parents=True, exist_ok=True)
+
     def write(direction: str, kind: str, round: int, method: str | None, data: bytes) -> None:
+        name = f"{kept.name}/{sum(1 for _ in kept.iterdir()):06d}.bin"
+        (path.parent / name).write_bytes(data)
         with path.open("a") as f:
             f.write(json.dumps({"dir": direction, "kind": kind, "round": round,
                                 "method": method, "bytes": len(data),
-                                "payload": _payload_bytes(data)}) + "\n")
+                                "payload": _payload_bytes(data), "file": name}) + "\n")
 
     send, receive = link.send, link.receive
 
@@ -275,6 +281,11 @@ def wire_log(tmp_path: Path, client_id: int) -> list[dict[str, Any]]:
     """What client ``client_id``'s link carried, one dict per blob (``wire_logs=True``)."""
     lines = (tmp_path / f"wire-{client_id}.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
+
+
+def wire_blob(tmp_path: Path, entry: dict[str, Any]) -> bytes:
+    """The bytes of one blob of a :func:`wire_log`, as the client's link carried them."""
+    return (tmp_path / entry["file"]).read_bytes()
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:

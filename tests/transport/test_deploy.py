@@ -16,10 +16,12 @@ from safetensors.torch import load_file
 from hsplitlora.checkpoint import load_checkpoint
 from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.train import engine
+from hsplitlora.train.parties import client_recipes
 from hsplitlora.train.recorder import Recorder
 from hsplitlora.train.run import prepare, train
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.parties import build_client, build_server
+from hsplitlora.transport.wire import read_header
 from tests.transport import harness
 from tests.transport.conftest import peft_adapter, run_config
 
@@ -32,17 +34,18 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
 
 def _assert_records_are_what_the_wire_carried(records, tmp_path):
     """Per client: the steps' recorded bytes are the whole activation and gradient blobs
-    its link carried; each aggregation's ``links`` are the adapter tensors it uploaded to
-    the fed server and the aggregate's it got back (headers aside)."""
+    its link carried (a U-shaped step's two each way); each aggregation's ``links`` are the
+    adapter tensors it uploaded to the fed server and the aggregate's it got back (headers
+    aside)."""
     aggs = [r for r in records if r.get("event") == "aggregate" and r["side"] == "client"]
     assert aggs
     for cid in range(3):
         wire = harness.wire_log(tmp_path, cid)
         steps = [r for r in records if "event" not in r and r["client"] == cid]
         assert sum(s["bytes_up"] for s in steps) == sum(
-            e["bytes"] for e in wire if e["kind"] == "acts")
+            e["bytes"] for e in wire if e["kind"] in ("acts", "tailgrad"))
         assert sum(s["bytes_down"] for s in steps) == sum(
-            e["bytes"] for e in wire if e["kind"] == "grad")
+            e["bytes"] for e in wire if e["kind"] in ("grad", "mid"))
         links = [link for r in aggs for link in r["links"] if link[0] == cid]
         assert len(links) == len(aggs)
         for direction, kind, column in (("up", "adapter", 1), ("down", "aggregate", 2)):
@@ -50,10 +53,25 @@ def _assert_records_are_what_the_wire_carried(records, tmp_path):
             assert [link[column] for link in links] == blobs and all(blobs)
 
 
-@pytest.mark.parametrize("mode", ["splitlora", "splitfed"])
+def _label_bytes(cfg, rounds: int) -> list[bytes]:
+    """Every row of labels the clients train on in ``rounds`` rounds, as int32 and int64
+    bytes (the exact codec sends labels as int32)."""
+    p = prepare(cfg)
+    rows = []
+    for recipe in client_recipes(p):
+        stream = recipe.stream()
+        for _ in range(rounds):
+            for row in next(stream)["labels"]:
+                rows += [row.to(dtype).numpy().tobytes() for dtype in (torch.int32, torch.int64)]
+    return rows
+
+
+# The per-client server side is U-shaped (tail 1): every blob its clients' links carry is
+# kept and must hold no label, where the shared one's (tail 0) hold every label row.
+@pytest.mark.parametrize(("mode", "tail"), [("splitlora", 0), ("splitfed", 1)])
 def test_networked_run_is_bit_identical_to_the_in_process_simulation(tmp_path, tiny_llama_dir,
-                                                                      mode):
-    cfg = run_config(tiny_llama_dir, tmp_path, mode=mode)
+                                                                      mode, tail):
+    cfg = run_config(tiny_llama_dir, tmp_path, mode=mode, cut=1 if tail else 2, tail=tail)
     local = train(cfg, write=False, show_progress=False)
     reference = local.adapter
     net = NetConfig(port=0, step_timeout_s=20, join_timeout_s=60)
@@ -77,7 +95,24 @@ def test_networked_run_is_bit_identical_to_the_in_process_simulation(tmp_path, t
     steps = [r for r in harness.records(run) if "event" not in r]
     assert [(r["round"], r["client"]) for r in steps] == [(t, c) for t in range(4)
                                                           for c in range(3)]
-    # exact wire format: a float32 hidden state per token plus a byte of mask and 4 of label
+    assert [r["loss"] for r in steps] == [r["loss"] for r in local.records if "event" not in r]
+    blobs: dict[tuple[str, str], list[bytes]] = {}
+    for cid in range(3):
+        for e in harness.wire_log(tmp_path, cid):
+            blobs.setdefault((e["dir"], e["kind"]), []).append(harness.wire_blob(tmp_path, e))
+    labelled = [row for row in _label_bytes(cfg, 4)
+                if any(row in blob for kept in blobs.values() for blob in kept)]
+    uploads = blobs[("up", "acts")]
+    if tail:
+        assert [len(blobs[k]) for k in (("up", "acts"), ("down", "mid"), ("up", "tailgrad"),
+                                        ("down", "grad"))] == [12] * 4
+        assert not [b for b in uploads if "labels" in read_header(b).tensors]
+        assert labelled == []  # no label row, in any width, in any message
+    else:
+        assert all("labels" in read_header(b).tensors for b in uploads)
+        assert len(labelled) >= 12 * cfg.train.batch_size  # the check does see them
+    # up: hidden states and mask (and labels, or the tail's gradient); down: the gradient
+    # (and the middle's output)
     assert all(r["bytes_up"] > r["bytes_down"] > 0 for r in steps)
 
 
