@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from hsplitlora.errors import UserError
 from hsplitlora.hetero.profiles import ScenarioConfig
 from hsplitlora.modes import MERGING, MODES, Mode, mode_names, mode_of
+from hsplitlora.privacy.config import PrivacyConfig, delta_problem
 from hsplitlora.transport.config import NetConfig
 
 __all__ = [
@@ -348,6 +349,8 @@ class RunConfig(_Strict):
                            "tokens, wire format, time limits (serve / join / fedserver)")
     ray: RayConfig = Field(default_factory=RayConfig, description="the Ray backend "
                            "(train.backend: ray): cluster address and per-actor resources")
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig, description="differential "
+                                   "privacy of what a client sends (docs/privacy.md)")
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="before")
@@ -391,7 +394,28 @@ class RunConfig(_Strict):
         if self.model.dtype == "bfloat16" and self.train.precision == "fp32":
             raise ValueError("model.dtype 'bfloat16' needs train.precision 'bf16'; set "
                              "model.dtype: float32 for fp32 training")
+        self._private()
         return self
+
+    def _private(self) -> None:
+        """Privacy covers what a homogeneous split client sends; refuse what it cannot."""
+        pc, mode, t = self.privacy, self.mode, self.train
+        if not pc.enabled:
+            return
+        if not mode.split or mode.planned:
+            have = [m.name for m in MODES.values() if m.split and not m.planned]
+            raise ValueError(f"privacy.enabled covers the split modes' clients "
+                             f"({', '.join(have)}), not train.mode {t.mode!r}: pick one of "
+                             "those or set privacy.enabled: false")
+        if pc.adapter_clip is not None and mode.schedule != "parallel":
+            raise ValueError(f"privacy.adapter_clip bounds the update a client uploads to "
+                             f"aggregation, and train.mode {t.mode!r} hands its adapter on "
+                             "instead; set privacy.adapter_clip: null")
+        n = self.data.max_train_examples
+        problem = n and delta_problem(pc.delta, n // t.num_clients,
+                                      f"data.max_train_examples {n} over {t.num_clients} clients")
+        if problem:
+            raise ValueError(problem)
 
     @property
     def mode(self) -> Mode:

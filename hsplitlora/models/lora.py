@@ -304,6 +304,11 @@ def lora_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in _named_lora(module).items()}
 
 
+def trained_lora_keys(module: nn.Module) -> set[str]:
+    """The keys of :func:`lora_state` that training changes (a frozen factor is left out)."""
+    return {k for k, p in _named_lora(module).items() if p.requires_grad}
+
+
 def load_lora_state(module: nn.Module | Sequence[nn.Module],
                     state: Mapping[str, torch.Tensor]) -> None:
     """Copy adapter tensors (unsplit names) into ``module``; every adapter must be given.

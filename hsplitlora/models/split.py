@@ -255,13 +255,17 @@ class ClientSegment(_Segment):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The activations at the cut; ``inputs_embeds`` (instead of ``input_ids``) lets
+        an inversion attack differentiate through the segment w.r.t. its input."""
         try:
             self.backbone(
                 input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=False,

@@ -15,9 +15,12 @@ from hsplitlora.models.lora import (
     merge_base_update,
     restart_lora,
     tail_penalty,
+    trained_lora_keys,
 )
 from hsplitlora.models.shared import MergeState, adopt_merges
 from hsplitlora.models.split import ClientSegment, ServerSegment
+from hsplitlora.privacy.config import PrivacyConfig
+from hsplitlora.privacy.mechanism import Gaussian
 from hsplitlora.roles.loss import segment_loss
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.roles.party_state import load_party_state, party_state
@@ -39,6 +42,10 @@ class Client:
     and the head: :meth:`forward` sends no labels, :meth:`finish` takes the server's
     activations at ``L - t`` and computes the loss here. The tail's adapters are the
     client's own: one optimizer, one adapter state, aggregated with the client side.
+
+    With ``privacy`` enabled, the activations it returns and the adapters it
+    :meth:`upload` s are clipped and noised right here, whatever carries them on
+    (docs/privacy.md).
     """
 
     def __init__(
@@ -55,6 +62,8 @@ class Client:
         compile: bool = False,
         tail: ServerSegment | None = None,
         label_smoothing: float = 0.0,
+        privacy: PrivacyConfig | None = None,
+        noise_seed: int = 0,
     ) -> None:
         self.client_id = client_id
         self.device = torch.device(device)
@@ -69,6 +78,17 @@ class Client:
         self.optimizer = Optimizer(self._parameters(), optim)
         self._pending: torch.Tensor | None = None
         self._kept: tuple[torch.Tensor, torch.Tensor] | None = None  # mask, labels (tail)
+        self._smashed: Gaussian | None = None  # the activations' channel
+        self._update: Gaussian | None = None  # the adapter update's
+        if privacy is not None and privacy.enabled:
+            if privacy.activation_clip is not None:
+                self._smashed = Gaussian(privacy.activation_clip, privacy.activation_noise,
+                                         noise_seed)
+            if privacy.adapter_clip is not None:
+                self._update = Gaussian(privacy.adapter_clip, privacy.adapter_noise,
+                                        noise_seed + 1)
+        # the adapters the update is measured from: the last aggregate this client took
+        self._reference = self.adapter_state() if self._update is not None else None
 
     @property
     def cut(self) -> int:
@@ -93,6 +113,10 @@ class Client:
         with autocast(self.precision, self.device), \
                 compiled_blocks(self.segment.blocks, self.compile):
             hidden = self.segment(batch["input_ids"], batch["attention_mask"])
+        if self._smashed is not None:
+            # what is sent is what is back-propagated from: the server's gradient is
+            # w.r.t. the noised tensor, the only one it saw (docs/privacy.md)
+            hidden = self._smashed.activations(hidden)
         self._pending = hidden
         if self.tail is None:
             return Activations(hidden.detach(), batch["attention_mask"], batch["labels"])
@@ -138,17 +162,54 @@ class Client:
 
     def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
         load_lora_state(self._segments(), state)
+        if self._update is not None:
+            self._reference = self.adapter_state()
+
+    def upload(self) -> dict[str, torch.Tensor]:
+        """The adapters this client sends to aggregation: its own, or with privacy's
+        adapter bound the last aggregate plus its clipped and noised update (trained
+        factors only: a frozen one stays the common initialisation every client holds)."""
+        state = self.adapter_state()
+        if self._update is None or self._reference is None:
+            return state
+        trained = set().union(*(trained_lora_keys(s) for s in self._segments()))
+        ref = self._reference
+        # in the state's order, not the set's: noise is drawn tensor by tensor, and a set
+        # of strings iterates in a per-process order (hash randomisation)
+        noised = self._update.update({k: v - ref[k] for k, v in state.items() if k in trained})
+        return {k: ref[k] + noised[k] if k in trained else v for k, v in state.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on exactly as this client would: adapters,
         optimizer, the positions of its batch streams and its process's RNG (dropout).
         The segment's base weights and ranks come from the run's plan, not from here."""
-        return party_state(self, self._streams())
+        state = party_state(self, self._streams())
+        if self._smashed is not None or self._update is not None:
+            state["privacy"] = self.privacy_state()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict`, into a segment built for the same plan."""
         load_party_state(self, state, self._streams())
         self._pending = self._kept = None
+        if "privacy" in state:
+            self.load_privacy_state(state["privacy"])
+
+    def privacy_state(self) -> dict[str, Any]:
+        """Where each noise stream stands and the update's reference: a restored client
+        must never draw the same noise twice (two releases with one noise vector would
+        give away the difference of their activations exactly)."""
+        return {"noise": [g.generator.get_state() if g else None for g in self._channels()],
+                "reference": self._reference}
+
+    def load_privacy_state(self, state: Mapping[str, Any]) -> None:
+        for g, rng in zip(self._channels(), state["noise"], strict=True):
+            if g is not None and rng is not None:
+                g.generator.set_state(rng)
+        self._reference = state["reference"]
+
+    def _channels(self) -> tuple[Gaussian | None, Gaussian | None]:
+        return self._smashed, self._update
 
     def _streams(self) -> dict[str, Iterator[dict[str, torch.Tensor]] | None]:
         return {"batches": self.batches, "probes": self.probes}

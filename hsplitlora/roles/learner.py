@@ -68,6 +68,11 @@ class Learner:
     def load_adapter_state(self, state: Mapping[str, torch.Tensor]) -> None:
         load_lora_state(self.model, state)
 
+    def upload(self) -> dict[str, torch.Tensor]:
+        """What it sends to aggregation: its adapters as they are (``privacy`` covers the
+        split modes' clients; the config refuses it for unsplit ones)."""
+        return self.adapter_state()
+
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on exactly as this learner would: adapters,
         optimizer (with the LR schedule's position), batch-stream position and RNG."""

@@ -129,8 +129,9 @@ def learner_step(learner: Learner, rec: Recorder, round: int) -> bool:
 def fedavg_clients(clients: Sequence[Client | Learner], among: Sequence[Client | Learner],
                    fed: FedServer, rec: Recorder, round: int) -> State:
     """FedAvg over ``among`` (the clients that trained since the last aggregation); every
-    client continues from the result. Only the factors the clients train travel."""
-    states = [c.adapter_state() for c in among]
+    client continues from the result. Only the factors the clients train travel, as each
+    client uploads them (clipped and noised under ``privacy``)."""
+    states = [c.upload() for c in among]
     merged = fed.aggregate(states, [c.num_samples for c in among])
     for c in clients:
         c.load_adapter_state(merged)

@@ -22,6 +22,7 @@ from hsplitlora.data.tokenize import pad_id_for
 from hsplitlora.models.lora import LoraSettings, attach_lora
 from hsplitlora.models.shared import share_frozen
 from hsplitlora.models.split import ClientSegment, ServerSegment, split_model, split_u
+from hsplitlora.privacy.config import PrivacyConfig
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.roles.learner import Learner
@@ -68,6 +69,8 @@ class ClientRecipe:
     settings: LoraSettings | None = None
     tail: ServerSegment | None = None  # a U-shaped split's blocks [L - t, L) and head
     label_smoothing: float = 0.0  # the loss is the client's when it holds the tail
+    privacy: PrivacyConfig | None = None  # clip and noise what it sends (privacy section)
+    noise_seed: int = 0  # its noise streams', apart from every other party's
 
     def stream(self) -> BatchStream:
         """This client's batches from the first one (a rejoining client rebuilds it)."""
@@ -78,7 +81,8 @@ class ClientRecipe:
         return Client(self.client_id, self.segment, batches or self.batches, self.num_samples,
                       self.optim, precision=self.precision, device=device, probes=self.probes,
                       compile=self.compile, tail=self.tail,
-                      label_smoothing=self.label_smoothing)
+                      label_smoothing=self.label_smoothing, privacy=self.privacy,
+                      noise_seed=self.noise_seed)
 
 
 @dataclass(kw_only=True)
@@ -195,7 +199,9 @@ def client_recipes(p: Any, ids: Sequence[int] | None = None) -> list[ClientRecip
                          batches=shard_stream(p, cid), num_samples=len(p.shards[cid]),
                          optim=optim_settings(p.cfg, t.steps), precision=t.precision,
                          compile=t.compile, label_smoothing=t.label_smoothing,
-                         tail=None if tail is None else share_frozen(tail))
+                         tail=None if tail is None else share_frozen(tail),
+                         privacy=p.cfg.privacy,
+                         noise_seed=2 * party_seed(t.seed, cid) + 1)  # odd: data seeds stay apart
             for cid in ids]
 
 

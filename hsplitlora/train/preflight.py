@@ -14,6 +14,7 @@ from hsplitlora.data.load import check_labels, load_examples, subsample
 from hsplitlora.data.partition import partition
 from hsplitlora.models.lora import check_targets
 from hsplitlora.models.split import arch_spec, num_blocks
+from hsplitlora.privacy.config import delta_problem
 
 __all__ = ["TRACKER_PACKAGES", "preflight"]
 
@@ -78,9 +79,13 @@ def preflight(cfg: RunConfig, model_config: Any = None) -> None:
         check_targets(spec, cfg.lora.targets)
     examples = load_examples(cfg.data, "train")
     check_labels(cfg.data, examples)
-    partition(subsample(examples, cfg.data.max_train_examples, t.seed), t.num_clients,
-              cfg.data.partition, t.seed, alpha=cfg.data.dirichlet_alpha,
-              label_key=cfg.data.label_key)
+    shards = partition(subsample(examples, cfg.data.max_train_examples, t.seed), t.num_clients,
+                       cfg.data.partition, t.seed, alpha=cfg.data.dirichlet_alpha,
+                       label_key=cfg.data.label_key)
+    smallest = min(len(s) for s in shards)
+    if cfg.privacy.enabled and (problem := delta_problem(cfg.privacy.delta, smallest,
+                                                         "the data's partition")):
+        raise ConfigError(problem)
     if cfg.eval.every and cfg.eval.max_examples and not load_examples(cfg.data, "eval"):
         raise ConfigError("eval.every asks for evaluations during training, but the config "
                           "names no held-out data: set data.eval_file (data.eval_split for "

@@ -134,6 +134,9 @@ class _Remote:
     def adapter_state(self, *args: Any) -> dict[str, torch.Tensor]:
         return self._get(self.actor.call.remote("adapter_state", *args))
 
+    def upload(self) -> dict[str, torch.Tensor]:
+        return self._get(self.actor.call.remote("upload"))
+
     def load_adapter_state(self, state: Mapping[str, torch.Tensor], *args: Any) -> None:
         self._fire("load_adapter_state", dict(state), *args)
 

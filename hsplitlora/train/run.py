@@ -31,6 +31,7 @@ from hsplitlora.eval.generate import GenerationSettings, generate
 from hsplitlora.eval.perplexity import perplexity
 from hsplitlora.models.lora import LoraSettings, attach_lora, load_lora_state, save_peft_adapter
 from hsplitlora.models.split import arch_spec, client_blocks, num_blocks
+from hsplitlora.privacy.accountant import privacy_report
 from hsplitlora.report import plot_loss
 from hsplitlora.train import engine
 from hsplitlora.train.attendance import present
@@ -499,6 +500,10 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         sim = simulated_times(p, rec.records, adapter, p.plans)
         summary["simulated_s"] = sim[-1] if sim else 0.0
         summary["simulated_round_s"] = sim
+        if cfg.privacy.enabled:
+            spent = privacy_report(cfg, dict(enumerate(len(s) for s in p.shards)), rec.records)
+            rec.event("privacy", round=_total_rounds(cfg) - 1, **spent)
+            summary.update(spent)
         if p.eval_features is not None:
             loss, ppl = _held_out(p, None)
             summary.update(eval_loss=loss, eval_ppl=ppl)

@@ -258,6 +258,7 @@ class Snapshot:
     drawn: int  # batches taken from the stream so far
     rng: torch.Tensor
     agg_round: int  # round of the last aggregate loaded
+    privacy: dict[str, Any] | None = None  # Client.privacy_state(): noise streams, reference
 
 
 class ClientRunner:
@@ -357,8 +358,7 @@ class ClientRunner:
             if aggregates_at(t, plan.steps, plan.interval):
                 self.awaiting = t
                 try:
-                    merged = fed.aggregate(t, self.client.adapter_state(),
-                                           self.client.num_samples)
+                    merged = fed.aggregate(t, self.client.upload(), self.client.num_samples)
                 except Refused as e:
                     log.warning("client %d, round %d: %s", self.client_id, t, e)
                     self._catch_up(fed, t)
@@ -405,7 +405,7 @@ class ClientRunner:
             return
         snap = Snapshot(round, self.client.adapter_state(),
                         copy.deepcopy(self.client.optimizer.state_dict()), self._stream.drawn,
-                        torch.get_rng_state(), self.agg_round)
+                        torch.get_rng_state(), self.agg_round, self.client.privacy_state())
         self.snapshots[round] = snap
         for old in [k for k in self.snapshots if k <= round - self.KEEP]:
             del self.snapshots[old]
@@ -418,4 +418,6 @@ class ClientRunner:
         self.client.load_adapter_state(snap.adapter)
         self.client.optimizer.load_state_dict(copy.deepcopy(snap.optimizer))
         torch.set_rng_state(snap.rng)
+        if snap.privacy is not None:
+            self.client.load_privacy_state(snap.privacy)
         self.round, self.agg_round, self.awaiting = snap.round, snap.agg_round, None
