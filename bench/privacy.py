@@ -156,10 +156,10 @@ def main() -> None:
     public = texts(PUBLIC, args.public, tok, args.max_length)
     victim = texts(HELD_OUT, args.victims, tok, args.max_length)
     leak = label_leak(victim["input_ids"], victim["attention_mask"], victim["labels"])
-    # TODO(ushape): once branch `ushape` (train.tail) is merged, add its column: the labels
-    # it uploads are None, so label_leak(..., None) = 0, and the attacks run unchanged on
-    # the activations it sends at the cut; what its returned gradients reveal is measured
-    # then, against the tail's own cut.
+    # TODO(ushape): train.tail is merged (a private tail run works); add its column: the
+    # labels it uploads are None, so label_leak(..., None) = 0, and the attacks run
+    # unchanged on the activations it sends at the cut; what the gradient its tail returns
+    # at L - t reveals about the labels is still to be measured.
     # the prior: always guessing the public text's most common token
     real = public["input_ids"][public["attention_mask"].bool()]
     top = torch.bincount(real).argmax()
@@ -234,8 +234,8 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, leak: float, pr
         "(every target token) directly, whatever the noise; activation DP does not cover "
         "them. U-shaped split (`train.tail`, branch `ushape`): the labels stay on the "
         "client, so this is 0 by construction; its column (and what the server learns "
-        "from the gradients it returns) is left for when that branch is merged "
-        "(TODO in bench/privacy.py: `label_leak(..., labels=None)` on its uploads).",
+        "from the gradient its tail returns) is not measured yet (TODO(ushape) in "
+        "bench/privacy.py).",
         "",
     ]
     return "\n".join(lines)
