@@ -44,7 +44,8 @@ def _logging(verbose: bool) -> None:
 
 def error_exit(err: BaseException) -> typer.Exit:
     """Print a user error's message (markup-safe) and return the exit to raise (code 2)."""
-    console.print(f"[red]error:[/red] {escape(str(err))}")
+    # soft wrap: a path in the message stays whole, for the user to copy
+    console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
     return typer.Exit(2)
 
 
