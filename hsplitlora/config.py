@@ -371,14 +371,16 @@ class RunConfig(_Strict):
             have = [m.name for m in MODES.values() if m.unsplit_variant]
             raise ValueError(f"hetero.federated applies to train.mode {', '.join(have)}, not "
                              f"{self.train.mode!r}")
-        if self.hetero.server_side is not None and self.mode.planned:
+        if self.mode.planned:
             aggregator = self.mode.aggregator or self.hetero.aggregator
-            if self.hetero.server_side == "shared" and (aggregator not in MERGING
-                                                         or self.hetero.federated):
+            if self.server_side == "shared" and (aggregator not in MERGING
+                                                 or self.hetero.federated):
+                whose = ("hetero.server_side 'shared'" if self.hetero.server_side else
+                         f"{self.train.mode}'s shared server side")
                 raise ValueError(
-                    f"hetero.server_side 'shared' needs a split run with a merging aggregator "
+                    f"{whose} needs a split run with a merging aggregator "
                     f"({', '.join(sorted(MERGING))}), not {aggregator!r}"
-                    f"{' with hetero.federated' if self.hetero.federated else ''}; use "
+                    f"{' with hetero.federated' if self.hetero.federated else ''}; set "
                     "hetero.server_side: per_participant")
         elif self.hetero.server_side is not None:
             raise ValueError(f"hetero.server_side applies to the planned modes, not "

@@ -79,12 +79,16 @@ def test_a_shared_server_side_is_refused_where_it_cannot_run():
     base = {"train": {"mode": "hsplitlora"}, "hetero": {"server_side": "shared"}}
     assert RunConfig.model_validate(base).server_side == "shared"
     assert RunConfig.model_validate({"train": {"mode": "hsplitlora"}}).server_side == (
-        "per_participant")  # the mode's
+        "shared")  # the mode's
+    assert RunConfig.model_validate({"train": {"mode": "hetlora"}}).server_side == (
+        "per_participant")
     assert RunConfig.model_validate({"train": {"mode": "splitlora"}}).server_side == "shared"
     for raw, message in [
         ({**base, "hetero": {"server_side": "shared", "aggregator": "zeropad"}},
          r"'shared' needs a split run with a merging aggregator \(noisefree, stack\), not "
-         r"'zeropad'; use hetero.server_side: per_participant"),
+         r"'zeropad'; set hetero.server_side: per_participant"),
+        ({"train": {"mode": "hsplitlora"}, "hetero": {"aggregator": "svd"}},
+         r"hsplitlora's shared server side needs a split run with a merging aggregator"),
         ({"train": {"mode": "flexlora"}, "hetero": {"server_side": "shared"}}, r"not 'svd'"),
         ({"train": {"mode": "splitfed"}, "hetero": {"server_side": "shared"}},
          r"applies to the planned modes, not 'splitfed', whose server side is per participant"),

@@ -45,7 +45,7 @@ def _cfg(tmp_path, mode: str, aggregator: str, server_side: str | None = None,
 
 
 @pytest.mark.parametrize("mode,aggregator,stop,server_side", [
-    ("hsplitlora", "noisefree", 2, None),  # mid-interval: merges and re-plans still to come
+    ("hsplitlora", "noisefree", 2, "per_participant"),  # mid-interval: merges, re-plans to come
     ("hsplitlora", "noisefree", 3, None),  # right after a merge and re-plan
     ("hsplitlora", "noisefree", 2, "shared"),  # one server adapter, its views rebuilt
     ("flexlora", "svd", 2, None),

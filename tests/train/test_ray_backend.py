@@ -99,7 +99,7 @@ def test_the_cli_takes_the_backend_and_rejects_an_unknown_one(tmp_path, tiny_lla
 
 
 @pytest.mark.parametrize("aggregator,server_side", [("noisefree", None), ("svd", None),
-                                                    ("noisefree", "shared")])
+                                                    ("noisefree", "per_participant")])
 def test_heterogeneous_ray_run_is_bit_identical_too(ray_session, tmp_path, tiny_llama_dir,
                                                     aggregator, server_side):
     """HSplitLoRA (importance probing, per-client cuts and ranks, noise-free merging) and

@@ -28,6 +28,8 @@ for _mode in ("hsplitlora", "hetlora", "flexlora", "flora"):
                                            "memory_range": ["1.2 MiB", "3 MiB"], "seed": 1},
                               "rank_set": [0, 2, 4, 8], "server_rank": 4,
                               "probe_batches": 1}}
+# written when HSplitLoRA's server side was one copy per client, which it still runs as
+RUNS["hsplitlora"]["hetero"]["server_side"] = "per_participant"
 
 
 def config_for(name: str) -> RunConfig:
