@@ -19,7 +19,7 @@ demo: install  ## HSplitLoRA on SmolLM2-135M (4 heterogeneous clients, E2E), sco
 	$(BIN)/hsplitlora evaluate runs/hsplitlora --untuned
 
 test: install  ## the whole test suite (tiny models, a few minutes on 2 cores)
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest  # two workers (pyproject), a thread each
 
 lint: install
 	$(BIN)/ruff check hsplitlora tests bench

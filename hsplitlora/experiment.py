@@ -561,7 +561,8 @@ def _fmt(value: Any, kind: str = "") -> str:
 
 _MD_COLUMNS = [  # header, row key, format
     ("variant", "variant", ""), ("partition", "partition", ""), ("mode", "mode", ""),
-    ("rank", "rank", ""), ("cut", "cut", ""), ("clients", "clients", ""),
+    # as the run had them: "-" for a planned run (per-client cuts and ranks)
+    ("rank", "ran_rank", ""), ("cut", "ran_cut", ""), ("clients", "clients", ""),
     ("seed", "seed", ""), ("ppl", "eval_ppl", ""), ("BLEU (%)", "BLEU", "pct"),
     ("NIST", "NIST", ""), ("METEOR", "METEOR", ""), ("ROUGE-L (%)", "ROUGE_L", "pct"),
     ("CIDEr", "CIDEr", ""), ("wall (s)", "wall_s", "time"),

@@ -10,7 +10,7 @@ import typing
 import pytest
 
 from hsplitlora.config import RunConfig, TrainConfig
-from hsplitlora.modes import MODES, Mode, mode_of
+from hsplitlora.modes import MERGING, MODES, Mode, mode_of
 
 
 def test_every_module_declares_one_mode_under_its_own_name():
@@ -38,8 +38,9 @@ def test_every_fact_is_declared_with_a_valid_value():
 
 def test_facts_agree():
     for mode in MODES.values():
-        if mode.planned:  # different cuts: no single server-side model to share
-            assert mode.server == "per_participant" and mode.schedule == "parallel"
+        if mode.planned:  # a server side shared across cuts needs a merge to fold it in
+            assert mode.schedule == "parallel" and mode.server in ("shared", "per_participant")
+            assert mode.server == "per_participant" or mode.aggregator in (None, *MERGING)
         if mode.importance or mode.adaptive:
             assert mode.planned
         if not mode.split:  # nothing to put behind a network without a main server

@@ -109,7 +109,8 @@ def _update_norms(result) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("hetero", [{"importance": False}, {"adaptive": False},
-                                    {"aggregator": "zeropad"}])
+                                    # a non-merging aggregator takes a copy per client
+                                    {"aggregator": "zeropad", "server_side": "per_participant"}])
 def test_each_component_can_be_switched_off(tmp_path, tiny_tokenizer, hetero, monkeypatch):
     import hsplitlora.hetero.scheme as scheme
 
@@ -231,7 +232,8 @@ output: {{dir: {tmp_path / 'runs'}}}
             2 * (dims.embedding_params + dims.norm_params + c.cut * dims.block_params)
             + (2 + 4) * c.cut * candidates)
         assert c.memory.total <= c.budget_bytes
-    plan, dims = plan_run(load_config(cfg, ["hetero.aggregator=svd"]), meta=True)
+    plan, dims = plan_run(load_config(cfg, ["hetero.aggregator=svd",
+                                            "hetero.server_side=per_participant"]), meta=True)
     assert all(c.memory.frozen_weights
                == 2 * (dims.embedding_params + dims.norm_params + c.cut * dims.block_params)
                for c in plan.clients)  # nothing merged, nothing extra
