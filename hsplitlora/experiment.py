@@ -603,24 +603,25 @@ _SEED_COLUMNS = [("ppl", "eval_ppl", ""), ("BLEU (%)", "BLEU", "pct"), ("NIST", 
                  ("MiB per client", "bytes_per_client", "bytes")]
 
 
-def _seed_table(exp: Experiment, rows: list[dict[str, Any]]) -> list[str]:
+def _seed_table(exp: Experiment, rows: list[dict[str, Any]],
+                curves: dict[str, LossCurve | None]) -> list[str]:
     """Mean ± spread over seeds per setting, the common-target times, and the headline
-    check (see :mod:`hsplitlora.experiment_table`)."""
+    check (see :mod:`hsplitlora.experiment_table`); ``curves``: each run's
+    :func:`loss_curve`."""
     values = {run.name: run.values for run in exp.runs}
     keys = _setting_keys(exp)
-    curves = {row["run"]: loss_curve(exp.output / row["run"]) for row in rows}
     enriched = [{**row, **{k: values[row["run"]].get(k, row.get(k)) for k in keys},
                  "bytes_per_client": row["bytes_sent"] / max(row["clients"], 1)}
                 for row in rows]
     targets: dict[str, float] = {}  # per partition: the worst setting's mean final loss
-    for row in enriched:
-        same = [r for r in enriched if r["partition"] == row["partition"]]
+    for partition in dict.fromkeys(r["partition"] for r in enriched):
+        same = [r for r in enriched if r["partition"] == partition]
         finals = [mean_spread(curves[r["run"]].final for r in grp
                               if curves[r["run"]] is not None)[0]
                   for grp in seed_groups(same, keys).values()]
         finals = [f for f in finals if f is not None]
         if finals:
-            targets[row["partition"]] = max(finals)
+            targets[partition] = max(finals)
     for row in enriched:
         curve, target = curves[row["run"]], targets.get(row["partition"])
         row["to_target"] = (time_to_loss(curve, target)
@@ -656,7 +657,8 @@ def _seed_table(exp: Experiment, rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _plot_loss_vs_simulated(exp: Experiment, rows: list[dict[str, Any]]) -> list[Path]:
+def _plot_loss_vs_simulated(exp: Experiment, rows: list[dict[str, Any]],
+                            curves: dict[str, LossCurve | None]) -> list[Path]:
     """Per partition: held-out loss against simulated time, one colour per setting, one
     line per seed."""
     written = []
@@ -664,8 +666,8 @@ def _plot_loss_vs_simulated(exp: Experiment, rows: list[dict[str, Any]]) -> list
     values = {run.name: run.values for run in exp.runs}
     for partition in dict.fromkeys(r["partition"] for r in rows):
         mine = [r for r in rows if r["partition"] == partition]
-        curves = {r["run"]: loss_curve(exp.output / r["run"]) for r in mine}
-        if not any(c is not None and len(c.seconds) > 1 for c in curves.values()):
+        if not any(c is not None and len(c.seconds) > 1
+                   for c in (curves[r["run"]] for r in mine)):
             continue
         settings = list(seed_groups([{**r, **values[r["run"]]} for r in mine], keys))
         cmap = plt.get_cmap("tab10")
@@ -700,12 +702,13 @@ def write_summary(exp: Experiment, rows: list[dict[str, Any]], *, plots: bool = 
         for row in rows:
             writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS})
     written = [csv_path]
+    curves = {row["run"]: loss_curve(exp.output / row["run"]) for row in rows}
     if rows and plots:
         written += _plot_curves(exp, rows)
         metrics = _plot_metrics(exp, rows)
         if metrics:
             written.append(metrics)
-        written += _plot_loss_vs_simulated(exp, rows)
+        written += _plot_loss_vs_simulated(exp, rows, curves)
 
     lines = [f"# {exp.source.stem}", "",
              f"Made by `hsplitlora experiment {exp.source}`; {len(rows)} of {len(exp.runs)} "
@@ -732,7 +735,7 @@ def write_summary(exp: Experiment, rows: list[dict[str, Any]], *, plots: bool = 
         lines.append("No simulated clock was recorded, so there is no simulated-time column "
                      "value or plot.")
     if rows and (len({row["seed"] for row in rows}) > 1 or exp.compare is not None):
-        lines += _seed_table(exp, rows)
+        lines += _seed_table(exp, rows, curves)
     figures = sorted(exp.output.glob("*.png"))
     lines += ["", *[f"![{p.stem}]({p.name})" for p in figures]]
     md_path = exp.output / "summary.md"

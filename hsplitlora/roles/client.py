@@ -235,7 +235,8 @@ class Client:
 
     def reset_adapters(self, settings: LoraSettings) -> None:
         """Fresh adapters (A random, B zero) at the planned ranks, and a fresh AdamW."""
-        restart_lora(self.segment, settings)
+        for segment in self._segments():
+            restart_lora(segment, settings)
         self.optimizer.reset(self._parameters())
 
     def probe_batches(self, n: int) -> list[dict[str, torch.Tensor]]:

@@ -273,7 +273,7 @@ class HeteroSystem:
         shard, every block's contributors then weigh the whole data exactly once."""
         state = agg.from_peft_state_dict(self.server.adapter_state(
             min(range(len(self.plans)), key=lambda c: self.plans[c].cut)), self.alpha)
-        cuts = sorted({self.plans[c].cut for c in range(len(self.plans))})
+        cuts = sorted({plan.cut for plan in self.plans})
         out = []
         for lo, hi in zip(cuts, [*cuts[1:], num_blocks(self.base.config)], strict=True):
             part = {m: pair for m, pair in state.items() if lo <= self.spec.block_of(m) < hi}

@@ -137,7 +137,7 @@ class FedService:
                 raise LookupError(f"client {client_id} has no part in aggregation round {round}"
                                   " (it did not finish that round, or the round is over)")
             r.received[client_id] = (state, num_samples)
-            r.uploaded[client_id] = nbytes(dict(state))
+            r.uploaded[client_id] = nbytes(state)
             self._maybe_finish(round, r, force=False)
             self._wait_done(round, r)
             if r.blob is None:
