@@ -386,13 +386,14 @@ class RunConfig(_Strict):
             raise ValueError(f"hetero.server_side applies to the planned modes, not "
                              f"{self.train.mode!r}, whose server side is "
                              f"{self.mode.server.replace('_', ' ')}")
-        if self.train.tail and (not self.mode.split or self.mode.planned):
+        if self.train.tail and (not self.mode.split or self.hetero.federated):
             raise ValueError(
                 f"train.tail {self.train.tail} needs a main server between the client's cut "
                 f"and its tail: mode {self.train.mode!r} "
-                + ("plans its cuts per client, which does not count a tail yet"
-                   if self.mode.planned else "has none (the client holds the whole model)")
-                + "; use train.mode splitlora, splitfed or split, or train.tail: 0")
+                + ("with hetero.federated runs the whole model on each client"
+                   if self.mode.split else "has none (the client holds the whole model)")
+                + "; use a split mode (splitlora, splitfed, split, hsplitlora, hetlora, "
+                "flexlora, flora) without hetero.federated, or train.tail: 0")
         if self.model.dtype == "bfloat16" and self.train.precision == "fp32":
             raise ValueError("model.dtype 'bfloat16' needs train.precision 'bf16'; set "
                              "model.dtype: float32 for fp32 training")

@@ -59,8 +59,14 @@ def _load_model_forbidden(monkeypatch):
     ({"train": {"mode": "federated", "tail": 1}}, "train.tail 1 needs a main server between "
                                                   "the client's cut and its tail: mode "
                                                   "'federated' has none"),
-    ({"train": {"mode": "hsplitlora", "tail": 1}}, "mode 'hsplitlora' plans its cuts per "
-                                                   "client, which does not count a tail yet"),
+    ({"train": {"mode": "hetlora", "tail": 1}, "hetero": {"federated": True}},
+     "train.tail 1 needs a main server .* mode 'hetlora' with hetero.federated runs the whole "
+     "model on each client"),
+    ({"train": {"mode": "hsplitlora", "tail": 3}}, "train.tail 3 leaves no cut to plan: .* has "
+                                                   "4 blocks.* lower train.tail below 3"),
+    ({"train": {"mode": "hsplitlora", "tail": 1}, "hetero": {"cuts": [1, 3]}},
+     r"hetero.cuts \[3\] are out of range: .* has 4 blocks and a tail of 1, so a planned cut "
+     r"is in 1..2"),
     ({"lora": {"targets": ["q_proj", "qkv"]}}, r"unknown LoRA target\(s\) \['qkv'\] in "
                                                "lora.targets"),
     ({"train": {"device": "cuda"}}, "no CUDA device is visible here: set train.device"),

@@ -96,7 +96,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -111,6 +111,7 @@ __all__ = [
     "GAIN_RANKS",
     "Candidate",
     "ImportanceTracker",
+    "ProbeServer",
     "SensitivityProbe",
     "ServerScorer",
     "candidates",
@@ -422,28 +423,45 @@ def score_model(
     return score_segment(model, batches, loss, lambda out, batch: None)
 
 
+class ProbeServer(Protocol):
+    """The main server's side of split probing, in process or over a transport: as a
+    training step would, without updating anything."""
+
+    def reply(self, acts: Activations) -> ServerReply:
+        """Blocks ``[k, L)`` and the loss on the upload; the gradient at the cut."""
+        ...
+
+    def forward(self, acts: Activations) -> torch.Tensor:
+        """A U-shaped split's middle: the activations at the client's tail."""
+        ...
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        """The tail's gradient back through the middle: the gradient at the cut."""
+        ...
+
+
 def score_client(
     segment: ClientSegment,
     batches: Iterable[Batch],
-    server: Callable[[Activations], ServerReply],
+    server: ProbeServer,
     *,
     precision: str = "fp32",
 ) -> dict[str, float]:
-    """A client scores its blocks on its own batches, with the server's gradients.
-
-    ``server`` stands in for the round trip: it takes the upload and returns the main
-    server's reply (:meth:`ServerScorer.reply` in process, a transport call otherwise).
-    """
+    """A client scores its blocks on its own batches, with the server's gradients
+    (:class:`ServerScorer` in process, a transport's round trips otherwise)."""
     return _probe_client(segment, batches, server, precision).sensitivities()
 
 
 def _probe_client(
     segment: ClientSegment,
     batches: Iterable[Batch],
-    server: Callable[[Activations], ServerReply],
+    server: ProbeServer,
     precision: str,
     spectrum: bool = False,
+    tail: ServerScorer | None = None,
 ) -> SensitivityProbe:
+    """``tail``: a U-shaped client's own scorer of its tail, which takes the loss on the
+    labels kept here between the server's two hops (the server never sees them)."""
     device = _device(segment)
 
     def forward(batch: Batch) -> torch.Tensor:
@@ -452,8 +470,13 @@ def _probe_client(
             return segment(b["input_ids"], b["attention_mask"])
 
     def round_trip(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
-        reply = server(Activations(hidden, batch["attention_mask"], batch["labels"]))
-        return reply.grad.to(device=hidden.device, dtype=hidden.dtype)
+        mask, labels = batch["attention_mask"], batch["labels"]
+        if tail is None:
+            grad = server.reply(Activations(hidden, mask, labels)).grad
+        else:
+            middle = server.forward(Activations(hidden, mask, None))
+            grad = server.backward(tail.reply(Activations(middle, mask, labels)).grad)
+        return grad.to(device=hidden.device, dtype=hidden.dtype)
 
     return _run_probe(segment, batches, forward, round_trip, spectrum)
 
@@ -461,13 +484,22 @@ def _probe_client(
 def segment_importance(
     segment: ClientSegment,
     batches: Iterable[Batch],
-    server: Callable[[Activations], ServerReply],
+    server: ProbeServer,
     precision: str = "fp32",
+    *,
+    tail: ServerSegment | None = None,
+    label_smoothing: float = 0.0,
 ) -> dict[str, float]:
     """A client's importance map: the gradient energies ``"<module>@<r>" -> E(r)`` of
-    every adaptable module of its segment, at :data:`GAIN_RANKS`, from split probing with
-    the server's gradients (the server's reply carries the run's loss)."""
-    return _probe_client(segment, batches, server, precision, spectrum=True).energies()
+    every adaptable module of its segment (and of a U-shaped client's ``tail``, which
+    takes the run's loss here), at :data:`GAIN_RANKS`, from split probing with the
+    server's gradients (the server's reply carries the run's loss)."""
+    if tail is None:
+        return _probe_client(segment, batches, server, precision, spectrum=True).energies()
+    with ServerScorer(tail, precision=precision, label_smoothing=label_smoothing,
+                      spectrum=True) as scorer:
+        head = _probe_client(segment, batches, server, precision, True, scorer).energies()
+    return {**head, **scorer.energies()}
 
 
 class ServerScorer:
@@ -475,7 +507,9 @@ class ServerScorer:
 
     Within the ``with`` block, each :meth:`reply` runs the server blocks on received
     activations, takes the loss, back-propagates (scoring its matrices) and returns the
-    activation gradient, exactly as a training step would, without updating anything.
+    activation gradient, exactly as a training step would, without updating anything. A
+    U-shaped split's middle answers in two hops instead, :meth:`forward` then
+    :meth:`backward`; a U-shaped client scores its tail with a scorer of its own.
     """
 
     def __init__(
@@ -487,6 +521,7 @@ class ServerScorer:
         self.label_smoothing = label_smoothing
         self._probe = SensitivityProbe(segment, spectrum=spectrum)
         self._stack = contextlib.ExitStack()
+        self._held: tuple[torch.Tensor, torch.Tensor] | None = None  # a middle's forward
 
     def __enter__(self) -> ServerScorer:
         self._stack.enter_context(_scoring(self.segment))
@@ -497,14 +532,35 @@ class ServerScorer:
         self._stack.close()
 
     def reply(self, acts: Activations) -> ServerReply:
-        device = _device(self.segment)
-        hidden = acts.hidden.to(device).detach().requires_grad_(True)
-        with autocast(self.precision, device):
-            logits = self.segment(hidden, acts.attention_mask.to(device))
-        loss, tokens = causal_lm_loss(logits, acts.labels.to(device), self.label_smoothing)
+        if acts.labels is None:
+            raise ValueError("the server's scorer needs the labels: a U-shaped client keeps "
+                             "them, so its probing is forward() and backward()")
+        hidden = self._received(acts)
+        with autocast(self.precision, hidden.device):
+            logits = self.segment(hidden, acts.attention_mask.to(hidden.device))
+        loss, tokens = causal_lm_loss(logits, acts.labels.to(hidden.device),
+                                      self.label_smoothing)
         loss.backward()
         assert hidden.grad is not None
         return ServerReply(float(loss.detach()), tokens, hidden.grad)
+
+    def forward(self, acts: Activations) -> torch.Tensor:
+        hidden = self._received(acts)
+        with autocast(self.precision, hidden.device):
+            out = self.segment(hidden, acts.attention_mask.to(hidden.device))
+        self._held = (hidden, out)
+        return out.detach()
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        if self._held is None:
+            raise RuntimeError("the server's scorer got a gradient before the activations")
+        (hidden, out), self._held = self._held, None
+        out.backward(grad.to(device=out.device, dtype=out.dtype))
+        assert hidden.grad is not None
+        return hidden.grad
+
+    def _received(self, acts: Activations) -> torch.Tensor:
+        return acts.hidden.to(_device(self.segment)).detach().requires_grad_(True)
 
     def scores(self) -> dict[str, float]:
         """Sensitivities of the server's matrices over all replies so far."""

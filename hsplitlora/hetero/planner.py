@@ -45,6 +45,14 @@ proved); at a fixed deadline, more memory never lowers a client's U; at a fixed 
 scaling up a matrix's gains never lowers its rank; choosing R, more memory for one client
 never lowers the best ``sum_i p_i U_i(R) / R`` (the grid does not depend on memory).
 
+**U-shaped split** (``PlannerSettings.tail``): every client also keeps the last ``tail``
+blocks, the final norm, the head and the loss. Their frozen weights, activations and
+FLOPs are part of every option's fixed cost, their matrices are the client's to adapt
+(eligible in every option, like blocks ``[f, k)``), the server's adapters cover
+``[k, L - tail)`` only, and each step moves two transfers each way. The server's share
+of the round counts its FLOPs, not the time it holds a client's step while the tail runs
+(the simulated clock does).
+
 **Tie-breaking.** Options of equal U (to 1e-9) go to the shallower cut, then to the
 smaller memory reservation; deadlines of equal Phi to the shorter round.
 
@@ -73,6 +81,7 @@ from hsplitlora.hetero.costmodel import (
     block_flops,
     bytes_down,
     bytes_up,
+    client_flops,
     client_memory,
     lora_flops_per_rank,
     lora_memory_per_rank,
@@ -125,6 +134,7 @@ class PlannerSettings:
     round_time_s: float | None = None  # fixed round deadline R; None = chosen; inf = memory only
     deadlines: int = 64  # deadlines tried between the fastest and the slowest round
     shared_server: bool = False  # one server-side adapter per block for every client
+    tail: int = 0  # U-shaped split: every client also keeps the last `tail` blocks and the head
 
     def __post_init__(self) -> None:
         if sorted(set(self.ranks)) != list(self.ranks) or self.ranks[0] != 0 or len(self.ranks) < 2:
@@ -142,6 +152,8 @@ class PlannerSettings:
             raise ValueError(f"round_time_s must be positive, got {self.round_time_s}")
         if self.interval < 1 or self.deadlines < 1:
             raise ValueError("interval and deadlines must be >= 1")
+        if self.tail < 0:
+            raise ValueError(f"tail must be >= 0, got {self.tail}")
 
     @property
     def gain_ranks(self) -> tuple[int, ...]:
@@ -308,19 +320,25 @@ def _table(dims: ModelDims, gains: Mapping[str, Mapping[int, float]], work: Work
     block = block_flops(dims, work)
     served_per_block = [sum(gains[dims.module_name(b, m)][s.server_rank] for m in dims.candidates)
                         for b in range(dims.n_layers)]
+    stop = dims.n_layers - s.tail  # the server's blocks end here (a U-shaped client's tail)
+    tail_flops, tail_reserve = _tail_costs(dims, work, s.tail)
     options = []
     for cut in range(s.min_cut, max_cut + 1):
-        frozen = client_memory(dims, cut, {}, work).total  # frozen weights, hidden state sent
-        served = server_flops(dims, cut, _server_ranks(dims, cut, s.server_rank), work).total
+        # frozen weights, the hidden state sent, and a tail's weights and activations
+        frozen = client_memory(dims, cut, {}, work, s.tail).total + tail_reserve
+        served = server_flops(dims, cut, _server_ranks(dims, cut, s.server_rank, s.tail), work,
+                              s.tail).total
         for first in range(cut, -1, -1):
             reserved = frozen + activation_bytes(dims, range(first, cut), {}, work,
                                                  input_grad=False, reserve_inputs=True)
             options.append((cut, reserved, first, cut * block.forward
-                            + (cut - first) * block.backward, served,
-                            sum(served_per_block[cut:])))
+                            + (cut - first) * block.backward + tail_flops, served,
+                            sum(served_per_block[cut:stop])))
     options.sort(key=lambda o: (o[0], o[1], -o[2]))
     cut_, reserved_, first_ = (np.array([o[i] for o in options], dtype=np.int64) for i in range(3))
-    eligible = (blocks[None, :] >= first_[:, None]) & (blocks[None, :] < cut_[:, None])
+    # a step may adapt the blocks [first, cut) and, in a U-shaped split, the client's tail
+    eligible = ((blocks[None, :] >= first_[:, None]) & (blocks[None, :] < cut_[:, None])
+                | (blocks[None, :] >= stop))
     cums = [np.cumsum(np.where(eligible, c[None, :], 0.0), axis=1) for c in columns]
     return _Table(
         names=[r[3] for r in rows], levels=np.array([r[4] for r in rows], dtype=np.int64),
@@ -331,6 +349,21 @@ def _table(dims: ModelDims, gains: Mapping[str, Mapping[int, float]], work: Work
         eligible=eligible, cum_gain=cums[0], cum_bytes=cums[1], cum_flops=cums[2],
         cum_params=cums[3],
     )
+
+
+def _tail_costs(dims: ModelDims, work: Workload, tail: int) -> tuple[int, int]:
+    """A U-shaped client's tail (blocks ``[L - tail, L)``, final norm, head, loss): its
+    FLOPs per step without adapters, and the inputs of its candidate matrices reserved as
+    if all were adapted (what the blocks ``[first, cut)`` reserve, for the tail: an upper
+    bound additive in ranks). Its frozen weights and activations are in client_memory."""
+    if not tail:
+        return 0, 0
+    n = dims.n_layers
+    flops = client_flops(dims, 0, {}, work, tail).total - client_flops(dims, 0, {}, work).total
+    blocks = range(n - tail, n)
+    reserve = (activation_bytes(dims, blocks, {}, work, input_grad=True, reserve_inputs=True)
+               - activation_bytes(dims, blocks, {}, work, input_grad=True))
+    return flops, reserve
 
 
 @dataclass(frozen=True)
@@ -355,13 +388,13 @@ class _Rates:
 
     @classmethod
     def of(cls, profile: DeviceProfile, server: DeviceProfile, dims: ModelDims,
-           work: Workload) -> _Rates:
+           work: Workload, tail: int = 0) -> _Rates:
         up = min(profile.uplink_bps, server.downlink_bps)
         down = min(server.uplink_bps, profile.downlink_bps)
         return cls(
             flop=1 / profile.flops,
-            transfer=bytes_up(work.batch, work.seq, dims.hidden, work.act_bytes) / up
-            + bytes_down(work.batch, work.seq, dims.hidden, work.act_bytes) / down,
+            transfer=bytes_up(work.batch, work.seq, dims.hidden, work.act_bytes, tail) / up
+            + bytes_down(work.batch, work.seq, dims.hidden, work.act_bytes, tail) / down,
             param=work.lora_bytes * (1 / up + 1 / down),
             server_flop=1 / server.flops,
         )
@@ -447,15 +480,18 @@ def plan_clients(
     s = settings or PlannerSettings()
     if not profiles:
         raise ValueError("plan_clients needs at least one client profile")
-    max_cut = dims.n_layers - 1 if s.max_cut is None else s.max_cut
-    if not 0 <= s.min_cut <= max_cut <= dims.n_layers:
+    top = dims.n_layers - s.tail - 1 if s.tail else dims.n_layers  # a middle block stays
+    max_cut = min(dims.n_layers - 1, top) if s.max_cut is None else s.max_cut
+    if not 0 <= s.min_cut <= max_cut <= top:
         raise ValueError(f"planner cut range [{s.min_cut}, {max_cut}] does not fit a model of "
-                         f"{dims.n_layers} blocks: it must lie within [0, {dims.n_layers}]")
+                         f"{dims.n_layers} blocks" + (f" with a tail of {s.tail}" if s.tail
+                                                      else "")
+                         + f": it must lie within [0, {top}]")
     p = np.full(len(profiles), 1 / len(profiles)) if shares is None else \
         np.asarray(shares, dtype=np.float64) / math.fsum(shares)
     norm = _normalised(dims, gains, s)
     t = _table(dims, norm, work, s, max_cut)
-    clients = [(prof, _Rates.of(prof, server, dims, work)) for prof in profiles]
+    clients = [(prof, _Rates.of(prof, server, dims, work, s.tail)) for prof in profiles]
     for i, (prof, rates) in enumerate(clients):
         _check_fits(i, prof, t, rates, s, work)
     deadlines = _deadlines(t, clients, s)
@@ -506,23 +542,25 @@ def _client_plan(cid: int, profile: DeviceProfile, server: DeviceProfile, dims: 
         level[name] = max(level.get(name, 0), int(t.levels[step]))
     ranks = {name: s.ranks[j] for name, j in level.items()}
     cut = int(t.cut[option])
-    server_ranks = _server_ranks(dims, cut, s.server_rank)
+    server_ranks = _server_ranks(dims, cut, s.server_rank, s.tail)
     return ClientPlan(
         client_id=cid, profile=profile, cut=cut, ranks=ranks, server_ranks=server_ranks,
-        memory=client_memory(dims, cut, ranks, work), budget_bytes=profile.memory_bytes,
-        step_seconds=step_time(profile, server, dims, cut, ranks, server_ranks, work).total,
+        memory=client_memory(dims, cut, ranks, work, s.tail), budget_bytes=profile.memory_bytes,
+        step_seconds=step_time(profile, server, dims, cut, ranks, server_ranks, work,
+                               s.tail).total,
         utility=float(c.utility[d]), round_seconds=float(c.round_seconds[d]),
         server_seconds=float(c.server_seconds[d]),
     )
 
 
 def server_load(plans: Sequence[ClientPlan], server: DeviceProfile, dims: ModelDims,
-                work: Workload, interval: int, *, shared: bool = False) -> ServerLoad:
+                work: Workload, interval: int, *, shared: bool = False,
+                tail: int = 0) -> ServerLoad:
     """The main server's memory and compute per round (``interval`` steps per client)
     under ``plans``: one frozen base, one client's activations at a time, and each
     client's server-side adapters with their AdamW state, or (``shared``) one adapter per
-    block, the widest server side's."""
-    memories = [server_memory(dims, c.cut, c.server_ranks, work) for c in plans]
+    block, the widest server side's; with a ``tail``, middles that end at ``L - tail``."""
+    memories = [server_memory(dims, c.cut, c.server_ranks, work, tail) for c in plans]
     adapters = [m.lora_weights + m.lora_grads + m.optimizer for m in memories]
     total = (max(m.frozen_weights for m in memories)
              + max(m.activations + m.exchanged for m in memories)
@@ -533,7 +571,8 @@ def server_load(plans: Sequence[ClientPlan], server: DeviceProfile, dims: ModelD
 
 def _server_load(plans: Sequence[ClientPlan], server: DeviceProfile, dims: ModelDims,
                  work: Workload, s: PlannerSettings) -> ServerLoad:
-    load = server_load(plans, server, dims, work, s.interval, shared=s.shared_server)
+    load = server_load(plans, server, dims, work, s.interval, shared=s.shared_server,
+                       tail=s.tail)
     if load.memory_bytes > server.memory_bytes:
         raise PlanError(
             f"the main server ({server.name}) would need {format_bytes(load.memory_bytes)} "
@@ -543,10 +582,10 @@ def _server_load(plans: Sequence[ClientPlan], server: DeviceProfile, dims: Model
     return load
 
 
-def _server_ranks(dims: ModelDims, cut: int, rank: int) -> dict[str, int]:
+def _server_ranks(dims: ModelDims, cut: int, rank: int, tail: int = 0) -> dict[str, int]:
     if rank == 0:
         return {}
-    return dict.fromkeys(dims.candidate_modules(range(cut, dims.n_layers)), rank)
+    return dict.fromkeys(dims.candidate_modules(range(cut, dims.n_layers - tail)), rank)
 
 
 def _check_fits(cid: int, profile: DeviceProfile, t: _Table, rates: _Rates,

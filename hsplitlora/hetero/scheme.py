@@ -21,6 +21,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from hsplitlora.hetero.costmodel import (
@@ -51,7 +52,7 @@ from hsplitlora.hetero.profiles import DeviceProfile, format_bytes
 from hsplitlora.models.lora import target_module_names
 from hsplitlora.models.split import arch_spec, client_blocks
 from hsplitlora.modes import MERGING
-from hsplitlora.roles.messages import Activations, ServerReply
+from hsplitlora.roles.messages import Activations, ServerReply, nbytes
 from hsplitlora.train.hetero import HeteroSystem, PartyPlan
 from hsplitlora.train.placement import PartyLost
 from hsplitlora.train.recorder import Recorder
@@ -90,26 +91,19 @@ def probe_importance(system: HeteroSystem, n_batches: int, precision: str,
         # Under the Ray backend this is a copy fetched from the actor: scoring only reads
         # it (its hooks come off again), so it may run here.
         server_seg = system.server.segments[client.client_id]
-        moved = [0, 0, 0]
         with ServerScorer(server_seg, precision=precision, label_smoothing=label_smoothing,
                           spectrum=True) as scorer:
-            def reply(acts: Activations, scorer: ServerScorer = scorer,
-                      moved: list[int] = moved) -> ServerReply:
-                out = scorer.reply(acts)
-                moved[0] += acts.nbytes
-                moved[1] += out.nbytes
-                moved[2] += 1
-                return out
-
+            metered = _Metered(scorer)
             try:
-                scores = client.score(n_batches, reply)
+                scores = client.score(n_batches, metered)
             except PartyLost as e:
                 log.warning("importance probing goes on without client %d: %s",
                             client.client_id, e)
                 continue
             server = scorer.energies()
         per_client.append(({**scores, **server}, client.num_samples))
-        links.append([client.client_id, *moved, system.plans[client.client_id].cut])
+        links.append([client.client_id, metered.up, metered.down, metered.batches,
+                      system.plans[client.client_id].cut])
     if not per_client:
         raise PartyLost("no client took part in importance probing")
     norm = sum(w for _, w in per_client)
@@ -118,6 +112,33 @@ def probe_importance(system: HeteroSystem, n_batches: int, precision: str,
         for name, value in scores.items():
             total[name] = total.get(name, 0.0) + value * w / norm
     return total, links
+
+
+class _Metered:
+    """The server's scorer for one client, counting what probing moves over that
+    client's link: per batch its activations up and their gradient down, and in a
+    U-shaped split also the activations at its tail down and their gradient up."""
+
+    def __init__(self, scorer: ServerScorer) -> None:
+        self.scorer = scorer
+        self.up = self.down = self.batches = 0
+
+    def reply(self, acts: Activations) -> ServerReply:
+        out = self.scorer.reply(acts)
+        self.up, self.down, self.batches = (self.up + acts.nbytes, self.down + out.nbytes,
+                                            self.batches + 1)
+        return out
+
+    def forward(self, acts: Activations) -> torch.Tensor:
+        out = self.scorer.forward(acts)
+        self.up, self.down, self.batches = (self.up + acts.nbytes, self.down + nbytes(out),
+                                            self.batches + 1)
+        return out
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        out = self.scorer.backward(grad)
+        self.up, self.down = self.up + nbytes(grad), self.down + nbytes(out)
+        return out
 
 
 def uniform_rank(dims: ModelDims, profile: DeviceProfile, cut: int, modules: Sequence[str],
@@ -176,13 +197,15 @@ class Planner:
         self.candidates = target_module_names(model, self.spec.targets)
         self.tracker = ImportanceTracker(beta=self.hc.ema_beta)
         self.planned_on: dict[str, float] | None = None
-        n = self.dims.n_layers
-        cuts = self.hc.cuts or list(range(1, n))
+        n, self.tail = self.dims.n_layers, cfg.train.tail
+        # a U-shaped client's tail leaves the server blocks [cut, L - tail): one at least
+        cuts = self.hc.cuts or list(range(1, n - self.tail if self.tail else n))
         self.settings = PlannerSettings(
             ranks=tuple(sorted(set([0, *self.hc.rank_set]))), min_cut=min(cuts),
             max_cut=max(cuts), server_rank=self.hc.server_rank,
             time_budget_s=self.hc.time_budget_s, interval=cfg.train.agg_interval,
-            round_time_s=self.hc.round_time_s, shared_server=cfg.server_side == "shared")
+            round_time_s=self.hc.round_time_s, shared_server=cfg.server_side == "shared",
+            tail=self.tail)
 
     def state_dict(self) -> dict[str, Any]:
         """The importance history and the scores the current plans were made on."""
@@ -254,7 +277,7 @@ class Planner:
                 modules = ranking(per_cost)[: len(self.default_modules)]
             return [PartyPlan(cut, {m: self.cfg.lora.r for m in modules}) for _ in self.profiles]
         ranks = [uniform_rank(self.dims, p, cut, self.default_modules, self.hc.rank_set,
-                              self.work) for p in self.profiles]
+                              self.work, self.tail) for p in self.profiles]
         for cid, r in enumerate(ranks):
             log.info("client %d (%s): cut %d, rank %d", cid, self.profiles[cid].name, cut, r)
         return [PartyPlan(cut, {m: r for m in self.default_modules}) for r in ranks]
@@ -287,29 +310,30 @@ class Planner:
     def describe(self, plans: Sequence[PartyPlan]) -> Plan:
         """The cost model's view of some plans (memory, step time, the main server's
         load), for the plan table and the run's summary."""
-        out = []
+        out, tail = [], self.tail
         for cid, (plan, profile) in enumerate(zip(plans, self.profiles, strict=True)):
-            client = {m: r for m, r in plan.ranks.items() if _block(m) < plan.cut}
-            server = {m: r for m, r in plan.ranks.items() if _block(m) >= plan.cut}
-            memory = client_memory(self.dims, plan.cut, client, self.work)
+            own = set(client_blocks(plan.cut, tail, self.dims.n_layers))
+            client = {m: r for m, r in plan.ranks.items() if _block(m) in own}
+            server = {m: r for m, r in plan.ranks.items() if _block(m) not in own}
+            memory = client_memory(self.dims, plan.cut, client, self.work, tail)
             seconds = step_time(profile, self.server, self.dims, plan.cut, client, server,
-                                self.work).total
+                                self.work, tail).total
             moved = adapter_bytes(self.dims, client, self.work) * (
                 1 / min(profile.uplink_bps, self.server.downlink_bps)
                 + 1 / min(self.server.uplink_bps, profile.downlink_bps))
-            served = server_flops(self.dims, plan.cut, server, self.work).total
+            served = server_flops(self.dims, plan.cut, server, self.work, tail).total
             out.append(ClientPlan(cid, profile, plan.cut, client, server, memory,
                                   profile.memory_bytes, seconds, float("nan"),
                                   round_seconds=self.settings.interval * seconds + moved,
                                   server_seconds=served / self.server.flops))
         return Plan(out, server=server_load(out, self.server, self.dims, self.work,
                                             self.settings.interval,
-                                            shared=self.settings.shared_server))
+                                            shared=self.settings.shared_server, tail=tail))
 
     def weakest_rank(self) -> int:
         """SplitLoRA on heterogeneous devices: the largest rank every client fits."""
         return min(uniform_rank(self.dims, p, self.cfg.train.cut, self.default_modules,
-                                self.hc.rank_set, self.work, self.cfg.train.tail)
+                                self.hc.rank_set, self.work, self.tail)
                    for p in self.profiles)
 
 

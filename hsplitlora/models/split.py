@@ -453,7 +453,8 @@ def server_view(segment: ServerSegment, cut: int) -> ServerSegment:
     """Blocks ``[cut, L)`` of ``segment`` (which starts at or before ``cut``) as a server
     segment of their own over the very same modules: training through the view trains
     ``segment``'s adapters. A shared server side serves each client from its own cut
-    this way (one adapter per block, whichever clients reach it)."""
+    this way (one adapter per block, whichever clients reach it). The view of a U-shaped
+    split's middle ends at the middle's own stop."""
     offset, n = cut - segment.first_block, len(segment.blocks)
     if not 0 <= offset < n:
         raise ValueError(f"a view of the server segment of blocks {segment.first_block}.."
@@ -461,9 +462,11 @@ def server_view(segment: ServerSegment, cut: int) -> ServerSegment:
     if offset == 0:
         return segment
     spec, backbone = segment.spec, segment.backbone
-    view, _ = _copy_backbone(backbone, spec, list(segment.blocks)[offset:], None,
-                             share_blocks=True)
-    view.config = _segment_config(backbone.config, spec, offset, n, n - offset)
+    middle = segment.lm_head is None  # its module list holds the stop after its blocks
+    held = list(cast(nn.ModuleList, backbone.get_submodule(spec.blocks)))
+    view, _ = _copy_backbone(backbone, spec, held[offset:] if middle else held[offset:n],
+                             None, share_blocks=True)
+    view.config = _segment_config(backbone.config, spec, offset, n, n - offset + middle)
     return ServerSegment(view, segment.lm_head, spec, cut, n - offset)
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.roles.party_state import load_party_state, party_state
 from hsplitlora.train.compile import compiled_blocks
 from hsplitlora.train.optim import Optimizer, OptimSettings, autocast
+
+if TYPE_CHECKING:
+    from hsplitlora.hetero.importance import ProbeServer
 
 __all__ = ["Client", "Update"]
 
@@ -219,8 +222,9 @@ class Client:
         """Merge aggregation ``version``'s update (noise-free aggregation) into the base
         weights of this client's blocks (once per process: parties share them), then
         restart its adapters at the ranks ``settings`` plans for it."""
-        merge_base_update(self.segment, updates, version,
-                          fan_in_fan_out=self.segment.spec.fan_in_fan_out)
+        for segment in self._segments():  # a U-shaped client's tail holds merged blocks too
+            merge_base_update(segment, updates, version,
+                              fan_in_fan_out=segment.spec.fan_in_fan_out)
         self.reset_adapters(settings)
 
     def replace_segment(self, segment: ClientSegment,
@@ -245,10 +249,12 @@ class Client:
             raise RuntimeError(f"client {self.client_id} was built without probe batches")
         return [next(self.probes) for _ in range(n)]
 
-    def score(self, n: int, reply: Callable[[Activations], ServerReply]) -> dict[str, float]:
-        """Importance of this client's matrices on ``n`` probe batches of its own, with the
-        main server's gradients from ``reply`` (a local scorer or a network round trip);
-        nothing is updated. The raw batches stay here, as in training."""
+    def score(self, n: int, server: ProbeServer) -> dict[str, float]:
+        """Importance of this client's matrices (its tail's too) on ``n`` probe batches of
+        its own, with the main server's gradients from ``server`` (a local scorer or a
+        network round trip); nothing is updated. The raw batches and, with a tail, the
+        labels stay here, as in training."""
         from hsplitlora.hetero.importance import segment_importance
 
-        return segment_importance(self.segment, self.probe_batches(n), reply, self.precision)
+        return segment_importance(self.segment, self.probe_batches(n), server, self.precision,
+                                  tail=self.tail, label_smoothing=self.label_smoothing)

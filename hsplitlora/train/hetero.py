@@ -51,7 +51,7 @@ from hsplitlora.models.lora import (
     target_module_names,
 )
 from hsplitlora.models.shared import merged_delta, restore_original
-from hsplitlora.models.split import arch_spec, num_blocks, server_view
+from hsplitlora.models.split import arch_spec, client_blocks, num_blocks, server_view
 from hsplitlora.modes import MERGING
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import nbytes
@@ -125,6 +125,7 @@ class HeteroSystem:
         pruning: SelfPruning | None = None,
         sparsity_weights: bool = True,
         shared_server: bool = False,
+        tail: int = 0,
     ) -> None:
         if aggregator not in AGGREGATORS:
             raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")
@@ -133,6 +134,9 @@ class HeteroSystem:
                              f"({', '.join(sorted(MERGING))}), not {aggregator!r}: only a "
                              "merge folds its adapters, trained by several clients at once, "
                              "into the base")
+        if tail and federated:
+            raise ValueError("a U-shaped split (train.tail) needs a main server between the "
+                             "client's cut and its tail: hetero.federated runs no server")
         if pruning is not None and aggregator != "zeropad":
             raise ValueError(f"rank self-pruning is HetLoRA's (aggregator zeropad), not "
                              f"{aggregator!r}'s")
@@ -142,6 +146,9 @@ class HeteroSystem:
         self.spec = arch_spec(base.config)
         self.base = base  # unsplit, no LoRA: the fed-level view of the merged base weights
         self.candidates = target_module_names(base, self.spec.targets)
+        self.n_blocks = num_blocks(base.config)
+        # U-shaped split: every client also keeps blocks [L - tail, L), the head and the loss
+        self.tail = tail
         self.alpha, self.dropout, self.aggregator = alpha, dropout, aggregator
         self.seed = seed
         self.restarts = 0  # times the adapters restarted (merging aggregations, re-plans)
@@ -180,11 +187,12 @@ class HeteroSystem:
         clients, segments = [], {}
         for cid, (plan, stream) in enumerate(zip(self.plans, streams, strict=True)):
             settings = self.settings(cid)
-            client_seg, server_seg = hetero_segments(base, plan.cut, settings)
+            client_seg, server_seg, tail_seg = hetero_segments(base, plan.cut, settings, tail)
             clients.append(place.place(ClientRecipe(
                 client_id=cid, segment=client_seg, batches=stream, num_samples=num_samples[cid],
                 optim=client_optim, precision=precision, compile=compile, settings=settings,
-                probes=None if probes is None else probes[cid]), "client"))
+                probes=None if probes is None else probes[cid], tail=tail_seg,
+                label_smoothing=label_smoothing), "client"))
             segments[cid] = server_seg
         self.clients = clients
         if shared_server:
@@ -247,7 +255,7 @@ class HeteroSystem:
         ranks: dict[str, int] = {}
         for plan in self.plans:
             for m, r in plan.ranks.items():
-                if self.spec.block_of(m) >= plan.cut:
+                if plan.cut <= self.spec.block_of(m) < self._stop:
                     ranks[m] = max(ranks.get(m, 0), r)
         seed = (self.seed * 1_000_003 + self.restarts * 1009 - 1) % 2**63
         return PartyPlan(self._shallowest(), ranks).settings(
@@ -256,10 +264,16 @@ class HeteroSystem:
     def _shallowest(self) -> int:
         return min(plan.cut for plan in self.plans)
 
+    @property
+    def _stop(self) -> int:
+        """Where the server's blocks end: ``L``, or ``L - tail`` in a U-shaped split."""
+        return self.n_blocks - self.tail
+
     def _shared_segments(self) -> dict[int, Any]:
         """Every client's server segment as a view of one segment from the shallowest
         cut (:func:`~hsplitlora.models.split.server_view`)."""
-        _, full = hetero_segments(self.base, self._shallowest(), self._shared_settings())
+        _, full, _ = hetero_segments(self.base, self._shallowest(), self._shared_settings(),
+                                     self.tail)
         return {cid: server_view(full, plan.cut) for cid, plan in enumerate(self.plans)}
 
     def _server_settings(self) -> dict[int, LoraSettings]:
@@ -275,7 +289,7 @@ class HeteroSystem:
             min(range(len(self.plans)), key=lambda c: self.plans[c].cut)), self.alpha)
         cuts = sorted({plan.cut for plan in self.plans})
         out = []
-        for lo, hi in zip(cuts, [*cuts[1:], num_blocks(self.base.config)], strict=True):
+        for lo, hi in zip(cuts, [*cuts[1:], self._stop], strict=True):
             part = {m: pair for m, pair in state.items() if lo <= self.spec.block_of(m) < hi}
             weight = sum(self.clients[c].num_samples for c in ids if self.plans[c].cut <= lo)
             if part and weight:
@@ -302,8 +316,9 @@ class HeteroSystem:
         self.plans = list(plans)
         self.restarts += 1
         for cid, plan in enumerate(plans):
-            if plan.cut != old[cid].cut:
-                client_seg, server_seg = hetero_segments(self.base, plan.cut, self.settings(cid))
+            if plan.cut != old[cid].cut:  # a tail keeps its blocks: only the head moves
+                client_seg, server_seg, _ = hetero_segments(self.base, plan.cut,
+                                                            self.settings(cid), self.tail)
                 self.clients[cid].replace_segment(client_seg)
                 if not self.shared_server:
                     self.server.replace_segment(cid, server_seg)
@@ -429,14 +444,18 @@ class HeteroSystem:
 
     def client_layout(self, cid: int) -> dict[str, tuple[int, int]]:
         """Names and shapes of client ``cid``'s adapter tensors under its current plan."""
-        cut = self.plans[cid].cut
-        held = {m: s for m, s in self.shapes.items() if self.spec.block_of(m) < cut}
+        own = self._client_blocks(cid)
+        held = {m: s for m, s in self.shapes.items() if self.spec.block_of(m) in own}
         return adapter_shapes(held, self.settings(cid), self.spec.default_targets)
+
+    def _client_blocks(self, cid: int) -> set[int]:
+        """The blocks client ``cid`` runs itself: below its cut, and a U-shaped tail."""
+        return set(client_blocks(self.plans[cid].cut, self.tail, self.n_blocks))
 
     def _client_modules(self, cid: int) -> set[str]:
         """Candidate modules in the blocks client ``cid`` runs itself."""
-        cut = self.plans[cid].cut
-        return {m for m in self.candidates if self.spec.block_of(m) < cut}
+        own = self._client_blocks(cid)
+        return {m for m in self.candidates if self.spec.block_of(m) in own}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to go on exactly as this one would: plans,
@@ -464,7 +483,8 @@ class HeteroSystem:
         self.global_model = dict(state.get("global", {}))
         self.r_max = dict(state.get("r_max", {}))
         for cid, plan in enumerate(self.plans):
-            client_seg, server_seg = hetero_segments(self.base, plan.cut, self.settings(cid))
+            client_seg, server_seg, _ = hetero_segments(self.base, plan.cut, self.settings(cid),
+                                                        self.tail)
             self.clients[cid].replace_segment(client_seg)
             self.clients[cid].reset_adapters(self.settings(cid))
             if not self.shared_server:

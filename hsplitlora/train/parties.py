@@ -160,12 +160,16 @@ def probe_stream(p: Any, client_id: int) -> BatchStream:
                         party_seed(t.seed, client_id) + 7919, pad_id_for(p.tokenizer))
 
 
-def hetero_segments(base: nn.Module, cut: int,
-                    settings: LoraSettings) -> tuple[ClientSegment, ServerSegment]:
-    """One participant's client segment and server-side segment: ``base`` with
-    ``settings``' adapters (seeded, so every process builds the same), cut at ``cut``,
-    over ``base``'s own frozen tensors."""
-    return split_model(attach_lora(share_frozen(base), settings), cut)
+def hetero_segments(base: nn.Module, cut: int, settings: LoraSettings, tail: int = 0
+                    ) -> tuple[ClientSegment, ServerSegment, ServerSegment | None]:
+    """One participant's client segment, server-side segment and, in a U-shaped split,
+    the client's tail: ``base`` with ``settings``' adapters (seeded, so every process
+    builds the same), cut at ``cut`` (and at ``L - tail``), over ``base``'s own frozen
+    tensors."""
+    model = attach_lora(share_frozen(base), settings)
+    if tail:
+        return split_u(model, cut, tail)
+    return (*split_model(model, cut), None)
 
 
 def hetero_client_recipe(p: Any, client_id: int, cut: int,
@@ -173,11 +177,12 @@ def hetero_client_recipe(p: Any, client_id: int, cut: int,
     """A heterogeneous client's recipe for its plan (``cut``, ``settings``), as the
     in-process system builds it; a ``hsplitlora join`` process builds its own with it."""
     t = p.cfg.train
-    segment, _ = hetero_segments(p.model, cut, settings)
+    segment, _, tail = hetero_segments(p.model, cut, settings, t.tail)
     return ClientRecipe(client_id=client_id, segment=segment, batches=shard_stream(p, client_id),
                         num_samples=len(p.shards[client_id]), optim=optim_settings(p.cfg, t.steps),
                         precision=t.precision, compile=t.compile,
-                        probes=probe_stream(p, client_id), settings=settings)
+                        probes=probe_stream(p, client_id), settings=settings, tail=tail,
+                        label_smoothing=t.label_smoothing)
 
 
 def split_segments(p: Any) -> tuple[ClientSegment, ServerSegment, ServerSegment | None]:

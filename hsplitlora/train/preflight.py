@@ -71,10 +71,16 @@ def preflight(cfg: RunConfig, model_config: Any = None) -> None:
                               f"block: {name} has {blocks} blocks and the server runs blocks "
                               f"[cut, {blocks} - tail); lower train.tail or train.cut so that "
                               f"cut + tail < {blocks}")
-    bad_cuts = [c for c in cfg.hetero.cuts or [] if not 1 <= c < blocks]
+    top = blocks - t.tail  # a planned cut leaves the server a block before any tail
+    bad_cuts = [c for c in cfg.hetero.cuts or [] if not 1 <= c < top]
+    held = f" and a tail of {t.tail}" if t.tail else ""
+    if cfg.mode.planned and top < 2:
+        raise ConfigError(f"train.tail {t.tail} leaves no cut to plan: {name} has {blocks} "
+                          "blocks, and a planned client keeps at least one while the server "
+                          f"keeps one before the tail; lower train.tail below {blocks - 1}")
     if cfg.mode.planned and bad_cuts:
         raise ConfigError(f"hetero.cuts {bad_cuts} are out of range: {name} has {blocks} "
-                          f"blocks, so a planned cut is in 1..{blocks - 1}")
+                          f"blocks{held}, so a planned cut is in 1..{top - 1}")
     if cfg.lora.targets is not None:
         check_targets(spec, cfg.lora.targets)
     examples = load_examples(cfg.data, "train")

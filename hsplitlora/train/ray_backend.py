@@ -83,6 +83,10 @@ class RoleActor:
         value = getattr(self.role, name)
         return value if key is None else value[key]
 
+    def items(self, *names: str) -> tuple[Any, ...]:
+        """Several attributes of the role in one round trip, as copies."""
+        return tuple(getattr(self.role, name) for name in names)
+
     def forward(self) -> tuple[tuple[int, int], Activations]:
         acts = _cpu(self.role.forward())
         return (acts.nbytes, acts.grad_nbytes), acts
@@ -196,15 +200,16 @@ class RemoteClient(_Remote):
     def reset_adapters(self, settings: Any) -> None:
         self._fire("reset_adapters", settings)
 
-    def score(self, n: int, reply: Any) -> dict[str, float]:
-        """Importance probing in the driver, on a copy of the actor's segment and probe
-        batches, so the server-side scorer can answer ``reply`` right here."""
+    def score(self, n: int, server: Any) -> dict[str, float]:
+        """Importance probing in the driver, on a copy of the actor's segment (and tail)
+        and probe batches, so the server-side scorer can answer right here."""
         from hsplitlora.hetero.importance import segment_importance
 
-        segment = self._get(self.actor.item.remote("segment"))
+        segment, tail, precision, smoothing = self._get(self.actor.items.remote(
+            "segment", "tail", "precision", "label_smoothing"))
         batches = self._get(self.actor.call.remote("probe_batches", n))
-        precision = self._get(self.actor.item.remote("precision"))
-        return segment_importance(segment, batches, reply, precision)
+        return segment_importance(segment, batches, server, precision, tail=tail,
+                                  label_smoothing=smoothing)
 
 
 class RemoteServer(_Remote):

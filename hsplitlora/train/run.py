@@ -13,7 +13,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,7 +234,7 @@ def _run_hetero(p: Prepared, rec: Recorder,
         label_smoothing=t.label_smoothing, federated=cfg.hetero.federated, place=place, seed=t.seed,
         probes=[probe_stream(p, cid) for cid in range(t.num_clients)],
         pruning=pruning(cfg), sparsity_weights=cfg.hetero.hetlora_weights == "sparsity",
-        shared_server=shared)
+        shared_server=shared, tail=t.tail)
     start, trained = 0, set()
     if p.resumed is not None:
         state = p.resumed
@@ -589,10 +589,10 @@ def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:
         dims = ModelDims.from_config(p.model.config)
         per_client = []
         for pcut, ranks in p.plans.values():
-            own = 0
+            own, mine = 0, set(client_blocks(pcut, p.cfg.train.tail, dims.n_layers))
             for m, r in ranks.items():
                 block, matrix = dims.locate(m)
-                own += matrix.lora_params(r) if block < pcut else 0
+                own += matrix.lora_params(r) if block in mine else 0
             per_client.append(own)
         client_params = round(sum(per_client) / len(per_client))
         planned = _planned(p, per_client, rec)
@@ -628,10 +628,14 @@ def _planned(p: Prepared, client_params: list[int], rec: Recorder) -> dict[str, 
     """A heterogeneous run's plans as they ran last (re-plans included), each client's and
     the main server's cost-model memory and compute beside one another."""
     assert p.plans is not None
-    spec = arch_spec(p.model.config)
+    spec, tail, n_blocks = arch_spec(p.model.config), p.cfg.train.tail, num_blocks(p.model.config)
+
+    def own(cut: int, ranks: Mapping[str, int]) -> int:
+        mine = set(client_blocks(cut, tail, n_blocks))
+        return sum(1 for m in ranks if spec.block_of(m) in mine)
+
     out: dict[str, Any] = {
-        "plans": [{"cut": cut, "client_adapters": sum(1 for m in ranks if spec.block_of(m) < cut),
-                   "client_trainable_params": n}
+        "plans": [{"cut": cut, "client_adapters": own(cut, ranks), "client_trainable_params": n}
                   for (cut, ranks), n in zip(p.plans.values(), client_params, strict=True)],
         "replans": sum(1 for r in rec.records if r.get("event") == "replan"),
     }

@@ -152,7 +152,7 @@ class RoleHost:
             self._load_base(recipe.segment, call.tensors, cut, int(call.args["version"]))
             self.client = recipe.build(self.device)
         else:
-            segment, _ = hetero_segments(self.p.model, cut, settings)
+            segment, _, _ = hetero_segments(self.p.model, cut, settings)
             self._load_base(segment, call.tensors, cut, int(call.args["version"]))
             self.client.replace_segment(segment)
             self.client.reset_adapters(settings)
@@ -280,17 +280,20 @@ class RoleHost:
         if not 1 <= n <= _MAX_PROBE_BATCHES:
             raise WireError(f"score: {n} probe batches is outside [1, {_MAX_PROBE_BATCHES}]")
 
-        def round_trip(acts: Activations) -> ServerReply:
-            link.send("probe", self.round, pack(encode_activations(acts, self.net.codec)))
-            got = link.receive(self.net.reply_timeout_s)
-            what = f"probe gradient of round {self.round}"
-            if isinstance(got, pb.Control) or got.kind != "probe_grad":
-                raise WireError(f"{what}: got {got!r} instead")
-            header = read_header(got.data)
-            grad = self._gradient(header, unpack(got.data), acts.hidden, what)
-            return ServerReply(float(header.meta.get("loss", "nan")),
-                               int(header.meta.get("tokens", "0")), grad)
+        host = self
 
-        scores = self.client.score(n, round_trip)
+        class _Network:  # the main server's side of probing, one round trip per batch
+            def reply(self, acts: Activations) -> ServerReply:
+                link.send("probe", host.round, pack(encode_activations(acts, host.net.codec)))
+                got = link.receive(host.net.reply_timeout_s)
+                what = f"probe gradient of round {host.round}"
+                if isinstance(got, pb.Control) or got.kind != "probe_grad":
+                    raise WireError(f"{what}: got {got!r} instead")
+                header = read_header(got.data)
+                grad = host._gradient(header, unpack(got.data), acts.hidden, what)
+                return ServerReply(float(header.meta.get("loss", "nan")),
+                                   int(header.meta.get("tokens", "0")), grad)
+
+        scores = self.client.score(n, _Network())  # type: ignore[arg-type]
         link.send("reply", self.round, pack({}, {"scores": json.dumps(scores)}))
 

@@ -29,10 +29,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
@@ -57,6 +57,9 @@ from hsplitlora.transport.plan import Plan, widest_adapter_bytes
 from hsplitlora.transport.server import GONE, Session, decode_upload, hello_problem, listen
 from hsplitlora.transport.validate import check_finite, check_header, check_magnitude
 from hsplitlora.transport.wire import Blob, WireError, pack, read_header, unpack
+
+if TYPE_CHECKING:
+    from hsplitlora.hetero.importance import ProbeServer
 
 __all__ = ["HeteroHub", "RemoteClient"]
 
@@ -298,15 +301,15 @@ class RemoteClient:
         self.cut = len(segment.blocks)  # type: ignore[arg-type]
         self._build()
 
-    def score(self, n: int, reply: Callable[[Activations], ServerReply]) -> dict[str, float]:
+    def score(self, n: int, server: ProbeServer) -> dict[str, float]:
         """Importance probing: the client scores its blocks on ``n`` probe batches of its
-        own; each of its uploads is answered by ``reply`` (the server-side scorer)."""
+        own; each of its uploads is answered by ``server`` (the server-side scorer)."""
         self._ask("score", {"n": n})
         assert self.session is not None
         for i in range(n):
             what = f"probe activations {i} of client {self.client_id}"
             acts = self._activations(self._await("probe", what), what)
-            answer = reply(acts)
+            answer = server.reply(acts)
             self.session.send("probe_grad", self.round, pack(
                 encode("grad", answer.grad, self.codec),
                 {"loss": repr(answer.loss), "tokens": str(answer.tokens)}))

@@ -135,7 +135,7 @@ def test_split_scores_equal_the_unsplit_model_for_every_cut(arch):
     for cut in range(LAYERS + 1):
         client, server = split_model(model, cut)
         with ServerScorer(server) as main_server:
-            client_scores = score_client(client, batches, main_server.reply)
+            client_scores = score_client(client, batches, main_server)
         server_scores = main_server.scores()
         assert {c.block for c in candidates(client)} == set(range(cut))
         assert set(client_scores) == {c.name for c in candidates(client)}
@@ -181,7 +181,7 @@ def test_scoring_leaves_weights_flags_modes_and_hooks_as_they_were(arch):
             score_model(model, _batches())
         elif module is client:
             with ServerScorer(server) as main_server:
-                score_client(client, _batches(), main_server.reply)
+                score_client(client, _batches(), main_server)
         if spy_handle:
             spy_handle.remove()
         after = _state(module)
@@ -378,7 +378,7 @@ def test_split_energies_are_the_spectrum_of_the_unsplit_accumulated_gradient(arc
     for cut in (0, 2, LAYERS):
         client, server = split_model(model, cut)
         with ServerScorer(server, label_smoothing=0.1, spectrum=True) as main_server:
-            got = segment_importance(client, batches, main_server.reply)
+            got = segment_importance(client, batches, main_server)
         got.update(main_server.energies())
         assert set(got) == set(want)
         for key in want:
@@ -396,7 +396,7 @@ def test_scoring_uses_the_runs_label_smoothing():
     plain, smooth = {}, {}
     for smoothing, out in ((0.0, plain), (0.3, smooth)):
         with ServerScorer(server, label_smoothing=smoothing, spectrum=True) as main_server:
-            out.update(segment_importance(client, batches, main_server.reply))
+            out.update(segment_importance(client, batches, main_server))
         out.update(main_server.energies())
     want = _energy_reference(model, batches, GAIN_RANKS, label_smoothing=0.3)
     assert smooth == pytest.approx(want, rel=1e-4)

@@ -147,18 +147,24 @@ def test_out_of_range_cut_is_a_clear_error(cut):
         split_model(tiny_model("llama"), cut)
 
 
+@pytest.mark.parametrize("tail", [0, 1])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_a_server_view_from_a_later_cut_is_exact_and_trains_the_same_adapters(arch):
+def test_a_server_view_from_a_later_cut_is_exact_and_trains_the_same_adapters(arch, tail):
     """A shared server side: the segment from the shallowest cut, viewed from each deeper
-    cut, gives that cut's logits and puts its gradients on the shared adapters."""
+    cut, gives that cut's logits (with a tail: the middle's output at L - tail) and puts
+    its gradients on the shared adapters."""
     model = _lora_model(arch)
     ids, mask = _batch()
     n = num_blocks(model.config)
-    _, shared = split_model(model, 1)
-    for cut in range(1, n):
-        client, own = split_model(model, cut)
+
+    def split(cut):
+        return split_u(model, cut, tail)[:2] if tail else split_model(model, cut)
+
+    _, shared = split(1)
+    for cut in range(1, n - tail):
+        client, own = split(cut)
         view = server_view(shared, cut)
-        assert view.first_block == cut and len(view.blocks) == n - cut
+        assert view.first_block == cut and len(view.blocks) == n - tail - cut
         hidden = client(ids, mask).detach()
         for seg in (own, view, shared):
             seg.zero_grad(set_to_none=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -308,3 +309,120 @@ def test_a_shared_server_side_follows_a_replan_to_new_cuts():
     name = "model.layers.3.mlp.down_proj.lora_A.default.weight"
     assert len({dict(v.named_full_parameters())[name].data_ptr() for v in views}) == 1
     _train_locally(system, 1)  # and it trains from there
+
+
+# --- a U-shaped split (train.tail) in the heterogeneous system ------------------------------
+
+# Cuts up to 2: a tail of 1 (block 3, the head, the loss) leaves the server a block. No
+# adapter on block 3, so with or without the tail every adapter starts the same.
+HEAD_PLANS = [
+    PartyPlan(1, {"model.layers.0.self_attn.q_proj": 2, "model.layers.2.self_attn.v_proj": 4}),
+    PartyPlan(2, {"model.layers.0.self_attn.q_proj": 4, "model.layers.1.mlp.up_proj": 8,
+                  "model.layers.2.self_attn.v_proj": 2}),
+    PartyPlan(2, {"model.layers.1.mlp.up_proj": 2}),
+]
+TAIL_PLANS = [PartyPlan(p.cut, {**p.ranks, "model.layers.3.mlp.down_proj": 2 + 2 * i})
+              for i, p in enumerate(HEAD_PLANS)]
+
+
+def _probes(n: int = 3) -> list:
+    return [batch_stream(_features(6, seed=50 + i), 2, seed=i, pad_id=0) for i in range(n)]
+
+
+@pytest.mark.parametrize(("aggregator", "shared"), [("noisefree", True), ("noisefree", False),
+                                                    ("svd", False)])
+def test_a_u_shaped_system_trains_exactly_as_the_plain_one(aggregator, shared):
+    """The tail is exact: same losses at every step, same global model, while the steps
+    move the U-shaped bytes (no labels up; the tail's round trip both ways)."""
+    runs = []
+    for tail in (0, 1):
+        system = _system(aggregator, plans=HEAD_PLANS, shared_server=shared, tail=tail)
+        rec = Recorder(None, 4, show_progress=False)
+        run_hetero(system, steps=4, interval=2, rec=rec)
+        runs.append((system, [r for r in rec.records if "event" not in r]))
+    (plain, plain_steps), (u, u_steps) = runs
+    torch.testing.assert_close([r["loss"] for r in u_steps], [r["loss"] for r in plain_steps],
+                               atol=1e-5, rtol=0)
+    want, got = plain.global_update(), u.global_update()
+    assert set(got) == set(want) and len(got) >= 3
+    for m in want:
+        torch.testing.assert_close(got[m], want[m], atol=1e-6, rtol=1e-5)
+    hidden = 2 * 12 * 32 * 4  # a batch of 2 x 12 tokens, fp32
+    for a, b in zip(plain_steps, u_steps, strict=True):
+        assert a["bytes_up"] == hidden + 2 * 12 * 8 * 2 and a["bytes_down"] == hidden
+        assert b["bytes_up"] == 2 * hidden + 2 * 12 * 8 and b["bytes_down"] == 2 * hidden
+    # the server runs the middle only: no head, nothing from block 3 on
+    assert all(s.lm_head is None and max(s.block_range) == 2 for s in u.server.segments.values())
+
+
+def test_a_u_shaped_clients_tail_is_its_own_and_merges_as_every_client_holds_it():
+    system = _system(plans=TAIL_PLANS, tail=1)
+    _train_locally_u(system, 2)
+    tail = "model.layers.3.mlp.down_proj"
+    states = [agg.from_peft_state_dict(c.adapter_state(), system.alpha) for c in system.clients]
+    assert all(tail in s for s in states)  # every client holds and trains its tail
+    assert [states[i][tail].rank for i in range(3)] == [2, 4, 6]
+    assert all(float(s[tail].B.abs().max()) > 0 for s in states)
+    assert all(tail + ".lora_A.weight" in system.client_layout(c) for c in range(3))
+    n = [c.num_samples for c in system.clients]
+    want = sum(n[i] / sum(n) * agg.delta(states[i][tail]) for i in range(3))
+    before = system.base.model.layers[3].mlp.down_proj.weight.detach().clone()
+    moved = system.aggregate()
+    torch.testing.assert_close(system.base.model.layers[3].mlp.down_proj.weight,
+                               before + want, atol=1e-6, rtol=1e-5)
+    # each client's tail holds the merged weight too (one base per process), and its link
+    # carried its whole adapter, tail included, up
+    for c in system.clients:
+        layer = c.tail.get_submodule(c.tail.local_name(tail))
+        assert torch.equal(getattr(layer, "base_layer", layer).weight,
+                           system.base.model.layers[3].mlp.down_proj.weight)
+    for cid, up, down in moved.links:
+        assert up == sum(4 * math.prod(s) for s in system.client_layout(cid).values())
+        assert down > 0
+
+
+def _train_locally_u(system: HeteroSystem, steps: int) -> None:
+    from hsplitlora.train.engine import client_step
+
+    rec = Recorder(None, steps, show_progress=False)
+    for t in range(steps):
+        for c in system.clients:
+            assert client_step(c, system.server, rec, t)
+
+
+def test_u_shaped_probing_scores_the_tail_on_the_client_and_sends_no_labels():
+    """Probing at the provisional plans (no adapters): the energies of every matrix,
+    the tail's included, equal the plain system's, and what crossed is the U-shaped
+    round trip without labels."""
+    from hsplitlora.hetero.scheme import probe_importance
+
+    provisional = [PartyPlan(1) for _ in range(3)]
+    scores = []
+    for tail in (0, 1):
+        system = _system(plans=provisional, tail=tail, probes=_probes())
+        scores.append(probe_importance(system, 1, "fp32"))
+    (plain, plain_links), (u, u_links) = scores
+    assert set(u) == set(plain) and any(".layers.3." in k for k in u)
+    for k in plain:
+        assert u[k] == pytest.approx(plain[k], rel=1e-5, abs=1e-12), k
+    hidden = 2 * 12 * 32 * 4
+    assert [link[1:] for link in plain_links] == [[hidden + 2 * 2 * 12 * 8, hidden, 1, 1]] * 3
+    assert [link[1:] for link in u_links] == [[2 * hidden + 2 * 12 * 8, 2 * hidden, 1, 1]] * 3
+
+
+def test_a_u_shaped_system_follows_a_replan_and_keeps_its_tail():
+    system = _system(plans=TAIL_PLANS, shared_server=True, tail=1)
+    _train_locally_u(system, 1)
+    system.aggregate()
+    new = copy.deepcopy(TAIL_PLANS)
+    new[0] = PartyPlan(2, {"model.layers.1.mlp.up_proj": 4, "model.layers.3.mlp.down_proj": 8})
+    system.replan(new)
+    assert [system.server.cut(c) for c in range(3)] == [2, 2, 2]
+    tail = agg.from_peft_state_dict(system.clients[0].adapter_state(), system.alpha)
+    assert tail["model.layers.3.mlp.down_proj"].rank == 8
+    _train_locally_u(system, 1)  # and it trains from there
+
+
+def test_a_u_shaped_split_needs_a_server():
+    with pytest.raises(ValueError, match="hetero.federated runs no server"):
+        _system(plans=HEAD_PLANS, tail=1, federated=True)

@@ -98,16 +98,17 @@ def test_the_cli_takes_the_backend_and_rejects_an_unknown_one(tmp_path, tiny_lla
     assert "train.backend" in out.output and "'inprocess' or 'ray'" in out.output
 
 
-@pytest.mark.parametrize("aggregator,server_side", [("noisefree", None),  # shared
-                                                    ("svd", "per_participant")])
+@pytest.mark.parametrize("aggregator,server_side,tail", [("noisefree", None, 0),  # shared
+                                                         ("svd", "per_participant", 1)])
 def test_heterogeneous_ray_run_is_bit_identical_too(ray_session, tmp_path, tiny_llama_dir,
-                                                    aggregator, server_side):
+                                                    aggregator, server_side, tail):
     """HSplitLoRA (importance probing, per-client cuts and ranks, noise-free merging) and
     FlexLoRA-style SVD aggregation, with every client and the server in its own actor; a
-    shared server side's views reach the server's actor as views of one segment."""
+    shared server side's views reach the server's actor as views of one segment. The SVD
+    case is U-shaped: each client's actor holds its tail, probes and trains it."""
     from hsplitlora.config import RunConfig
 
-    cfg = run_config(tiny_llama_dir, tmp_path, mode="hsplitlora", steps=4)
+    cfg = run_config(tiny_llama_dir, tmp_path, mode="hsplitlora", steps=4, tail=tail)
     raw = cfg.model_dump(mode="json")
     raw["hetero"] = {"scenario": {"kind": "heterogeneous", "memory_range": ["1.2 MiB", "3 MiB"],
                                   "seed": 1},

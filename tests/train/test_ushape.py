@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from hsplitlora.roles.messages import Activations, ServerReply
@@ -92,3 +93,42 @@ def test_u_shaped_messages_carry_no_labels_and_are_counted(tiny_tokenizer):
                for k, v in result.adapter.items())
     segments = placed[0].server.segments.values()
     assert all(s.lm_head is None and list(s.block_range) == [1] for s in segments)
+
+
+@pytest.mark.parametrize("mode", ["hsplitlora", "flexlora"])
+def test_a_planned_u_shaped_run_plans_the_tail_and_sends_no_labels(tmp_path, tiny_tokenizer,
+                                                                    mode):
+    """HSplitLoRA (shared server side) and FlexLoRA (one per participant) with a tail of
+    1 on the 4-block Llama: every planned cut leaves the server a block before the tail,
+    the server is asked for the two U-shaped hops only, and the summary's plans count the
+    tail's adapters as the client's."""
+    from tests.train.test_hetero_modes import _cfg as hetero_cfg
+
+    log: list[Any] = []
+    placed: list[_Recording] = []
+
+    def recording(p: Any) -> _Recording:
+        placed.append(_Recording(p.device, log))
+        return placed[-1]
+
+    cfg = hetero_cfg(tmp_path, mode).model_copy(deep=True)
+    cfg.train.tail, cfg.train.cut = 1, 1
+    cfg = type(cfg).model_validate(cfg.model_dump())
+    result = train(cfg, model=tiny_model("llama"), tokenizer=tiny_tokenizer, write=False,
+                   show_progress=False, placement=recording)
+    plans = next(r for r in result.records if r.get("event") == "plan")["plans"]
+    assert all(1 <= p["cut"] <= 2 for p in plans)
+    assert not [name for name, _, _ in log if name == "step"]
+    hops = [(args, out) for name, args, out in log if name == "forward"]
+    steps = [r for r in result.records if "event" not in r]
+    assert len(hops) == len(steps) == 6 and all(acts.labels is None for (_, acts), _ in hops)
+    segments = placed[0].server.segments.values()
+    assert all(s.lm_head is None and max(s.block_range) <= 2 for s in segments)
+    last = [r for r in result.records if r.get("event") in ("plan", "replan")][-1]["plans"]
+    for entry, plan in zip(result.summary["plans"], last, strict=True):
+        cut, ranks = plan["cut"], plan["ranks"]
+        own = [m for m in ranks if int(m.split(".")[2]) < cut or ".layers.3." in m]
+        assert entry["client_adapters"] == len(own)
+    # the tail trained, on every client, and is in the exported adapter
+    assert any(".layers.3." in k and "lora_B" in k and v.abs().max() > 0
+               for k, v in result.adapter.items())
