@@ -33,7 +33,7 @@ import torch
 
 from hsplitlora import aggregate as agg
 from hsplitlora.models.lora import adapter_shapes
-from hsplitlora.models.split import ArchSpec
+from hsplitlora.models.split import ArchSpec, client_blocks
 from hsplitlora.modes import MERGING
 from hsplitlora.roles.messages import nbytes
 from hsplitlora.train.hetero import Contribution, PerParticipant, combine
@@ -195,12 +195,15 @@ class HeteroFedService:
         layouts, weights = {}, {}
         for cid, p in parties.items():
             try:
-                cut, n = int(p["cut"]), int(p["num_samples"])
+                cut, n, tail = int(p["cut"]), int(p["num_samples"]), int(p.get("tail", 0))
             except (KeyError, TypeError, ValueError) as e:
                 raise WireError(f"{what}: party {cid} is malformed ({e!r})") from None
-            if not 0 <= cut <= self.blocks or n < 1:
-                raise WireError(f"{what}: party {cid} has cut {cut} and {n} samples")
-            held = {m: s for m, s in self.shapes.items() if self.spec.block_of(m) < cut}
+            if (not 0 <= cut <= self.blocks or n < 1 or tail < 0
+                    or (tail and cut + tail >= self.blocks)):
+                raise WireError(f"{what}: party {cid} has cut {cut}, tail {tail} and {n} "
+                                "samples")
+            own = set(client_blocks(cut, tail, self.blocks))  # a U-shaped client's tail too
+            held = {m: s for m, s in self.shapes.items() if self.spec.block_of(m) in own}
             settings = settings_from_json(p.get("settings") or {})
             layouts[cid] = {k: ("F32", s) for k, s in adapter_shapes(
                 held, settings, self.spec.default_targets).items()}
@@ -253,9 +256,10 @@ class RemoteFedAggregation:
     asks the clients to upload to the fed server at ``address`` and sends it the rest."""
 
     def __init__(self, address: str, net: NetConfig, token: str | None, *, aggregator: str,
-                 alpha: float, shapes: Mapping[str, tuple[int, int]]) -> None:
+                 alpha: float, shapes: Mapping[str, tuple[int, int]], tail: int = 0) -> None:
         self.address, self.net = address, net
         self.aggregator, self.alpha, self.shapes = aggregator, alpha, dict(shapes)
+        self.tail = tail  # every client's (train.tail): its adapters cover its tail too
         self._channel = open_channel(address, net)
         self._stub = pb_grpc.FederationStub(self._channel)
         self._token = token
@@ -270,7 +274,8 @@ class RemoteFedAggregation:
             return [], None, 0
         request = pack(
             {f"{cid}/{k}": v for cid, p in asked.items() for k, v in p.server_state.items()},
-            {"parties": json.dumps({cid: {"cut": p.cut, "num_samples": p.num_samples,
+            {"parties": json.dumps({cid: {"cut": p.cut, "tail": self.tail,
+                                          "num_samples": p.num_samples,
                                           "settings": settings_to_json(p.settings)}
                                     for cid, p in asked.items()})})
         try:

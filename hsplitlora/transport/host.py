@@ -8,6 +8,10 @@ method the server calls and answers those that return something. Everything that
 is checked first (names, shapes, dtypes, finite values); a call that fails is answered
 with an error, which makes the server drop this client until it reconnects, after which
 the server brings it up to date.
+
+A U-shaped client (``train.tail``) also holds its tail and its labels: the server sends
+it the middle's output at ``L - tail`` (``finish``) and it answers with the gradient there
+(``tailgrad``); its importance probing takes the same two hops.
 """
 
 from __future__ import annotations
@@ -23,14 +27,14 @@ import torch
 from hsplitlora.checkpoint import atomic_save, load_checkpoint
 from hsplitlora.models.lora import base_weights, matrix_shapes
 from hsplitlora.models.shared import set_delta
-from hsplitlora.models.split import arch_spec
+from hsplitlora.models.split import arch_spec, client_blocks, num_blocks
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.train.parties import hetero_client_recipe, hetero_segments
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport.calls import Call, read_call, settings_from_json, unpack_updates
 from hsplitlora.transport.client import Link, RunOver, keep_joining
-from hsplitlora.transport.codec import decode, encode_activations, wire_layout
+from hsplitlora.transport.codec import decode, encode, encode_activations, wire_layout
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import RemoteFed
 from hsplitlora.transport.security import ConnectionFailed, Refused
@@ -70,9 +74,11 @@ class RoleHost:
         self.round = -1  # of the last call
         self._welcomed = False
         self._spec = arch_spec(p.model.config)
+        self._blocks, self._tail = num_blocks(p.model.config), p.cfg.train.tail
         self._shapes = matrix_shapes(p.model, self._spec.targets)
         self._handlers: dict[str, Callable[[Link, Call], None]] = {
             "build": self._build, "forward": self._forward, "backward": self._backward,
+            "finish": self._finish,
             "adapter_state": self._adapter_state, "load_adapter_state": self._load,
             "apply_update": self._apply_update, "reset_adapters": self._reset,
             "score": self._score, "snapshot": self._snapshot, "restore": self._restore,
@@ -97,7 +103,7 @@ class RoleHost:
         t = self.p.cfg.train
         hello = pb.Hello(client_id=self.client_id, cut=-1,
                          num_samples=len(self.p.shards[self.client_id]), codec=self.net.codec,
-                         mode=t.mode)
+                         mode=t.mode, tail=t.tail)
         link = Link(self.address, self.net, hello, self.token)
         try:
             try:
@@ -149,31 +155,41 @@ class RoleHost:
         settings = settings_from_json(call.args["settings"])
         if self.client is None:
             recipe = hetero_client_recipe(self.p, self.client_id, cut, settings)
-            self._load_base(recipe.segment, call.tensors, cut, int(call.args["version"]))
+            self._load_base([recipe.segment, recipe.tail], call.tensors, cut,
+                            int(call.args["version"]))
             self.client = recipe.build(self.device)
-        else:
-            segment, _, _ = hetero_segments(self.p.model, cut, settings)
-            self._load_base(segment, call.tensors, cut, int(call.args["version"]))
+        else:  # a re-plan moved the cut: a new head, the same tail
+            segment, _, _ = hetero_segments(self.p.model, cut, settings, self._tail)
+            self._load_base([segment], call.tensors, cut, int(call.args["version"]))
             self.client.replace_segment(segment)
             self.client.reset_adapters(settings)
         log.info("client %d runs blocks [0, %d)", self.client_id, cut)
 
     def _held(self, cut: int) -> dict[str, tuple[int, int]]:
-        return {m: s for m, s in self._shapes.items() if self._spec.block_of(m) < cut}
+        """The adaptable matrices of the blocks this client runs at ``cut`` (and its tail)."""
+        own = set(client_blocks(cut, self._tail, self._blocks))
+        return {m: s for m, s in self._shapes.items() if self._spec.block_of(m) in own}
 
-    def _load_base(self, segment: torch.nn.Module, deltas: Mapping[str, torch.Tensor],
+    def _load_base(self, segments: list[Any], deltas: Mapping[str, torch.Tensor],
                    cut: int, version: int) -> None:
-        """What the server says was merged into the base weights of a freshly built
-        segment's blocks (as of merge ``version``), added to this process's own pristine
-        weights."""
+        """What the server says was merged into the base weights of freshly built
+        segments' blocks (as of merge ``version``), added to this process's own pristine
+        weights. A tail that is kept across a re-plan already holds its merges."""
         held = self._held(cut)
         check_finite(deltas, "merged base updates")
+        weights = {}
+        for segment in segments:
+            if segment is not None:
+                weights.update(base_weights(segment, list(held)))
         checked = {}
         for name, value in deltas.items():
             module = name.removesuffix(".weight")
             if module not in held:
-                raise WireError(f"merged update {name!r} is not a matrix of blocks [0, {cut})")
-            weight = base_weights(segment, [module])[module]
+                raise WireError(f"merged update {name!r} is not a matrix of the blocks this "
+                                f"client runs (cut {cut}, tail {self._tail})")
+            if module not in weights:  # the kept tail's
+                continue
+            weight = weights[module]
             if value.shape != weight.shape or value.dtype != torch.float32:
                 raise WireError(f"merged update {name!r}: {value.dtype} {tuple(value.shape)}, "
                                 f"expected torch.float32 {tuple(weight.shape)}")
@@ -186,13 +202,34 @@ class RoleHost:
         acts = self.client.forward()
         link.send("reply", self.round, pack(encode_activations(acts, self.net.codec)))
 
+    def _finish(self, link: Link, call: Call) -> None:
+        """A U-shaped step's middle hop: the server's activations at ``L - tail`` go
+        through the tail and the loss here; their gradient (with the loss and target
+        tokens, for the server's records) goes back."""
+        assert self.client is not None
+        pending = self.client.pending
+        if pending is None or not self.client.holds_tail:
+            raise WireError("the middle's activations arrived with no U-shaped forward pending")
+        returned = self._tensor("mid", call.header, call.tensors, pending,
+                                f"middle activations of round {self.round}")
+        reply = self.client.finish(returned)
+        link.send("tailgrad", self.round, pack(encode("tailgrad", reply.grad, self.net.codec),
+                                               {"loss": repr(reply.loss),
+                                                "tokens": str(reply.tokens)}))
+
     def _gradient(self, header: Header, wire: Mapping[str, torch.Tensor], like: torch.Tensor,
                   what: str) -> torch.Tensor:
         """A gradient for ``like`` (the activations it answers), checked first."""
-        layout = wire_layout("grad", self.net.codec, like.dtype, tuple(like.shape))
+        return self._tensor("grad", header, wire, like, what)
+
+    def _tensor(self, name: str, header: Header, wire: Mapping[str, torch.Tensor],
+                like: torch.Tensor, what: str) -> torch.Tensor:
+        """Tensor ``name`` shaped as ``like`` (a gradient for it, or a middle's output of
+        the same shape), checked first."""
+        layout = wire_layout(name, self.net.codec, like.dtype, tuple(like.shape))
         check_header(header, layout, {}, what)
         check_finite(wire, what)
-        return decode(wire, "grad", self.net.codec, like.dtype)
+        return decode(wire, name, self.net.codec, like.dtype)
 
     def _backward(self, link: Link, call: Call) -> None:
         assert self.client is not None
@@ -280,20 +317,49 @@ class RoleHost:
         if not 1 <= n <= _MAX_PROBE_BATCHES:
             raise WireError(f"score: {n} probe batches is outside [1, {_MAX_PROBE_BATCHES}]")
 
-        host = self
-
-        class _Network:  # the main server's side of probing, one round trip per batch
-            def reply(self, acts: Activations) -> ServerReply:
-                link.send("probe", host.round, pack(encode_activations(acts, host.net.codec)))
-                got = link.receive(host.net.reply_timeout_s)
-                what = f"probe gradient of round {host.round}"
-                if isinstance(got, pb.Control) or got.kind != "probe_grad":
-                    raise WireError(f"{what}: got {got!r} instead")
-                header = read_header(got.data)
-                grad = host._gradient(header, unpack(got.data), acts.hidden, what)
-                return ServerReply(float(header.meta.get("loss", "nan")),
-                                   int(header.meta.get("tokens", "0")), grad)
-
-        scores = self.client.score(n, _Network())  # type: ignore[arg-type]
+        scores = self.client.score(n, _NetworkProbe(self, link))
         link.send("reply", self.round, pack({}, {"scores": json.dumps(scores)}))
 
+
+
+class _NetworkProbe:
+    """The main server's side of importance probing, over this client's link: one round
+    trip per batch (``probe`` up, ``probe_grad`` down), or a U-shaped client's two
+    (``probe`` up, ``probe_mid`` down, ``probe_tailgrad`` up, ``probe_grad`` down)."""
+
+    def __init__(self, host: RoleHost, link: Link) -> None:
+        self.host, self.link = host, link
+        self._sent: torch.Tensor | None = None  # a U-shaped probe's activations at the cut
+
+    def reply(self, acts: Activations) -> ServerReply:
+        self._send("probe", encode_activations(acts, self.host.net.codec))
+        header, wire = self._receive("probe_grad")
+        grad = self.host._gradient(header, wire, acts.hidden, self._what("probe_grad"))
+        return ServerReply(float(header.meta.get("loss", "nan")),
+                           int(header.meta.get("tokens", "0")), grad)
+
+    def forward(self, acts: Activations) -> torch.Tensor:
+        self._send("probe", encode_activations(acts, self.host.net.codec))
+        self._sent = acts.hidden
+        header, wire = self._receive("probe_mid")
+        return self.host._tensor("mid", header, wire, acts.hidden, self._what("probe_mid"))
+
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        sent, self._sent = self._sent, None
+        if sent is None:
+            raise WireError("probing: a tail's gradient before the middle's activations")
+        self._send("probe_tailgrad", encode("tailgrad", grad, self.host.net.codec))
+        header, wire = self._receive("probe_grad")
+        return self.host._gradient(header, wire, sent, self._what("probe_grad"))
+
+    def _send(self, kind: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.link.send(kind, self.host.round, pack(tensors))
+
+    def _receive(self, kind: str) -> tuple[Header, dict[str, torch.Tensor]]:
+        got = self.link.receive(self.host.net.reply_timeout_s)
+        if isinstance(got, pb.Control) or got.kind != kind:
+            raise WireError(f"{self._what(kind)}: got {got!r} instead")
+        return read_header(got.data), unpack(got.data)
+
+    def _what(self, kind: str) -> str:
+        return f"{kind} of round {self.host.round}"

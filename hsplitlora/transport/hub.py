@@ -21,11 +21,17 @@ checkpoints the run; a resumed server sends each client back to that snapshot
 (``restore``). With ``net.fed_address`` set, clients upload their adapters to that fed
 server (``upload``) and the aggregate comes back here
 (:mod:`hsplitlora.transport.hetero_fed`).
+
+A U-shaped client (``train.tail``) keeps its tail and labels: the server's step is
+:func:`~hsplitlora.transport.guard.guarded_step` around the round trip to that tail (the
+middle's output down as a ``finish`` call, the tail's gradient back as ``tailgrad``), and
+its importance probing takes the same two hops.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -41,20 +47,27 @@ from torch import nn
 from hsplitlora.config import RunConfig
 from hsplitlora.models.lora import LoraSettings, adapter_shapes, matrix_shapes
 from hsplitlora.models.shared import merge_state
-from hsplitlora.models.split import ArchSpec, arch_spec
+from hsplitlora.models.split import ArchSpec, arch_spec, client_blocks, num_blocks
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.roles.server import MainServer
 from hsplitlora.train.engine import everyone
 from hsplitlora.train.placement import Attendance, PartyLost, Recipe
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport.calls import pack_call, pack_updates, read_scores, settings_to_json
-from hsplitlora.transport.codec import encode
+from hsplitlora.transport.codec import decode, encode, wire_layout
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.guard import guarded_step
 from hsplitlora.transport.hetero_fed import RemoteFedAggregation
 from hsplitlora.transport.limits import Backoff
 from hsplitlora.transport.plan import Plan, widest_adapter_bytes
-from hsplitlora.transport.server import GONE, Session, decode_upload, hello_problem, listen
+from hsplitlora.transport.server import (
+    GONE,
+    Session,
+    decode_tail,
+    decode_upload,
+    hello_problem,
+    listen,
+)
 from hsplitlora.transport.validate import check_finite, check_header, check_magnitude
 from hsplitlora.transport.wire import Blob, WireError, pack, read_header, unpack
 
@@ -90,6 +103,19 @@ class _WiredReply(ServerReply):
         return len(self.packed)
 
 
+@dataclass(frozen=True)
+class _WiredTail(ServerReply):
+    """A U-shaped client's answer from its tail, with the bytes it took on the wire (the
+    record counts them up, and the middle's output down at the same size: the two blobs
+    differ only in their headers)."""
+
+    wire_bytes: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.wire_bytes
+
+
 class _Server:
     """The server role as the run sees it: steps answer with the gradient packed for the
     client's codec, so the record shows wire bytes and the proxy sends the same bytes."""
@@ -97,6 +123,7 @@ class _Server:
     def __init__(self, role: MainServer, hub: HeteroHub) -> None:
         self._role = role
         self._hub = hub
+        self._done: dict[int, ServerReply] = {}  # U-shaped steps already taken, by client
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._role, name)
@@ -107,7 +134,8 @@ class _Server:
         proxy = self._hub.clients[client_id]
         what = f"activations of client {client_id}, round {proxy.round}"
         try:
-            reply = guarded_step(self._role, client_id, acts, self._hub.bound, what)
+            reply = guarded_step(self._role, client_id, acts, self._hub.bound, what,
+                                 proxy.tail_trip if proxy.holds_tail else None)
         except WireError as e:
             raise proxy.refuse(str(e)) from None
         self._hub.backoff.clear(client_id)
@@ -115,13 +143,21 @@ class _Server:
         proxy.outgoing = (reply.grad, packed)
         return _WiredReply(reply.loss, reply.tokens, reply.grad, packed)
 
+    def forward(self, client_id: int, acts: Activations) -> Activations:
+        """A U-shaped step, whole: the guarded two hops around the client's tail run here
+        (a failure anywhere undoes the server's step); ``finish`` and ``backward`` then
+        hand back what they already computed, as the training loop asks for them."""
+        self._done[client_id] = self.step(client_id, acts)
+        return acts
+
+    def backward(self, client_id: int, grad: torch.Tensor) -> torch.Tensor:
+        return self._done.pop(client_id).grad
+
 
 class RemoteClient:
     """One remote client, with the :class:`~hsplitlora.roles.client.Client` methods a
     heterogeneous run calls. Calls that return nothing are sent and not waited for (the
     stream keeps them in order); the others wait up to ``net.step_timeout_s``."""
-
-    holds_tail = False  # the heterogeneous modes take no train.tail (config refuses one)
 
     def __init__(self, hub: HeteroHub, client_id: int, num_samples: int, cut: int,
                  settings: LoraSettings) -> None:
@@ -140,6 +176,32 @@ class RemoteClient:
         # until it trains or its adapters change (then the snapshot is out of date).
         self.snapshot: int | None = None
         self.forward_requested = False  # this round's forward call is already sent
+        self._tail_reply: ServerReply | None = None  # a U-shaped step's answer from the tail
+
+    @property
+    def holds_tail(self) -> bool:
+        """A U-shaped split: the client keeps its tail, its labels and the loss."""
+        return self.hub.plan.tail > 0
+
+    def tail_trip(self, returned: torch.Tensor) -> ServerReply:
+        """The middle's output at ``L - tail`` down to the client; its tail's gradient
+        there (with loss and target tokens) back, checked."""
+        what = f"tail gradient of client {self.client_id}, round {self.round}"
+        self._ask_with("finish", encode("mid", returned, self.codec))
+        blob = self._await("tailgrad", what)
+        try:
+            reply = decode_tail(blob, self.round, returned, self.codec, self.hub.bound, what)
+        except WireError as e:
+            raise self._lose(str(e), grpc.StatusCode.INVALID_ARGUMENT, strike=True) from None
+        self._tail_reply = _WiredTail(reply.loss, reply.tokens, reply.grad, len(blob.data))
+        return reply
+
+    def finish(self, returned: Any) -> ServerReply:
+        """The tail's answer of the U-shaped step the server has just taken."""
+        reply, self._tail_reply = self._tail_reply, None
+        if reply is None:
+            raise PartyLost(f"client {self.client_id}: no tail answer for round {self.round}")
+        return reply
 
     @property
     def here(self) -> bool:
@@ -161,7 +223,11 @@ class RemoteClient:
     def _ask(self, method: str, args: Mapping[str, Any] | None = None) -> None:
         """Send a call whose answer the caller will wait for; a client that is not
         connected cannot answer."""
-        if not self._send(method, args):
+        self._ask_with(method, None, args)
+
+    def _ask_with(self, method: str, tensors: Mapping[str, torch.Tensor] | None,
+                  args: Mapping[str, Any] | None = None) -> None:
+        if not self._send(method, args, tensors):
             raise PartyLost(f"client {self.client_id} is not connected")
 
     def _lose(self, reason: str, code: grpc.StatusCode, *, strike: bool = False) -> PartyLost:
@@ -262,7 +328,7 @@ class RemoteClient:
     def apply_update(self, updates: Mapping[str, Any], settings: LoraSettings,
                      version: int) -> None:
         self.settings, self.adapters, self.snapshot = settings, None, None
-        mine = {m: u for m, u in updates.items() if self.hub.block_of(m) < self.cut}
+        mine = {m: u for m, u in updates.items() if m in self.hub.modules_below(self.cut)}
         self._send("apply_update", {"settings": settings_to_json(settings), "version": version},
                    pack_updates(mine))
 
@@ -309,7 +375,15 @@ class RemoteClient:
         for i in range(n):
             what = f"probe activations {i} of client {self.client_id}"
             acts = self._activations(self._await("probe", what), what)
-            answer = server.reply(acts)
+            if self.holds_tail:
+                middle = server.forward(acts)
+                self.session.send("probe_mid", self.round, pack(encode("mid", middle,
+                                                                       self.codec)))
+                answer = ServerReply(math.nan, 0, server.backward(
+                    self._probe_tail_grad(middle, f"probe tail gradient {i} of client "
+                                                  f"{self.client_id}")))
+            else:
+                answer = server.reply(acts)
             self.session.send("probe_grad", self.round, pack(
                 encode("grad", answer.grad, self.codec),
                 {"loss": repr(answer.loss), "tokens": str(answer.tokens)}))
@@ -320,6 +394,21 @@ class RemoteClient:
                                what)
         except WireError as e:
             raise self._lose(str(e), grpc.StatusCode.INVALID_ARGUMENT) from None
+
+    def _probe_tail_grad(self, like: torch.Tensor, what: str) -> torch.Tensor:
+        """A U-shaped client's probe gradient at ``L - tail``, checked like a step's."""
+        blob = self._await("probe_tailgrad", what)
+        try:
+            header = read_header(blob.data)
+            check_header(header, wire_layout("tailgrad", self.codec, like.dtype,
+                                             tuple(like.shape)), {}, what)
+            wire = unpack(blob.data)
+            check_finite(wire, what)
+            grad = decode(wire, "tailgrad", self.codec, like.dtype)
+            check_magnitude({"tailgrad": grad}, self.hub.bound, what)
+        except WireError as e:
+            raise self._lose(str(e), grpc.StatusCode.INVALID_ARGUMENT, strike=True) from None
+        return grad
 
     # -- (re)admission -------------------------------------------------------------------
     def _build(self) -> None:
@@ -357,7 +446,7 @@ class HeteroHub:
         self.plan = Plan(mode=t.mode, steps=t.steps, interval=t.agg_interval, cut=-1,
                          num_clients=t.num_clients, batch_size=t.batch_size,
                          max_length=cfg.data.max_length, hidden_size=0, vocab_size=0,
-                         dtype=torch.float32)
+                         dtype=torch.float32, tail=t.tail)
         self.clients: dict[int, RemoteClient] = {}
         self.start_round = 0  # where the run goes on (set by bind() when it resumes)
         self.device = torch.device("cpu")
@@ -365,6 +454,7 @@ class HeteroHub:
         self._pending: dict[int, Session] = {}
         self._base: nn.Module | None = None
         self._shapes: dict[str, tuple[int, int]] = {}
+        self._blocks = 0  # the model's (set by bind())
         self._adapter_bytes = 0  # the largest adapter a client may upload (set by bind())
         self.backoff = Backoff()  # clients that keep timing out or being refused
         self.spec: ArchSpec | None = None
@@ -387,6 +477,7 @@ class HeteroHub:
         self.plan = Plan(**{**self.plan.__dict__, "hidden_size": int(mc.hidden_size),
                             "vocab_size": int(mc.vocab_size), "dtype": head.dtype})
         self.spec = arch_spec(mc)
+        self._blocks = num_blocks(mc)
         self._shapes = matrix_shapes(p.model, self.spec.targets)
         self._adapter_bytes = widest_adapter_bytes(
             self._shapes, self.spec, [self.cfg.lora.r, *self.cfg.hetero.rank_set])
@@ -399,7 +490,7 @@ class HeteroHub:
             self._fed = RemoteFedAggregation(
                 self.net.fed_address, self.net, (self.tokens or {}).get("server"),
                 aggregator=aggregator_for(self.cfg),
-                alpha=self.cfg.lora.alpha, shapes=self._shapes)
+                alpha=self.cfg.lora.alpha, shapes=self._shapes, tail=self.cfg.train.tail)
         return self
 
     @property
@@ -534,10 +625,13 @@ class HeteroHub:
         return self.spec.block_of(name)
 
     def _held(self, cut: int) -> dict[str, tuple[int, int]]:
-        return {m: s for m, s in self._shapes.items() if self.block_of(m) < cut}
+        """The adaptable matrices of the blocks a client at ``cut`` runs (and its tail)."""
+        assert self.spec is not None, "bind() the prepared run first"
+        own = set(client_blocks(cut, self.plan.tail, self._blocks))
+        return {m: s for m, s in self._shapes.items() if self.block_of(m) in own}
 
     def modules_below(self, cut: int) -> set[str]:
-        """The adaptable matrices a client with ``cut`` holds."""
+        """The adaptable matrices a client with ``cut`` holds (a U-shaped one's tail's too)."""
         return set(self._held(cut))
 
     def adapter_layout(self, cut: int, settings: LoraSettings) -> dict[str, tuple[int, int]]:
@@ -545,15 +639,17 @@ class HeteroHub:
         return adapter_shapes(self._held(cut), settings, self.spec.default_targets)
 
     def merged_deltas(self, cut: int) -> tuple[dict[str, torch.Tensor], int]:
-        """What aggregations have merged into the base weights of the blocks below ``cut``
-        (fp32, in each weight's layout, keyed ``<module>.weight``), and the last merge's
-        version: a client adds them to the pristine weights every process loads."""
+        """What aggregations have merged into the base weights of the blocks a client at
+        ``cut`` runs (fp32, in each weight's layout, keyed ``<module>.weight``), and the
+        last merge's version: a client adds them to the pristine weights every process
+        loads."""
         if self._base is None:
             return {}, 0
         out, version = {}, 0
+        own = set(client_blocks(cut, self.plan.tail, self._blocks))
         for name, w in self._base.named_parameters():
             state = merge_state(w)
-            if state is not None and self.block_of(name) < cut:
+            if state is not None and self.block_of(name) in own:
                 out[name] = state.delta
                 version = max(version, state.version)
         return out, version

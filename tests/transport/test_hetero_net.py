@@ -57,12 +57,15 @@ def _wire_totals(log):
     return totals
 
 
-def _assert_records_are_what_the_wire_carried(records, tmp_path, num_clients):
+def _assert_records_are_what_the_wire_carried(records, tmp_path, num_clients, tail=0):
     """Issue 13's accounting check: every byte a client's record claims is a byte its
     link carried. Steps count whole blobs (activations up, the backward call's gradient
-    down); aggregation counts the adapter tensors a client uploads and the update (or
-    adapters) it downloads, headers aside; probing counts the probe blobs up and their
-    gradients down. What is not recorded (control calls, snapshot replies) is small."""
+    down; a U-shaped step also the tail's gradient up and the middle's output down, which
+    the record counts at the tail gradient's size, the two differing in their headers
+    only, and the gradient at the cut by its payload);
+    aggregation counts the adapter tensors a client uploads and the update (or adapters)
+    it downloads, headers aside; probing counts the probe blobs up and their gradients
+    down. What is not recorded (control calls, snapshot replies) is small."""
     for cid in range(num_clients):
         wire = _wire_totals(harness.wire_log(tmp_path, cid))
         steps = [r for r in records if "event" not in r and r["client"] == cid]
@@ -70,20 +73,33 @@ def _assert_records_are_what_the_wire_carried(records, tmp_path, num_clients):
                          for link in r["links"] if link[0] == cid]
                  for event in ("start", "aggregate", "probe")}
         adapters = links["start"] + links["aggregate"]  # HetLoRA's hand-out, aggregations
-        assert sum(s["bytes_up"] for s in steps) == wire["up", "reply:forward"][0]
-        assert sum(s["bytes_down"] for s in steps) == wire["down", "backward"][0]
+        up, down = sum(s["bytes_up"] for s in steps), sum(s["bytes_down"] for s in steps)
+        if tail:
+            tail_grads = wire["up", "tailgrad"][0]
+            assert up == wire["up", "reply:forward"][0] + tail_grads
+            # the gradient at the cut by its payload, as in process (its call's header,
+            # a few dozen bytes a step, is not counted)
+            assert down == wire["down", "backward"][1] + tail_grads
+            assert abs(tail_grads - wire["down", "finish"][0]) < 0.01 * tail_grads
+        else:
+            assert up == wire["up", "reply:forward"][0]
+            assert down == wire["down", "backward"][0]
         assert sum(link[1] for link in adapters) == wire["up", "reply:adapter_state"][1]
         downloads = [wire.get(("down", m), [0, 0]) for m in ("apply_update",
                                                              "load_adapter_state")]
         assert sum(link[2] for link in adapters) == sum(p for _, p in downloads) > 0
         probed = wire.get(("up", "probe"), [0, 0])
+        probe_down = wire.get(("down", "probe_grad"), [0, 0])[1]
+        if tail:  # the probe blobs whole, the tail's and middle's tensors as payload
+            probed = [probed[0] + wire.get(("up", "probe_tailgrad"), [0, 0])[1]]
+            probe_down += wire.get(("down", "probe_mid"), [0, 0])[1]
         assert sum(link[1] for link in links["probe"]) == probed[0]
-        assert sum(link[2] for link in links["probe"]) == wire.get(("down", "probe_grad"),
-                                                                   [0, 0])[1]
+        assert sum(link[2] for link in links["probe"]) == probe_down
         assert (probed[0] > 0) == any(r.get("event") == "probe" for r in records)
         recorded = {("up", "reply:forward"), ("down", "backward"), ("up", "reply:adapter_state"),
                     ("down", "apply_update"), ("down", "load_adapter_state"), ("up", "probe"),
-                    ("down", "probe_grad")}
+                    ("down", "probe_grad"), ("up", "tailgrad"), ("down", "finish"),
+                    ("up", "probe_tailgrad"), ("down", "probe_mid")}
         everything = sum(whole for whole, _ in wire.values())
         headers = sum(whole - payload for key, (whole, payload) in wire.items()
                       if key in recorded and key[1] in ("reply:adapter_state", "apply_update",
@@ -92,20 +108,47 @@ def _assert_records_are_what_the_wire_carried(records, tmp_path, num_clients):
         assert (unrecorded + headers) / everything < 0.06, (cid, unrecorded, headers, everything)
 
 
+def _assert_no_label_crossed(cfg, tmp_path, records):
+    """Every row of labels the clients trained and probed on, as int32 and int64 bytes,
+    is in no blob any client's link carried (and no upload has a labels tensor)."""
+    from hsplitlora.train.parties import probe_stream, shard_stream
+    from hsplitlora.train.run import prepare
+    from hsplitlora.transport.wire import read_header
+
+    p = prepare(cfg)
+    steps = sum(1 for r in records if "event" not in r) // cfg.train.num_clients
+    probes = sum(link[3] for r in records if r.get("event") == "probe" for link in r["links"])
+    rows = []
+    for cid in range(cfg.train.num_clients):
+        for stream, n in ((shard_stream(p, cid), steps), (probe_stream(p, cid), probes)):
+            for _ in range(n):
+                for row in next(stream)["labels"]:
+                    rows += [row.to(dt).numpy().tobytes() for dt in (torch.int32, torch.int64)]
+    blobs = [harness.wire_blob(tmp_path, e) for cid in range(cfg.train.num_clients)
+             for e in harness.wire_log(tmp_path, cid)]
+    assert probes > 0 and len(rows) > 40
+    assert not [row for row in rows if any(row in blob for blob in blobs)]
+    ups = [harness.wire_blob(tmp_path, e) for cid in range(cfg.train.num_clients)
+           for e in harness.wire_log(tmp_path, cid) if e["kind"] in ("reply", "probe")]
+    assert not [b for b in ups if "labels" in read_header(b).tensors]
+
+
 def _steps(records):
     return [(r["round"], r["client"], r["loss"], r["tokens"]) for r in records
             if "event" not in r]
 
 
-@pytest.mark.parametrize("mode,aggregator", [("hsplitlora", "noisefree"), ("flexlora", "svd"),
-                                            ("hetlora", "zeropad")])
+@pytest.mark.parametrize("mode,aggregator,tail", [("hsplitlora", "noisefree", 1),
+                                                 ("flexlora", "svd", 0),
+                                                 ("hetlora", "zeropad", 0)])
 def test_networked_heterogeneous_run_is_bit_identical_to_the_simulation(
-        tmp_path, tiny_llama_dir, mode, aggregator):
-    """HSplitLoRA: importance probing through the streams, clients planned to different
-    cuts and ranks, noise-free merging and re-planning after each merge (threshold 0);
-    FlexLoRA: SVD aggregation, adapters loaded back into each client; HetLoRA: truncations
-    of its global adapter loaded back, ranks self-pruned (a replan) over the network."""
-    cfg = hetero_config(tiny_llama_dir, tmp_path, aggregator, mode=mode)
+        tmp_path, tiny_llama_dir, mode, aggregator, tail):
+    """HSplitLoRA, U-shaped: importance probing through the streams (two hops around each
+    client's tail), clients planned to different cuts and ranks, noise-free merging and
+    re-planning after each merge (threshold 0), no label in any message; FlexLoRA: SVD
+    aggregation, adapters loaded back into each client; HetLoRA: truncations of its global
+    adapter loaded back, ranks self-pruned (a replan) over the network."""
+    cfg = hetero_config(tiny_llama_dir, tmp_path, aggregator, mode=mode, tail=tail)
     local = train(cfg, write=False, show_progress=False)
     net = NetConfig(port=0, step_timeout_s=30, join_timeout_s=60)
     server, address = harness.serve_loopback(cfg, net, tmp_path)
@@ -114,7 +157,9 @@ def test_networked_heterogeneous_run_is_bit_identical_to_the_simulation(
     assert codes == [0, 0, 0, 0]
     run = tmp_path / "net"
     records = harness.records(run)
-    _assert_records_are_what_the_wire_carried(records, tmp_path, cfg.train.num_clients)
+    _assert_records_are_what_the_wire_carried(records, tmp_path, cfg.train.num_clients, tail)
+    if tail:
+        _assert_no_label_crossed(cfg, tmp_path, records)
     plans = [r["plans"] for r in records if r.get("event") == "plan"]
     assert plans == [r["plans"] for r in local.records if r.get("event") == "plan"]
     if mode == "hsplitlora":
