@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from hsplitlora.config import (
     format_validation_error,
     load_config,
 )
+from hsplitlora.errors import UserError
 from hsplitlora.eval.evaluate import SCORES_FILE, evaluate_run
 from hsplitlora.eval.generate import GenerationSettings
 from hsplitlora.eval.metrics import METRIC_NAMES
@@ -291,8 +292,11 @@ def run_experiment(
 ) -> list[dict[str, Any]]:
     """Train (and score) every run not yet done, then write the grid summary.
 
-    ``on_run(index, run, status)`` is told ``skip``, ``train``, ``evaluate`` as the grid
-    goes, for a CLI to report progress. Returns one row per run (see :func:`collect_rows`).
+    ``on_run(index, run, status)`` is told ``skip``, ``train``, ``evaluate``, ``failed`` as
+    the grid goes, for a CLI to report progress. Returns one row per run (see
+    :func:`collect_rows`). A run its config cannot train (a plan that does not fit, say:
+    a :class:`~hsplitlora.errors.UserError`) does not stop the grid: the others go on,
+    the summary names it with the reason, and :class:`GridIncomplete` is raised at the end.
     """
     if not isinstance(exp, Experiment):
         exp = load_experiment(exp)
@@ -300,6 +304,7 @@ def run_experiment(
     copy_to = exp.output / "experiment.yaml"
     if not copy_to.exists() or not copy_to.samefile(exp.source):
         shutil.copyfile(exp.source, copy_to)  # the grid folder says how it was made
+    failed: dict[str, str] = {}
     for index, run in enumerate(exp.runs):
         run_dir = exp.output / run.name
         trained = (run_dir / "summary.json").is_file()
@@ -315,8 +320,16 @@ def run_experiment(
                 shutil.rmtree(run_dir)
             if on_run:
                 on_run(index, run, "train")
-            train(run.config, show_progress=show_progress, checkpoint=True, resume=resume)
-            gc.collect()  # the finished run's model copies before the next one loads
+            try:
+                train(run.config, show_progress=show_progress, checkpoint=True, resume=resume)
+            except UserError as e:
+                log.error("%s cannot run: %s", run.name, e)
+                failed[run.name] = str(e)
+                if on_run:
+                    on_run(index, run, "failed")
+                continue
+            finally:
+                gc.collect()  # the run's model copies before the next one loads
         scoring = exp.evaluate is not None and _needs_evaluation(run_dir, exp.evaluate)
         if exp.evaluate is not None and scoring:
             if on_run:
@@ -329,10 +342,22 @@ def run_experiment(
             if on_run:
                 on_run(index, run, "skip")
         else:  # tables after every new result (cheap); plots once, at the end
-            write_summary(exp, collect_rows(exp), plots=False)
+            write_summary(exp, collect_rows(exp), plots=False, failed=failed)
     rows = collect_rows(exp)
-    write_summary(exp, rows)
+    write_summary(exp, rows, failed=failed)
+    if failed:
+        raise GridIncomplete(failed)
     return rows
+
+
+class GridIncomplete(UserError):
+    """Some runs of a grid could not train; every other run finished and is summarised."""
+
+    def __init__(self, failed: Mapping[str, str]) -> None:
+        self.failed = dict(failed)
+        super().__init__(f"{len(failed)} run(s) could not train (the rest finished; "
+                         "summary.md lists them with the reasons): "
+                         + "; ".join(f"{name}: {why}" for name, why in failed.items()))
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -690,10 +715,11 @@ def _plot_loss_vs_simulated(exp: Experiment, rows: list[dict[str, Any]],
     return written
 
 
-def write_summary(exp: Experiment, rows: list[dict[str, Any]], *, plots: bool = True
-                  ) -> list[Path]:
-    """``summary.csv`` (raw numbers), ``summary.md`` (a readable table with how it was made)
-    and, with ``plots``, the figures, all in the grid folder. Returns the files written."""
+def write_summary(exp: Experiment, rows: list[dict[str, Any]], *, plots: bool = True,
+                  failed: Mapping[str, str] | None = None) -> list[Path]:
+    """``summary.csv`` (raw numbers), ``summary.md`` (a readable table with how it was made,
+    and the runs that ``failed`` with why) and, with ``plots``, the figures, all in the
+    grid folder. Returns the files written."""
     exp.output.mkdir(parents=True, exist_ok=True)
     csv_path = exp.output / "summary.csv"
     with csv_path.open("w", newline="", encoding="utf-8") as f:
@@ -736,6 +762,9 @@ def write_summary(exp: Experiment, rows: list[dict[str, Any]], *, plots: bool = 
                      "value or plot.")
     if rows and (len({row["seed"] for row in rows}) > 1 or exp.compare is not None):
         lines += _seed_table(exp, rows, curves)
+    if failed:
+        lines += ["", "## Runs that could not train", "",
+                  *[f"- `{name}`: {why}" for name, why in failed.items()]]
     figures = sorted(exp.output.glob("*.png"))
     lines += ["", *[f"![{p.stem}]({p.name})" for p in figures]]
     md_path = exp.output / "summary.md"

@@ -156,6 +156,26 @@ def test_runner_skips_finished_runs_and_resumes_an_interrupted_grid(
     assert (grid / CENTRAL / "summary.json").is_file() and set(_rows(grid)) == {SPLIT, CENTRAL}
 
 
+def test_a_run_that_cannot_train_is_reported_and_the_grid_goes_on(tmp_path, tiny_llama_dir):
+    """Cut 9 on the 4-block Llama: that run is refused inside train(); the run after it
+    still trains, the summary says which failed and why, and the grid ends in an error
+    that names it (the CLI exits 2)."""
+    path = _experiment(tmp_path, tiny_llama_dir, grid={"mode": ["splitlora"], "rank": [2],
+                                                       "cut": [9, 1], "seed": [0]})
+    grid = tmp_path / "grid"
+    bad, good = "mode=splitlora_r=2_cut=9_seed=0", SPLIT
+    with pytest.raises(experiment_module.GridIncomplete, match=r"1 run\(s\) could not train"
+                       r".*cut=9.*train.cut 9 is out of range") as failure:
+        run_experiment(path, show_progress=False)
+    assert set(failure.value.failed) == {bad}
+    assert (grid / good / "summary.json").is_file() and set(_rows(grid)) == {good}
+    md = (grid / "summary.md").read_text()
+    assert "1 of 2 runs finished" in md and "## Runs that could not train" in md
+    assert f"- `{bad}`: train.cut 9 is out of range" in md
+    out = CliRunner().invoke(app, ["experiment", str(path), "--no-progress"])
+    assert out.exit_code == 2 and f"{bad}: failed" in out.output and ": skip" in out.output
+
+
 def test_runner_scores_runs_once_per_setting(tmp_path, tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(evaluate_module, "score", lambda hyps, refs: Scores(
         bleu=0.5, nist=5.0, meteor=0.4, rouge_l=0.6, cider=1.5))
