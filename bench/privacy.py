@@ -10,7 +10,10 @@ public text, the cleaned E2E dev set) and an optimisation-based one, on held-out
 text (the E2E test set). DP settings clip each example's activation tensor at the median
 norm the base model gives public text at the cut, with the noise multiplier that reaches
 the target epsilon over the run (Opacus). Splitting is exact, so without noise the run is
-the same at every cut: it is trained once. Writes <out> (docs/results/privacy/summary.md)
+the same at every cut: it is trained once. Labels: vanilla split sends them; a U-shaped
+run (``--tails``, trained the same way) keeps them, and the server attacks the gradient
+each tail returns at L - t with a map learned on public text and the base model's tail.
+Writes <out> (docs/results/privacy/summary.md)
 with the command that made it. Reductions for ~30 min on 2 cores: 20 local steps, 64-token
 texts, 512 public texts and a 300-step inversion MLP, 4 held-out texts x 40 steps for the
 optimisation attack (256 for the learned one). Sized from a probe, not a whole run: on the
@@ -41,10 +44,11 @@ from hsplitlora.models.split import split_model  # noqa: E402
 from hsplitlora.privacy.accountant import noise_for  # noqa: E402
 from hsplitlora.privacy.attacks import (  # noqa: E402
     fit_inversion,
-    label_leak,
+    next_tokens,
     observe,
     optimise_inversion,
     recovery_rate,
+    tail_gradients,
 )
 from hsplitlora.privacy.mechanism import Gaussian  # noqa: E402
 from hsplitlora.train.run import train  # noqa: E402
@@ -63,14 +67,15 @@ def texts(path: Path, n: int, tokenizer: Any, max_length: int, skip: int = 0
     return collate(data.features, pad_id_for(tokenizer))
 
 
-def config(args: argparse.Namespace, cut: int, privacy: dict[str, Any]) -> RunConfig:
+def config(args: argparse.Namespace, cut: int, privacy: dict[str, Any],
+           tail: int = 0) -> RunConfig:
     return load_config(REPO / "configs" / "demo.yaml", [
         f"data.train_files=[{CLIENT}]", f"data.eval_file={HELD_OUT}",
         f"data.max_train_examples={args.clients * args.shard}",
         f"data.max_length={args.max_length}", f"train.num_clients={args.clients}",
-        f"train.cut={cut}", f"train.steps={args.steps}", f"train.agg_interval={args.steps}",
-        f"eval.max_examples={args.eval_examples}", "output.sample_prompt=null",
-        f"privacy={json.dumps(privacy)}"])
+        f"train.cut={cut}", f"train.tail={tail}", f"train.steps={args.steps}",
+        f"train.agg_interval={args.steps}", f"eval.max_examples={args.eval_examples}",
+        "output.sample_prompt=null", f"privacy={json.dumps(privacy)}"])
 
 
 def model_and_tokenizer(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -112,6 +117,22 @@ def attack(model: Any, cut: int, channel: dict[str, float] | None, public: dict,
     return {"learned": learned, "optimised": optimised}
 
 
+def label_attack(trained: Any, tail: int, public: dict, victim: dict,
+                 args: argparse.Namespace) -> float:
+    """The server's label inversion from a U-shaped client's returned gradients: a map
+    from the gradient at ``L - tail`` to the next token, learned on public text with the
+    fresh base model's tail (the client's tail adapters are its own), applied to the
+    gradients ``trained``'s tail returns on held-out client text; the fraction of its
+    target tokens recovered."""
+    base, _ = model_and_tokenizer(args)
+    seen_pub = tail_gradients(base, tail, public["input_ids"], public["attention_mask"],
+                              public["labels"], precision="bf16")
+    inv = fit_inversion(seen_pub, *next_tokens(public["labels"]), steps=args.inversion_steps)
+    seen = tail_gradients(trained, tail, victim["input_ids"], victim["attention_mask"],
+                          victim["labels"], precision="bf16")
+    return recovery_rate(inv(seen), *next_tokens(victim["labels"]))
+
+
 def median_norm(model: Any, cut: int, public: dict) -> float:
     """The clipping bound: the median example norm at the cut on public text."""
     segment, _ = split_model(model, cut)
@@ -138,6 +159,8 @@ def main() -> None:
     ap.add_argument("--inversion-steps", type=int, default=300)
     ap.add_argument("--opt-examples", type=int, default=4)
     ap.add_argument("--opt-steps", type=int, default=40)
+    ap.add_argument("--tails", type=int, nargs="*", default=[1, 3],
+                    help="U-shaped runs whose returned gradients the label attack reads")
     ap.add_argument("--smoke", action="store_true", help="tiny random Llama, cuts 1 3, "
                     "few steps: checks the bench end to end, numbers mean nothing")
     ap.add_argument("--out", type=Path, default=None, help="summary.md to write (default "
@@ -145,6 +168,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.cuts = [c for c in args.cuts if c < 4] or [1]
+        args.tails = [t for t in args.tails if t < 3] or [1]
         args.steps, args.shard, args.public, args.victims = 4, 40, 64, 32
         args.inversion_steps, args.opt_examples, args.opt_steps = 100, 4, 20
         args.eval_examples = 16
@@ -155,11 +179,6 @@ def main() -> None:
     base, tok = model_and_tokenizer(args)
     public = texts(PUBLIC, args.public, tok, args.max_length)
     victim = texts(HELD_OUT, args.victims, tok, args.max_length)
-    leak = label_leak(victim["input_ids"], victim["attention_mask"], victim["labels"])
-    # TODO(ushape): train.tail is merged (a private tail run works); add its column: the
-    # labels it uploads are None, so label_leak(..., None) = 0, and the attacks run
-    # unchanged on the activations it sends at the cut; what the gradient its tail returns
-    # at L - t reveals about the labels is still to be measured.
     # the prior: always guessing the public text's most common token
     real = public["input_ids"][public["attention_mask"].bool()]
     top = torch.bincount(real).argmax()
@@ -187,18 +206,30 @@ def main() -> None:
                          **attack(run.model, cut, {"clip": bounds[cut], "noise": sigma},
                                   public, victim, args)})
             progress(rows[-1], start)
+    # Labels: vanilla sends every target token; a U-shaped run sends none, and the server
+    # reads what it can from the gradients each tail returns (the same training otherwise)
+    labels = [{"split": "vanilla (SplitLoRA)", "tail": 0, "sent": 1.0, "recovered": 1.0,
+               "ppl": plain.summary["eval_ppl"]}]
+    for tail in args.tails:
+        model, _ = model_and_tokenizer(args)
+        run = train(config(args, args.cuts[0], {}, tail), model=model, tokenizer=tok,
+                    write=False, show_progress=False)
+        labels.append({"split": f"U-shaped, tail {tail}", "tail": tail, "sent": 0.0,
+                       "recovered": label_attack(run.model, tail, public, victim, args),
+                       "ppl": run.summary["eval_ppl"]})
+        progress(labels[-1], start)
     # per-coordinate noise over the RMS coordinate of an example at the bound
     coords = victim["input_ids"].shape[1] * base.config.hidden_size
     for r in rows:
         r["snr"] = r["noise"] * math.sqrt(coords)
-    table = render(rows, args, leak, prior, time.perf_counter() - start)
+    table = render(rows, labels, args, prior, time.perf_counter() - start)
     print(table)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table, encoding="utf-8")
 
 
-def render(rows: list[dict[str, Any]], args: argparse.Namespace, leak: float, prior: float,
-           wall: float) -> str:
+def render(rows: list[dict[str, Any]], labels: list[dict[str, Any]],
+           args: argparse.Namespace, prior: float, wall: float) -> str:
     command = "python bench/privacy.py " + " ".join(sys.argv[1:])
     model = "A tiny random Llama (--smoke)" if args.smoke else "SmolLM2-135M-Instruct (bf16)"
     lines = [
@@ -229,15 +260,23 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, leak: float, pr
                      f"{r['ppl']:.3f} |")
     lines += [
         "",
-        "Labels: in vanilla split learning (SplitLoRA) the labels travel with the "
-        f"activations, so the server reads {leak:.3f} of the held-out texts' real tokens "
-        "(every target token) directly, whatever the noise; activation DP does not cover "
-        "them. U-shaped split (`train.tail`, branch `ushape`): the labels stay on the "
-        "client, so this is 0 by construction; its column (and what the server learns "
-        "from the gradient its tail returns) is not measured yet (TODO(ushape) in "
-        "bench/privacy.py).",
+        "## Labels",
         "",
+        f"Cut {args.cuts[0]}, no noise, the same training. Target tokens: those the loss is "
+        "taken on (the E2E references). In vanilla split learning they travel with the "
+        "activations, whatever the noise (activation DP does not cover them). A U-shaped "
+        "client (`train.tail`) keeps them; the server learns a map from the gradient each "
+        "position's tail returns at L - t to the next token, on public text with the "
+        "fresh base model's tail, and applies it to the gradients the client's trained "
+        "tail returns on held-out text.",
+        "",
+        "| split | labels on the wire | target tokens the server recovers | held-out ppl |",
+        "|---|---|---|---|",
     ]
+    for r in labels:
+        lines.append(f"| {r['split']} | {r['sent']:.0%} | {r['recovered']:.3f} | "
+                     f"{r['ppl']:.3f} |")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -13,6 +13,15 @@ on activations noised as the client's are. docs/privacy.md describes the threat 
   attack; Erdogan et al., "UnSplit", 2022): a softmax over candidate tokens per position,
   fitted so the segment's output matches what was observed, then projected to the most
   likely token (the relaxation makes the discrete search differentiable).
+
+Labels. In vanilla split learning they travel in clear (:func:`label_leak`). A U-shaped
+client keeps them, but returns the gradient of its tail's loss at ``L - t``
+(:func:`tail_gradients`), whose direction at each position is dominated by the head's
+row of the next token. The server can learn that map on public text with the public base
+model's tail, exactly as it learns the input inversion (:func:`fit_inversion` on the
+gradients, targets the next tokens: :func:`next_tokens`), the gradient-inversion family
+of label attacks (Li et al., "Label leakage and protection in two-party split learning",
+ICLR 2022, for binary labels; here per token over the vocabulary).
 """
 
 from __future__ import annotations
@@ -23,12 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from hsplitlora.models.split import ClientSegment
+from hsplitlora.models.split import ClientSegment, num_blocks, split_model
 from hsplitlora.privacy.mechanism import Gaussian, clip_examples
-from hsplitlora.train.optim import autocast
+from hsplitlora.train.optim import autocast, causal_lm_loss
 
-__all__ = ["Inversion", "fit_inversion", "label_leak", "observe", "optimise_inversion",
-           "recovery_rate"]
+__all__ = ["Inversion", "fit_inversion", "label_leak", "next_tokens", "observe",
+           "optimise_inversion", "recovery_rate", "tail_gradients"]
 
 
 @torch.no_grad()
@@ -57,6 +66,39 @@ def label_leak(input_ids: torch.Tensor, attention_mask: torch.Tensor,
         return 0.0
     real = attention_mask.bool()
     return float(((labels == input_ids) & real).sum() / real.sum())
+
+
+def tail_gradients(model: nn.Module, tail: int, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, labels: torch.Tensor, *, batch: int = 8,
+                   precision: str = "fp32") -> torch.Tensor:
+    """What a U-shaped client with ``model``'s last ``tail`` blocks returns to the server
+    for these examples: the gradient of its loss (as training takes it, over batches of
+    ``batch``) w.r.t. the activations at ``L - tail`` [N, S, d], each position scaled to
+    unit norm (the direction is what carries the label; the scale is the batch's token
+    count). fp32, eval mode, nothing updated."""
+    head, rest = split_model(model, num_blocks(model.config) - tail)
+    head.eval()
+    rest.eval()
+    out = []
+    for i in range(0, len(input_ids), batch):
+        ids, mask, lab = (x[i:i + batch] for x in (input_ids, attention_mask, labels))
+        with torch.no_grad(), autocast(precision, torch.device("cpu")):
+            hidden = head(ids, mask).float()
+        hidden.requires_grad_(True)
+        with autocast(precision, torch.device("cpu")):
+            logits = rest(hidden, mask)
+        loss, _ = causal_lm_loss(logits, lab)
+        (grad,) = torch.autograd.grad(loss, [hidden])
+        out.append(grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+    return torch.cat(out)
+
+
+def next_tokens(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label each position's loss scores (the next token) and where there is one:
+    a causal LM's loss at position ``i`` is on ``labels[i + 1]``."""
+    target = torch.full_like(labels, -100)
+    target[:, :-1] = labels[:, 1:]
+    return target.clamp_min(0), target != -100
 
 
 @dataclass

@@ -12,9 +12,11 @@ from hsplitlora.models.split import split_model
 from hsplitlora.privacy.attacks import (
     fit_inversion,
     label_leak,
+    next_tokens,
     observe,
     optimise_inversion,
     recovery_rate,
+    tail_gradients,
 )
 from hsplitlora.privacy.mechanism import Gaussian
 from tests.conftest import E2E, tiny_model
@@ -70,3 +72,37 @@ def test_vanilla_split_gives_the_labelled_tokens_away():
     labels = torch.tensor([[-100, -100, 7, 8, 1, -100]])  # loss on the target only
     assert label_leak(ids, mask, labels) == pytest.approx(3 / 5)
     assert label_leak(ids, mask, None) == 0.0  # U-shaped: the labels stay home
+
+
+@pytest.mark.parametrize("tail", [1, 2])
+def test_a_u_shaped_clients_tail_gradient_gives_its_labels_away(texts, tail):
+    """The labels never travel, but the gradient the tail returns at L - t does: a map
+    learned on public text with the base model's tail reads the client's next tokens
+    back. Taken on decoy labels (the same tokens, shuffled over every position), the
+    gradients give the decoys back, not the true labels: the map reads the gradient,
+    not the text's statistics."""
+    (pub, pub_mask), (priv, priv_mask) = texts
+    model = tiny_model("llama")
+
+    def labelled(ids, mask):
+        return ids.masked_fill(~mask.bool(), -100)
+
+    seen_pub = tail_gradients(model, tail, pub, pub_mask, labelled(pub, pub_mask))
+    target, where = next_tokens(labelled(pub, pub_mask))
+    inv = fit_inversion(seen_pub, target, where, steps=300)
+    truth, real = next_tokens(labelled(priv, priv_mask))
+    seen = tail_gradients(model, tail, priv, priv_mask, labelled(priv, priv_mask))
+    rate = recovery_rate(inv(seen), truth, real)
+    shuffled = priv.clone()
+    on = priv_mask.bool()
+    shuffled[on] = priv[on][torch.randperm(int(on.sum()), generator=torch.Generator()
+                                           .manual_seed(0))]
+    decoy = tail_gradients(model, tail, priv, priv_mask, labelled(shuffled, priv_mask))
+    decoy_truth, _ = next_tokens(labelled(shuffled, priv_mask))
+    found = inv(decoy)
+    print(f"\ntail {tail}: labels recovered {rate:.3f}; from decoy gradients "
+          f"{recovery_rate(found, truth, real):.3f} of the true, "
+          f"{recovery_rate(found, decoy_truth, real):.3f} of the decoys")
+    assert rate > 0.9, rate
+    assert recovery_rate(found, truth, real) < 0.2  # about the chance two tokens agree
+    assert recovery_rate(found, decoy_truth, real) > 0.8  # it read the decoys
