@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from hsplitlora.checkpoint import load_checkpoint
 from hsplitlora.config import RunConfig
 from hsplitlora.models.lora import matrix_shapes, save_peft_adapter
 from hsplitlora.models.split import arch_spec
+from hsplitlora.privacy.accountant import privacy_report
 from hsplitlora.report import plot_loss
 from hsplitlora.train.recorder import Recorder, kept_records
 from hsplitlora.train.run import base_source, check_same_run, checkpoint_path, prepare
@@ -151,6 +153,10 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
             grpc_server.stop(_GRACE_S).wait()
             if isinstance(fed, RemoteFed):
                 fed.close()
+        spent = {}
+        if cfg.privacy.enabled:  # counted from the steps and aggregations the server saw
+            spent = privacy_report(cfg, dict(enumerate(len(s) for s in p.shards)), rec.records)
+            rec.event("privacy", round=plan.steps - 1, **spent)
         records = rec.records
     final = server.adapter_state()
     client_side = fed.latest_state() if isinstance(fed, FedService) else None
@@ -162,15 +168,16 @@ def serve(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     else:
         save_file({k: v.contiguous() for k, v in final.items()},
                   str(run_dir / "server_adapter.safetensors"))
-    _write_summary(run_dir, cfg, records, time.perf_counter() - start, net)
+    _write_summary(run_dir, cfg, records, time.perf_counter() - start, net, spent)
     plot_loss(records, run_dir / "loss.png", title=f"{cfg.train.mode} ({cfg.model.name}), "
               "served")
     return run_dir
 
 
 def _write_summary(run_dir: Path, cfg: RunConfig, records: list[dict[str, Any]], wall: float,
-                   net: NetConfig) -> None:
-    """The in-process run's summary keys (those a server can know), plus the wire's."""
+                   net: NetConfig, privacy: Mapping[str, Any]) -> None:
+    """The in-process run's summary keys (those a server can know, the privacy spent
+    among them), plus the wire's."""
     steps = [r for r in records if "event" not in r]
     rounds = [r["round"] for r in steps]
 
@@ -190,6 +197,7 @@ def _write_summary(run_dir: Path, cfg: RunConfig, records: list[dict[str, Any]],
         "codec": net.codec,
         "bytes_up_per_step": sum(r["bytes_up"] for r in steps) / max(len(steps), 1),
         "bytes_down_per_step": sum(r["bytes_down"] for r in steps) / max(len(steps), 1),
+        **privacy,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
 

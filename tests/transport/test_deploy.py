@@ -7,6 +7,7 @@ killed-and-resumed server must end exactly where the matching in-process schedul
 
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
@@ -247,3 +248,30 @@ def test_serve_resume_refuses_a_damaged_checkpoint_naming_it(tmp_path, tiny_llam
     with pytest.raises(CheckpointError, match=f"checkpoint {path} (is empty|is truncated or "
                                               "corrupted)"):
         serve(cfg, NetConfig(port=0), resume=True)
+
+
+def test_a_private_networked_run_is_bit_identical_and_reports_its_epsilon(tmp_path,
+                                                                          tiny_llama_dir):
+    """Differential privacy over gRPC: each client clips and noises its activations and
+    its adapter update in its own process, with the noise streams the simulation draws,
+    so the served run ends where the in-process one does, and the server's summary and
+    metrics spend the same epsilon."""
+    cfg = run_config(tiny_llama_dir, tmp_path, mode="splitfed", cut=1)
+    cfg.privacy = cfg.privacy.model_copy(update={
+        "enabled": True, "activation_clip": 0.5, "activation_noise": 0.3,
+        "adapter_clip": 0.05, "adapter_noise": 0.5, "delta": 1e-3})
+    cfg = type(cfg).model_validate(cfg.model_dump())
+    local = train(cfg, write=False, show_progress=False)
+    net = NetConfig(port=0, step_timeout_s=20, join_timeout_s=60)
+    server, address = harness.serve_loopback(cfg, net, tmp_path)
+    assert harness.finish([server, *harness.start_clients(cfg, net, address, tmp_path)],
+                          90) == [0, 0, 0, 0]
+    run = tmp_path / "net"
+    steps = [r for r in harness.records(run) if "event" not in r]
+    assert [r["loss"] for r in steps] == [r["loss"] for r in local.records if "event" not in r]
+    _assert_same(peft_adapter(run), local.adapter)
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("epsilon_activations", "epsilon_adapter", "privacy_delta"):
+        assert summary[key] == local.summary[key], key
+    (event,) = [r for r in harness.records(run) if r.get("event") == "privacy"]
+    assert event["epsilon_activations"] == local.summary["epsilon_activations"] > 0
