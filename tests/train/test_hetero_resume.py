@@ -44,19 +44,20 @@ def _cfg(tmp_path, mode: str, aggregator: str, server_side: str | None = None,
     })
 
 
-@pytest.mark.parametrize("mode,aggregator,stop,server_side", [
-    ("hsplitlora", "noisefree", 2, "per_participant"),  # mid-interval: merges, re-plans to come
-    ("hsplitlora", "noisefree", 3, None),  # right after a merge and re-plan
-    ("hsplitlora", "noisefree", 2, "shared"),  # one server adapter, its views rebuilt
-    ("flexlora", "svd", 2, None),
-    ("hetlora", "zeropad", 2, None),  # its global adapter and pruned ranks are checkpointed
+@pytest.mark.parametrize("mode,aggregator,stop,server_side,tail", [
+    ("hsplitlora", "noisefree", 2, "per_participant", 0),  # mid-interval: merges, re-plans to come
+    ("hsplitlora", "noisefree", 3, None, 0),  # right after a merge and re-plan
+    # one server adapter, its views rebuilt; U-shaped: each client's tail comes back too
+    ("hsplitlora", "noisefree", 2, "shared", 1),
+    ("flexlora", "svd", 2, None, 0),
+    ("hetlora", "zeropad", 2, None, 0),  # its global adapter and pruned ranks are checkpointed
 ])
 def test_a_resumed_heterogeneous_run_ends_where_the_uninterrupted_one_does(
-        tmp_path, tiny_tokenizer, monkeypatch, mode, aggregator, stop, server_side):
-    whole = train(_cfg(tmp_path / "whole", mode, aggregator, server_side),
+        tmp_path, tiny_tokenizer, monkeypatch, mode, aggregator, stop, server_side, tail):
+    whole = train(_cfg(tmp_path / "whole", mode, aggregator, server_side, tail=tail),
                   model=tiny_model("llama"), tokenizer=tiny_tokenizer, show_progress=False)
 
-    cfg = _cfg(tmp_path / "cut", mode, aggregator, server_side)
+    cfg = _cfg(tmp_path / "cut", mode, aggregator, server_side, tail=tail)
     killed_after_checkpoint(monkeypatch, stop, lambda: train(
         cfg, model=tiny_model("llama"), tokenizer=tiny_tokenizer, show_progress=False,
         checkpoint=True))

@@ -83,7 +83,7 @@ PARTIAL = {"availability": 0.5, "seed": 3}
     ("splitlora", 0, {}),       # mid-interval: both clients trained, not yet averaged
     ("splitlora", 1, {}),       # right after an aggregation
     ("splitlora", 0, PARTIAL),
-    ("splitfed", 0, PARTIAL),
+    ("splitfed", 0, {**PARTIAL, "tail": 1}),  # U-shaped: the tails' state comes back too
     ("federated", 2, PARTIAL),
     ("split", 1, {}),           # after the first relay back to client 0
     ("centralized", 3, {}),     # checkpoints every num_clients steps: rounds 1, 3, 5, 7
