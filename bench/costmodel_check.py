@@ -36,7 +36,7 @@ from hsplitlora.models.load import load_model
 from hsplitlora.models.lora import LoraSettings, attach_lora, lora_parameters, target_module_names
 from hsplitlora.models.split import arch_spec, split_model
 from hsplitlora.roles.messages import Activations, ServerReply
-from hsplitlora.train.optim import causal_lm_loss
+from hsplitlora.runtime.optim import causal_lm_loss
 
 
 def batch(vocab: int, size: int, seq: int):

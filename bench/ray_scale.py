@@ -25,7 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hsplitlora.config import E2E_DIR, RunConfig  # noqa: E402
+from hsplitlora.config import RunConfig  # noqa: E402
+from hsplitlora.data.config import E2E_DIR  # noqa: E402
 from hsplitlora.train.run import train  # noqa: E402
 
 

@@ -46,8 +46,8 @@ from hsplitlora.models.split import split_model
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.learner import Learner
 from hsplitlora.roles.server import MainServer
-from hsplitlora.train.optim import OptimSettings
-from hsplitlora.train.process import keep_freed_memory
+from hsplitlora.runtime.optim import OptimSettings
+from hsplitlora.runtime.process import keep_freed_memory
 
 
 def matmul_peak(dtype: torch.dtype = torch.bfloat16, n: int = 2048, reps: int = 10,

@@ -7,9 +7,6 @@ from :class:`hsplitlora.errors.UserError`; anything else is a bug and keeps its 
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated, Literal
@@ -17,71 +14,20 @@ from typing import Annotated, Literal
 import typer
 from rich import box
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from hsplitlora.config import ConfigError, RunConfig, load_config
+from hsplitlora.config import RunConfig, load_config
 from hsplitlora.config_doc import describe_fields
-from hsplitlora.errors import UserError
+from hsplitlora.terminal import check_run_folder, console, error_exit, setup_logging, user_errors
+from hsplitlora.transport.cli import register
 
 app = typer.Typer(no_args_is_help=True,
                   help="Split federated LoRA fine-tuning (SplitLoRA, HSplitLoRA).")
-console = Console()
-
-# What a run folder holds; --overwrite removes these, and nothing else, before a new run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "adapter",
-             "checkpoint", "scores.json", "predictions.txt", "references.txt",
-             "untuned_predictions.txt", "server_adapter.safetensors", "tensorboard", "wandb",
-             "mlruns")
-
-
-def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)], force=True)
-    logging.getLogger("hsplitlora").setLevel(logging.INFO)
-
-
-def error_exit(err: BaseException) -> typer.Exit:
-    """Print a user error's message (markup-safe) and return the exit to raise (code 2)."""
-    # soft wrap: a path in the message stays whole, for the user to copy
-    console.print(f"[red]error:[/red] {escape(str(err))}", soft_wrap=True)
-    return typer.Exit(2)
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a user error raised inside into its message and exit code 2."""
-    try:
-        yield
-    except UserError as e:
-        raise error_exit(e) from None
-
-
 def _config(path: Path | None, overrides: list[str]) -> RunConfig:
     """The validated config, or the validation message and exit code 2."""
     with user_errors():
         return load_config(path, overrides)
-
-
-def check_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """A run folder that holds a run is neither silently replaced nor mixed into: it
-    takes --resume (go on) or --overwrite (start again)."""
-    if resume and overwrite:
-        raise ConfigError("--resume and --overwrite contradict each other: pass one")
-    held = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if resume or not held:
-        return
-    if not overwrite:
-        raise ConfigError(
-            f"{run_dir} already holds a run ({', '.join(held)}): pass --resume to go on with "
-            "it, --overwrite to replace it, or set output.name (--set output.name=NEW) for a "
-            "new folder")
-    import shutil
-
-    for name in held:
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _version(value: bool) -> None:
@@ -119,7 +65,7 @@ def train(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log transformers' info too"),
 ) -> None:
     """Train one run (mode, model, data from the config); writes a run folder."""
-    _logging(verbose)
+    setup_logging(verbose)
     cfg = _config(config, [*set_, *([f"train.backend={backend}"] if backend else [])])
     from hsplitlora.checkpoint import CheckpointError
     from hsplitlora.train.run import run_path
@@ -183,7 +129,7 @@ def evaluate(
 ) -> None:
     """Generate for the test MRs, score BLEU/NIST/METEOR/ROUGE-L/CIDEr and perplexity;
     writes predictions.txt, references.txt and scores.json into the run folder."""
-    _logging(verbose)
+    setup_logging(verbose)
     from hsplitlora.eval.evaluate import check_run_dir, evaluate_run
     from hsplitlora.eval.generate import GenerationSettings
 
@@ -221,7 +167,7 @@ def experiment(
 ) -> None:
     """Run a grid of runs (modes x ranks x cuts x seeds); finished runs are skipped, so
     re-running resumes. Writes summary.md, summary.csv and plots into the grid folder."""
-    _logging(verbose)
+    setup_logging(verbose)
     from hsplitlora.experiment import PlannedRun, load_experiment, run_experiment
     from hsplitlora.train.run import checkpoint_path
 
@@ -273,10 +219,10 @@ def plan(
     """Print each client's plan (cut, ranks, memory / budget, step and round time) and the
     main server's load from the cost model, without training; in seconds unless --probe
     measures importance."""
-    _logging(False)
+    setup_logging(False)
     cfg = _config(config, set_)
-    from hsplitlora.hetero.planner import format_plan_table
-    from hsplitlora.hetero.scheme import plan_run
+    from hsplitlora.hetero.armsc import format_plan_table
+    from hsplitlora.plan import plan_run
 
     with user_errors():
         result, dims = plan_run(cfg, probe=probe, meta=meta)
@@ -307,7 +253,7 @@ def export(
 ) -> None:
     """Export a run: a merged standalone model (--merged), or the PEFT adapter assembled
     from a deployment's two halves."""
-    _logging(verbose)
+    setup_logging(verbose)
     from hsplitlora.export import SERVER_HALF, ExportError, assemble_adapter, export_merged
 
     with user_errors():
@@ -333,9 +279,7 @@ def config_(
     typer.echo(text)
 
 
-from hsplitlora.transport.cli import register  # noqa: E402
-
-register(app)
+register(app)  # serve, join, fedserver
 
 if __name__ == "__main__":
     app()

@@ -12,7 +12,7 @@ from hsplitlora.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from hsplitlora.models.lora import LoraSettings, attach_lora, lora_state
 from hsplitlora.models.split import split_model
 from hsplitlora.roles.server import MainServer
-from hsplitlora.train.optim import OptimSettings
+from hsplitlora.runtime.optim import OptimSettings
 from tests.conftest import tiny_model
 from tests.transport.live import activations
 

@@ -156,12 +156,12 @@ def test_version_completion_and_config_reference(monkeypatch):
 
 def test_plan_estimates_without_probing_and_errors_exit_2(tmp_path, tiny_llama_dir,
                                                           monkeypatch):
-    import hsplitlora.hetero.scheme as scheme
+    import hsplitlora.plan as plan_module
 
     def no_probe(*a, **k):
         raise AssertionError("plan probed importance without --probe")
 
-    monkeypatch.setattr(scheme, "probe_importance", no_probe)
+    monkeypatch.setattr(plan_module, "probe_importance", no_probe)
     cfg = _config(tmp_path, tiny_llama_dir, train={"mode": "hsplitlora", "num_clients": 2},
                   hetero={"cuts": [1, 2, 3]})
     start = time.perf_counter()

@@ -95,3 +95,25 @@ def test_a_shared_server_side_is_refused_where_it_cannot_run():
     ]:
         with pytest.raises(ValueError, match=message):
             RunConfig.model_validate(raw)
+
+
+def test_train_device_takes_cuda_n_and_a_missing_device_is_named(monkeypatch):
+    import torch
+    from pydantic import ValidationError
+
+    from hsplitlora.errors import UserError
+    from hsplitlora.runtime.device import resolve_device
+
+    cfg = RunConfig.model_validate({"train": {"device": "cuda:1"}})
+    assert cfg.train.device == "cuda:1"
+    with pytest.raises(ValidationError, match="train.device"):
+        RunConfig.model_validate({"train": {"device": "gpu"}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match=r"only 2 CUDA device\(s\) are visible \(cuda:0..cuda:1\)"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no CUDA device is visible here"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")

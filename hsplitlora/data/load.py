@@ -14,7 +14,7 @@ from hsplitlora.data.formats import sample_prompt as _in_format
 from hsplitlora.data.jsonl import read_jsonl
 
 if TYPE_CHECKING:
-    from hsplitlora.config import DataConfig
+    from hsplitlora.data.config import DataConfig
 
 __all__ = ["check_labels", "load_examples", "sample_text", "subsample"]
 

@@ -20,8 +20,9 @@ from hsplitlora.errors import UserError
 from hsplitlora.eval.generate import GenerationSettings, generate
 from hsplitlora.eval.metrics import score
 from hsplitlora.eval.perplexity import perplexity
-from hsplitlora.train.process import keep_freed_memory, set_threads
-from hsplitlora.train.run import load_trained, resolve_device
+from hsplitlora.runtime.device import resolve_device
+from hsplitlora.runtime.process import keep_freed_memory, set_threads
+from hsplitlora.train.run import load_trained
 
 __all__ = [
     "PREDICTIONS_FILE",

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hsplitlora.data.tokenize import collate
-from hsplitlora.train.optim import autocast, causal_lm_loss
+from hsplitlora.runtime.optim import autocast, causal_lm_loss
 
 __all__ = ["perplexity"]
 

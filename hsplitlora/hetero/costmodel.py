@@ -65,7 +65,7 @@ tested (Gemma 2 defaults to eager attention, which keeps the s x s probabilities
 
 Two deliberate upper bounds. The LM head and its log-probabilities are costed at every
 position, while training runs the head on target positions only
-(:func:`hsplitlora.train.optim.target_logits`; on E2E about half of them), so server
+(:func:`hsplitlora.runtime.optim.target_logits`; on E2E about half of them), so server
 FLOPs and memory are over-estimated by up to that share of the head. And the model
 assumes a fused attention kernel (SDPA, what CUDA runs); training on CPU uses eager
 attention (``model.attention: auto``, chosen for speed there), which also keeps the

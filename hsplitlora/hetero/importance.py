@@ -105,7 +105,7 @@ from transformers.pytorch_utils import Conv1D
 from hsplitlora.models.lora import target_module_names
 from hsplitlora.models.split import ArchSpec, ClientSegment, ServerSegment, arch_spec
 from hsplitlora.roles.messages import Activations, ServerReply
-from hsplitlora.train.optim import autocast, causal_lm_loss
+from hsplitlora.runtime.optim import autocast, causal_lm_loss
 
 __all__ = [
     "GAIN_RANKS",

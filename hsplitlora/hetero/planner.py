@@ -1,712 +1,336 @@
-"""Per-client split point and LoRA ranks that make the run progress fastest per second.
+"""From a run configuration to per-client plans: HSplitLoRA, its ablations, the baselines.
 
-HSplitLoRA's adaptive rank and split-point configuration (ARMSC), reconstructed: the
-paper's optimisation is not public (papers notes, section 2.4). The objective, its
-reasons and the guarantees are in docs/hsplitlora.md ("ARMSC"); in short:
-
-**Gains.** ``gains[W][r]`` is what a rank-r adapter on matrix W is worth: by default the
-energy of W's accumulated gradient that the best rank-r approximation captures,
-``sum_{i <= r} sigma_i^2`` (:func:`hsplitlora.hetero.importance.rank_energies`), the
-first-order loss decrease of one gradient step restricted to rank r. It is concave in r
-because singular values come sorted, and it saturates where the data says, not where a
-fixed curve does. :func:`prior_gains` is the uninformed fallback (IWI off): equal or given
-scalar weights times ``log2(1 + r) / log2(1 + max Q)``. Gains are normalised by the sum
-over every candidate of its gain at the top rank of Q.
-
-**Utility of a client.** ``U = sum_{W < cut} gain_W(r_W) + sum_{W >= cut} gain_W(server_rank)``:
-the progress per step of the client's whole training path (its own adapters and the
-server's adapters for it).
-
-**Objective.** For a round deadline R (seconds per round of I local steps and one
-aggregation), every client maximises U subject to its memory, ``I x step + adapter
-transfer <= R`` (the round waits for the slowest client; adapters travel up and down every
-aggregation, so their bytes cost link time) and ``I x server compute <= R / N`` (the main
-server serves all N clients one at a time: each gets an equal share of its time). The
-planner then picks, over a geometric grid of deadlines, the R with the most first-order
-progress per simulated second, ``sum_i p_i U_i(R) / R``; the plans' own round time
-``T = max(max_i round_i, I x sum_i server_i) <= R`` is what the plan reports, and
-``Plan.objective`` is ``sum_i p_i U_i / T``. ``PlannerSettings.round_time_s`` fixes R
-instead (``inf``: memory only).
-
-**Algorithm.** For every cut k and first adapted block f (f = k: no adapters) the fixed
-cost is the frozen weights of k blocks plus the activations of blocks ``[f, k)`` with the
-inputs of every candidate reserved (an upper bound of what any plan over those blocks
-keeps). Every step of a matrix from one rank of Q to the next then costs ``dr x`` its
-per-rank bytes, FLOPs and adapter bytes; steps are sorted once by gain per byte and each
-(k, f) takes the longest prefix of its blocks' steps that fits memory, round and step time.
-Concave gains make a matrix's steps come in rank order. The table of prefixes is built
-once for all clients, then each client is a few array operations per deadline (100
-clients of a 32-block model: seconds).
-
-**Guarantees** (tested): with memory binding, the prefix is within one step's gain of the
-best plan for its (k, f) and reservation (the fractional optimum is the prefix plus part of
-the first step that does not fit; with the deadline binding too this is observed, not
-proved); at a fixed deadline, more memory never lowers a client's U; at a fixed cut,
-scaling up a matrix's gains never lowers its rank; choosing R, more memory for one client
-never lowers the best ``sum_i p_i U_i(R) / R`` (the grid does not depend on memory).
-
-**U-shaped split** (``PlannerSettings.tail``): every client also keeps the last ``tail``
-blocks, the final norm, the head and the loss. Their frozen weights, activations and
-FLOPs are part of every option's fixed cost, their matrices are the client's to adapt
-(eligible in every option, like blocks ``[f, k)``), the server's adapters cover
-``[k, L - tail)`` only, and each step moves two transfers each way. The server's share
-of the round counts its FLOPs, not the time it holds a client's step while the tail runs
-(the simulated clock does).
-
-**Tie-breaking.** Options of equal U (to 1e-9) go to the shallower cut, then to the
-smaller memory reservation; deadlines of equal Phi to the shorter round.
-
-**Re-planning.** :func:`should_replan` compares two importance maps by the Kendall tau-b
-rank correlation over the union of their names (a missing name scores 0); re-plan when
-``1 - tau`` (0 = same order, 1 = unrelated, 2 = reversed) exceeds a threshold.
+* ``hsplitlora``: important weight identification (IWI, ``hetero.importance``) scores every
+  candidate matrix by split probing; adaptive rank and split-point configuration (ARMSC,
+  ``hetero.adaptive``) plans each client's cut and ranks under its budget; aggregation is
+  ``hetero.aggregator`` (noise-free by default). Switching a part off:
+  IWI off = every candidate equally important; ARMSC off = every client at ``train.cut``
+  with rank ``lora.r`` on as many matrices as the default targets cover, chosen by
+  importance when IWI is on (the default targets when off); aggregator = any of
+  ``stack``, ``svd``, ``zeropad``.
+* ``hetlora``, ``flexlora``, ``flora``: every client at ``train.cut``; each gets the largest
+  rank of Q whose adapters on the default targets (client and server side) fit its memory;
+  aggregation by zero-padding, SVD, or stacking respectively.
+* ``splitlora`` on heterogeneous devices: every client forced to the weakest client's rank
+  (the largest rank that *every* client fits), as a homogeneous system must.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from typing import Any
 
-import numpy as np
-from rich.table import Table
+import torch
+from torch import nn
 
-from hsplitlora.errors import UserError
+from hsplitlora.hetero.armsc import (
+    ClientPlan,
+    Plan,
+    PlanError,
+    PlannerSettings,
+    plan_clients,
+    server_load,
+    should_replan,
+)
 from hsplitlora.hetero.costmodel import (
-    MemoryBreakdown,
     ModelDims,
     Workload,
-    activation_bytes,
-    block_flops,
-    bytes_down,
-    bytes_up,
-    client_flops,
+    adapter_bytes,
     client_memory,
-    lora_flops_per_rank,
-    lora_memory_per_rank,
     server_flops,
-    server_memory,
     step_time,
 )
+from hsplitlora.hetero.importance import (
+    ImportanceTracker,
+    ServerScorer,
+    module_energy,
+    rank_gains,
+    ranking,
+)
 from hsplitlora.hetero.profiles import DeviceProfile, format_bytes
+from hsplitlora.models.lora import target_module_names
+from hsplitlora.models.split import arch_spec, client_blocks
+from hsplitlora.modes import MERGING
+from hsplitlora.roles.messages import Activations, ServerReply, nbytes
+from hsplitlora.train.hetero import HeteroSystem, PartyPlan
+from hsplitlora.train.placement import PartyLost
+from hsplitlora.train.recorder import Recorder
 
-__all__ = [
-    "DEFAULT_RANKS",
-    "ClientPlan",
-    "Plan",
-    "PlanError",
-    "PlannerSettings",
-    "RankGains",
-    "ServerLoad",
-    "format_plan_table",
-    "plan_client",
-    "plan_clients",
-    "prior_gains",
-    "rank_distance",
-    "server_load",
-    "rank_gain",
-    "should_replan",
-]
+__all__ = ["Planner", "aggregator_for", "probe_importance", "uniform_rank"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-DEFAULT_RANKS = (0, 2, 4, 8, 16)
-_TIE = 1e-9
-
-RankGains = Mapping[str, Mapping[int, float]]  # module name -> {rank: gain of that rank}
+def aggregator_for(cfg: Any) -> str:
+    """The run's aggregation method: the mode's own, or ``hetero.aggregator``."""
+    return cfg.mode.aggregator or cfg.hetero.aggregator
 
 
-class PlanError(UserError, ValueError):
-    """A client cannot run even the smallest configuration within its budgets."""
+def probe_importance(system: HeteroSystem, n_batches: int, precision: str,
+                     label_smoothing: float = 0.0) -> tuple[dict[str, float], list[list[int]]]:
+    """Every participant scores its own blocks on its own probe batches (the client its
+    client side, on its own premises; its server-side copy the rest, from the activations
+    it receives, with the run's loss and label smoothing); the gradient energies
+    (:func:`~hsplitlora.hetero.importance.segment_importance`) are averaged over
+    participants, weighted by shard size.
+
+    They are not divided by adapter cost: the planner buys rank by gain per byte.
+    Where no planner runs (ARMSC off), :meth:`Planner._fixed_cut_plans` divides by cost.
+
+    A remote client that is gone (:class:`~hsplitlora.train.placement.PartyLost`) is left
+    out; the weights renormalise over the clients that scored.
+
+    Also returns what probing moved, per client that scored: ``[id, bytes up, bytes down,
+    batches, cut]`` (its activations and their gradients, at the cut it probed at), for
+    the run's record and clock.
+    """
+    per_client: list[tuple[dict[str, float], int]] = []
+    links: list[list[int]] = []
+    for client in system.clients:
+        # Under the Ray backend this is a copy fetched from the actor: scoring only reads
+        # it (its hooks come off again), so it may run here.
+        server_seg = system.server.segments[client.client_id]
+        with ServerScorer(server_seg, precision=precision, label_smoothing=label_smoothing,
+                          spectrum=True) as scorer:
+            metered = _Metered(scorer)
+            try:
+                scores = client.score(n_batches, metered)
+            except PartyLost as e:
+                log.warning("importance probing goes on without client %d: %s",
+                            client.client_id, e)
+                continue
+            server = scorer.energies()
+        per_client.append(({**scores, **server}, client.num_samples))
+        links.append([client.client_id, metered.up, metered.down, metered.batches,
+                      system.plans[client.client_id].cut])
+    if not per_client:
+        raise PartyLost("no client took part in importance probing")
+    norm = sum(w for _, w in per_client)
+    total: dict[str, float] = {}
+    for scores, w in per_client:
+        for name, value in scores.items():
+            total[name] = total.get(name, 0.0) + value * w / norm
+    return total, links
 
 
-@dataclass(frozen=True)
-class PlannerSettings:
-    """Choices the planner works within."""
+class _Metered:
+    """The server's scorer for one client, counting what probing moves over that
+    client's link: per batch its activations up and their gradient down, and in a
+    U-shaped split also the activations at its tail down and their gradient up."""
 
-    ranks: tuple[int, ...] = DEFAULT_RANKS  # Q: candidate ranks, 0 = no adapter
-    min_cut: int = 1  # the client always runs at least this many blocks
-    max_cut: int | None = None  # None: all but the last block
-    server_rank: int = 8  # rank of the server's adapters on blocks [cut, L); 0 = none
-    time_budget_s: float | None = None  # hard per-step latency limit; None = unlimited
-    interval: int = 10  # I: local steps per aggregation (adapters travel once per I steps)
-    round_time_s: float | None = None  # fixed round deadline R; None = chosen; inf = memory only
-    deadlines: int = 64  # deadlines tried between the fastest and the slowest round
-    shared_server: bool = False  # one server-side adapter per block for every client
-    tail: int = 0  # U-shaped split: every client also keeps the last `tail` blocks and the head
+    def __init__(self, scorer: ServerScorer) -> None:
+        self.scorer = scorer
+        self.up = self.down = self.batches = 0
 
-    def __post_init__(self) -> None:
-        if sorted(set(self.ranks)) != list(self.ranks) or self.ranks[0] != 0 or len(self.ranks) < 2:
-            raise ValueError(
-                f"planner ranks must be increasing, start at 0 (no adapter) and hold at least "
-                f"one positive rank, e.g. {DEFAULT_RANKS}; got {self.ranks}"
-            )
-        if self.server_rank < 0 or self.min_cut < 0:
-            raise ValueError("server_rank and min_cut must be >= 0")
-        if self.max_cut is not None and self.max_cut < self.min_cut:
-            raise ValueError(f"max_cut {self.max_cut} is below min_cut {self.min_cut}")
-        if self.time_budget_s is not None and self.time_budget_s <= 0:
-            raise ValueError(f"time_budget_s must be positive, got {self.time_budget_s}")
-        if self.round_time_s is not None and not self.round_time_s > 0:
-            raise ValueError(f"round_time_s must be positive, got {self.round_time_s}")
-        if self.interval < 1 or self.deadlines < 1:
-            raise ValueError("interval and deadlines must be >= 1")
-        if self.tail < 0:
-            raise ValueError(f"tail must be >= 0, got {self.tail}")
+    def reply(self, acts: Activations) -> ServerReply:
+        out = self.scorer.reply(acts)
+        self.up, self.down, self.batches = (self.up + acts.nbytes, self.down + out.nbytes,
+                                            self.batches + 1)
+        return out
 
-    @property
-    def gain_ranks(self) -> tuple[int, ...]:
-        """The ranks a gain map must cover: Q and the server's rank."""
-        return tuple(sorted({*self.ranks, self.server_rank}))
+    def forward(self, acts: Activations) -> torch.Tensor:
+        out = self.scorer.forward(acts)
+        self.up, self.down, self.batches = (self.up + acts.nbytes, self.down + nbytes(out),
+                                            self.batches + 1)
+        return out
 
-
-@dataclass(frozen=True)
-class ClientPlan:
-    """One client's configuration and what the cost model expects of it."""
-
-    client_id: int
-    profile: DeviceProfile
-    cut: int
-    ranks: dict[str, int]  # client-side adapters: full module name -> rank > 0
-    server_ranks: dict[str, int]  # the server's adapters for this client's blocks [cut, L)
-    memory: MemoryBreakdown
-    budget_bytes: int
-    step_seconds: float
-    utility: float  # U: normalised gain of client and server adapters
-    round_seconds: float = float("nan")  # I steps and one adapter upload + download
-    server_seconds: float = float("nan")  # the main server's compute per step for this client
-
-
-@dataclass(frozen=True)
-class ServerLoad:
-    """What the main server spends on all clients: one shared frozen base, each client's
-    server-side adapters with their gradients and AdamW moments, the activations of one
-    step at a time (it serves clients one after another)."""
-
-    memory_bytes: int
-    budget_bytes: int
-    compute_seconds: float  # per round: I steps of every client
-
-
-@dataclass(frozen=True)
-class Plan:
-    clients: list[ClientPlan] = field(default_factory=list)
-    round_seconds: float = float("nan")  # max(slowest client's round, server's round)
-    objective: float = float("nan")  # sum_i p_i U_i / round_seconds: progress per second
-    server: ServerLoad | None = None
-
-    @property
-    def server_ranks(self) -> dict[str, int]:
-        """Every adapter the server holds for some client (highest rank asked)."""
-        out: dict[str, int] = {}
-        for c in self.clients:
-            for name, rank in c.server_ranks.items():
-                out[name] = max(rank, out.get(name, 0))
+    def backward(self, grad: torch.Tensor) -> torch.Tensor:
+        out = self.scorer.backward(grad)
+        self.up, self.down = self.up + nbytes(grad), self.down + nbytes(out)
         return out
 
 
-def rank_gain(rank: int, max_rank: int) -> float:
-    """g(r) = log2(1 + r) / log2(1 + r_max): the uninformed prior, 0 to 1."""
-    return math.log2(1 + rank) / math.log2(1 + max_rank)
+def uniform_rank(dims: ModelDims, profile: DeviceProfile, cut: int, modules: Sequence[str],
+                 rank_set: Sequence[int], work: Workload, tail: int = 0) -> int:
+    """Largest rank of Q whose adapters on ``modules`` (client side: its cut's blocks and a
+    U-shaped client's ``tail``) fit ``profile``."""
+    own = set(client_blocks(cut, tail, dims.n_layers))
+    prefix_blocks = {m for m in modules if _block(m) in own}
+    best = 0
+    for r in sorted(x for x in rank_set if x > 0):
+        mem = client_memory(dims, cut, {m: r for m in prefix_blocks}, work, tail).total
+        if mem <= profile.memory_bytes:
+            best = r
+    if best == 0:
+        need = client_memory(dims, cut, {m: min(x for x in rank_set if x > 0)
+                                         for m in prefix_blocks}, work, tail).total
+        held = f"cut {cut} and a tail of {tail}" if tail else f"cut {cut}"
+        raise PlanError(f"client '{profile.name}' cannot hold {held} with the smallest rank: "
+                        f"it needs {format_bytes(need)} but its budget is "
+                        f"{format_bytes(profile.memory_bytes)} (short by "
+                        f"{format_bytes(need - profile.memory_bytes)}); lower train.cut"
+                        f"{' or train.tail' if tail else ''}, "
+                        "batch size or max_length, or give it more memory")
+    return best
 
 
-def prior_gains(
-    dims: ModelDims, ranks: Sequence[int], importance: Mapping[str, float] | None = None
-) -> dict[str, dict[int, float]]:
-    """Gains without a measured spectrum: ``w(W) g(r)`` with scalar scores w clipped at 0
-    (every candidate 1 when ``importance`` is None or all 0) and g :func:`rank_gain`."""
-    names = list(dims.candidate_modules())
-    if importance:
-        bad = [n for n, v in importance.items() if not math.isfinite(v)]
-        if bad:
-            raise ValueError(f"importance scores must be finite numbers; got {bad[:3]} for "
-                             f"{len(bad)} module(s)")
-        if not set(importance) & set(names):
-            raise ValueError(
-                f"none of the {len(importance)} importance scores names a candidate matrix; "
-                f"expected full module names such as {names[0]!r}"
-            )
-    raw = {n: max(float(importance.get(n, 0.0)), 0.0) if importance else 1.0 for n in names}
-    if not any(raw.values()):
-        logger.warning("all importance scores are 0: weighting every candidate matrix equally")
-        raw = dict.fromkeys(names, 1.0)
-    top = max(ranks)
-    return {n: {r: w * rank_gain(r, top) for r in ranks} for n, w in raw.items()}
+def _block(module: str) -> int:
+    for part in module.split("."):
+        if part.isdigit():
+            return int(part)
+    raise ValueError(f"{module} names no block")
 
 
-def _normalised(dims: ModelDims, gains: RankGains | None, s: PlannerSettings
-                ) -> dict[str, dict[int, float]]:
-    """Checked gains, scaled so the top rank of Q on every candidate sums to 1."""
-    need = s.gain_ranks
-    if gains is None:
-        gains = prior_gains(dims, need)
-    names = dims.candidate_modules()
-    unknown = [n for n in gains if n not in names]
-    if unknown:
-        raise ValueError(f"gains name {len(unknown)} module(s) that are not candidate matrices, "
-                         f"e.g. {unknown[0]!r}; expected full module names such as "
-                         f"{next(iter(names))!r}")
-    out: dict[str, dict[int, float]] = {}
-    for n in names:
-        g = gains.get(n, {})
-        missing = [r for r in need if r not in g and r != 0]
-        if g and missing:
-            raise ValueError(f"gains of {n} lack rank(s) {missing}: give the gain at every rank "
-                             f"of Q and the server's rank {need}")
-        values = [float(g.get(r, 0.0)) if r else 0.0 for r in need]
-        if not all(math.isfinite(v) for v in values):
-            raise ValueError(f"gains of {n} must be finite, got {values}")
-        out[n] = dict(zip(need, values, strict=True))
-        if not _concave([out[n][r] for r in s.ranks], s.ranks):
-            raise ValueError(f"gains of {n} must rise with rank, each rank adding no more than "
-                             f"the one before (a sorted spectrum does): got {out[n]}")
-    total = sum(g[s.ranks[-1]] for g in out.values())
-    if total <= 0:
-        logger.warning("every gain is 0: weighting every candidate matrix equally")
-        return _normalised(dims, None, s)
-    return {n: {r: v / total for r, v in g.items()} for n, g in out.items()}
+class Planner:
+    """Holds the run's devices, cost model and importance history; makes the plans."""
 
+    def __init__(self, cfg: Any, model: nn.Module, profiles: Sequence[DeviceProfile],
+                 server: DeviceProfile, seq: int) -> None:
+        self.cfg = cfg
+        self.hc = cfg.hetero
+        self.mode = cfg.mode
+        self.dims = ModelDims.from_config(model.config)
+        self.spec = arch_spec(model.config)
+        self.profiles, self.server = list(profiles), server
+        # Budgets cost the frozen weights in the dtype they are stored in, not the compute
+        # precision, and a merging aggregator's pre-merge copies and fp32 merged updates.
+        stored = next(model.parameters()).element_size()
+        quant = cfg.model.quantization
+        self.work = Workload.for_precision(
+            cfg.train.precision, batch=cfg.train.batch_size, seq=seq,
+            lora_dropout=cfg.lora.dropout, weight_bytes=stored,
+            merge_bytes=stored + 4 if aggregator_for(cfg) in MERGING else 0,
+            quantization=quant, server_quantization=quant if cfg.model.quantize_server else "none")
+        self.default_modules = target_module_names(
+            model, tuple(cfg.lora.targets) if cfg.lora.targets else None)
+        self.candidates = target_module_names(model, self.spec.targets)
+        self.tracker = ImportanceTracker(beta=self.hc.ema_beta)
+        self.planned_on: dict[str, float] | None = None
+        n, self.tail = self.dims.n_layers, cfg.train.tail
+        # a U-shaped client's tail leaves the server blocks [cut, L - tail): one at least
+        cuts = self.hc.cuts or list(range(1, n - self.tail if self.tail else n))
+        self.settings = PlannerSettings(
+            ranks=tuple(sorted(set([0, *self.hc.rank_set]))), min_cut=min(cuts),
+            max_cut=max(cuts), server_rank=self.hc.server_rank,
+            time_budget_s=self.hc.time_budget_s, interval=cfg.train.agg_interval,
+            round_time_s=self.hc.round_time_s, shared_server=cfg.server_side == "shared",
+            tail=self.tail)
 
-def _concave(values: Sequence[float], ranks: Sequence[int]) -> bool:
-    """Non-decreasing, with non-increasing gain per unit rank between the ranks of Q."""
-    slopes = [(b - a) / (rb - ra) for a, b, ra, rb
-              in zip(values, values[1:], ranks, ranks[1:], strict=False)]
-    tol = 1e-9 * max(map(abs, values), default=0.0)
-    return all(x >= -tol for x in slopes) and all(
-        y <= x + tol for x, y in zip(slopes, slopes[1:], strict=False))
+    def state_dict(self) -> dict[str, Any]:
+        """The importance history and the scores the current plans were made on."""
+        return {"tracker": self.tracker.state_dict(), "planned_on": self.planned_on}
 
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+        self.planned_on = state["planned_on"]
 
-@dataclass(frozen=True)
-class _Table:
-    """Everything about the plans that does not depend on the client: rank steps sorted
-    by gain per byte, and per (cut, first adapted block) option the prefix sums of the
-    steps it may take (steps of other blocks add 0)."""
+    @property
+    def uses_importance(self) -> bool:
+        return self.mode.importance and self.hc.importance
 
-    names: list[str]  # per step
-    levels: np.ndarray  # per step: index in Q after the step
-    cut: np.ndarray  # per option; options sorted by (cut, reserved bytes)
-    first: np.ndarray
-    reserved: np.ndarray  # frozen weights + reserved activations, bytes
-    client_flops: np.ndarray  # per step, adapters aside
-    server_flops: np.ndarray  # per step, the server's adapters included
-    served: np.ndarray  # gain of the server's adapters on blocks [cut, L)
-    eligible: np.ndarray  # [option, step]
-    cum_gain: np.ndarray  # [option, step]
-    cum_bytes: np.ndarray
-    cum_flops: np.ndarray
-    cum_params: np.ndarray
+    @property
+    def aggregator(self) -> str:
+        return aggregator_for(self.cfg)
 
+    def provisional(self) -> list[PartyPlan]:
+        """The plan importance is first measured under: the shallowest allowed cut, no
+        adapters (nothing trained yet, so the base weights are all there is to score)."""
+        return [PartyPlan(self.settings.min_cut) for _ in self.profiles]
 
-def _table(dims: ModelDims, gains: Mapping[str, Mapping[int, float]], work: Workload,
-           s: PlannerSettings, max_cut: int) -> _Table:
-    q = s.ranks
-    rows = []
-    for block in range(dims.n_layers):
-        for matrix in dims.candidates:
-            name = dims.module_name(block, matrix)
-            g = gains[name]
-            per_byte = lora_memory_per_rank(matrix, work)
-            per_flop = lora_flops_per_rank(matrix, work).total
-            for j in range(len(q) - 1):
-                gain, dr = g[q[j + 1]] - g[q[j]], q[j + 1] - q[j]
-                if gain <= 0:
-                    break  # gains are concave: nothing more to gain on this matrix
-                rows.append((-gain / (dr * per_byte), -g[q[-1]], block, name, j + 1, gain,
-                             dr * per_byte, dr * per_flop, dr * matrix.lora_params(1)))
-    rows.sort()
-    blocks = np.array([r[2] for r in rows], dtype=np.int64)
-    columns = [np.array([r[i] for r in rows], dtype=np.float64) for i in (5, 6, 7, 8)]
-    block = block_flops(dims, work)
-    served_per_block = [sum(gains[dims.module_name(b, m)][s.server_rank] for m in dims.candidates)
-                        for b in range(dims.n_layers)]
-    stop = dims.n_layers - s.tail  # the server's blocks end here (a U-shaped client's tail)
-    tail_flops, tail_reserve = _tail_costs(dims, work, s.tail)
-    options = []
-    for cut in range(s.min_cut, max_cut + 1):
-        # frozen weights, the hidden state sent, and a tail's weights and activations
-        frozen = client_memory(dims, cut, {}, work, s.tail).total + tail_reserve
-        served = server_flops(dims, cut, _server_ranks(dims, cut, s.server_rank, s.tail), work,
-                              s.tail).total
-        for first in range(cut, -1, -1):
-            reserved = frozen + activation_bytes(dims, range(first, cut), {}, work,
-                                                 input_grad=False, reserve_inputs=True)
-            options.append((cut, reserved, first, cut * block.forward
-                            + (cut - first) * block.backward + tail_flops, served,
-                            sum(served_per_block[cut:stop])))
-    options.sort(key=lambda o: (o[0], o[1], -o[2]))
-    cut_, reserved_, first_ = (np.array([o[i] for o in options], dtype=np.int64) for i in range(3))
-    # a step may adapt the blocks [first, cut) and, in a U-shaped split, the client's tail
-    eligible = ((blocks[None, :] >= first_[:, None]) & (blocks[None, :] < cut_[:, None])
-                | (blocks[None, :] >= stop))
-    cums = [np.cumsum(np.where(eligible, c[None, :], 0.0), axis=1) for c in columns]
-    return _Table(
-        names=[r[3] for r in rows], levels=np.array([r[4] for r in rows], dtype=np.int64),
-        cut=cut_, first=first_, reserved=reserved_.astype(np.float64),
-        client_flops=np.array([o[3] for o in options], dtype=np.float64),
-        server_flops=np.array([o[4] for o in options], dtype=np.float64),
-        served=np.array([o[5] for o in options], dtype=np.float64),
-        eligible=eligible, cum_gain=cums[0], cum_bytes=cums[1], cum_flops=cums[2],
-        cum_params=cums[3],
-    )
+    def observe(self, scores: dict[str, float]) -> dict[str, float]:
+        smoothed = self.tracker.update(scores)
+        energy = module_energy(smoothed)
+        log.info("gradient energy (smoothed), top 5: %s", ", ".join(
+            f"{m.split('.', 2)[-1]}={energy[m]:.3g}" for m in ranking(energy)[:5]))
+        return smoothed
 
+    def plans(self, importance_scores: dict[str, float] | None) -> list[PartyPlan]:
+        """Per-client plans (cut and ranks of client and server side) for this run's mode."""
+        return [PartyPlan(c.cut, {**c.ranks, **c.server_ranks})
+                for c in self.client_plans(importance_scores).clients]
 
-def _tail_costs(dims: ModelDims, work: Workload, tail: int) -> tuple[int, int]:
-    """A U-shaped client's tail (blocks ``[L - tail, L)``, final norm, head, loss): its
-    FLOPs per step without adapters, and the inputs of its candidate matrices reserved as
-    if all were adapted (what the blocks ``[first, cut)`` reserve, for the tail: an upper
-    bound additive in ranks). Its frozen weights and activations are in client_memory."""
-    if not tail:
-        return 0, 0
-    n = dims.n_layers
-    flops = client_flops(dims, 0, {}, work, tail).total - client_flops(dims, 0, {}, work).total
-    blocks = range(n - tail, n)
-    reserve = (activation_bytes(dims, blocks, {}, work, input_grad=True, reserve_inputs=True)
-               - activation_bytes(dims, blocks, {}, work, input_grad=True))
-    return flops, reserve
+    def client_plans(self, importance_scores: dict[str, float] | None) -> Plan:
+        """The plans with the cost model's figures (memory, step time, utility)."""
+        if not self.mode.planned:  # homogeneous modes
+            rank = (self.cfg.lora.r if self.hc.scenario.kind == "homogeneous"
+                    else self.weakest_rank())
+            return self.describe([PartyPlan(self.cfg.train.cut,
+                                            dict.fromkeys(self.default_modules, rank))
+                                  for _ in self.profiles])
+        if self.uses_importance:
+            self.planned_on = importance_scores
+        if not (self.mode.adaptive and self.hc.adaptive):
+            return self.describe(self._fixed_cut_plans(importance_scores))
+        gains = (rank_gains(importance_scores, self.settings.gain_ranks)
+                 if self.uses_importance and importance_scores else None)
+        plan = plan_clients(self.profiles, self.server, self.dims, gains, self.work,
+                            self.settings)
+        for c in plan.clients:
+            log.info("client %d (%s): cut %d, %d client-side adapters, memory %s / %s, "
+                     "est. %.3g s/step", c.client_id, c.profile.name, c.cut, len(c.ranks),
+                     format_bytes(c.memory.total), format_bytes(c.budget_bytes),
+                     c.step_seconds)
+        return plan
 
+    def _fixed_cut_plans(self, scores: dict[str, float] | None) -> list[PartyPlan]:
+        # Federated baselines: the client holds every block (the unsplit model).
+        cut = self.dims.n_layers if self.hc.federated else self.cfg.train.cut
+        if self.mode.adaptive:  # ARMSC off: lora.r everywhere, placed by IWI if on
+            modules = self.default_modules
+            if scores is not None and self.uses_importance:
+                energy = module_energy(scores)
+                per_cost = {}  # the same rank everywhere: the best matrices per unit cost
+                for m in self.candidates:
+                    matrix = self.dims.locate(m)[1]
+                    per_cost[m] = energy.get(m, 0.0) / (matrix.d_in + matrix.d_out)
+                modules = ranking(per_cost)[: len(self.default_modules)]
+            return [PartyPlan(cut, {m: self.cfg.lora.r for m in modules}) for _ in self.profiles]
+        ranks = [uniform_rank(self.dims, p, cut, self.default_modules, self.hc.rank_set,
+                              self.work, self.tail) for p in self.profiles]
+        for cid, r in enumerate(ranks):
+            log.info("client %d (%s): cut %d, rank %d", cid, self.profiles[cid].name, cut, r)
+        return [PartyPlan(cut, {m: r for m in self.default_modules}) for r in ranks]
 
-@dataclass(frozen=True)
-class _Client:
-    """One client's best option at each deadline (-inf utility where none fits)."""
+    def probe(self, system: HeteroSystem, rec: Recorder, round: int) -> dict[str, float]:
+        """Measure importance on every participant, record what it moved (a ``probe``
+        event, which the clock times), and return the smoothed energies."""
+        scores, links = probe_importance(system, self.hc.probe_batches,
+                                         self.cfg.train.precision,
+                                         self.cfg.train.label_smoothing)
+        rec.event("probe", round=round, clients=[cid for cid, *_ in links], links=links,
+                  bytes_up=sum(link[1] for link in links),
+                  bytes_down=sum(link[2] for link in links))
+        return self.observe(scores)
 
-    option: np.ndarray
-    taken: np.ndarray  # steps of the prefix
-    utility: np.ndarray
-    round_seconds: np.ndarray
-    server_seconds: np.ndarray  # per step
+    def replan(self, system: HeteroSystem, rec: Recorder, round: int) -> list[PartyPlan] | None:
+        """At an aggregation boundary: re-measure importance; re-plan if its ranking moved
+        by more than ``hetero.replan_threshold``."""
+        if not self.uses_importance:
+            return None
+        smoothed = self.probe(system, rec, round)
+        if self.planned_on is not None and not should_replan(
+                module_energy(self.planned_on), module_energy(smoothed),
+                self.hc.replan_threshold):
+            return None
+        log.info("round %d: importance ranking moved past %.2f: re-planning", round + 1,
+                 self.hc.replan_threshold)
+        return self.plans(smoothed)
 
+    def describe(self, plans: Sequence[PartyPlan]) -> Plan:
+        """The cost model's view of some plans (memory, step time, the main server's
+        load), for the plan table and the run's summary."""
+        out, tail = [], self.tail
+        for cid, (plan, profile) in enumerate(zip(plans, self.profiles, strict=True)):
+            own = set(client_blocks(plan.cut, tail, self.dims.n_layers))
+            client = {m: r for m, r in plan.ranks.items() if _block(m) in own}
+            server = {m: r for m, r in plan.ranks.items() if _block(m) not in own}
+            memory = client_memory(self.dims, plan.cut, client, self.work, tail)
+            seconds = step_time(profile, self.server, self.dims, plan.cut, client, server,
+                                self.work, tail).total
+            moved = adapter_bytes(self.dims, client, self.work) * (
+                1 / min(profile.uplink_bps, self.server.downlink_bps)
+                + 1 / min(self.server.uplink_bps, profile.downlink_bps))
+            served = server_flops(self.dims, plan.cut, server, self.work, tail).total
+            out.append(ClientPlan(cid, profile, plan.cut, client, server, memory,
+                                  profile.memory_bytes, seconds, float("nan"),
+                                  round_seconds=self.settings.interval * seconds + moved,
+                                  server_seconds=served / self.server.flops))
+        return Plan(out, server=server_load(out, self.server, self.dims, self.work,
+                                            self.settings.interval,
+                                            shared=self.settings.shared_server, tail=tail))
 
-@dataclass(frozen=True)
-class _Rates:
-    """A client's seconds per FLOP, per byte sent and per adapter parameter moved."""
-
-    flop: float
-    transfer: float  # activations up and gradient down, per step
-    param: float  # one adapter parameter up and down, per aggregation
-    server_flop: float
-
-    @classmethod
-    def of(cls, profile: DeviceProfile, server: DeviceProfile, dims: ModelDims,
-           work: Workload, tail: int = 0) -> _Rates:
-        up = min(profile.uplink_bps, server.downlink_bps)
-        down = min(server.uplink_bps, profile.downlink_bps)
-        return cls(
-            flop=1 / profile.flops,
-            transfer=bytes_up(work.batch, work.seq, dims.hidden, work.act_bytes, tail) / up
-            + bytes_down(work.batch, work.seq, dims.hidden, work.act_bytes, tail) / down,
-            param=work.lora_bytes * (1 / up + 1 / down),
-            server_flop=1 / server.flops,
-        )
-
-
-def _fixed(t: _Table, rates: _Rates) -> tuple[np.ndarray, np.ndarray]:
-    """Per option: step seconds without client adapters, and the server's share of it."""
-    server = t.server_flops * rates.server_flop
-    return t.client_flops * rates.flop + rates.transfer + server, server
-
-
-def _evaluate(t: _Table, profile: DeviceProfile, rates: _Rates, s: PlannerSettings,
-              n_clients: int, deadlines: np.ndarray) -> _Client:
-    interval = s.interval
-    step0, server = _fixed(t, rates)
-    mem_left = profile.memory_bytes - t.reserved
-    n_mem = (t.cum_bytes <= mem_left[:, None]).sum(axis=1)
-    if s.time_budget_s is None:
-        n_step = np.full_like(n_mem, t.cum_gain.shape[1])
-        step_ok = np.ones(len(step0), dtype=bool)
-    else:
-        step_left = s.time_budget_s - step0
-        n_step = (t.cum_flops * rates.flop <= step_left[:, None]).sum(axis=1)
-        step_ok = step_left >= 0
-    tau = interval * t.cum_flops * rates.flop + t.cum_params * rates.param  # [O, S]
-    round_left = deadlines[None, :] - interval * step0[:, None]  # [O, D]
-    if np.isinf(deadlines).all():
-        n_time = np.full(round_left.shape, tau.shape[1])
-    else:
-        n_time = (tau[:, :, None] <= round_left[:, None, :]).sum(axis=1)
-    taken = np.minimum(np.minimum(n_mem, n_step)[:, None], n_time)  # [O, D]
-    last = np.maximum(taken - 1, 0)
-    some = taken > 0
-
-    def at(cum: np.ndarray) -> np.ndarray:
-        return np.where(some, np.take_along_axis(cum, last, axis=1), 0.0)
-
-    utility = t.served[:, None] + at(t.cum_gain)
-    rounds = interval * (step0[:, None] + at(t.cum_flops) * rates.flop) \
-        + at(t.cum_params) * rates.param
-    ok = ((mem_left >= 0) & step_ok)[:, None] & (round_left >= 0) \
-        & (n_clients * interval * server[:, None] <= deadlines[None, :] * (1 + 1e-12))
-    utility = np.where(ok, utility, -np.inf)
-    top = utility.max(axis=0)
-    option = np.argmax(utility >= top[None, :] - _TIE, axis=0)  # options sorted by preference
-    cols = np.arange(len(deadlines))
-    return _Client(option, taken[option, cols], top, rounds[option, cols], server[option])
-
-
-def _deadlines(t: _Table, clients: Sequence[tuple[DeviceProfile, _Rates]],
-               s: PlannerSettings) -> np.ndarray:
-    """The deadlines to try, geometric from the slowest client's fastest round to the
-    longest round any plan could take. Memory plays no part, so a larger budget never
-    changes the grid (which is what keeps the objective monotone in memory)."""
-    if s.round_time_s is not None:
-        return np.array([s.round_time_s])
-    n, interval = len(clients), s.interval
-    lo = hi = 0.0
-    for _, rates in clients:
-        step0, server = _fixed(t, rates)
-        floor = np.maximum(interval * step0, n * interval * server)
-        if s.time_budget_s is not None:
-            floor = np.where(step0 <= s.time_budget_s, floor, np.inf)
-        full = interval * t.cum_flops[:, -1] * rates.flop + t.cum_params[:, -1] * rates.param
-        lo = max(lo, float(floor.min()))
-        hi = max(hi, float((floor + full)[np.isfinite(floor)].max(initial=0.0)))
-    if not math.isfinite(lo) or hi <= lo:
-        return np.array([lo])
-    return np.geomspace(lo, hi, s.deadlines)
-
-
-def plan_clients(
-    profiles: Sequence[DeviceProfile],
-    server: DeviceProfile,
-    dims: ModelDims,
-    gains: RankGains | None,
-    work: Workload,
-    settings: PlannerSettings | None = None,
-    shares: Sequence[float] | None = None,
-) -> Plan:
-    """Plan every client (ids are positions in ``profiles``; ``shares`` p_i weigh their
-    utilities in the objective, equal when None); see the module docstring."""
-    s = settings or PlannerSettings()
-    if not profiles:
-        raise ValueError("plan_clients needs at least one client profile")
-    top = dims.n_layers - s.tail - 1 if s.tail else dims.n_layers  # a middle block stays
-    max_cut = min(dims.n_layers - 1, top) if s.max_cut is None else s.max_cut
-    if not 0 <= s.min_cut <= max_cut <= top:
-        raise ValueError(f"planner cut range [{s.min_cut}, {max_cut}] does not fit a model of "
-                         f"{dims.n_layers} blocks" + (f" with a tail of {s.tail}" if s.tail
-                                                      else "")
-                         + f": it must lie within [0, {top}]")
-    p = np.full(len(profiles), 1 / len(profiles)) if shares is None else \
-        np.asarray(shares, dtype=np.float64) / math.fsum(shares)
-    norm = _normalised(dims, gains, s)
-    t = _table(dims, norm, work, s, max_cut)
-    clients = [(prof, _Rates.of(prof, server, dims, work, s.tail)) for prof in profiles]
-    for i, (prof, rates) in enumerate(clients):
-        _check_fits(i, prof, t, rates, s, work)
-    deadlines = _deadlines(t, clients, s)
-    per = [_evaluate(t, prof, rates, s, len(profiles), deadlines) for prof, rates in clients]
-    utility = np.array([c.utility for c in per])  # [N, D]
-    feasible = np.isfinite(utility).all(axis=0)
-    if not feasible.any():
-        worst = next(i for i, c in enumerate(per) if not np.isfinite(c.utility[-1]))
-        _raise_late(worst, profiles[worst], t, clients[worst][1], s, len(profiles),
-                    float(deadlines[-1]))
-    rounds = np.maximum(np.array([c.round_seconds for c in per]).max(axis=0),
-                        s.interval * np.array([c.server_seconds for c in per]).sum(axis=0))
-    progress = (p[:, None] * np.where(feasible, utility, 0.0)).sum(axis=0)
-    # Chosen by progress over the deadline, not over the round the plans take (at most the
-    # deadline): over a grid that memory does not move, this is what makes more memory
-    # never lower the objective. The grid is fine enough for the two to differ little.
-    per_deadline = np.where(feasible, progress / deadlines if len(deadlines) > 1 else progress,
-                            -np.inf)
-    best = int(np.argmax(per_deadline >= per_deadline.max() - _TIE * abs(per_deadline.max())))
-    plans = [_client_plan(i, prof, server, dims, t, c, best, s, work)
-             for i, ((prof, _), c) in enumerate(zip(clients, per, strict=True))]
-    load = _server_load(plans, server, dims, work, s)
-    return Plan(plans, round_seconds=float(rounds[best]),
-                objective=float(progress[best] / rounds[best]), server=load)
-
-
-def plan_client(
-    client_id: int,
-    profile: DeviceProfile,
-    server: DeviceProfile,
-    dims: ModelDims,
-    gains: RankGains | None,
-    work: Workload,
-    settings: PlannerSettings | None = None,
-) -> ClientPlan:
-    """The plan of one client that has the server to itself."""
-    plan = plan_clients([profile], server, dims, gains, work, settings).clients[0]
-    return replace(plan, client_id=client_id)
-
-
-def _client_plan(cid: int, profile: DeviceProfile, server: DeviceProfile, dims: ModelDims,
-                 t: _Table, c: _Client, d: int, s: PlannerSettings, work: Workload
-                 ) -> ClientPlan:
-    option, taken = int(c.option[d]), int(c.taken[d])
-    level: dict[str, int] = {}
-    for step in np.flatnonzero(t.eligible[option, :taken]):
-        name = t.names[step]
-        level[name] = max(level.get(name, 0), int(t.levels[step]))
-    ranks = {name: s.ranks[j] for name, j in level.items()}
-    cut = int(t.cut[option])
-    server_ranks = _server_ranks(dims, cut, s.server_rank, s.tail)
-    return ClientPlan(
-        client_id=cid, profile=profile, cut=cut, ranks=ranks, server_ranks=server_ranks,
-        memory=client_memory(dims, cut, ranks, work, s.tail), budget_bytes=profile.memory_bytes,
-        step_seconds=step_time(profile, server, dims, cut, ranks, server_ranks, work,
-                               s.tail).total,
-        utility=float(c.utility[d]), round_seconds=float(c.round_seconds[d]),
-        server_seconds=float(c.server_seconds[d]),
-    )
-
-
-def server_load(plans: Sequence[ClientPlan], server: DeviceProfile, dims: ModelDims,
-                work: Workload, interval: int, *, shared: bool = False,
-                tail: int = 0) -> ServerLoad:
-    """The main server's memory and compute per round (``interval`` steps per client)
-    under ``plans``: one frozen base, one client's activations at a time, and each
-    client's server-side adapters with their AdamW state, or (``shared``) one adapter per
-    block, the widest server side's; with a ``tail``, middles that end at ``L - tail``."""
-    memories = [server_memory(dims, c.cut, c.server_ranks, work, tail) for c in plans]
-    adapters = [m.lora_weights + m.lora_grads + m.optimizer for m in memories]
-    total = (max(m.frozen_weights for m in memories)
-             + max(m.activations + m.exchanged for m in memories)
-             + (max(adapters) if shared else sum(adapters)))
-    return ServerLoad(total, server.memory_bytes,
-                      interval * sum(c.server_seconds for c in plans))
-
-
-def _server_load(plans: Sequence[ClientPlan], server: DeviceProfile, dims: ModelDims,
-                 work: Workload, s: PlannerSettings) -> ServerLoad:
-    load = server_load(plans, server, dims, work, s.interval, shared=s.shared_server,
-                       tail=s.tail)
-    if load.memory_bytes > server.memory_bytes:
-        raise PlanError(
-            f"the main server ({server.name}) would need {format_bytes(load.memory_bytes)} "
-            f"for {len(plans)} clients (one shared base, each client's server-side adapters "
-            f"with their AdamW state) but has {format_bytes(server.memory_bytes)}: lower "
-            "hetero.server_rank, raise the server's memory, or plan fewer clients")
-    return load
-
-
-def _server_ranks(dims: ModelDims, cut: int, rank: int, tail: int = 0) -> dict[str, int]:
-    if rank == 0:
-        return {}
-    return dict.fromkeys(dims.candidate_modules(range(cut, dims.n_layers - tail)), rank)
-
-
-def _check_fits(cid: int, profile: DeviceProfile, t: _Table, rates: _Rates,
-                s: PlannerSettings, work: Workload) -> None:
-    """A PlanError when not even the smallest configuration fits memory and step time."""
-    who = f"client {cid} ({profile.name})"
-    need = float(t.reserved.min())
-    if need > profile.memory_bytes:
-        raise PlanError(
-            f"{who}: memory budget {format_bytes(profile.memory_bytes)} misses by "
-            f"{format_bytes(need - profile.memory_bytes)}: the smallest configuration (cut "
-            f"{s.min_cut}, no adapters) needs {format_bytes(need)} of frozen weights and the "
-            "hidden state it sends "
-            f"(batch {work.batch}, sequence {work.seq}). Give this client more memory in the "
-            "scenario, or lower the planner's min_cut."
-        )
-    if s.time_budget_s is None:
-        return
-    step0, _ = _fixed(t, rates)
-    fastest = float(step0[profile.memory_bytes >= t.reserved].min())
-    if fastest > s.time_budget_s:
-        raise PlanError(
-            f"{who}: step-time budget {s.time_budget_s:.3g} s misses by "
-            f"{fastest - s.time_budget_s:.3g} s: the fastest configuration that fits its "
-            f"memory, without adapters, takes {fastest:.3g} s per step. Raise time_budget_s, "
-            "or shrink batch or sequence length."
-        )
-
-
-def _raise_late(cid: int, profile: DeviceProfile, t: _Table, rates: _Rates,
-                s: PlannerSettings, n_clients: int, deadline: float) -> None:
-    step0, server = _fixed(t, rates)
-    fits = profile.memory_bytes >= t.reserved
-    floor = float(np.maximum(s.interval * step0, n_clients * s.interval * server)[fits].min())
-    raise PlanError(
-        f"client {cid} ({profile.name}): round deadline {deadline:.3g} s misses by "
-        f"{floor - deadline:.3g} s: its fastest round ({s.interval} steps, the server shared "
-        f"by {n_clients} clients) takes {floor:.3g} s. Raise hetero.round_time_s or leave it "
-        "null (chosen by the planner)."
-    )
-
-
-def rank_distance(a: Mapping[str, float], b: Mapping[str, float]) -> float:
-    """``1 - tau_b``: Kendall's rank correlation (ties corrected) of two score maps over
-    the union of their names, a missing name scoring 0. 0 = same order, 2 = reversed."""
-    names = sorted(set(a) | set(b))
-    x = [a.get(n, 0.0) for n in names]
-    y = [b.get(n, 0.0) for n in names]
-    concordant = discordant = ties_x = ties_y = 0
-    for i in range(len(names)):
-        for j in range(i + 1, len(names)):
-            dx, dy = x[i] - x[j], y[i] - y[j]
-            if dx == 0 and dy == 0:
-                ties_x += 1
-                ties_y += 1
-            elif dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif (dx > 0) == (dy > 0):
-                concordant += 1
-            else:
-                discordant += 1
-    pairs = len(names) * (len(names) - 1) // 2
-    if ties_x == pairs and ties_y == pairs:
-        return 0.0  # neither map orders anything: nothing has moved
-    if ties_x == pairs or ties_y == pairs:
-        return 1.0  # one map has no order at all: no correlation
-    tau = (concordant - discordant) / math.sqrt((pairs - ties_x) * (pairs - ties_y))
-    return 1.0 - tau
-
-
-def should_replan(
-    old: Mapping[str, float] | None, new: Mapping[str, float], threshold: float
-) -> bool:
-    """Whether the importance ranking moved by more than ``threshold`` (in ``1 - tau``)."""
-    if not old:
-        return True
-    distance = rank_distance(old, new)
-    logger.debug("importance rank distance %.4f (threshold %.4f)", distance, threshold)
-    return distance > threshold
-
-
-def _histogram(ranks: Sequence[int]) -> str:
-    counts = Counter(ranks)
-    return " ".join(f"{r}×{counts[r]}" for r in sorted(counts, reverse=True))
-
-
-def format_plan_table(plan: Plan, dims: ModelDims) -> Table:
-    """One row per client: cut, rank histogram per matrix type (rank×blocks), memory used
-    over budget, step and round time, utility; the caption has the round time and the
-    main server's memory and compute."""
-    kinds = list(dict.fromkeys(m.kind for m in dims.candidates))
-    server = sorted(set(plan.server_ranks.values()))
-    caption = ("ranks: rank×blocks on the client; the server adapts every candidate of "
-               "blocks >= cut " + (f"at rank {'/'.join(map(str, server))}" if server else
-                                   "with no adapters"))
-    if plan.server is not None:
-        load = plan.server
-        caption += (f". Round {plan.round_seconds:.4g} s; main server "
-                    f"{format_bytes(load.memory_bytes)} / {format_bytes(load.budget_bytes)} "
-                    f"({load.memory_bytes / load.budget_bytes:.0%}), "
-                    f"{load.compute_seconds:.4g} s compute per round")
-    table = Table(title="per-client plan", caption=caption)
-    for column in ("client", "profile", "cut", *kinds):
-        table.add_column(column, justify="right" if column == "cut" else "left")
-    for column in ("memory / budget", "step", "round", "utility"):
-        table.add_column(column, justify="right")
-    for c in plan.clients:
-        cells = []
-        for kind in kinds:
-            ranks = [c.ranks.get(dims.module_name(b, m), 0)
-                     for b in range(c.cut) for m in dims.candidates if m.kind == kind]
-            cells.append(_histogram(ranks) if ranks else "-")
-        used = c.memory.total
-        table.add_row(
-            str(c.client_id), c.profile.name, str(c.cut), *cells,
-            f"{format_bytes(used)} / {format_bytes(c.budget_bytes)} "
-            f"({used / c.budget_bytes:.0%})",
-            f"{c.step_seconds:.3g} s",
-            f"{c.round_seconds:.3g} s",
-            f"{c.utility:.3f}",
-        )
-    return table
+    def weakest_rank(self) -> int:
+        """SplitLoRA on heterogeneous devices: the largest rank every client fits."""
+        return min(uniform_rank(self.dims, p, self.cfg.train.cut, self.default_modules,
+                                self.hc.rank_set, self.work, self.tail)
+                   for p in self.profiles)

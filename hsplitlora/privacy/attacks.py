@@ -34,7 +34,7 @@ from torch import nn
 
 from hsplitlora.models.split import ClientSegment, num_blocks, split_model
 from hsplitlora.privacy.mechanism import Gaussian, clip_examples
-from hsplitlora.train.optim import autocast, causal_lm_loss
+from hsplitlora.runtime.optim import autocast, causal_lm_loss
 
 __all__ = ["Inversion", "fit_inversion", "label_leak", "next_tokens", "observe",
            "optimise_inversion", "recovery_rate", "tail_gradients"]

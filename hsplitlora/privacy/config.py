@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from hsplitlora.section import Section
 
 __all__ = ["PrivacyConfig", "delta_problem"]
 
 
-class PrivacyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class PrivacyConfig(Section):
     enabled: bool = Field(False, description="clip and noise what a client sends: its "
                           "smashed activations each step and, with adapter_clip, its "
                           "adapter update at each aggregation")

@@ -24,8 +24,8 @@ from hsplitlora.privacy.mechanism import Gaussian
 from hsplitlora.roles.loss import segment_loss
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.roles.party_state import load_party_state, party_state
-from hsplitlora.train.compile import compiled_blocks
-from hsplitlora.train.optim import Optimizer, OptimSettings, autocast
+from hsplitlora.runtime.compile import compiled_blocks
+from hsplitlora.runtime.optim import Optimizer, OptimSettings, autocast
 
 if TYPE_CHECKING:
     from hsplitlora.hetero.importance import ProbeServer

@@ -11,8 +11,8 @@ from torch import nn
 from hsplitlora.models.lora import load_lora_state, lora_parameters, lora_state
 from hsplitlora.models.split import arch_spec
 from hsplitlora.roles.party_state import load_party_state, party_state
-from hsplitlora.train.compile import compiled_blocks
-from hsplitlora.train.optim import Optimizer, OptimSettings, autocast, target_logits, token_loss
+from hsplitlora.runtime.compile import compiled_blocks
+from hsplitlora.runtime.optim import Optimizer, OptimSettings, autocast, target_logits, token_loss
 
 __all__ = ["Learner"]
 
@@ -39,7 +39,7 @@ class Learner:
         self.compile = compile
         self.optimizer = Optimizer(lora_parameters(model), optim)
         # The decoder stack (final norm included) and the LM head, called apart so the
-        # head runs on target positions only (train.optim.target_logits).
+        # head runs on target positions only (runtime.optim.target_logits).
         spec = arch_spec(self.model.config)
         self._backbone = getattr(self.model, spec.backbone)
         self._blocks = getattr(self._backbone, spec.blocks)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from hsplitlora.models.split import ServerSegment
-from hsplitlora.train.compile import compiled_blocks
-from hsplitlora.train.optim import autocast, target_logits, token_loss
+from hsplitlora.runtime.compile import compiled_blocks
+from hsplitlora.runtime.optim import autocast, target_logits, token_loss
 
 __all__ = ["segment_loss"]
 

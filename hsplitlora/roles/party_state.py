@@ -13,8 +13,8 @@ from typing import Any, Protocol
 
 import torch
 
-from hsplitlora.train.batches import stream_state
-from hsplitlora.train.optim import Optimizer
+from hsplitlora.runtime.batches import stream_state
+from hsplitlora.runtime.optim import Optimizer
 
 __all__ = ["load_party_state", "party_state"]
 

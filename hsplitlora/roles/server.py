@@ -22,8 +22,8 @@ from hsplitlora.models.split import ServerSegment
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.loss import segment_loss
 from hsplitlora.roles.messages import Activations, ServerReply
-from hsplitlora.train.compile import compiled_blocks
-from hsplitlora.train.optim import Optimizer, OptimSettings, autocast
+from hsplitlora.runtime.compile import compiled_blocks
+from hsplitlora.runtime.optim import Optimizer, OptimSettings, autocast
 
 __all__ = ["MainServer"]
 

@@ -55,8 +55,9 @@ from hsplitlora.models.split import arch_spec, client_blocks, num_blocks, server
 from hsplitlora.modes import MERGING
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import nbytes
+from hsplitlora.runtime.batches import BatchStream
+from hsplitlora.runtime.optim import OptimSettings
 from hsplitlora.train.engine import Attendance, Parallel, client_step, everyone, run_rounds
-from hsplitlora.train.optim import OptimSettings
 from hsplitlora.train.parties import ClientRecipe, HeteroServerRecipe, hetero_segments
 from hsplitlora.train.placement import InProcess, PartyLost, Placement
 from hsplitlora.train.recorder import Recorder
@@ -106,7 +107,7 @@ class HeteroSystem:
         self,
         base: nn.Module,
         plans: Sequence[PartyPlan],
-        streams: Sequence[Any],
+        streams: Sequence[BatchStream],
         num_samples: Sequence[int],
         *,
         client_optim: OptimSettings,
@@ -121,7 +122,7 @@ class HeteroSystem:
         federated: bool = False,
         place: Placement | None = None,
         seed: int = 0,
-        probes: Sequence[Any] | None = None,
+        probes: Sequence[BatchStream] | None = None,
         pruning: SelfPruning | None = None,
         sparsity_weights: bool = True,
         shared_server: bool = False,

@@ -5,7 +5,7 @@ batch stream, its optimizer settings) and builds the role on the device it is gi
 in-process run builds every role right here; the Ray backend ships each recipe to its
 actor and builds the role there; a ``hsplitlora join`` process builds its client from the
 same recipe. One construction path is what makes all of them step for step identical.
-Recipes pickle (batch streams are :class:`~hsplitlora.train.batches.BatchStream` objects,
+Recipes pickle (batch streams are :class:`~hsplitlora.runtime.batches.BatchStream` objects,
 not generators), which is what lets them travel to an actor.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,8 +27,12 @@ from hsplitlora.roles.client import Client
 from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.roles.learner import Learner
 from hsplitlora.roles.server import MainServer
-from hsplitlora.train.batches import BatchStream, batch_stream
-from hsplitlora.train.optim import OptimSettings
+from hsplitlora.runtime.batches import BatchStream, batch_stream
+from hsplitlora.runtime.optim import OptimSettings
+from hsplitlora.train.prepared import Prepared
+
+if TYPE_CHECKING:
+    from hsplitlora.config import RunConfig
 
 __all__ = ["Batches", "ClientRecipe", "HeteroServerRecipe", "LearnerRecipe", "ServerRecipe",
            "client_recipes", "fed_server", "hetero_client_recipe", "hetero_segments",
@@ -44,7 +48,7 @@ def party_seed(seed: int, client_id: int) -> int:
     return seed * 1009 + client_id
 
 
-def optim_settings(cfg: Any, total_steps: int) -> OptimSettings:
+def optim_settings(cfg: RunConfig, total_steps: int) -> OptimSettings:
     """One party's AdamW and schedule from ``cfg.train``, over ``total_steps`` of its own."""
     t, h = cfg.train, cfg.hetero
     tail = ({"tail_gamma": h.prune_gamma, "tail_lambda": h.prune_lambda}
@@ -142,17 +146,16 @@ class HeteroServerRecipe:
                                         compile=self.compile)
 
 
-def shard_stream(p: Any, client_id: int) -> BatchStream:
+def shard_stream(p: Prepared, client_id: int) -> BatchStream:
     """Client ``client_id``'s batches over its own shard, seeded per party.
 
-    ``p`` is a :class:`hsplitlora.train.run.Prepared`.
     """
     t = p.cfg.train
     return batch_stream(p.shards[client_id].features, t.batch_size,
                         party_seed(t.seed, client_id), pad_id_for(p.tokenizer))
 
 
-def probe_stream(p: Any, client_id: int) -> BatchStream:
+def probe_stream(p: Prepared, client_id: int) -> BatchStream:
     """Client ``client_id``'s importance-probe batches: its own shard, a seed apart from
     training's so probing does not shift the training batches."""
     t = p.cfg.train
@@ -172,7 +175,7 @@ def hetero_segments(base: nn.Module, cut: int, settings: LoraSettings, tail: int
     return (*split_model(model, cut), None)
 
 
-def hetero_client_recipe(p: Any, client_id: int, cut: int,
+def hetero_client_recipe(p: Prepared, client_id: int, cut: int,
                          settings: LoraSettings) -> ClientRecipe:
     """A heterogeneous client's recipe for its plan (``cut``, ``settings``), as the
     in-process system builds it; a ``hsplitlora join`` process builds its own with it."""
@@ -185,7 +188,7 @@ def hetero_client_recipe(p: Any, client_id: int, cut: int,
                         label_smoothing=t.label_smoothing)
 
 
-def split_segments(p: Any) -> tuple[ClientSegment, ServerSegment, ServerSegment | None]:
+def split_segments(p: Prepared) -> tuple[ClientSegment, ServerSegment, ServerSegment | None]:
     """The run's segments at ``train.cut``: the client's, the main server's and, in a
     U-shaped split (``train.tail``), the client's tail."""
     t = p.cfg.train
@@ -194,7 +197,7 @@ def split_segments(p: Any) -> tuple[ClientSegment, ServerSegment, ServerSegment 
     return (*split_model(p.model, t.cut), None)
 
 
-def client_recipes(p: Any, ids: Sequence[int] | None = None) -> list[ClientRecipe]:
+def client_recipes(p: Prepared, ids: Sequence[int] | None = None) -> list[ClientRecipe]:
     """Each client's recipe: its own client segment (and tail, its adapters over the
     shared frozen base), its shard, its optimizer."""
     t = p.cfg.train
@@ -210,7 +213,7 @@ def client_recipes(p: Any, ids: Sequence[int] | None = None) -> list[ClientRecip
             for cid in ids]
 
 
-def server_recipe(p: Any) -> ServerRecipe:
+def server_recipe(p: Prepared) -> ServerRecipe:
     """The main server: SFL-V2's one shared server-side adapter (its schedule spans every
     client's steps), or SFL-V1's copy per client under ``splitfed``."""
     t, mode = p.cfg.train, p.cfg.mode
@@ -221,7 +224,7 @@ def server_recipe(p: Any) -> ServerRecipe:
                         t.compile)
 
 
-def learner_recipes(p: Any) -> list[LearnerRecipe]:
+def learner_recipes(p: Prepared) -> list[LearnerRecipe]:
     """Centralized: one learner over the union of the shards, batches drawn with client 0's
     seed. Federated: one learner per client, each with its own adapters on the whole model
     (over the shared frozen base)."""
@@ -239,6 +242,6 @@ def learner_recipes(p: Any) -> list[LearnerRecipe]:
             for cid in range(t.num_clients)]
 
 
-def fed_server(p: Any) -> FedServer:
+def fed_server(p: Prepared) -> FedServer:
     return FedServer(weighting=p.cfg.train.agg_weighting, alpha=p.lora.alpha,
                      parts=p.cfg.mode.trains)

@@ -7,14 +7,13 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-import torch
-
 from hsplitlora.config import ConfigError, RunConfig
 from hsplitlora.data.load import check_labels, load_examples, subsample
 from hsplitlora.data.partition import partition
 from hsplitlora.models.lora import check_targets
 from hsplitlora.models.split import arch_spec, num_blocks
 from hsplitlora.privacy.config import delta_problem
+from hsplitlora.runtime.device import resolve_device
 
 __all__ = ["TRACKER_PACKAGES", "preflight"]
 
@@ -29,9 +28,7 @@ def preflight(cfg: RunConfig, model_config: Any = None) -> None:
     model's is read (config.json alone; a default alias is fetched once, as loading would).
     """
     t = cfg.train
-    if t.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is visible here: set "
-                          "train.device to 'auto' or 'cpu'")
+    resolve_device(t.device)  # a CUDA device that is not there
     for tracker in cfg.output.report_to:
         package = TRACKER_PACKAGES[tracker]
         if importlib.util.find_spec(package) is None:

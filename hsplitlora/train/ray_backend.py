@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from hsplitlora.config import RayConfig
 from hsplitlora.models.shared import merge_states
 from hsplitlora.roles.messages import Activations
+from hsplitlora.runtime.process import keep_freed_memory
+from hsplitlora.train.config import RayConfig
 from hsplitlora.train.placement import Attendance, Deferred, Recipe
-from hsplitlora.train.process import keep_freed_memory
 
 __all__ = ["RayPlacement"]
 

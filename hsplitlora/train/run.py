@@ -33,9 +33,11 @@ from hsplitlora.models.lora import LoraSettings, attach_lora, load_lora_state, s
 from hsplitlora.models.split import arch_spec, client_blocks, num_blocks
 from hsplitlora.privacy.accountant import privacy_report
 from hsplitlora.report import plot_loss
+from hsplitlora.runtime.compile import check_compiler
+from hsplitlora.runtime.device import resolve_device
+from hsplitlora.runtime.process import keep_freed_memory, set_threads
 from hsplitlora.train import engine
 from hsplitlora.train.attendance import present
-from hsplitlora.train.compile import check_compiler
 from hsplitlora.train.parties import (
     client_recipes,
     fed_server,
@@ -48,12 +50,12 @@ from hsplitlora.train.parties import (
 )
 from hsplitlora.train.placement import InProcess, Placement
 from hsplitlora.train.preflight import preflight
-from hsplitlora.train.process import keep_freed_memory, set_threads
+from hsplitlora.train.prepared import Prepared
 from hsplitlora.train.recorder import Recorder, kept_records
 from hsplitlora.train.trackers import open_sinks
 
 __all__ = ["RunResult", "check_same_run", "run_path", "load_trained", "party_seed", "prepare",
-           "resolve_device", "train"]
+           "train"]
 
 log = logging.getLogger(__name__)
 
@@ -68,38 +70,10 @@ class RunResult:
     samples: dict[str, str] = field(default_factory=dict)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is visible here: set "
-                          "train.device to 'auto' or 'cpu'")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@dataclass
-class Prepared:
-    """Everything a mode needs, built once from the config."""
-
-    cfg: RunConfig
-    model: nn.Module  # unsplit, LoRA attached, initial adapters
-    tokenizer: Any
-    shards: list[TokenizedDataset]
-    eval_features: TokenizedDataset | None
-    lora: LoraSettings
-    device: torch.device
-    # heterogeneous: each client's (cut, ranks), kept current through re-plans
-    plans: dict[int, tuple[int, dict[str, int]]] | None = None
-    ran: Any = None  # heterogeneous: the cost model's view of the plans that ran last (Plan)
-    attendance: engine.Attendance = engine.everyone  # the clients present in each round
-    checkpoint: Path | None = None  # written as rounds end (train(checkpoint=True))
-    resumed: dict[str, Any] | None = None  # the checkpoint to go on from
 
 
 def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = None) -> Prepared:
@@ -153,7 +127,7 @@ def prepare(cfg: RunConfig, model: nn.Module | None = None, tokenizer: Any = Non
 
 def _weakest_rank(cfg: RunConfig, model: nn.Module, shards: list[TokenizedDataset]) -> int:
     """SplitLoRA on heterogeneous devices: one rank for all, the largest the weakest fits."""
-    from hsplitlora.hetero.scheme import Planner
+    from hsplitlora.hetero.planner import Planner
 
     params = sum(x.numel() for x in model.parameters())
     planner = Planner(cfg, model, cfg.hetero.scenario.profiles(cfg.train.num_clients, params),
@@ -202,7 +176,8 @@ def base_dtype(cfg: RunConfig) -> str:
     return cfg.model.torch_dtype(cfg.train.precision)
 
 
-def _streams(p: Prepared) -> list[Any]:
+def streams(p: Prepared) -> list[Any]:
+    """Every client's batch stream over its own shard."""
     return [shard_stream(p, cid) for cid in range(len(p.shards))]
 
 
@@ -214,7 +189,7 @@ def _total_rounds(cfg: RunConfig) -> int:
 def _run_hetero(p: Prepared, rec: Recorder,
                 place: Placement) -> tuple[dict[str, torch.Tensor], LoraSettings]:
     """HSplitLoRA / HetLoRA / FlexLoRA / FLoRA: plan per client, train, export the update."""
-    from hsplitlora.hetero.scheme import Planner
+    from hsplitlora.hetero.planner import Planner
     from hsplitlora.models.lora import updates_as_adapter
     from hsplitlora.train.hetero import HeteroSystem, run_hetero
 
@@ -226,7 +201,7 @@ def _run_hetero(p: Prepared, rec: Recorder,
     initial = planner.provisional() if planner.uses_importance else planner.plans(None)
     shared = cfg.server_side == "shared"  # one server adapter steps on every client's batch
     system = HeteroSystem(
-        p.model, initial, _streams(p), [len(s) for s in p.shards],
+        p.model, initial, streams(p), [len(s) for s in p.shards],
         client_optim=optim_settings(cfg, t.steps),
         server_optim=optim_settings(cfg, t.steps * t.num_clients if shared else t.steps),
         alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, aggregator=planner.aggregator,

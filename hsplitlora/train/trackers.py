@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from hsplitlora.config import OutputConfig
+from hsplitlora.train.config import OutputConfig
 
 __all__ = ["Sink", "open_sinks", "scalars"]
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from hsplitlora.errors import UserError
+from hsplitlora.terminal import check_run_folder, console, error_exit, setup_logging
 from hsplitlora.transport.security import AuthError, ConnectionFailed, Refused
 
 if TYPE_CHECKING:
-    from rich.console import Console
 
     from hsplitlora.config import RunConfig
 
@@ -38,13 +38,12 @@ _FAILURES = (AuthError, ConnectionFailed, Refused, TimeoutError, FileNotFoundErr
              UserError)
 
 
-def _start(config: Path, overrides: list[str], verbose: bool) -> tuple[RunConfig, Console]:
+def _start(config: Path, overrides: list[str], verbose: bool) -> RunConfig:
     """Logging on, config loaded and validated (a bad one exits with code 2)."""
-    from hsplitlora.cli import _logging, console, error_exit
     from hsplitlora.config import ConfigError, load_config
     from hsplitlora.modes import MODES
 
-    _logging(verbose)
+    setup_logging(verbose)
     try:
         cfg = load_config(config, overrides)
         if "grpc" not in cfg.mode.placements:
@@ -53,18 +52,15 @@ def _start(config: Path, overrides: list[str], verbose: bool) -> tuple[RunConfig
                 f"train.mode {cfg.train.mode!r} cannot run over the network: serve and join "
                 f"run {', '.join(networked)}; {cfg.train.mode} has no main server to serve "
                 "(use hsplitlora train, or --backend ray to spread it over machines)")
-        return cfg, console
+        return cfg
     except ConfigError as e:
         raise error_exit(e) from None
 
 
-def _fail(console: Console, err: BaseException) -> typer.Exit:
+def _fail(err: BaseException) -> typer.Exit:
     """Exit code 2 for a person's mistake (config, data, model, plan), 1 for a peer that
     failed or could not be reached."""
-    from rich.markup import escape
-
-    console.print(f"[red]error:[/red] {escape(str(err))}")
-    return typer.Exit(2 if isinstance(err, UserError) else 1)
+    return error_exit(err, 2 if isinstance(err, UserError) else 1)
 
 
 def serve(config: ConfigOpt, set_: SetOpt = [], resume: ResumeOpt = False,  # noqa: B006
@@ -74,8 +70,7 @@ def serve(config: ConfigOpt, set_: SetOpt = [], resume: ResumeOpt = False,  # no
           no_progress: Annotated[bool, typer.Option("--no-progress")] = False,
           verbose: VerboseOpt = False) -> None:
     """Run the main server (and the fed server, unless net.fed_address names another)."""
-    cfg, console = _start(config, set_, verbose)
-    from hsplitlora.cli import check_run_folder
+    cfg = _start(config, set_, verbose)
     from hsplitlora.transport.deploy import serve as run_server
 
     try:
@@ -84,7 +79,7 @@ def serve(config: ConfigOpt, set_: SetOpt = [], resume: ResumeOpt = False,  # no
         run_dir = run_server(cfg, cfg.net, resume=resume, port_file=port_file,
                              show_progress=not no_progress)
     except _FAILURES as e:
-        raise _fail(console, e) from None
+        raise _fail(e) from None
     console.print(f"run folder: {run_dir}")
 
 
@@ -104,7 +99,7 @@ def join(
     verbose: VerboseOpt = False,
 ) -> None:
     """Join a run as one client: train on its own shard until the server ends the run."""
-    cfg, console = _start(config, set_, verbose)
+    cfg = _start(config, set_, verbose)
     from safetensors.torch import save_file
 
     from hsplitlora.transport.deploy import join as run_client
@@ -118,7 +113,7 @@ def join(
                              token=token, checkpoint=checkpoint or folder / "checkpoint.pt",
                              resume=resume)
     except _FAILURES as e:
-        raise _fail(console, e) from None
+        raise _fail(e) from None
     save_file({k: v.contiguous() for k, v in adapter.items()},
               str(folder / "client_adapter.safetensors"))
     console.print(f"client {client_id} done; its adapter: {folder / 'client_adapter.safetensors'}")
@@ -128,13 +123,13 @@ def fedserver(config: ConfigOpt, set_: SetOpt = [], resume: ResumeOpt = False,  
               port_file: PortFileOpt = None, verbose: VerboseOpt = False) -> None:
     """Run the fed server in its own process (listens on net.fed_port), so the main server
     never sees client-side adapters; point the others at it with net.fed_address."""
-    cfg, console = _start(config, set_, verbose)
+    cfg = _start(config, set_, verbose)
     from hsplitlora.transport.deploy import serve_fed
 
     try:
         run_dir = serve_fed(cfg, cfg.net, resume=resume, port_file=port_file)
     except _FAILURES as e:
-        raise _fail(console, e) from None
+        raise _fail(e) from None
     if cfg.mode.planned:
         console.print("fed server done; the main server's run folder holds the result")
     else:

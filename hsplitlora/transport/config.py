@@ -9,16 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from hsplitlora.section import Section
 
 __all__ = ["Codec", "NetConfig"]
 
 Codec = Literal["none", "bf16", "fp16", "int8"]
 
 
-class NetConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class NetConfig(Section):
     host: str = Field("127.0.0.1", description="address the main server listens on; 0.0.0.0 "
                       "for every interface")
     port: int = Field(50051, ge=0, le=65535, description="main server port; 0 = any free port")
@@ -62,7 +62,7 @@ class NetConfig(BaseModel):
         "a separate heterogeneous fed server)")
     max_activation: float | None = Field(
         None, gt=0, description="largest |value| of an activation or gradient accepted; "
-        "null = derived from the model's hidden size (see Plan.value_bound)")
+        "null = derived from the model's hidden size (see WirePlan.value_bound)")
     step_timeout_s: float = Field(60.0, gt=0, description="a client whose activations (or "
                                   "adapter) are this late is dropped from the round")
     hello_timeout_s: float = Field(10.0, gt=0, description="a stream that sends no hello "

@@ -229,7 +229,7 @@ def serve_fed(cfg: RunConfig, net: NetConfig, *, resume: bool = False,
     last = cfg.train.steps - 1
     fed: FedService | HeteroFedService
     if cfg.mode.planned:
-        from hsplitlora.hetero.scheme import aggregator_for
+        from hsplitlora.hetero.planner import aggregator_for
 
         if resume:
             log.info("the fed server of a %s run keeps nothing between rounds: it serves the "

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import torch
@@ -28,8 +28,10 @@ from hsplitlora.roles.messages import nbytes
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport import hsplitlora_pb2_grpc as pb_grpc
 from hsplitlora.transport.config import NetConfig
+from hsplitlora.transport.hetero_fed import combine_call
 from hsplitlora.transport.limits import StreamGate, Ticket, deadline_reader
 from hsplitlora.transport.plan import layout_bytes, samples_problem
+from hsplitlora.transport.rounds import opened_round
 from hsplitlora.transport.security import Authenticator, call_metadata, explain, open_channel
 from hsplitlora.transport.validate import Layout, check_finite, check_header, check_magnitude
 from hsplitlora.transport.wire import Reassembler, WireError, frames, pack, read_header, unpack
@@ -64,21 +66,6 @@ def _decode_adapter(data: bytes, layout: Layout, what: str,
     check_finite(tensors, what)
     check_magnitude(tensors, bound, what)
     return tensors, header.meta
-
-
-R = TypeVar("R")
-
-
-def opened_round(cond: threading.Condition, rounds: Mapping[int, R], round: int,
-                 timeout_s: float) -> R:
-    """``rounds[round]`` once the main server has opened it, waited for on ``cond``
-    (held by the caller) for up to ``timeout_s``: a client may upload before that."""
-    deadline = time.monotonic() + timeout_s
-    while round not in rounds:
-        if not cond.wait(max(0.0, deadline - time.monotonic())):
-            raise LookupError(f"aggregation round {round} was never opened by the main "
-                              f"server within {timeout_s:g} s")
-    return rounds[round]
 
 
 @dataclass
@@ -346,8 +333,6 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     def Combine(self, request_iterator: Iterator[pb.Chunk],  # noqa: N802
                 context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
-        from hsplitlora.transport.hetero_fed import combine_call
-
         self._main_server(context, "sends its side of an aggregation", "Combine")
         yield from combine_call(self.service, request_iterator, self.net, context)
 

@@ -46,8 +46,8 @@ from hsplitlora.transport.calls import (
     unpack_updates,
 )
 from hsplitlora.transport.config import NetConfig
-from hsplitlora.transport.fed import opened_round
 from hsplitlora.transport.plan import widest_adapter_bytes
+from hsplitlora.transport.rounds import opened_round
 from hsplitlora.transport.security import call_metadata, explain, open_channel
 from hsplitlora.transport.validate import Layout, check_finite
 from hsplitlora.transport.wire import (

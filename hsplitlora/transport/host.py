@@ -31,6 +31,7 @@ from hsplitlora.models.split import arch_spec, client_blocks, num_blocks
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.train.parties import hetero_client_recipe, hetero_segments
+from hsplitlora.train.prepared import Prepared
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport.calls import Call, read_call, settings_from_json, unpack_updates
 from hsplitlora.transport.client import Link, RunOver, keep_joining
@@ -55,7 +56,7 @@ class RoleHost:
 
     KEEP = 3  # snapshots of recent rounds: a resumed server is at most one round behind
 
-    def __init__(self, p: Any, client_id: int, net: NetConfig, server: str, *,
+    def __init__(self, p: Prepared, client_id: int, net: NetConfig, server: str, *,
                  token: str | None = None, device: torch.device | str = "cpu",
                  checkpoint: Path | None = None, resume: bool = False) -> None:
         t = p.cfg.train

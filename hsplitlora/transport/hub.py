@@ -52,6 +52,7 @@ from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.roles.server import MainServer
 from hsplitlora.train.engine import everyone
 from hsplitlora.train.placement import Attendance, PartyLost, Recipe
+from hsplitlora.train.prepared import Prepared
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport.calls import pack_call, pack_updates, read_scores, settings_to_json
 from hsplitlora.transport.codec import decode, encode, wire_layout
@@ -59,7 +60,7 @@ from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.guard import guarded_step
 from hsplitlora.transport.hetero_fed import RemoteFedAggregation
 from hsplitlora.transport.limits import Backoff
-from hsplitlora.transport.plan import Plan, widest_adapter_bytes
+from hsplitlora.transport.plan import WirePlan, widest_adapter_bytes
 from hsplitlora.transport.server import (
     GONE,
     Session,
@@ -443,7 +444,7 @@ class HeteroHub:
         self.cfg, self.net = cfg, net
         self.fed = None  # aggregation runs inside the training loop, in this process
         # Model-dependent fields are filled in by bind(); the hello check needs none.
-        self.plan = Plan(mode=t.mode, steps=t.steps, interval=t.agg_interval, cut=-1,
+        self.plan = WirePlan(mode=t.mode, steps=t.steps, interval=t.agg_interval, cut=-1,
                          num_clients=t.num_clients, batch_size=t.batch_size,
                          max_length=cfg.data.max_length, hidden_size=0, vocab_size=0,
                          dtype=torch.float32, tail=t.tail)
@@ -469,12 +470,12 @@ class HeteroHub:
         log.info("main server listening on %s:%d for %d clients (%s)", net.host, self.port,
                  t.num_clients, t.mode)
 
-    def bind(self, p: Any) -> HeteroHub:
-        """Take the prepared run (:class:`~hsplitlora.train.run.Prepared`); a
+    def bind(self, p: Prepared) -> HeteroHub:
+        """Take the prepared run (:class:`~hsplitlora.train.prepared.Prepared`); a
         :data:`~hsplitlora.train.run.PlacementFactory`."""
         mc: Any = p.model.config
         head = p.model.get_output_embeddings().weight
-        self.plan = Plan(**{**self.plan.__dict__, "hidden_size": int(mc.hidden_size),
+        self.plan = WirePlan(**{**self.plan.__dict__, "hidden_size": int(mc.hidden_size),
                             "vocab_size": int(mc.vocab_size), "dtype": head.dtype})
         self.spec = arch_spec(mc)
         self._blocks = num_blocks(mc)
@@ -485,7 +486,7 @@ class HeteroHub:
         if p.resumed is not None:
             self.start_round = p.resumed["round"] + 1
         if self.net.fed_address is not None:
-            from hsplitlora.hetero.scheme import aggregator_for
+            from hsplitlora.hetero.planner import aggregator_for
 
             self._fed = RemoteFedAggregation(
                 self.net.fed_address, self.net, (self.tokens or {}).get("server"),

@@ -25,10 +25,10 @@ from hsplitlora.train.parties import (
     server_recipe,
     split_segments,
 )
-from hsplitlora.train.run import Prepared
+from hsplitlora.train.prepared import Prepared
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FedService, adapter_layout, round_timeout
-from hsplitlora.transport.plan import Plan, value_bound
+from hsplitlora.transport.plan import WirePlan, value_bound
 from hsplitlora.transport.validate import Layout
 
 __all__ = ["build_client", "build_fed", "build_fed_service", "build_server",
@@ -52,17 +52,17 @@ def build_client(p: Prepared, client_id: int) -> ClientRecipe:
     return client_recipes(p, [client_id])[0]
 
 
-def _plan(p: Prepared, dtype: torch.dtype) -> Plan:
+def _plan(p: Prepared, dtype: torch.dtype) -> WirePlan:
     t = p.cfg.train
     mc: Any = p.model.config
-    return Plan(mode=t.mode, steps=t.steps, interval=t.agg_interval, cut=t.cut,
+    return WirePlan(mode=t.mode, steps=t.steps, interval=t.agg_interval, cut=t.cut,
                 num_clients=t.num_clients, batch_size=t.batch_size,
                 max_length=p.cfg.data.max_length, hidden_size=int(mc.hidden_size),
                 vocab_size=int(mc.vocab_size), dtype=dtype,
                 samples=tuple(len(shard) for shard in p.shards), tail=t.tail)
 
 
-def build_server(p: Prepared) -> tuple[MainServer, Plan]:
+def build_server(p: Prepared) -> tuple[MainServer, WirePlan]:
     """The main server and the run's plan."""
     _check_mode(p)
     recipe = server_recipe(p)

@@ -13,7 +13,7 @@ from hsplitlora.models.structure import ArchSpec
 from hsplitlora.transport.codec import wire_layout
 from hsplitlora.transport.validate import Layout, Limit
 
-__all__ = ["Plan", "aggregates_at", "layout_bytes", "samples_problem", "value_bound"]
+__all__ = ["WirePlan", "aggregates_at", "layout_bytes", "samples_problem", "value_bound"]
 
 
 def aggregates_at(round: int, steps: int, interval: int) -> bool:
@@ -73,7 +73,11 @@ def samples_problem(samples: tuple[int, ...], client_id: int, claimed: int) -> s
 
 
 @dataclass(frozen=True)
-class Plan:
+class WirePlan:
+    """The run as the wire sees it: what every message of a networked run must fit (the
+    mode and schedule, the cut, shapes and dtype of activations, shard sizes, a tail),
+    fixed by the server and checked against each hello and upload."""
+
     mode: str
     steps: int
     interval: int

@@ -46,7 +46,7 @@ from hsplitlora.transport.limits import (
     first_within,
     peer_rate_limit,
 )
-from hsplitlora.transport.plan import Plan
+from hsplitlora.transport.plan import WirePlan
 from hsplitlora.transport.security import Authenticator, bind, options
 from hsplitlora.transport.validate import (
     check_activation_values,
@@ -130,7 +130,7 @@ class Session:
         self.inbox.put(GONE)
 
 
-def hello_problem(party: str, frame: pb.ClientFrame, plan: Plan) -> str | None:
+def hello_problem(party: str, frame: pb.ClientFrame, plan: WirePlan) -> str | None:
     """Why a stream's first frame cannot join a run of ``plan`` (None: it can). In the
     heterogeneous modes (``plan.cut == -1``) the server plans each cut; a client says -1."""
     if frame.WhichOneof("body") != "hello":
@@ -154,7 +154,7 @@ def hello_problem(party: str, frame: pb.ClientFrame, plan: Plan) -> str | None:
     return plan.samples_problem(h.client_id, h.num_samples)
 
 
-def decode_upload(data: bytes, plan: Plan, codec: str, what: str,
+def decode_upload(data: bytes, plan: WirePlan, codec: str, what: str,
                   bound: float = math.inf) -> Activations:
     """A client's activations, checked against the run's layout and bounds before use.
 
@@ -180,7 +180,7 @@ class Admission(Protocol):
     """What the gRPC front needs from whoever runs the rounds: the plan, the hello check
     and a place to hand new streams."""
 
-    plan: Plan
+    plan: WirePlan
     fed: FedService | RemoteFed | None
     inbox_limit: int  # messages a client may have waiting (more: its stream is closed)
 
@@ -284,7 +284,7 @@ class Coordinator:
 
     inbox_limit = 1  # a client uploads once per round and waits for the answer
 
-    def __init__(self, server: MainServer, plan: Plan, net: NetConfig,
+    def __init__(self, server: MainServer, plan: WirePlan, net: NetConfig,
                  fed: FedService | RemoteFed, rec: Recorder, *, start_round: int = 0,
                  checkpoint: Path | None = None, server_fed: FedServer | None = None,
                  run_info: Mapping[str, Any] | None = None) -> None:

@@ -5,15 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from hsplitlora.data import (
-    DataError,
-    Example,
-    format_prompt,
-    group_references,
-    load_e2e,
-    load_e2e_csv,
-    parse_mr,
-)
+from hsplitlora.data.e2e import format_prompt, group_references, load_e2e, load_e2e_csv, parse_mr
+from hsplitlora.data.example import DataError, Example
 
 # --- parse_mr / format_prompt ------------------------------------------------------------
 

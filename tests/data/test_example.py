@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from hsplitlora.data import DataError, Example
+from hsplitlora.data.example import DataError, Example
 
 
 def test_example_keeps_a_private_copy_of_meta() -> None:

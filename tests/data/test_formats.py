@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hsplitlora.config import _COLUMN_ROLES, RunConfig
+from hsplitlora.config import RunConfig
 from hsplitlora.data.example import DataError
-from hsplitlora.data.formats import ALPACA_PROMPT, COLUMN_ROLES
+from hsplitlora.data.formats import ALPACA_PROMPT
 from hsplitlora.data.load import check_labels, load_examples, sample_text
 from hsplitlora.data.tokenize import IGNORE_INDEX, tokenize_example
 
@@ -71,10 +71,6 @@ def jsonl(path: Path, rows: list[dict]) -> Path:
 
 def data_cfg(**data):
     return RunConfig.model_validate({"data": data}).data
-
-
-def test_config_and_loader_agree_on_the_column_keys():
-    assert _COLUMN_ROLES == COLUMN_ROLES
 
 
 def test_chat_records_train_on_every_assistant_turn_and_nothing_else(tmp_path, chat_tokenizer):

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from hsplitlora.data import DataError, Example, load_jsonl
+from hsplitlora.data.example import DataError, Example
+from hsplitlora.data.jsonl import load_jsonl
 
 
 def write(tmp_path: Path, lines: list[str]) -> Path:

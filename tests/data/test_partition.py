@@ -8,15 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hsplitlora.data import (
-    NO_LABEL,
-    Example,
-    dirichlet,
-    iid,
-    label_skew,
-    load_e2e,
-    partition,
-)
+from hsplitlora.data.e2e import load_e2e
+from hsplitlora.data.example import Example
+from hsplitlora.data.partition import NO_LABEL, dirichlet, iid, label_skew, partition
 
 
 def make_examples(group_sizes: Sequence[int], labels: Sequence[str] | None = None) -> list[Example]:

@@ -8,13 +8,12 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
-from hsplitlora.data import (
+from hsplitlora.data.e2e import format_prompt
+from hsplitlora.data.example import DataError, Example
+from hsplitlora.data.tokenize import (
     IGNORE_INDEX,
-    DataError,
-    Example,
     TokenizedDataset,
     collate,
-    format_prompt,
     pad_id_for,
     tokenize_example,
 )

@@ -19,7 +19,7 @@ from hsplitlora.hetero.profiles import DeviceProfile
 from hsplitlora.models.lora import LoraSettings, attach_lora, lora_parameters, target_module_names
 from hsplitlora.models.split import ARCHITECTURES, arch_spec, split_model, split_u
 from hsplitlora.roles.messages import Activations, ServerReply, nbytes
-from hsplitlora.train.optim import Optimizer, OptimSettings, causal_lm_loss
+from hsplitlora.runtime.optim import Optimizer, OptimSettings, causal_lm_loss
 
 LLAMA_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GPT2_ALL = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")

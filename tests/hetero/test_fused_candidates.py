@@ -2,9 +2,9 @@
 
 import torch
 
+from hsplitlora.hetero.armsc import PlannerSettings, plan_client, prior_gains
 from hsplitlora.hetero.costmodel import ModelDims, Workload, lora_memory_per_rank
 from hsplitlora.hetero.importance import candidates, importance, score_model
-from hsplitlora.hetero.planner import PlannerSettings, plan_client, prior_gains
 from hsplitlora.hetero.profiles import PRESETS
 from hsplitlora.models.lora import LoraSettings, attach_lora, lora_state
 from tests.conftest import tiny_model

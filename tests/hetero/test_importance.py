@@ -25,7 +25,7 @@ from hsplitlora.hetero.importance import (
 from hsplitlora.models.lora import LoraSettings, attach_lora, lora_parameters
 from hsplitlora.models.split import split_model
 from hsplitlora.roles.messages import Activations
-from hsplitlora.train.optim import causal_lm_loss
+from hsplitlora.runtime.optim import causal_lm_loss
 from tests.conftest import tiny_model
 
 LAYERS = 4

@@ -9,8 +9,9 @@ import typing
 
 import pytest
 
-from hsplitlora.config import RunConfig, TrainConfig
+from hsplitlora.config import RunConfig
 from hsplitlora.modes import MERGING, MODES, Mode, mode_of
+from hsplitlora.train.config import TrainConfig
 
 
 def test_every_module_declares_one_mode_under_its_own_name():

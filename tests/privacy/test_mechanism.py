@@ -13,7 +13,7 @@ from hsplitlora.models.split import split_model
 from hsplitlora.privacy.config import PrivacyConfig
 from hsplitlora.privacy.mechanism import Gaussian, clip_examples, clip_update
 from hsplitlora.roles.client import Client
-from hsplitlora.train.optim import OptimSettings
+from hsplitlora.runtime.optim import OptimSettings
 from tests.conftest import tiny_model
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from hsplitlora import aggregate as agg
-from hsplitlora.train.batches import batch_stream
+from hsplitlora.runtime.batches import batch_stream
+from hsplitlora.runtime.optim import OptimSettings, causal_lm_loss
 from hsplitlora.train.hetero import HeteroSystem, PartyPlan, run_hetero
-from hsplitlora.train.optim import OptimSettings, causal_lm_loss
 from hsplitlora.train.recorder import Recorder
 from tests.conftest import tiny_model
 
@@ -394,7 +394,7 @@ def test_u_shaped_probing_scores_the_tail_on_the_client_and_sends_no_labels():
     """Probing at the provisional plans (no adapters): the energies of every matrix,
     the tail's included, equal the plain system's, and what crossed is the U-shaped
     round trip without labels."""
-    from hsplitlora.hetero.scheme import probe_importance
+    from hsplitlora.hetero.planner import probe_importance
 
     provisional = [PartyPlan(1) for _ in range(3)]
     scores = []

@@ -21,8 +21,8 @@ def tight_scenario(tmp_path, tok, mode: str = "flora") -> dict:
     2, 4 and 8, for the workload this run of ``mode`` will have (its planner's: a merging
     aggregator's merge state included)."""
     from hsplitlora.hetero.costmodel import ModelDims, client_memory
+    from hsplitlora.hetero.planner import Planner
     from hsplitlora.hetero.profiles import PRESETS
-    from hsplitlora.hetero.scheme import Planner
     from hsplitlora.train.run import mean_length, prepare
 
     cfg = _cfg(tmp_path, mode)
@@ -112,17 +112,17 @@ def _update_norms(result) -> dict[str, float]:
                                     # a non-merging aggregator takes a copy per client
                                     {"aggregator": "zeropad", "server_side": "per_participant"}])
 def test_each_component_can_be_switched_off(tmp_path, tiny_tokenizer, hetero, monkeypatch):
-    import hsplitlora.hetero.scheme as scheme
+    import hsplitlora.hetero.planner as planner_module
 
     probes = []
-    real_probe = scheme.probe_importance
-    monkeypatch.setattr(scheme, "probe_importance",
+    real_probe = planner_module.probe_importance
+    monkeypatch.setattr(planner_module, "probe_importance",
                         lambda *a, **k: probes.append(1) or real_probe(*a, **k))
     result = _run(tmp_path, tiny_tokenizer, "hsplitlora", **hetero)
     plan = next(r for r in result.records if r.get("event") == "plan")["plans"]
     if hetero.get("importance") is False:  # IWI off: nothing probed, the uninformed plan
         assert probes == []
-        from hsplitlora.hetero.scheme import Planner
+        from hsplitlora.hetero.planner import Planner
         from hsplitlora.train.run import mean_length, prepare
 
         cfg = _cfg(tmp_path, "hsplitlora", **hetero)
@@ -165,7 +165,7 @@ def test_splitlora_on_heterogeneous_devices_uses_the_weakest_rank(tmp_path, tiny
 
 
 def test_a_client_that_cannot_fit_gets_a_clear_error(tmp_path, tiny_tokenizer):
-    from hsplitlora.hetero.planner import PlanError
+    from hsplitlora.hetero.armsc import PlanError
 
     tiny = {"kind": "explicit", "clients": [
         {"name": "watch", "memory_bytes": "10 KiB", "flops": 1e9, "uplink_bps": 1e5,
@@ -221,7 +221,7 @@ output: {{dir: {tmp_path / 'runs'}}}
     assert not (tmp_path / "runs").exists()
 
     from hsplitlora.config import load_config
-    from hsplitlora.hetero.scheme import plan_run
+    from hsplitlora.plan import plan_run
 
     plan, dims = plan_run(load_config(cfg), meta=True)
     # the base is stored in bf16; noise-free merges keep, per candidate weight element, the
@@ -240,7 +240,7 @@ output: {{dir: {tmp_path / 'runs'}}}
 
 
 def test_federated_baseline_trains_the_whole_model_on_each_client(tmp_path, tiny_tokenizer):
-    from hsplitlora.hetero.planner import PlanError
+    from hsplitlora.hetero.armsc import PlanError
 
     roomy = {**SCENARIO, "memory_range": ["3 MiB", "6 MiB"]}
     result = _run(tmp_path, tiny_tokenizer, "flora", federated=True, scenario=roomy)

@@ -62,7 +62,7 @@ class _Broken:
 def test_a_failing_actor_reports_its_own_error(ray_session):
     from ray import cloudpickle
 
-    from hsplitlora.config import RayConfig
+    from hsplitlora.train.config import RayConfig
     from hsplitlora.train.ray_backend import RayPlacement
 
     cloudpickle.register_pickle_by_value(__import__(__name__))
@@ -75,7 +75,7 @@ def test_a_failing_actor_reports_its_own_error(ray_session):
 
 
 def test_actors_the_cluster_cannot_place_time_out_with_what_they_asked(ray_session):
-    from hsplitlora.config import RayConfig
+    from hsplitlora.train.config import RayConfig
     from hsplitlora.train.ray_backend import RayPlacement
 
     place = RayPlacement(RayConfig(client_gpus=1, start_timeout_s=3), threads=1, num_actors=1)

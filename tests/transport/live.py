@@ -22,13 +22,13 @@ from hsplitlora.models.split import ClientSegment, split_model
 from hsplitlora.roles.fedserver import FedServer
 from hsplitlora.roles.messages import Activations
 from hsplitlora.roles.server import MainServer
-from hsplitlora.train.optim import OptimSettings
+from hsplitlora.runtime.optim import OptimSettings
 from hsplitlora.train.recorder import Recorder
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport.client import Link, RemoteMainServer
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.fed import FedService, RemoteFed, adapter_layout, round_timeout
-from hsplitlora.transport.plan import Plan
+from hsplitlora.transport.plan import WirePlan
 from hsplitlora.transport.server import Coordinator, listen
 from tests.conftest import tiny_model
 
@@ -86,7 +86,7 @@ def start_live(net: NetConfig, *, num_clients: int = 2, steps: int = 3, interval
     reference = MainServer(copy.deepcopy(server_seg), range(num_clients), optim, precision="fp32")
     # client i's shard holds 10 + i samples (what Live.link's hellos claim)
     samples = tuple(10 + i for i in range(num_clients))
-    plan = Plan("splitlora", steps, interval, 2, num_clients, BATCH, MAX_LEN, HIDDEN, VOCAB,
+    plan = WirePlan("splitlora", steps, interval, 2, num_clients, BATCH, MAX_LEN, HIDDEN, VOCAB,
                 torch.float32, samples)
     fed = FedService(FedServer(alpha=8), adapter_layout(lora_state(client_seg)),
                      net.step_timeout_s, open_timeout_s=round_timeout(net, num_clients),

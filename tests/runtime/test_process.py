@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hsplitlora.config import RunConfig
-from hsplitlora.train import process
+from hsplitlora.runtime import process
 from hsplitlora.train import run as run_module
 from hsplitlora.train.run import prepare
 from tests.conftest import E2E, tiny_model

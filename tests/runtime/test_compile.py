@@ -10,8 +10,8 @@ from torch._dynamo.utils import counters
 from hsplitlora.config import RunConfig
 from hsplitlora.models.split import split_model
 from hsplitlora.roles.learner import Learner
-from hsplitlora.train.compile import CompileError, check_compiler, compiled_blocks
-from hsplitlora.train.optim import OptimSettings
+from hsplitlora.runtime.compile import CompileError, check_compiler, compiled_blocks
+from hsplitlora.runtime.optim import OptimSettings
 from hsplitlora.train.run import train
 from tests.conftest import E2E, tiny_model
 from tests.train.test_hetero_modes import _cfg as hetero_cfg

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hsplitlora.models.load import use_attention
-from hsplitlora.train.optim import causal_lm_loss, target_logits, token_loss
+from hsplitlora.runtime.optim import causal_lm_loss, target_logits, token_loss
 from tests.conftest import tiny_model
 
 

@@ -9,6 +9,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
+from hsplitlora.hetero.armsc import (
+    PlanError,
+    PlannerSettings,
+    format_plan_table,
+    plan_client,
+    plan_clients,
+    prior_gains,
+    rank_distance,
+    rank_gain,
+    server_load,
+    should_replan,
+)
 from hsplitlora.hetero.costmodel import (
     ModelDims,
     Workload,
@@ -23,18 +35,6 @@ from hsplitlora.hetero.costmodel import (
     server_flops,
     server_memory,
     step_time,
-)
-from hsplitlora.hetero.planner import (
-    PlanError,
-    PlannerSettings,
-    format_plan_table,
-    plan_client,
-    plan_clients,
-    prior_gains,
-    rank_distance,
-    rank_gain,
-    server_load,
-    should_replan,
 )
 from hsplitlora.hetero.profiles import PRESETS, DeviceProfile, format_bytes
 from hsplitlora.models.split import client_blocks
@@ -609,8 +609,8 @@ def test_llama2_7b_shaped_plans_fit_fp32_budgets_quickly():
 
 def test_the_weakest_rank_counts_a_u_shaped_clients_tail():
     from hsplitlora.hetero.costmodel import ModelDims, Workload, client_memory
+    from hsplitlora.hetero.planner import uniform_rank
     from hsplitlora.hetero.profiles import DeviceProfile
-    from hsplitlora.hetero.scheme import uniform_rank
     from tests.conftest import tiny_config
 
     dims = ModelDims.from_config(tiny_config("llama"))
