@@ -89,7 +89,7 @@ def simulate(
                                   clients, server, work, tail)
         for a in aggs.get(rnd, []):
             if a["event"] == "probe":
-                clock += _probe(a["links"], dims, clients, server, work)
+                clock += _probe(a["links"], dims, clients, server, work, tail)
             elif "links" in a:
                 clock += max((_transfer(clients[cid], server, up, down)
                               for cid, up, down in a["links"]), default=0.0)
@@ -122,15 +122,16 @@ def _transfer(dev: DeviceProfile, server: DeviceProfile, up: float, down: float)
 
 
 def _probe(links: Sequence[Sequence[int]], dims: ModelDims, clients: Sequence[DeviceProfile],
-           server: DeviceProfile, work: Workload) -> float:
+           server: DeviceProfile, work: Workload, tail: int = 0) -> float:
     """Seconds of one importance probe: per client ``[id, bytes up, bytes down,
-    batches, cut]``; each batch a forward and a backward to every weight on both sides."""
+    batches, cut]``; each batch a forward and a backward to every weight on both sides
+    (a U-shaped client's tail on its side)."""
     own, served = 0.0, 0.0
     for cid, up, down, batches, cut in links:
         dev = clients[cid]
-        client = 3 * client_flops(dims, cut, {}, work).forward / dev.flops
+        client = 3 * client_flops(dims, cut, {}, work, tail).forward / dev.flops
         own = max(own, batches * client + _transfer(dev, server, up, down))
-        served += batches * 3 * server_flops(dims, cut, {}, work).forward / server.flops
+        served += batches * 3 * server_flops(dims, cut, {}, work, tail).forward / server.flops
     return max(own, served)
 
 

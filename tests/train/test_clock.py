@@ -98,3 +98,11 @@ def test_a_u_shaped_step_holds_the_server_through_the_tails_round_trip():
     # both arrive together; the second waits for the whole of the first's U-shaped service
     assert t == [pytest.approx(head.forward / DEV.flops + 1000 / c_up + 2 * serving
                                + 400 / c_down + head.backward / DEV.flops)]
+    # a U-shaped probe: the client's side includes its tail, the server's only the middle
+    probe = {"event": "probe", "round": 0, "links": [[0, 0, 0, 2, cut], [1, 0, 0, 2, cut]]}
+    probed = simulate([*_records(2, up=1400, down=800), probe], mode=mode_of("hsplitlora"),
+                      **kw)
+    own = 2 * 3 * client_flops(dims, cut, {}, work, tail).forward / DEV.flops
+    served = 2 * 2 * 3 * server_flops(dims, cut, {}, work, tail).forward / SRV.flops
+    assert probed[0] - t[0] == pytest.approx(max(own, served))
+    assert own > 2 * 3 * head.forward / DEV.flops  # the tail is the client's work
