@@ -90,8 +90,10 @@ from hsplitlora.hetero.costmodel import (
     step_time,
 )
 from hsplitlora.hetero.profiles import DeviceProfile, format_bytes
+from hsplitlora.models.structure import client_blocks
 
 __all__ = [
+    "merged_downloads",
     "DEFAULT_RANKS",
     "ClientPlan",
     "Plan",
@@ -135,6 +137,9 @@ class PlannerSettings:
     deadlines: int = 64  # deadlines tried between the fastest and the slowest round
     shared_server: bool = False  # one server-side adapter per block for every client
     tail: int = 0  # U-shaped split: every client also keeps the last `tail` blocks and the head
+    # A merging aggregator (noise-free, stacking): at each aggregation a client downloads
+    # the merged update of every matrix of its blocks, not its own adapter back
+    merged_download: bool = False
 
     def __post_init__(self) -> None:
         if sorted(set(self.ranks)) != list(self.ranks) or self.ranks[0] != 0 or len(self.ranks) < 2:
@@ -379,31 +384,71 @@ class _Client:
 
 @dataclass(frozen=True)
 class _Rates:
-    """A client's seconds per FLOP, per byte sent and per adapter parameter moved."""
+    """A client's seconds per FLOP, per byte sent and per adapter parameter moved, and
+    per aggregation the download every option's cut costs it regardless of its adapters
+    (the merged updates of its blocks; zeros when it gets its own adapter back)."""
 
     flop: float
     transfer: float  # activations up and gradient down, per step
-    param: float  # one adapter parameter up and down, per aggregation
+    param: float  # one adapter parameter up (and down, without merged downloads)
     server_flop: float
+    download: np.ndarray  # [L + 1] seconds per aggregation by cut
 
     @classmethod
     def of(cls, profile: DeviceProfile, server: DeviceProfile, dims: ModelDims,
-           work: Workload, tail: int = 0) -> _Rates:
+           work: Workload, tail: int = 0, merged: Sequence[float] | None = None) -> _Rates:
+        """``merged``: bytes per block of the merged update a holder downloads (None: each
+        client gets its own adapter back, at its size)."""
         up = min(profile.uplink_bps, server.downlink_bps)
         down = min(server.uplink_bps, profile.downlink_bps)
+        n = dims.n_layers
+        download = np.zeros(n + 1)
+        if merged is not None:
+            for cut in range(n + 1):
+                download[cut] = sum(merged[b] for b in client_blocks(cut, tail, n)
+                                    if b < n) / down
         return cls(
             flop=1 / profile.flops,
             transfer=bytes_up(work.batch, work.seq, dims.hidden, work.act_bytes, tail) / up
             + bytes_down(work.batch, work.seq, dims.hidden, work.act_bytes, tail) / down,
-            param=work.lora_bytes * (1 / up + 1 / down),
+            param=work.lora_bytes * (1 / up + (0 if merged is not None else 1 / down)),
             server_flop=1 / server.flops,
+            download=download,
         )
+
+
+def merged_downloads(plans: Sequence[ClientPlan], dims: ModelDims,
+                     shared_server: bool = False) -> list[float]:
+    """Per block, the bytes a client that holds it downloads at a merging aggregation: for
+    each matrix the merged update as it is sent (:func:`~hsplitlora.aggregate.
+    dense_or_factors`), ``min(d_out d_in, R (d_in + d_out))`` fp32 values, where ``R`` sums
+    every contributor's rank on it: the clients' adapters, and the server side's (one
+    shared adapter at its widest rank, or one copy per participant)."""
+    ranks: dict[str, int] = {}
+    for c in plans:
+        for m, r in c.ranks.items():
+            ranks[m] = ranks.get(m, 0) + r
+    server: dict[str, int] = {}
+    for c in plans:
+        for m, r in c.server_ranks.items():
+            server[m] = max(server.get(m, 0), r) if shared_server else server.get(m, 0) + r
+    out = [0.0] * dims.n_layers
+    for m in set(ranks) | set(server):
+        block, matrix = dims.locate(m)
+        total = ranks.get(m, 0) + server.get(m, 0)
+        out[block] += 4.0 * min(matrix.d_out * matrix.d_in, matrix.lora_params(total))
+    return out
 
 
 def _fixed(t: _Table, rates: _Rates) -> tuple[np.ndarray, np.ndarray]:
     """Per option: step seconds without client adapters, and the server's share of it."""
     server = t.server_flops * rates.server_flop
     return t.client_flops * rates.flop + rates.transfer + server, server
+
+
+def _downloads(t: _Table, rates: _Rates) -> np.ndarray:
+    """Per option: seconds of the merged updates its cut downloads at each aggregation."""
+    return rates.download[t.cut]
 
 
 def _evaluate(t: _Table, profile: DeviceProfile, rates: _Rates, s: PlannerSettings,
@@ -420,7 +465,8 @@ def _evaluate(t: _Table, profile: DeviceProfile, rates: _Rates, s: PlannerSettin
         n_step = (t.cum_flops * rates.flop <= step_left[:, None]).sum(axis=1)
         step_ok = step_left >= 0
     tau = interval * t.cum_flops * rates.flop + t.cum_params * rates.param  # [O, S]
-    round_left = deadlines[None, :] - interval * step0[:, None]  # [O, D]
+    fetch = _downloads(t, rates)
+    round_left = deadlines[None, :] - (interval * step0 + fetch)[:, None]  # [O, D]
     if np.isinf(deadlines).all():
         n_time = np.full(round_left.shape, tau.shape[1])
     else:
@@ -434,7 +480,7 @@ def _evaluate(t: _Table, profile: DeviceProfile, rates: _Rates, s: PlannerSettin
 
     utility = t.served[:, None] + at(t.cum_gain)
     rounds = interval * (step0[:, None] + at(t.cum_flops) * rates.flop) \
-        + at(t.cum_params) * rates.param
+        + at(t.cum_params) * rates.param + fetch[:, None]
     ok = ((mem_left >= 0) & step_ok)[:, None] & (round_left >= 0) \
         & (n_clients * interval * server[:, None] <= deadlines[None, :] * (1 + 1e-12))
     utility = np.where(ok, utility, -np.inf)
@@ -455,7 +501,7 @@ def _deadlines(t: _Table, clients: Sequence[tuple[DeviceProfile, _Rates]],
     lo = hi = 0.0
     for _, rates in clients:
         step0, server = _fixed(t, rates)
-        floor = np.maximum(interval * step0, n * interval * server)
+        floor = np.maximum(interval * step0 + _downloads(t, rates), n * interval * server)
         if s.time_budget_s is not None:
             floor = np.where(step0 <= s.time_budget_s, floor, np.inf)
         full = interval * t.cum_flops[:, -1] * rates.flop + t.cum_params[:, -1] * rates.param
@@ -491,7 +537,35 @@ def plan_clients(
         np.asarray(shares, dtype=np.float64) / math.fsum(shares)
     norm = _normalised(dims, gains, s)
     t = _table(dims, norm, work, s, max_cut)
-    clients = [(prof, _Rates.of(prof, server, dims, work, s.tail)) for prof in profiles]
+    plan = _plan_all(profiles, server, dims, work, s, p, t, None)
+    if not s.merged_download:
+        return plan
+    # Each client's download depends on everyone's ranks: plan, cost the merged updates
+    # those plans send, plan again, until the plans repeat (or after a few rounds).
+    seen = [_shape(plan)]
+    for _ in range(_MERGED_ITERATIONS):
+        plan = _plan_all(profiles, server, dims, work, s, p, t,
+                         merged_downloads(plan.clients, dims, s.shared_server))
+        if _shape(plan) in seen:
+            break
+        seen.append(_shape(plan))
+    return plan
+
+
+_MERGED_ITERATIONS = 4
+
+
+def _shape(plan: Plan) -> tuple[tuple[int, tuple[tuple[str, int], ...]], ...]:
+    return tuple((c.cut, tuple(sorted(c.ranks.items()))) for c in plan.clients)
+
+
+def _plan_all(profiles: Sequence[DeviceProfile], server: DeviceProfile, dims: ModelDims,
+              work: Workload, s: PlannerSettings, p: np.ndarray, t: _Table,
+              merged: Sequence[float] | None) -> Plan:
+    """One pass of the planner over every client, with the merged downloads ``merged``
+    (per block; None: each client's own adapter comes back)."""
+    clients = [(prof, _Rates.of(prof, server, dims, work, s.tail, merged))
+               for prof in profiles]
     for i, (prof, rates) in enumerate(clients):
         _check_fits(i, prof, t, rates, s, work)
     deadlines = _deadlines(t, clients, s)
@@ -619,7 +693,8 @@ def _raise_late(cid: int, profile: DeviceProfile, t: _Table, rates: _Rates,
                 s: PlannerSettings, n_clients: int, deadline: float) -> None:
     step0, server = _fixed(t, rates)
     fits = profile.memory_bytes >= t.reserved
-    floor = float(np.maximum(s.interval * step0, n_clients * s.interval * server)[fits].min())
+    floor = float(np.maximum(s.interval * step0 + _downloads(t, rates),
+                             n_clients * s.interval * server)[fits].min())
     raise PlanError(
         f"client {cid} ({profile.name}): round deadline {deadline:.3g} s misses by "
         f"{floor - deadline:.3g} s: its fastest round ({s.interval} steps, the server shared "

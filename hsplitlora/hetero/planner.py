@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from hsplitlora.hetero.armsc import (
     Plan,
     PlanError,
     PlannerSettings,
+    merged_downloads,
     plan_clients,
     server_load,
     should_replan,
@@ -50,7 +52,8 @@ from hsplitlora.hetero.importance import (
 )
 from hsplitlora.hetero.profiles import DeviceProfile, format_bytes
 from hsplitlora.models.lora import target_module_names
-from hsplitlora.models.split import arch_spec, client_blocks
+from hsplitlora.models.split import arch_spec
+from hsplitlora.models.structure import client_blocks
 from hsplitlora.modes import MERGING
 from hsplitlora.roles.messages import Activations, ServerReply, nbytes
 from hsplitlora.train.hetero import HeteroSystem, PartyPlan
@@ -204,7 +207,7 @@ class Planner:
             max_cut=max(cuts), server_rank=self.hc.server_rank,
             time_budget_s=self.hc.time_budget_s, interval=cfg.train.agg_interval,
             round_time_s=self.hc.round_time_s, shared_server=cfg.server_side == "shared",
-            tail=self.tail)
+            tail=self.tail, merged_download=aggregator_for(cfg) in MERGING)
 
     def state_dict(self) -> dict[str, Any]:
         """The importance history and the scores the current plans were made on."""
@@ -307,8 +310,9 @@ class Planner:
         return self.plans(smoothed)
 
     def describe(self, plans: Sequence[PartyPlan]) -> Plan:
-        """The cost model's view of some plans (memory, step time, the main server's
-        load), for the plan table and the run's summary."""
+        """The cost model's view of some plans (memory, step time, round time with what
+        each aggregation moves over the client's link, the main server's load), for the
+        plan table and the run's summary."""
         out, tail = [], self.tail
         for cid, (plan, profile) in enumerate(zip(plans, self.profiles, strict=True)):
             own = set(client_blocks(plan.cut, tail, self.dims.n_layers))
@@ -317,14 +321,20 @@ class Planner:
             memory = client_memory(self.dims, plan.cut, client, self.work, tail)
             seconds = step_time(profile, self.server, self.dims, plan.cut, client, server,
                                 self.work, tail).total
-            moved = adapter_bytes(self.dims, client, self.work) * (
-                1 / min(profile.uplink_bps, self.server.downlink_bps)
-                + 1 / min(self.server.uplink_bps, profile.downlink_bps))
             served = server_flops(self.dims, plan.cut, server, self.work, tail).total
             out.append(ClientPlan(cid, profile, plan.cut, client, server, memory,
                                   profile.memory_bytes, seconds, float("nan"),
-                                  round_seconds=self.settings.interval * seconds + moved,
                                   server_seconds=served / self.server.flops))
+        merged = (merged_downloads(out, self.dims, self.settings.shared_server)
+                  if self.settings.merged_download else None)
+        for i, c in enumerate(out):
+            up = min(c.profile.uplink_bps, self.server.downlink_bps)
+            down = min(self.server.uplink_bps, c.profile.downlink_bps)
+            sent = adapter_bytes(self.dims, c.ranks, self.work)
+            fetched = sent if merged is None else sum(
+                merged[b] for b in client_blocks(c.cut, tail, self.dims.n_layers))
+            out[i] = replace(c, round_seconds=self.settings.interval * c.step_seconds
+                             + sent / up + fetched / down)
         return Plan(out, server=server_load(out, self.server, self.dims, self.work,
                                             self.settings.interval,
                                             shared=self.settings.shared_server, tail=tail))

@@ -48,7 +48,6 @@ __all__ = [
     "ServerSegment",
     "SplitError",
     "arch_spec",
-    "client_blocks",
     "num_blocks",
     "server_view",
     "split_model",
@@ -63,14 +62,6 @@ ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"
 def num_blocks(config: Any) -> int:
     """Number of transformer blocks of a model config."""
     return int(getattr(config, arch_spec(config).n_layers))
-
-
-def client_blocks(cut: int, tail: int, n_blocks: int) -> range | list[int]:
-    """The blocks a client holds: ``[0, cut)``, and with a tail (a U-shaped split) also
-    ``[n_blocks - tail, n_blocks)``."""
-    if not tail:
-        return range(cut)
-    return [*range(cut), *range(n_blocks - tail, n_blocks)]
 
 
 def _check_cut(cut: int, n_blocks: int) -> None:

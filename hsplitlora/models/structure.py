@@ -36,6 +36,7 @@ __all__ = [
     "SplitError",
     "arch_spec",
     "check_cut",
+    "client_blocks",
     "discover",
 ]
 
@@ -574,3 +575,11 @@ def arch_spec(config_or_model: Any) -> ArchSpec:
         raise SplitError(f"cannot split {config_or_model!r}: expected a transformers config "
                          "or model")
     return _spec_of_config(config_or_model)
+
+
+def client_blocks(cut: int, tail: int, n_blocks: int) -> range | list[int]:
+    """The blocks a client holds: ``[0, cut)``, and with a tail (a U-shaped split) also
+    ``[n_blocks - tail, n_blocks)``."""
+    if not tail:
+        return range(cut)
+    return [*range(cut), *range(n_blocks - tail, n_blocks)]

@@ -51,7 +51,8 @@ from hsplitlora.models.lora import (
     target_module_names,
 )
 from hsplitlora.models.shared import merged_delta, restore_original
-from hsplitlora.models.split import arch_spec, client_blocks, num_blocks, server_view
+from hsplitlora.models.split import arch_spec, num_blocks, server_view
+from hsplitlora.models.structure import client_blocks
 from hsplitlora.modes import MERGING
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import nbytes

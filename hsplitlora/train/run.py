@@ -30,7 +30,8 @@ from hsplitlora.data.tokenize import TokenizedDataset, pad_id_for
 from hsplitlora.eval.generate import GenerationSettings, generate
 from hsplitlora.eval.perplexity import perplexity
 from hsplitlora.models.lora import LoraSettings, attach_lora, load_lora_state, save_peft_adapter
-from hsplitlora.models.split import arch_spec, client_blocks, num_blocks
+from hsplitlora.models.split import arch_spec, num_blocks
+from hsplitlora.models.structure import client_blocks
 from hsplitlora.privacy.accountant import privacy_report
 from hsplitlora.report import plot_loss
 from hsplitlora.runtime.compile import check_compiler

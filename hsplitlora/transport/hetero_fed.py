@@ -33,7 +33,8 @@ import torch
 
 from hsplitlora import aggregate as agg
 from hsplitlora.models.lora import adapter_shapes
-from hsplitlora.models.split import ArchSpec, client_blocks
+from hsplitlora.models.split import ArchSpec
+from hsplitlora.models.structure import client_blocks
 from hsplitlora.modes import MERGING
 from hsplitlora.roles.messages import nbytes
 from hsplitlora.train.hetero import Contribution, PerParticipant, combine

@@ -27,7 +27,8 @@ import torch
 from hsplitlora.checkpoint import atomic_save, load_checkpoint
 from hsplitlora.models.lora import base_weights, matrix_shapes
 from hsplitlora.models.shared import set_delta
-from hsplitlora.models.split import arch_spec, client_blocks, num_blocks
+from hsplitlora.models.split import arch_spec, num_blocks
+from hsplitlora.models.structure import client_blocks
 from hsplitlora.roles.client import Client
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.train.parties import hetero_client_recipe, hetero_segments

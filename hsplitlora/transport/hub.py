@@ -47,7 +47,8 @@ from torch import nn
 from hsplitlora.config import RunConfig
 from hsplitlora.models.lora import LoraSettings, adapter_shapes, matrix_shapes
 from hsplitlora.models.shared import merge_state
-from hsplitlora.models.split import ArchSpec, arch_spec, client_blocks, num_blocks
+from hsplitlora.models.split import ArchSpec, arch_spec, num_blocks
+from hsplitlora.models.structure import client_blocks
 from hsplitlora.roles.messages import Activations, ServerReply
 from hsplitlora.roles.server import MainServer
 from hsplitlora.train.engine import everyone

@@ -37,7 +37,7 @@ from hsplitlora.hetero.costmodel import (
     step_time,
 )
 from hsplitlora.hetero.profiles import PRESETS, DeviceProfile, format_bytes
-from hsplitlora.models.split import client_blocks
+from hsplitlora.models.structure import client_blocks
 
 SERVER = PRESETS["server"]
 WORK = Workload.for_precision("bf16", 2, 16)
