@@ -162,17 +162,33 @@ def experiment(
     file: Annotated[Path, typer.Argument(help="experiment YAML (base, grid, evaluate, output)")],
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="list the runs and which are done; train nothing")] = False,
+    summary_only: Annotated[bool, typer.Option(
+        "--summary-only", help="write summary.md, summary.csv and the plots from the runs "
+        "that finished; train and score nothing (a grid still running elsewhere, or "
+        "stopped part way)")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="hide progress bars")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log more")] = False,
 ) -> None:
     """Run a grid of runs (modes x ranks x cuts x seeds); finished runs are skipped, so
     re-running resumes. Writes summary.md, summary.csv and plots into the grid folder."""
     setup_logging(verbose)
-    from hsplitlora.experiment import PlannedRun, load_experiment, run_experiment
+    from hsplitlora.experiment import (
+        PlannedRun,
+        collect_rows,
+        load_experiment,
+        run_experiment,
+        write_summary,
+    )
     from hsplitlora.train.run import checkpoint_path
 
     with user_errors():
         exp = load_experiment(file)
+    if summary_only:
+        rows = collect_rows(exp)
+        write_summary(exp, rows)
+        console.print(f"{len(rows)} of {len(exp.runs)} runs finished; summary: "
+                      f"{exp.output / 'summary.md'}")
+        return
     if dry_run:
         plan = Table(title=f"{len(exp.runs)} runs in {exp.output}")
         plan.add_column("run")

@@ -44,6 +44,7 @@ from hsplitlora.eval.generate import GenerationSettings
 from hsplitlora.eval.metrics import METRIC_NAMES
 from hsplitlora.experiment_table import LossCurve, headline, mean_spread, seed_groups, time_to_loss
 from hsplitlora.modes import MODES
+from hsplitlora.train.clock import PARTS
 from hsplitlora.train.run import checkpoint_path, train
 
 matplotlib.use("Agg")
@@ -76,7 +77,8 @@ GRID_KEYS: dict[str, tuple[str, str]] = {
 # The grid key naming a bundle of settings from the file's ``variants``.
 VARIANT = "variant"
 CSV_COLUMNS = ("run", "variant", "partition", "mode", "rank", "cut", "clients", "seed",
-               "eval_ppl", *METRIC_NAMES, "wall_s", "simulated_s", "client_trainable_params",
+               "eval_ppl", *METRIC_NAMES, "wall_s", "simulated_s",
+               *(f"simulated_{part}_s" for part in PARTS), "client_trainable_params",
                "bytes_sent")
 
 
@@ -392,9 +394,14 @@ def collect_rows(exp: Experiment) -> list[dict[str, Any]]:
             **{name: scores.get(name) for name in METRIC_NAMES},
             "wall_s": summary.get("wall_s"),
             "simulated_s": summary.get("simulated_s"),
+            # runs trained before the split was recorded have none
+            **{f"simulated_{part}_s": summary.get("simulated_parts", {}).get(part)
+               for part in PARTS},
             "client_trainable_params": summary.get("client_trainable_params"),
             "bytes_sent": summary.get("bytes_up", 0) + summary.get("bytes_down", 0),
         }
+        parts = [row[f"simulated_{part}_s"] for part in PARTS]
+        row["simulated_parts"] = None if None in parts else parts
         rows.append(row)
     return rows
 
@@ -579,6 +586,8 @@ def _fmt(value: Any, kind: str = "") -> str:
         return f"{value / 1e6:.3f}M"
     if kind == "time":
         return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+    if kind == "parts":  # a row's split of its simulated seconds
+        return " / ".join(_fmt(v, "time") for v in value)
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
@@ -592,6 +601,7 @@ _MD_COLUMNS = [  # header, row key, format
     ("NIST", "NIST", ""), ("METEOR", "METEOR", ""), ("ROUGE-L (%)", "ROUGE_L", "pct"),
     ("CIDEr", "CIDEr", ""), ("wall (s)", "wall_s", "time"),
     ("simulated (s)", "simulated_s", "time"),
+    ("of which steps / agg. / probing (s)", "simulated_parts", "parts"),
     ("client params", "client_trainable_params", "count"), ("sent (MiB)", "bytes_sent", "bytes"),
 ]
 

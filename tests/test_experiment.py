@@ -176,6 +176,31 @@ def test_a_run_that_cannot_train_is_reported_and_the_grid_goes_on(tmp_path, tiny
     assert out.exit_code == 2 and f"{bad}: failed" in out.output and ": skip" in out.output
 
 
+def test_summary_only_tables_the_finished_runs_and_trains_nothing(tmp_path, tiny_llama_dir,
+                                                                 monkeypatch):
+    path = _experiment(tmp_path, tiny_llama_dir)
+    grid = tmp_path / "grid"
+    run_experiment(path, show_progress=False)
+    (grid / CENTRAL / "summary.json").unlink()  # as if that run were still training
+    (grid / "summary.md").unlink()
+    _forbid(monkeypatch, "train")
+    _forbid(monkeypatch, "evaluate_run")
+    out = CliRunner().invoke(app, ["experiment", str(path), "--summary-only"])
+    assert out.exit_code == 0, out.output
+    assert "1 of 2 runs finished" in out.output
+    assert set(_rows(grid)) == {SPLIT}
+    md = (grid / "summary.md").read_text()
+    assert "1 of 2 runs finished" in md
+    # the split of the simulated seconds, as the run recorded it
+    summary = json.loads((grid / SPLIT / "summary.json").read_text())
+    parts = summary["simulated_parts"]
+    assert sum(parts.values()) == pytest.approx(summary["simulated_s"])
+    row = _rows(grid)[SPLIT]
+    assert parts["aggregation"] > 0
+    assert float(row["simulated_aggregation_s"]) == pytest.approx(parts["aggregation"])
+    assert float(row["simulated_probing_s"]) == 0
+
+
 def test_runner_scores_runs_once_per_setting(tmp_path, tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(evaluate_module, "score", lambda hyps, refs: Scores(
         bleu=0.5, nist=5.0, meteor=0.4, rouge_l=0.6, cider=1.5))

@@ -32,14 +32,17 @@ the slower end of the link. Latency and queueing on the network are not modelled
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hsplitlora.hetero.costmodel import ModelDims, Workload, client_flops, server_flops
 from hsplitlora.hetero.profiles import DeviceProfile
 from hsplitlora.modes import Mode
 
-__all__ = ["simulate"]
+__all__ = ["PARTS", "simulate", "simulated_parts"]
+
+# What a run's simulated seconds are spent on (:func:`simulated_parts`).
+PARTS = ("steps", "aggregation", "probing")
 
 
 def simulate(
@@ -102,6 +105,22 @@ def simulate(
             cuts, ranks = _plans(replans[rnd], cuts, ranks)
         out.append(clock)
     return out
+
+
+def simulated_parts(records: Sequence[Mapping[str, Any]], **kw: Any) -> dict[str, float]:
+    """The run's simulated seconds split into what they were spent on: the training steps
+    (activations, gradients and compute), the aggregations (adapters up, aggregates or
+    merged updates down, and a HetLoRA start) and importance probing. Each part adds its
+    rounds' seconds to the clock, so dropping its records takes exactly its share away;
+    ``kw`` as :func:`simulate` takes them."""
+    def total(keep: Callable[[Mapping[str, Any]], bool]) -> float:
+        times = simulate([r for r in records if keep(r)], **kw)
+        return times[-1] if times else 0.0
+
+    whole = total(lambda r: True)
+    probing = whole - total(lambda r: r.get("event") != "probe")
+    steps = total(lambda r: r.get("event") not in ("probe", "aggregate", "start", "handoff"))
+    return {"steps": steps, "aggregation": whole - steps - probing, "probing": probing}
 
 
 def _plans(event: Mapping[str, Any], cuts: Mapping[int, int],

@@ -39,6 +39,7 @@ from hsplitlora.runtime.device import resolve_device
 from hsplitlora.runtime.process import keep_freed_memory, set_threads
 from hsplitlora.train import engine
 from hsplitlora.train.attendance import present
+from hsplitlora.train.clock import simulate, simulated_parts
 from hsplitlora.train.parties import (
     client_recipes,
     fed_server,
@@ -476,6 +477,7 @@ def train(cfg: RunConfig, *, model: nn.Module | None = None, tokenizer: Any = No
         sim = simulated_times(p, rec.records, adapter, p.plans)
         summary["simulated_s"] = sim[-1] if sim else 0.0
         summary["simulated_round_s"] = sim
+        summary["simulated_parts"] = simulated_parts(rec.records, **_clock(p, adapter, p.plans))
         if cfg.privacy.enabled:
             spent = privacy_report(cfg, dict(enumerate(len(s) for s in p.shards)), rec.records)
             rec.event("privacy", round=_total_rounds(cfg) - 1, **spent)
@@ -531,8 +533,13 @@ def simulated_times(p: Prepared, records: list[dict[str, Any]],
     ``plans`` maps each client to its (cut, ranks); by default every client has
     ``train.cut`` and the run's adapter ranks.
     """
+    return simulate(records, **_clock(p, adapter, plans))
+
+
+def _clock(p: Prepared, adapter: dict[str, torch.Tensor],
+           plans: dict[int, tuple[int, dict[str, int]]] | None) -> dict[str, Any]:
+    """The simulated clock's settings for this run (see :func:`simulated_times`)."""
     from hsplitlora.hetero.costmodel import ModelDims
-    from hsplitlora.train.clock import simulate
 
     cfg = p.cfg
     dims = ModelDims.from_config(p.model.config)
@@ -542,12 +549,12 @@ def simulated_times(p: Prepared, records: list[dict[str, Any]],
         ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0])
                  for k, v in adapter.items() if k.endswith(".lora_A.weight")}
         plans = {cid: (cfg.train.cut, ranks) for cid in range(cfg.train.num_clients)}
-    return simulate(records, mode=cfg.mode, unsplit=cfg.hetero.federated, dims=dims,
-                    cuts={c: cut for c, (cut, _) in plans.items()},
-                    ranks={c: r for c, (_, r) in plans.items()},
-                    clients=profiles, server=cfg.hetero.scenario.server_profile(),
-                    batch=cfg.train.batch_size, seq=mean_length(p.shards),
-                    precision=cfg.train.precision, tail=cfg.train.tail)
+    return dict(mode=cfg.mode, unsplit=cfg.hetero.federated, dims=dims,
+                cuts={c: cut for c, (cut, _) in plans.items()},
+                ranks={c: r for c, (_, r) in plans.items()},
+                clients=profiles, server=cfg.hetero.scenario.server_profile(),
+                batch=cfg.train.batch_size, seq=mean_length(p.shards),
+                precision=cfg.train.precision, tail=cfg.train.tail)
 
 
 def _summary(p: Prepared, rec: Recorder, wall: float) -> dict[str, Any]:

@@ -106,3 +106,24 @@ def test_a_u_shaped_step_holds_the_server_through_the_tails_round_trip():
     served = 2 * 2 * 3 * server_flops(dims, cut, {}, work, tail).forward / SRV.flops
     assert probed[0] - t[0] == pytest.approx(max(own, served))
     assert own > 2 * 3 * head.forward / DEV.flops  # the tail is the client's work
+
+
+def test_the_simulated_seconds_split_into_steps_aggregation_and_probing():
+    from hsplitlora.train.clock import simulated_parts
+
+    dims = ModelDims.from_config(tiny_config("llama"))
+    kw = dict(mode=mode_of("hsplitlora"), dims=dims, cuts={0: 1, 1: 2}, ranks={},
+              clients=[DEV, DEV.model_copy(update={"uplink_bps": 1e5})], server=SRV,
+              batch=2, seq=8, precision="fp32")
+    steps = [{"round": r, "client": c, "loss": 1.0, "tokens": 8, "bytes_up": 300,
+              "bytes_down": 200} for r in (0, 1) for c in (0, 1)]
+    agg = {"event": "aggregate", "round": 0, "links": [[0, 5000, 100], [1, 1000, 100]]}
+    probe = {"event": "probe", "round": 1, "links": [[0, 40, 40, 2, 1], [1, 40, 40, 2, 2]]}
+    parts = simulated_parts([*steps, agg, probe], **kw)
+    assert parts["steps"] == pytest.approx(simulate(steps, **kw)[-1])
+    assert parts["aggregation"] == pytest.approx(simulate([*steps, agg], **kw)[-1]
+                                                 - parts["steps"])
+    assert parts["probing"] == pytest.approx(simulate([*steps, probe], **kw)[-1]
+                                             - parts["steps"])
+    assert sum(parts.values()) == pytest.approx(simulate([*steps, agg, probe], **kw)[-1])
+    assert min(parts.values()) > 0
