@@ -181,6 +181,7 @@ class ClientPlan:
     utility: float  # U: normalised gain of client and server adapters
     round_seconds: float = float("nan")  # I steps and one adapter upload + download
     server_seconds: float = float("nan")  # the main server's compute per step for this client
+    aggregation_seconds: float = float("nan")  # its adapter up, the aggregate down
 
 
 @dataclass(frozen=True)
@@ -380,6 +381,8 @@ class _Client:
     utility: np.ndarray
     round_seconds: np.ndarray
     server_seconds: np.ndarray  # per step
+    step_seconds: np.ndarray | None = None  # synchronous rounds: the client's step
+    agg_seconds: np.ndarray | None = None  # and its aggregation
 
 
 @dataclass(frozen=True)
@@ -479,15 +482,90 @@ def _evaluate(t: _Table, profile: DeviceProfile, rates: _Rates, s: PlannerSettin
         return np.where(some, np.take_along_axis(cum, last, axis=1), 0.0)
 
     utility = t.served[:, None] + at(t.cum_gain)
-    rounds = interval * (step0[:, None] + at(t.cum_flops) * rates.flop) \
-        + at(t.cum_params) * rates.param + fetch[:, None]
+    agg = at(t.cum_params) * rates.param + fetch[:, None]
+    rounds = interval * (step0[:, None] + at(t.cum_flops) * rates.flop) + agg
     ok = ((mem_left >= 0) & step_ok)[:, None] & (round_left >= 0) \
         & (n_clients * interval * server[:, None] <= deadlines[None, :] * (1 + 1e-12))
     utility = np.where(ok, utility, -np.inf)
     top = utility.max(axis=0)
     option = np.argmax(utility >= top[None, :] - _TIE, axis=0)  # options sorted by preference
     cols = np.arange(len(deadlines))
-    return _Client(option, taken[option, cols], top, rounds[option, cols], server[option])
+    return _Client(option, taken[option, cols], top, rounds[option, cols], server[option],
+                   agg_seconds=agg[option, cols])
+
+
+def _evaluate_sync(t: _Table, profile: DeviceProfile, rates: _Rates, s: PlannerSettings,
+                   n_clients: int, steps: np.ndarray, aggs: np.ndarray) -> _Client:
+    """:func:`_evaluate` for synchronous rounds: at each pair ``(steps[p], aggs[p])`` the
+    client's step (compute, its transfers, the server's share) must fit the step deadline
+    and its aggregation (adapter up, what comes down) the aggregation deadline, since
+    every local step waits for the slowest client and every aggregation for the slowest
+    link. ``round_seconds`` is the client's own ``I x step + aggregation``."""
+    interval = s.interval
+    step0, server = _fixed(t, rates)
+    fetch = _downloads(t, rates)
+    mem_left = profile.memory_bytes - t.reserved
+    n_mem = (t.cum_bytes <= mem_left[:, None]).sum(axis=1)
+    budget = np.inf if s.time_budget_s is None else s.time_budget_s
+    flops = t.cum_flops * rates.flop  # [O, K], non-decreasing along K
+    params = t.cum_params * rates.param
+    n_options = len(step0)
+    n_step = np.empty((n_options, len(steps)), dtype=np.int64)
+    n_agg = np.empty((n_options, len(aggs)), dtype=np.int64)
+    for o in range(n_options):  # prefix counts that fit each deadline
+        n_step[o] = np.searchsorted(flops[o], np.minimum(steps, budget) - step0[o],
+                                    side="right")
+        n_agg[o] = np.searchsorted(params[o], aggs - fetch[o], side="right")
+    taken = np.minimum(np.minimum(n_step, n_agg), n_mem[:, None])  # [O, P]
+    last = np.maximum(taken - 1, 0)
+    some = taken > 0
+
+    def at(cum: np.ndarray) -> np.ndarray:
+        return np.where(some, np.take_along_axis(cum, last, axis=1), 0.0)
+
+    utility = t.served[:, None] + at(t.cum_gain)
+    step = step0[:, None] + at(t.cum_flops) * rates.flop
+    agg = at(t.cum_params) * rates.param + fetch[:, None]
+    ok = ((mem_left >= 0) & (step0 <= budget))[:, None] \
+        & (step0[:, None] <= steps[None, :]) & (fetch[:, None] <= aggs[None, :]) \
+        & (n_clients * server[:, None] <= steps[None, :] * (1 + 1e-12))
+    utility = np.where(ok, utility, -np.inf)
+    top = utility.max(axis=0)
+    option = np.argmax(utility >= top[None, :] - _TIE, axis=0)
+    cols = np.arange(len(steps))
+    return _Client(option, taken[option, cols], top,
+                   interval * step[option, cols] + agg[option, cols], server[option],
+                   step[option, cols], agg[option, cols])
+
+
+def _pairs(t: _Table, clients: Sequence[tuple[DeviceProfile, _Rates]],
+           s: PlannerSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The (step, aggregation) deadline pairs to try: geometric grids from the slowest
+    client's fastest step (and the server's equal share of it) and its cheapest
+    aggregation up to what the most expensive plan could take; every pair of the two.
+    Memory plays no part, as in :func:`_deadlines`."""
+    n = len(clients)
+    lo_s = hi_s = lo_a = hi_a = 0.0
+    budget = np.inf if s.time_budget_s is None else s.time_budget_s
+    for _, rates in clients:
+        step0, server = _fixed(t, rates)
+        floor = np.where(step0 <= budget, np.maximum(step0, n * server), np.inf)
+        fetch = _downloads(t, rates)
+        lo_s = max(lo_s, float(floor.min()))
+        full = np.maximum(step0 + t.cum_flops[:, -1] * rates.flop, n * server)
+        hi_s = max(hi_s, float(full[np.isfinite(floor)].max(initial=0.0)))
+        lo_a = max(lo_a, float(fetch[np.isfinite(floor)].min(initial=0.0)))
+        hi_a = max(hi_a, float((fetch + t.cum_params[:, -1] * rates.param).max()))
+    steps = (np.array([lo_s]) if not math.isfinite(lo_s) or hi_s <= lo_s
+             else np.geomspace(lo_s, hi_s, s.deadlines))
+    if hi_a <= 0:
+        aggs = np.zeros(1)
+    else:
+        aggs = np.geomspace(max(lo_a, hi_a * 1e-4), hi_a, max(8, s.deadlines // 2))
+        if lo_a == 0:
+            aggs = np.concatenate([[0.0], aggs])
+    grid_s, grid_a = np.meshgrid(steps, aggs, indexing="ij")
+    return grid_s.ravel(), grid_a.ravel()
 
 
 def _deadlines(t: _Table, clients: Sequence[tuple[DeviceProfile, _Rates]],
@@ -568,16 +646,28 @@ def _plan_all(profiles: Sequence[DeviceProfile], server: DeviceProfile, dims: Mo
                for prof in profiles]
     for i, (prof, rates) in enumerate(clients):
         _check_fits(i, prof, t, rates, s, work)
-    deadlines = _deadlines(t, clients, s)
-    per = [_evaluate(t, prof, rates, s, len(profiles), deadlines) for prof, rates in clients]
+    if s.round_time_s is None:  # synchronous rounds, the deadlines chosen
+        steps, aggs = _pairs(t, clients, s)
+        deadlines = s.interval * steps + aggs
+        per = [_evaluate_sync(t, prof, rates, s, len(profiles), steps, aggs)
+               for prof, rates in clients]
+    else:  # a fixed round deadline that every client's own round must meet
+        deadlines = _deadlines(t, clients, s)
+        per = [_evaluate(t, prof, rates, s, len(profiles), deadlines)
+               for prof, rates in clients]
     utility = np.array([c.utility for c in per])  # [N, D]
     feasible = np.isfinite(utility).all(axis=0)
     if not feasible.any():
         worst = next(i for i, c in enumerate(per) if not np.isfinite(c.utility[-1]))
         _raise_late(worst, profiles[worst], t, clients[worst][1], s, len(profiles),
                     float(deadlines[-1]))
-    rounds = np.maximum(np.array([c.round_seconds for c in per]).max(axis=0),
-                        s.interval * np.array([c.server_seconds for c in per]).sum(axis=0))
+    served = s.interval * np.array([c.server_seconds for c in per]).sum(axis=0)
+    if s.round_time_s is None:  # every step waits for the slowest, every aggregation too
+        rounds = (np.maximum(s.interval * np.array([c.step_seconds for c in per]).max(axis=0),
+                             served)
+                  + np.array([c.agg_seconds for c in per]).max(axis=0))
+    else:
+        rounds = np.maximum(np.array([c.round_seconds for c in per]).max(axis=0), served)
     progress = (p[:, None] * np.where(feasible, utility, 0.0)).sum(axis=0)
     # Chosen by progress over the deadline, not over the round the plans take (at most the
     # deadline): over a grid that memory does not move, this is what makes more memory
@@ -624,6 +714,8 @@ def _client_plan(cid: int, profile: DeviceProfile, server: DeviceProfile, dims: 
                                s.tail).total,
         utility=float(c.utility[d]), round_seconds=float(c.round_seconds[d]),
         server_seconds=float(c.server_seconds[d]),
+        aggregation_seconds=float(c.agg_seconds[d]) if c.agg_seconds is not None
+        else float("nan"),
     )
 
 

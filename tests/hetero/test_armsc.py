@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from hsplitlora.hetero.armsc import (
+    ClientPlan,
     PlanError,
     PlannerSettings,
     format_plan_table,
+    merged_downloads,
     plan_client,
     plan_clients,
     prior_gains,
@@ -497,6 +499,80 @@ def test_a_slower_client_gets_a_shallower_cut():
     cuts = [c.cut for c in plan.clients]
     assert cuts == sorted(cuts) and cuts[0] < cuts[-1], cuts
     assert all(c.round_seconds <= plan.round_seconds + 1e-12 for c in plan.clients)
+
+
+def test_rounds_wait_for_the_slowest_step_and_then_the_slowest_aggregation():
+    """The engine's rounds are synchronous (every local step waits for the slowest
+    client, every aggregation for the slowest link), and so is the plan's round: I times
+    the slowest step (or the server's queue) plus the slowest aggregation, more than any
+    one client's own I x step + aggregation when the slowest step and the slowest
+    aggregation are different clients'."""
+    gains = _spectral(SMALL, 1)
+    memory = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
+                           WORK).total
+    slow_compute = DeviceProfile(name="slow compute", memory_bytes=memory, flops=1e7,
+                                 uplink_bps=1e7, downlink_bps=1e7)
+    slow_link = DeviceProfile(name="slow link", memory_bytes=memory, flops=1e10,
+                              uplink_bps=2e5, downlink_bps=2e5)
+    s = PlannerSettings(ranks=Q, server_rank=2)
+    plan = plan_clients([slow_compute, slow_link], SERVER, SMALL, gains, WORK, s)
+    c0, c1 = plan.clients
+    for c in plan.clients:
+        assert c.round_seconds - c.aggregation_seconds > 0
+    steps = [(c.round_seconds - c.aggregation_seconds) / s.interval for c in plan.clients]
+    served = s.interval * sum(c.server_seconds for c in plan.clients)
+    assert plan.round_seconds == pytest.approx(
+        max(s.interval * max(steps), served) + max(c.aggregation_seconds for c in plan.clients),
+        rel=1e-9)
+    slowest_step = max(range(2), key=lambda i: steps[i])
+    slowest_agg = max(range(2), key=lambda i: plan.clients[i].aggregation_seconds)
+    assert slowest_step != slowest_agg  # the instance: two different bottlenecks
+    assert plan.round_seconds > max(c0.round_seconds, c1.round_seconds)
+
+
+def test_merged_downloads_count_every_contributors_rank_up_to_the_dense_size():
+    """Per block: each matrix's merged update as it is sent, min(dense, R (d_in + d_out))
+    fp32 values, R the ranks of the clients that hold it plus the server side's (the
+    widest, shared; summed, per participant)."""
+    q = SMALL.module_name(0, SMALL.locate("model.layers.0.self_attn.q_proj")[1])
+    matrix = SMALL.locate(q)[1]
+    down1 = SMALL.module_name(1, SMALL.locate("model.layers.1.mlp.down_proj")[1])
+    d1 = SMALL.locate(down1)[1]
+
+    def client(cut, ranks, server_ranks):
+        return ClientPlan(0, SERVER, cut, ranks, server_ranks, None, 0, 0.0, 0.0)
+
+    plans = [client(1, {q: 2}, {down1: 4}), client(1, {q: 4}, {down1: 8})]
+    shared = merged_downloads(plans, SMALL, shared_server=True)
+    apart = merged_downloads(plans, SMALL, shared_server=False)
+    assert shared[0] == apart[0] == 4 * matrix.lora_params(6)
+    assert shared[1] == 4 * min(d1.d_in * d1.d_out, d1.lora_params(8))
+    assert apart[1] == 4 * min(d1.d_in * d1.d_out, d1.lora_params(12))
+    wide = [client(1, {q: 64}, {}), client(1, {q: 64}, {})]  # past the dense size
+    assert merged_downloads(wide, SMALL)[0] == 4 * matrix.d_in * matrix.d_out
+    assert shared[2] == 0
+
+
+def test_with_merged_downloads_a_plan_pays_for_what_its_blocks_download():
+    """Planning with a merging aggregator: each client's aggregation is its adapter up
+    plus the merged updates of its blocks down, costed from the plans themselves (planned
+    again until they repeat); a slow downlink then keeps a client's cut shallow."""
+    gains = _spectral(SMALL, 2)
+    memory = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
+                           WORK).total
+    devices = [DeviceProfile(name=f"d{i}", memory_bytes=memory, flops=1e9, uplink_bps=1e6,
+                             downlink_bps=down) for i, down in enumerate((1e6, 3e4))]
+    s = PlannerSettings(ranks=Q, server_rank=2, merged_download=True)
+    plan = plan_clients(devices, SERVER, SMALL, gains, WORK, s)
+    merged = merged_downloads(plan.clients, SMALL)
+    for c, dev in zip(plan.clients, devices, strict=True):
+        up = min(dev.uplink_bps, SERVER.downlink_bps)
+        down = min(SERVER.uplink_bps, dev.downlink_bps)
+        sent = sum(SMALL.locate(m)[1].lora_params(r) for m, r in c.ranks.items()) * 4
+        fetched = sum(merged[b] for b in range(c.cut))
+        assert fetched > sent > 0
+        assert c.aggregation_seconds == pytest.approx(sent / up + fetched / down, rel=1e-9)
+    assert plan.clients[1].cut <= plan.clients[0].cut
 
 
 def test_a_busy_server_pushes_clients_deeper():
