@@ -17,16 +17,19 @@ over every candidate of its gain at the top rank of Q.
 the progress per step of the client's whole training path (its own adapters and the
 server's adapters for it).
 
-**Objective.** For a round deadline R (seconds per round of I local steps and one
-aggregation), every client maximises U subject to its memory, ``I x step + adapter
-transfer <= R`` (the round waits for the slowest client; adapters travel up and down every
-aggregation, so their bytes cost link time) and ``I x server compute <= R / N`` (the main
-server serves all N clients one at a time: each gets an equal share of its time). The
-planner then picks, over a geometric grid of deadlines, the R with the most first-order
-progress per simulated second, ``sum_i p_i U_i(R) / R``; the plans' own round time
-``T = max(max_i round_i, I x sum_i server_i) <= R`` is what the plan reports, and
-``Plan.objective`` is ``sum_i p_i U_i / T``. ``PlannerSettings.round_time_s`` fixes R
-instead (``inf``: memory only).
+**Objective.** Rounds are synchronous, as the engine runs them: every local step waits
+for the slowest client, every aggregation for the slowest link. For a pair of deadlines,
+S per step and A per aggregation, every client maximises U subject to its memory,
+``step <= S`` (its compute and transfers, the server's work for it), ``N x server compute
+<= S`` (the server serves all N clients one at a time: each an equal share) and
+``aggregation <= A`` (its adapter up and, back down, its adapter's size or, with
+``merged_download``, the merged updates of its blocks: :func:`merged_downloads`, planned
+to a fixed point). The planner picks, over two geometric grids, the pair with the most
+first-order progress per simulated second, ``sum_i p_i U_i / (I S + A)``; the plans' round
+``T = max(I max_i step_i, I sum_i server_i) + max_i aggregation_i`` is what the plan
+reports, and ``Plan.objective`` is ``sum_i p_i U_i / T``. ``PlannerSettings.round_time_s``
+fixes one deadline R for each client's own ``I x step + aggregation`` instead (``inf``:
+memory only).
 
 **Algorithm.** For every cut k and first adapted block f (f = k: no adapters) the fixed
 cost is the frozen weights of k blocks plus the activations of blocks ``[f, k)`` with the
