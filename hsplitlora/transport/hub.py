@@ -56,7 +56,7 @@ from hsplitlora.train.placement import Attendance, PartyLost, Recipe
 from hsplitlora.train.prepared import Prepared
 from hsplitlora.transport import hsplitlora_pb2 as pb
 from hsplitlora.transport.calls import pack_call, pack_updates, read_scores, settings_to_json
-from hsplitlora.transport.codec import decode, encode, wire_layout
+from hsplitlora.transport.codec import encode
 from hsplitlora.transport.config import NetConfig
 from hsplitlora.transport.guard import guarded_step
 from hsplitlora.transport.hetero_fed import RemoteFedAggregation
@@ -66,6 +66,7 @@ from hsplitlora.transport.server import (
     GONE,
     Session,
     decode_tail,
+    decode_tail_grad,
     decode_upload,
     hello_problem,
     listen,
@@ -401,16 +402,9 @@ class RemoteClient:
         """A U-shaped client's probe gradient at ``L - tail``, checked like a step's."""
         blob = self._await("probe_tailgrad", what)
         try:
-            header = read_header(blob.data)
-            check_header(header, wire_layout("tailgrad", self.codec, like.dtype,
-                                             tuple(like.shape)), {}, what)
-            wire = unpack(blob.data)
-            check_finite(wire, what)
-            grad = decode(wire, "tailgrad", self.codec, like.dtype)
-            check_magnitude({"tailgrad": grad}, self.hub.bound, what)
+            return decode_tail_grad(blob.data, like, self.codec, self.hub.bound, what)[1]
         except WireError as e:
             raise self._lose(str(e), grpc.StatusCode.INVALID_ARGUMENT, strike=True) from None
-        return grad
 
     # -- (re)admission -------------------------------------------------------------------
     def _build(self) -> None:

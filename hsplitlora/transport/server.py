@@ -57,6 +57,7 @@ from hsplitlora.transport.validate import (
 )
 from hsplitlora.transport.wire import (
     Blob,
+    Header,
     Reassembler,
     WireError,
     frames,
@@ -90,14 +91,22 @@ def decode_tail(blob: Blob, round: int, returned: torch.Tensor, codec: str, boun
     (shaped as they were), with its loss and target tokens for the server's records."""
     if blob.kind != "tailgrad" or blob.round != round:
         raise WireError(f"{what}: got a {blob.kind!r} blob of round {blob.round} instead")
-    header = read_header(blob.data)
+    header, grad = decode_tail_grad(blob.data, returned, codec, bound, what)
+    return ServerReply(*loss_meta(header.meta, what), grad)
+
+
+def decode_tail_grad(data: bytes, returned: torch.Tensor, codec: str, bound: float,
+                     what: str) -> tuple[Header, torch.Tensor]:
+    """The gradient at a U-shaped client's tail (a step's or a probe's), checked: the
+    layout of ``returned`` (what it answers), finite, within the run's value bound."""
+    header = read_header(data)
     check_header(header, wire_layout("tailgrad", codec, returned.dtype,
                                      tuple(returned.shape)), {}, what)
-    wire = unpack(blob.data)
+    wire = unpack(data)
     check_finite(wire, what)
     grad = decode(wire, "tailgrad", codec, returned.dtype)
     check_magnitude({"tailgrad": grad}, bound, what)
-    return ServerReply(*loss_meta(header.meta, what), grad)
+    return header, grad
 
 
 class Session:
