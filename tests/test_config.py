@@ -117,3 +117,9 @@ def test_train_device_takes_cuda_n_and_a_missing_device_is_named(monkeypatch):
     with pytest.raises(UserError, match="no CUDA device is visible here"):
         resolve_device("cuda")
     assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_padding_past_max_length_is_refused():
+    with pytest.raises(ConfigError, match="pad_to_multiple_of 256 exceeds data.max_length 128"):
+        load_config(None, ["data.pad_to_multiple_of=256"])
+    assert load_config(None, ["data.pad_to_multiple_of=16"]).data.pad_to_multiple_of == 16

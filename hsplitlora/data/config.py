@@ -55,6 +55,10 @@ class DataConfig(Section):
         "name for e2e_hub); default: the E2E test set for e2e, none for jsonl")
     max_train_examples: int | None = Field(None, ge=1, description="subsample the training set")
     max_length: int = Field(128, ge=8, description="max tokens per example (prompt + target)")
+    pad_to_multiple_of: int = Field(
+        1, ge=1, description="round each batch's width up to a multiple of this (8 or 16 "
+        "bounds the kernels' per-shape caches on long or many-client runs; 1 = the longest "
+        "example's width, exactly as before)")
     partition: Literal["iid", "dirichlet"] = Field("iid", description="how shards are drawn")
     dirichlet_alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (non-IID)")
     label_key: str = Field("name", description="the example field that defines non-IID "
@@ -75,6 +79,14 @@ class DataConfig(Section):
             if dataset == "hf":
                 raw = {"train_files": [], **raw}
         return raw
+
+    @model_validator(mode="after")
+    def _padding_fits(self) -> DataConfig:
+        if self.pad_to_multiple_of > self.max_length:
+            raise ValueError(f"data.pad_to_multiple_of {self.pad_to_multiple_of} exceeds "
+                             f"data.max_length {self.max_length}: every batch would be padded "
+                             "past its longest allowed example; use 8 or 16")
+        return self
 
     @model_validator(mode="after")
     def _files_exist(self) -> DataConfig:

@@ -113,17 +113,26 @@ class TokenizedDataset(Dataset[dict[str, list[int]]]):
         return self.features[index]
 
 
-def collate(batch: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, Tensor]:
+def collate(batch: Sequence[Mapping[str, Sequence[int]]], pad_id: int,
+            multiple: int = 1) -> dict[str, Tensor]:
     """Right-pad a list of tokenised examples into ``input_ids``, ``attention_mask``, ``labels``.
 
     Right padding keeps every sequence's positions starting at 0, as in training without
     padding. Pads get IGNORE_INDEX labels and mask 0, so `pad_id` may be the EOS id for
     tokenizers without a pad token (see `pad_id_for`) without teaching EOS at pad positions.
     Use with a DataLoader as ``collate_fn=functools.partial(collate, pad_id=...)``.
+
+    ``multiple`` rounds the width up to a multiple of it (``data.pad_to_multiple_of``):
+    the CPU kernels cache per-shape state (oneDNN primitives and their buffers, about
+    13 MiB a width on SmolLM2), so a run that meets every width up to ``max_length``
+    holds a cache that bucketed widths keep to a few entries (docs/engine.md).
     """
     if not batch:
         raise ValueError("cannot collate an empty batch")
-    width = max(len(item["input_ids"]) for item in batch)
+    if multiple < 1:
+        raise ValueError(f"pad to a multiple of {multiple}: it must be at least 1")
+    longest = max(len(item["input_ids"]) for item in batch)
+    width = -(-longest // multiple) * multiple
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)

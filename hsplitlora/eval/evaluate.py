@@ -167,7 +167,8 @@ def evaluate_run(
     features = _perplexity_features(cfg, tokenizer) if with_perplexity else None
     if features is not None:
         loss, ppl = perplexity(model, features.features, pad_id=pad_id_for(tokenizer),
-                               batch_size=batch_size, precision=cfg.train.precision, device=dev)
+                               batch_size=batch_size, precision=cfg.train.precision, device=dev,
+                               multiple=cfg.data.pad_to_multiple_of)
 
     if loss is not None and not math.isfinite(loss):
         raise RunDirError(f"{run_dir}: the adapter gives a non-finite eval_loss ({loss}); "
@@ -185,7 +186,7 @@ def evaluate_run(
         if features is not None:
             baseline["eval_loss"], baseline["eval_ppl"] = perplexity(
                 base, features.features, pad_id=pad_id_for(tokenizer), batch_size=batch_size,
-                precision=cfg.train.precision, device=dev)
+                precision=cfg.train.precision, device=dev, multiple=cfg.data.pad_to_multiple_of)
         (run_dir / "untuned_predictions.txt").write_text("\n".join(base_predictions) + "\n",
                                                         encoding="utf-8")
 

@@ -23,11 +23,13 @@ def perplexity(
     batch_size: int = 8,
     precision: str = "bf16",
     device: torch.device | str = "cpu",
+    multiple: int = 1,
 ) -> tuple[float, float]:
     """Token-level mean loss on target tokens only, and its exponential.
 
     Every batch's mean is re-weighted by its number of target tokens, so the result does
-    not depend on the batch size or on how padding falls.
+    not depend on the batch size or on how padding falls (``multiple``: the training
+    batches' ``data.pad_to_multiple_of``, so evaluation meets the same widths).
     """
     device = torch.device(device)
     was_training = model.training
@@ -36,7 +38,8 @@ def perplexity(
     try:
         for i in range(0, len(features), batch_size):
             batch = {k: v.to(device) for k, v in
-                     collate(features[i : i + batch_size], pad_id=pad_id).items()}
+                     collate(features[i : i + batch_size], pad_id=pad_id,
+                             multiple=multiple).items()}
             with autocast(precision, device):
                 logits = model(input_ids=batch["input_ids"],
                                attention_mask=batch["attention_mask"], use_cache=False).logits

@@ -152,7 +152,8 @@ def shard_stream(p: Prepared, client_id: int) -> BatchStream:
     """
     t = p.cfg.train
     return batch_stream(p.shards[client_id].features, t.batch_size,
-                        party_seed(t.seed, client_id), pad_id_for(p.tokenizer))
+                        party_seed(t.seed, client_id), pad_id_for(p.tokenizer),
+                        p.cfg.data.pad_to_multiple_of)
 
 
 def probe_stream(p: Prepared, client_id: int) -> BatchStream:
@@ -160,7 +161,8 @@ def probe_stream(p: Prepared, client_id: int) -> BatchStream:
     training's so probing does not shift the training batches."""
     t = p.cfg.train
     return batch_stream(p.shards[client_id].features, t.batch_size,
-                        party_seed(t.seed, client_id) + 7919, pad_id_for(p.tokenizer))
+                        party_seed(t.seed, client_id) + 7919, pad_id_for(p.tokenizer),
+                        p.cfg.data.pad_to_multiple_of)
 
 
 def hetero_segments(base: nn.Module, cut: int, settings: LoraSettings, tail: int = 0
@@ -233,7 +235,7 @@ def learner_recipes(p: Prepared) -> list[LearnerRecipe]:
     if p.cfg.mode.schedule == "centralized":
         union = [f for shard in p.shards for f in shard.features]
         stream = batch_stream(union, t.batch_size, party_seed(t.seed, 0),
-                              pad_id_for(p.tokenizer))
+                              pad_id_for(p.tokenizer), p.cfg.data.pad_to_multiple_of)
         return [LearnerRecipe(model=p.model, batches=stream, num_samples=len(union),
                               optim=optim_settings(p.cfg, t.steps * t.num_clients), **common)]
     return [LearnerRecipe(model=share_frozen(p.model), batches=shard_stream(p, cid),

@@ -401,7 +401,7 @@ def _held_out(p: Prepared, state: dict[str, torch.Tensor] | None) -> tuple[float
         load_lora_state(p.model, state)
     return perplexity(p.model, p.eval_features.features, pad_id=pad_id_for(p.tokenizer),
                       batch_size=p.cfg.eval.batch_size, precision=p.cfg.train.precision,
-                      device=p.device)
+                      device=p.device, multiple=p.cfg.data.pad_to_multiple_of)
 
 
 def run_path(cfg: RunConfig) -> Path:

@@ -100,6 +100,20 @@ def test_collate_right_pads_with_masked_labels() -> None:
         collate([], pad_id=0)
 
 
+def test_collate_rounds_the_width_up_to_the_multiple() -> None:
+    batch = [{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]},
+             {"input_ids": [8], "labels": [8]}]
+    out = collate(batch, pad_id=2, multiple=4)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 2], [8, 2, 2, 2]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert out["labels"][:, 3].tolist() == [IGNORE_INDEX, IGNORE_INDEX]
+    # a width already on the multiple stays; 1 is the plain longest-example width
+    assert collate(batch, pad_id=2, multiple=3)["input_ids"].shape == (2, 3)
+    assert collate(batch, pad_id=2, multiple=1)["input_ids"].shape == (2, 3)
+    with pytest.raises(ValueError, match="at least 1"):
+        collate(batch, pad_id=2, multiple=0)
+
+
 def test_pad_id_falls_back_to_eos(
     tiny_tokenizer: PreTrainedTokenizerFast, tiny_tokenizer_with_pad: PreTrainedTokenizerFast
 ) -> None:
