@@ -58,7 +58,10 @@ def config(mode: str, clients: int, steps: int, model: str) -> Any:
 
 def party_bytes(result: Any, cfg: Any) -> int:
     """What the cost model says one participant owns beyond the shared base: its
-    adapters, their gradients and AdamW moments, client side and server side."""
+    adapters (rank ``RANK`` on q and v, as planned), their gradients and AdamW moments,
+    on the client side, and on the server side too where that is one copy per client (a
+    shared server side is one adapter for every client, counted in the 1-client run).
+    Not the run's exported adapter: noise-free aggregation stacks every client's ranks."""
     from hsplitlora.hetero.costmodel import (
         ModelDims,
         Workload,
@@ -67,13 +70,13 @@ def party_bytes(result: Any, cfg: Any) -> int:
     )
 
     dims = ModelDims.from_config(result.model.config)
-    ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0])
-             for k, v in result.adapter.items() if k.endswith(".lora_A.weight")}
+    ranks = {k.removesuffix(".lora_A.weight"): RANK
+             for k in result.adapter if k.endswith(".lora_A.weight")}
     work = Workload.for_precision("bf16", batch=BATCH, seq=96)
-    total = 0
-    for memory in (client_memory(dims, CUT, ranks, work), server_memory(dims, CUT, ranks, work)):
-        total += memory.lora_weights + memory.lora_grads + memory.optimizer
-    return total
+    owned = [client_memory(dims, CUT, ranks, work)]
+    if cfg.server_side == "per_participant":
+        owned.append(server_memory(dims, CUT, ranks, work))
+    return sum(m.lora_weights + m.lora_grads + m.optimizer for m in owned)
 
 
 def one(mode: str, clients: int, steps: int, model: str) -> dict[str, Any]:
