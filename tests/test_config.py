@@ -119,7 +119,9 @@ def test_train_device_takes_cuda_n_and_a_missing_device_is_named(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
 
 
-def test_padding_past_max_length_is_refused():
-    with pytest.raises(ConfigError, match="pad_to_multiple_of 256 exceeds data.max_length 128"):
-        load_config(None, ["data.pad_to_multiple_of=256"])
+def test_padding_that_could_pass_max_length_is_refused():
+    for bad in (256, 24):
+        with pytest.raises(ConfigError, match=f"pad_to_multiple_of {bad} does not divide "
+                                              "data.max_length 128"):
+            load_config(None, [f"data.pad_to_multiple_of={bad}"])
     assert load_config(None, ["data.pad_to_multiple_of=16"]).data.pad_to_multiple_of == 16

@@ -82,10 +82,13 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _padding_fits(self) -> DataConfig:
-        if self.pad_to_multiple_of > self.max_length:
-            raise ValueError(f"data.pad_to_multiple_of {self.pad_to_multiple_of} exceeds "
-                             f"data.max_length {self.max_length}: every batch would be padded "
-                             "past its longest allowed example; use 8 or 16")
+        # A padded width must stay within max_length: a served run's main server refuses
+        # batches wider than that (transport/validate.py).
+        if self.max_length % self.pad_to_multiple_of:
+            raise ValueError(f"data.pad_to_multiple_of {self.pad_to_multiple_of} does not "
+                             f"divide data.max_length {self.max_length}, so a padded batch "
+                             "could be wider than max_length; choose a divisor (8 or 16 for "
+                             "the default 128)")
         return self
 
     @model_validator(mode="after")
