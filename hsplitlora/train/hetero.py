@@ -195,7 +195,8 @@ class HeteroSystem:
                 optim=client_optim, precision=precision, compile=compile, settings=settings,
                 probes=None if probes is None else probes[cid], tail=tail_seg,
                 label_smoothing=label_smoothing), "client"))
-            segments[cid] = server_seg
+            if not shared_server:  # a shared side is built once below: keep no copy per client
+                segments[cid] = server_seg
         self.clients = clients
         if shared_server:
             segments = self._shared_segments()
