@@ -146,23 +146,23 @@ class HeteroServerRecipe:
                                         compile=self.compile)
 
 
-def shard_stream(p: Prepared, client_id: int) -> BatchStream:
-    """Client ``client_id``'s batches over its own shard, seeded per party.
-
-    """
-    t = p.cfg.train
-    return batch_stream(p.shards[client_id].features, t.batch_size,
-                        party_seed(t.seed, client_id), pad_id_for(p.tokenizer),
+def _stream(p: Prepared, features: Sequence[dict[str, list[int]]], seed: int) -> BatchStream:
+    """Batches of ``features`` as the run draws every stream: ``train.batch_size``, the
+    tokenizer's pad id, widths rounded to ``data.pad_to_multiple_of``."""
+    return batch_stream(features, p.cfg.train.batch_size, seed, pad_id_for(p.tokenizer),
                         p.cfg.data.pad_to_multiple_of)
+
+
+def shard_stream(p: Prepared, client_id: int) -> BatchStream:
+    """Client ``client_id``'s batches over its own shard, seeded per party."""
+    return _stream(p, p.shards[client_id].features, party_seed(p.cfg.train.seed, client_id))
 
 
 def probe_stream(p: Prepared, client_id: int) -> BatchStream:
     """Client ``client_id``'s importance-probe batches: its own shard, a seed apart from
     training's so probing does not shift the training batches."""
-    t = p.cfg.train
-    return batch_stream(p.shards[client_id].features, t.batch_size,
-                        party_seed(t.seed, client_id) + 7919, pad_id_for(p.tokenizer),
-                        p.cfg.data.pad_to_multiple_of)
+    return _stream(p, p.shards[client_id].features,
+                   party_seed(p.cfg.train.seed, client_id) + 7919)
 
 
 def hetero_segments(base: nn.Module, cut: int, settings: LoraSettings, tail: int = 0
@@ -234,8 +234,7 @@ def learner_recipes(p: Prepared) -> list[LearnerRecipe]:
     common = dict(precision=t.precision, label_smoothing=t.label_smoothing, compile=t.compile)
     if p.cfg.mode.schedule == "centralized":
         union = [f for shard in p.shards for f in shard.features]
-        stream = batch_stream(union, t.batch_size, party_seed(t.seed, 0),
-                              pad_id_for(p.tokenizer), p.cfg.data.pad_to_multiple_of)
+        stream = _stream(p, union, party_seed(t.seed, 0))
         return [LearnerRecipe(model=p.model, batches=stream, num_samples=len(union),
                               optim=optim_settings(p.cfg, t.steps * t.num_clients), **common)]
     return [LearnerRecipe(model=share_frozen(p.model), batches=shard_stream(p, cid),
