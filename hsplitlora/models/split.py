@@ -270,6 +270,30 @@ class ClientSegment(_Segment):
         )
 
 
+class _SwapIn:
+    """The forward pre-hook on a server segment's first block: replaces whatever the
+    backbone computed from ``inputs_embeds`` with the activations the client sent, which
+    already are that block's exact input.
+
+    It holds the activations itself, so the segment refers to it and not the other way
+    round: a bound method of the segment as the hook would close a segment -> block ->
+    hook -> segment cycle, and every discarded segment (its adapters included) would wait
+    for the cyclic collector, which runs rarely; a hundred clients building their server
+    halves then held a hundred sets of server-side adapters (docs/engine.md)."""
+
+    def __init__(self) -> None:
+        self.incoming: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if self.incoming is None:
+            return args, kwargs
+        if args:
+            return (self.incoming, *args[1:]), kwargs
+        key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+        return args, {**kwargs, key: self.incoming}
+
+
 class ServerSegment(_Segment):
     """Blocks ``[k, L)``, the final norm and the LM head: what the main server runs.
 
@@ -281,7 +305,7 @@ class ServerSegment(_Segment):
                  first_block: int, n_blocks: int, after_blocks: str | None = None) -> None:
         super().__init__(backbone, spec, first_block, n_blocks)
         self.lm_head = lm_head
-        self._incoming: torch.Tensor | None = None
+        self._swap_in = _SwapIn()
         self._passthrough = False
         if n_blocks:
             entry: nn.Module | None = self.blocks[0]
@@ -290,20 +314,6 @@ class ServerSegment(_Segment):
             self._passthrough = entry is None
         if entry is not None:
             entry.register_forward_pre_hook(self._swap_in, with_kwargs=True)
-
-    def _swap_in(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        # Replace whatever the backbone computed from inputs_embeds with the activations
-        # the client sent: they already are the exact input of this block.
-        if self._incoming is None:
-            return args, kwargs
-        if args:
-            args = (self._incoming, *args[1:])
-        else:
-            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-            kwargs = {**kwargs, key: self._incoming}
-        return args, kwargs
 
     def hidden(
         self,
@@ -315,7 +325,7 @@ class ServerSegment(_Segment):
         middle segment, the input of the first block after it."""
         if self._passthrough:  # cut L of a backbone with nothing after its blocks
             return activations
-        self._incoming = activations
+        self._swap_in.incoming = activations
         # hyper-connections: the activations are [b, s, streams, d] and the backbone takes
         # [b, s, d] embeddings (for the mask and rotary tables) before widening them
         embeds = activations[:, :, 0] if self.spec.streams > 1 else activations
@@ -331,7 +341,7 @@ class ServerSegment(_Segment):
         except _Reached as reached:  # a middle segment's stop
             return reached.hidden
         finally:
-            self._incoming = None
+            self._swap_in.incoming = None
         return out.last_hidden_state
 
     def forward(

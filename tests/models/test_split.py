@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import pytest
 import torch
 import transformers
@@ -112,6 +115,25 @@ def test_segments_hold_only_their_blocks_and_leave_the_model_alone():
     assert len(model.model.layers) == 4
     for n, p in model.state_dict().items():
         assert torch.equal(p, before[n])
+
+
+@pytest.mark.parametrize("tail", [0, 1])
+def test_a_dropped_segment_frees_its_adapters_at_once(tail):
+    """No segment sits in a reference cycle: a party that keeps one half of a split (a
+    client under a shared server side) frees the other half's adapters when it drops it,
+    not when the cyclic collector next runs (which, with a hundred clients, was after all
+    hundred had built theirs)."""
+    model = _lora_model("llama")
+    halves = split_u(model, 1, tail) if tail else split_model(model, 1)
+    views = [server_view(halves[1], 2)]
+    alive = [weakref.ref(p) for seg in (*halves, *views) for p in lora_parameters(seg)]
+    assert len(alive) > 0
+    gc.disable()
+    try:
+        del halves, views
+        assert [ref() for ref in alive] == [None] * len(alive)
+    finally:
+        gc.enable()
 
 
 def test_tied_embeddings_stay_tied_on_the_server():
