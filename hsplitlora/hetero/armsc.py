@@ -24,8 +24,12 @@ S per step and A per aggregation, every client maximises U subject to its memory
 <= S`` (the server serves all N clients one at a time: each an equal share) and
 ``aggregation <= A`` (its adapter up and, back down, its adapter's size or, with
 ``merged_download``, the merged updates of its blocks: :func:`merged_downloads`, planned
-to a fixed point). The planner picks, over two geometric grids, the pair with the most
-first-order progress per simulated second, ``sum_i p_i U_i / (I S + A)``; the plans' round
+to a fixed point from two starts, each client's own adapter coming back and no client
+adapters, every pass costed from its own merged updates and the fastest kept, or under a
+fixed deadline the most progress among those that meet it: one client's ranks raise every
+holder's download, which its own choice does not see). The planner picks, over two
+geometric grids, the pair with the most first-order progress per simulated second,
+``sum_i p_i U_i / (I S + A)``; the plans' round
 ``T = max(I max_i step_i, I sum_i server_i) + max_i aggregation_i`` is what the plan
 reports, and ``Plan.objective`` is ``sum_i p_i U_i / T``. ``PlannerSettings.round_time_s``
 fixes one deadline R for each client's own ``I x step + aggregation`` instead (``inf``:
@@ -81,6 +85,7 @@ from hsplitlora.hetero.costmodel import (
     ModelDims,
     Workload,
     activation_bytes,
+    adapter_bytes,
     block_flops,
     bytes_down,
     bytes_up,
@@ -458,11 +463,11 @@ def _downloads(t: _Table, rates: _Rates) -> np.ndarray:
 
 
 def _evaluate(t: _Table, profile: DeviceProfile, rates: _Rates, s: PlannerSettings,
-              n_clients: int, deadlines: np.ndarray) -> _Client:
+              n_clients: int, deadlines: np.ndarray, adapters: bool = True) -> _Client:
     interval = s.interval
     step0, server = _fixed(t, rates)
     mem_left = profile.memory_bytes - t.reserved
-    n_mem = (t.cum_bytes <= mem_left[:, None]).sum(axis=1)
+    n_mem = (t.cum_bytes <= mem_left[:, None]).sum(axis=1) * adapters
     if s.time_budget_s is None:
         n_step = np.full_like(n_mem, t.cum_gain.shape[1])
         step_ok = np.ones(len(step0), dtype=bool)
@@ -498,7 +503,8 @@ def _evaluate(t: _Table, profile: DeviceProfile, rates: _Rates, s: PlannerSettin
 
 
 def _evaluate_sync(t: _Table, profile: DeviceProfile, rates: _Rates, s: PlannerSettings,
-                   n_clients: int, steps: np.ndarray, aggs: np.ndarray) -> _Client:
+                   n_clients: int, steps: np.ndarray, aggs: np.ndarray,
+                   adapters: bool = True) -> _Client:
     """:func:`_evaluate` for synchronous rounds: at each pair ``(steps[p], aggs[p])`` the
     client's step (compute, its transfers, the server's share) must fit the step deadline
     and its aggregation (adapter up, what comes down) the aggregation deadline, since
@@ -508,7 +514,7 @@ def _evaluate_sync(t: _Table, profile: DeviceProfile, rates: _Rates, s: PlannerS
     step0, server = _fixed(t, rates)
     fetch = _downloads(t, rates)
     mem_left = profile.memory_bytes - t.reserved
-    n_mem = (t.cum_bytes <= mem_left[:, None]).sum(axis=1)
+    n_mem = (t.cum_bytes <= mem_left[:, None]).sum(axis=1) * adapters
     budget = np.inf if s.time_budget_s is None else s.time_budget_s
     flops = t.cum_flops * rates.flop  # [O, K], non-decreasing along K
     params = t.cum_params * rates.param
@@ -618,22 +624,60 @@ def plan_clients(
         np.asarray(shares, dtype=np.float64) / math.fsum(shares)
     norm = _normalised(dims, gains, s)
     t = _table(dims, norm, work, s, max_cut)
-    plan = _plan_all(profiles, server, dims, work, s, p, t, None)
     if not s.merged_download:
-        return plan
+        return _plan_all(profiles, server, dims, work, s, p, t, None)
     # Each client's download depends on everyone's ranks: plan, cost the merged updates
-    # those plans send, plan again, until the plans repeat (or after a few rounds).
-    seen = [_shape(plan)]
-    for _ in range(_MERGED_ITERATIONS):
-        plan = _plan_all(profiles, server, dims, work, s, p, t,
-                         merged_downloads(plan.clients, dims, s.shared_server))
-        if _shape(plan) in seen:
-            break
-        seen.append(_shape(plan))
-    return plan
+    # those plans send, plan again, until the plans repeat (or after a few rounds). A
+    # client's ranks raise every holder's download, which its own choice does not see, so
+    # the passes can settle where every client adapts a block that all of them then
+    # download densely; passes that start from no client adapters find the plans that
+    # avoid it. Every pass is costed as it would run (its own merged downloads), and the
+    # one that progresses fastest is the plan.
+    passes = []
+    for adapters in (True, False):
+        plan = _plan_all(profiles, server, dims, work, s, p, t, None, adapters)
+        seen = [_shape(plan)]
+        passes.append(plan)
+        for _ in range(_MERGED_ITERATIONS):
+            plan = _plan_all(profiles, server, dims, work, s, p, t,
+                             merged_downloads(plan.clients, dims, s.shared_server), adapters)
+            passes.append(plan)
+            if _shape(plan) in seen:
+                break
+            seen.append(_shape(plan))
+    costed = [_as_run(plan, server, dims, work, s, p) for plan in passes]
+    if s.round_time_s is None:
+        return max(costed, key=lambda c: c.objective)
+    # A fixed deadline: the most progress among the passes whose rounds, as run, meet it.
+    return max(costed, key=lambda c: (c.round_seconds <= s.round_time_s,
+                                      c.objective * c.round_seconds))
 
 
 _MERGED_ITERATIONS = 4
+
+
+def _as_run(plan: Plan, server: DeviceProfile, dims: ModelDims, work: Workload,
+            s: PlannerSettings, p: np.ndarray) -> Plan:
+    """``plan`` with its aggregations, rounds and objective costed from the merged updates
+    its own ranks send (a pass plans against the previous pass's)."""
+    merged = merged_downloads(plan.clients, dims, s.shared_server)
+    clients = []
+    for c in plan.clients:
+        up = min(c.profile.uplink_bps, server.downlink_bps)
+        down = min(server.uplink_bps, c.profile.downlink_bps)
+        fetched = sum(merged[b] for b in client_blocks(c.cut, s.tail, dims.n_layers)
+                      if b < dims.n_layers)
+        agg = adapter_bytes(dims, c.ranks, work) / up + fetched / down
+        clients.append(replace(c, aggregation_seconds=agg,
+                               round_seconds=s.interval * c.step_seconds + agg))
+    steps = s.interval * max(c.step_seconds for c in clients)
+    served = s.interval * sum(c.server_seconds for c in clients)
+    if s.round_time_s is None:  # synchronous rounds
+        rounds = max(steps, served) + max(c.aggregation_seconds for c in clients)
+    else:
+        rounds = max(max(c.round_seconds for c in clients), served)
+    progress = float(np.dot(p, [c.utility for c in clients]))
+    return replace(plan, clients=clients, round_seconds=rounds, objective=progress / rounds)
 
 
 def _shape(plan: Plan) -> tuple[tuple[int, tuple[tuple[str, int], ...]], ...]:
@@ -642,9 +686,10 @@ def _shape(plan: Plan) -> tuple[tuple[int, tuple[tuple[str, int], ...]], ...]:
 
 def _plan_all(profiles: Sequence[DeviceProfile], server: DeviceProfile, dims: ModelDims,
               work: Workload, s: PlannerSettings, p: np.ndarray, t: _Table,
-              merged: Sequence[float] | None) -> Plan:
+              merged: Sequence[float] | None, adapters: bool = True) -> Plan:
     """One pass of the planner over every client, with the merged downloads ``merged``
-    (per block; None: each client's own adapter comes back)."""
+    (per block; None: each client's own adapter comes back); without ``adapters`` every
+    client only chooses its cut."""
     clients = [(prof, _Rates.of(prof, server, dims, work, s.tail, merged))
                for prof in profiles]
     for i, (prof, rates) in enumerate(clients):
@@ -652,11 +697,11 @@ def _plan_all(profiles: Sequence[DeviceProfile], server: DeviceProfile, dims: Mo
     if s.round_time_s is None:  # synchronous rounds, the deadlines chosen
         steps, aggs = _pairs(t, clients, s)
         deadlines = s.interval * steps + aggs
-        per = [_evaluate_sync(t, prof, rates, s, len(profiles), steps, aggs)
+        per = [_evaluate_sync(t, prof, rates, s, len(profiles), steps, aggs, adapters)
                for prof, rates in clients]
     else:  # a fixed round deadline that every client's own round must meet
         deadlines = _deadlines(t, clients, s)
-        per = [_evaluate(t, prof, rates, s, len(profiles), deadlines)
+        per = [_evaluate(t, prof, rates, s, len(profiles), deadlines, adapters)
                for prof, rates in clients]
     utility = np.array([c.utility for c in per])  # [N, D]
     feasible = np.isfinite(utility).all(axis=0)

@@ -575,6 +575,43 @@ def test_with_merged_downloads_a_plan_pays_for_what_its_blocks_download():
     assert plan.clients[1].cut <= plan.clients[0].cut
 
 
+def test_merged_plans_are_costed_as_they_run_and_beat_adapting_nothing():
+    """Every client's ranks raise every holder's merged download, which no client's own
+    choice sees: 30 clients on slow downlinks could settle on each adapting block 0 and
+    all downloading its merged update densely. The plan returned is costed from its own
+    merged updates, and progresses at least as fast per second as the plan in which no
+    client adapts anything (computed here by hand)."""
+    gains = _spectral(SMALL, 3)
+    memory = client_memory(SMALL, 2, dict.fromkeys(SMALL.candidate_modules(range(2)), 8),
+                           WORK).total
+    devices = [DeviceProfile(name=f"d{i}", memory_bytes=memory, flops=1e10, uplink_bps=1e6,
+                             downlink_bps=2e4) for i in range(30)]
+    s = PlannerSettings(ranks=Q, server_rank=2, merged_download=True, shared_server=True)
+    plan = plan_clients(devices, SERVER, SMALL, gains, WORK, s)
+    merged = merged_downloads(plan.clients, SMALL, shared_server=True)
+    for c, dev in zip(plan.clients, devices, strict=True):
+        sent = sum(SMALL.locate(m)[1].lora_params(r) for m, r in c.ranks.items()) * 4
+        fetched = sum(merged[b] for b in range(c.cut))
+        assert c.aggregation_seconds == pytest.approx(
+            sent / dev.uplink_bps + fetched / dev.downlink_bps, rel=1e-9)
+    steps = [(c.round_seconds - c.aggregation_seconds) / s.interval for c in plan.clients]
+    rounds = (max(s.interval * max(steps), s.interval * sum(c.server_seconds
+                                                            for c in plan.clients))
+              + max(c.aggregation_seconds for c in plan.clients))
+    assert plan.round_seconds == pytest.approx(rounds, rel=1e-9)
+    assert plan.objective == pytest.approx(
+        sum(c.utility for c in plan.clients) / len(devices) / rounds, rel=1e-9)
+    # No client adapter, every client at cut 1: the server's rank-2 adapters on blocks
+    # 1 and 2 are the whole gain, nothing is merged into block 0, nothing travels.
+    server_ranks = dict.fromkeys(SMALL.candidate_modules(range(1, 3)), 2)
+    top = sum(g[Q[-1]] for g in gains.values())
+    utility = sum(gains[m][2] for m in server_ranks) / top
+    step = step_time(devices[0], SERVER, SMALL, 1, {}, server_ranks, WORK).total
+    served = server_flops(SMALL, 1, server_ranks, WORK).total / SERVER.flops
+    idle = utility / (s.interval * max(step, len(devices) * served))
+    assert plan.objective >= idle * (1 - 1e-9)
+
+
 def test_a_busy_server_pushes_clients_deeper():
     # Alone, a client leaves the blocks to the server; with many clients sharing it, the
     # server's equal share is too small for that, so each client takes more blocks.
