@@ -514,37 +514,39 @@ def _evaluate_sync(t: _Table, profile: DeviceProfile, rates: _Rates, s: PlannerS
     step0, server = _fixed(t, rates)
     fetch = _downloads(t, rates)
     mem_left = profile.memory_bytes - t.reserved
-    n_mem = (t.cum_bytes <= mem_left[:, None]).sum(axis=1) * adapters
+    n_mem = (t.cum_bytes <= mem_left[:, None]).sum(axis=1)
     budget = np.inf if s.time_budget_s is None else s.time_budget_s
     flops = t.cum_flops * rates.flop  # [O, K], non-decreasing along K
     params = t.cum_params * rates.param
-    n_options = len(step0)
-    n_step = np.empty((n_options, len(steps)), dtype=np.int64)
-    n_agg = np.empty((n_options, len(aggs)), dtype=np.int64)
-    for o in range(n_options):  # prefix counts that fit each deadline
-        n_step[o] = np.searchsorted(flops[o], np.minimum(steps, budget) - step0[o],
-                                    side="right")
-        n_agg[o] = np.searchsorted(params[o], aggs - fetch[o], side="right")
-    taken = np.minimum(np.minimum(n_step, n_agg), n_mem[:, None])  # [O, P]
-    last = np.maximum(taken - 1, 0)
-    some = taken > 0
-
-    def at(cum: np.ndarray) -> np.ndarray:
-        return np.where(some, np.take_along_axis(cum, last, axis=1), 0.0)
-
-    utility = t.served[:, None] + at(t.cum_gain)
-    step = step0[:, None] + at(t.cum_flops) * rates.flop
-    agg = at(t.cum_params) * rates.param + fetch[:, None]
+    taken = np.zeros((len(step0), len(steps)), dtype=np.int64)  # [O, P]
+    if adapters:
+        # The pairs are a grid: count the prefixes that fit each distinct deadline once.
+        step_at, step_of = np.unique(np.minimum(steps, budget), return_inverse=True)
+        agg_at, agg_of = np.unique(aggs, return_inverse=True)
+        for o in range(len(step0)):
+            n_step = np.searchsorted(flops[o], step_at - step0[o], side="right")[step_of]
+            n_agg = np.searchsorted(params[o], agg_at - fetch[o], side="right")[agg_of]
+            taken[o] = np.minimum(np.minimum(n_step, n_agg), n_mem[o])
     ok = ((mem_left >= 0) & (step0 <= budget))[:, None] \
         & (step0[:, None] <= steps[None, :]) & (fetch[:, None] <= aggs[None, :]) \
         & (n_clients * server[:, None] <= steps[None, :] * (1 + 1e-12))
-    utility = np.where(ok, utility, -np.inf)
+    rows = (np.arange(len(step0)) * (t.cum_gain.shape[1] + 1))[:, None]
+    gain = _after(t.cum_gain, taken + rows) if adapters else 0.0
+    utility = np.where(ok, t.served[:, None] + gain, -np.inf)
     top = utility.max(axis=0)
     option = np.argmax(utility >= top[None, :] - _TIE, axis=0)
-    cols = np.arange(len(steps))
-    return _Client(option, taken[option, cols], top,
-                   interval * step[option, cols] + agg[option, cols], server[option],
-                   step[option, cols], agg[option, cols])
+    chosen = taken[option, np.arange(len(steps))]
+    flat = chosen + rows[option, 0]
+    step = step0[option] + _after(t.cum_flops, flat) * rates.flop
+    agg = _after(t.cum_params, flat) * rates.param + fetch[option]
+    return _Client(option, chosen, top, interval * step + agg, server[option], step, agg)
+
+
+def _after(cum: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """Per-option prefix sums ``cum`` [O, K] read after ``n`` steps (0 for none), at flat
+    indices ``row * (K + 1) + n``: one take from the sums with a zero column in front,
+    far cheaper than ``take_along_axis`` over every option and deadline pair."""
+    return np.pad(cum, ((0, 0), (1, 0))).ravel().take(flat)
 
 
 def _pairs(t: _Table, clients: Sequence[tuple[DeviceProfile, _Rates]],
@@ -670,14 +672,22 @@ def _as_run(plan: Plan, server: DeviceProfile, dims: ModelDims, work: Workload,
         agg = adapter_bytes(dims, c.ranks, work) / up + fetched / down
         clients.append(replace(c, aggregation_seconds=agg,
                                round_seconds=s.interval * c.step_seconds + agg))
-    steps = s.interval * max(c.step_seconds for c in clients)
-    served = s.interval * sum(c.server_seconds for c in clients)
-    if s.round_time_s is None:  # synchronous rounds
-        rounds = max(steps, served) + max(c.aggregation_seconds for c in clients)
+    if s.round_time_s is None:
+        rounds = synchronous_round(clients, s.interval)
     else:
-        rounds = max(max(c.round_seconds for c in clients), served)
+        rounds = max(max(c.round_seconds for c in clients),
+                     s.interval * sum(c.server_seconds for c in clients))
     progress = float(np.dot(p, [c.utility for c in clients]))
     return replace(plan, clients=clients, round_seconds=rounds, objective=progress / rounds)
+
+
+def synchronous_round(clients: Sequence[ClientPlan], interval: int) -> float:
+    """The round the engine runs: ``interval`` steps that each wait for the slowest
+    client or for the server serving everyone, whichever is longer, then the aggregation
+    that waits for the slowest link."""
+    steps = interval * max(c.step_seconds for c in clients)
+    served = interval * sum(c.server_seconds for c in clients)
+    return max(steps, served) + max(c.aggregation_seconds for c in clients)
 
 
 def _shape(plan: Plan) -> tuple[tuple[int, tuple[tuple[str, int], ...]], ...]:
@@ -922,6 +932,6 @@ def format_plan_table(plan: Plan, dims: ModelDims) -> Table:
             f"({used / c.budget_bytes:.0%})",
             f"{c.step_seconds:.3g} s",
             f"{c.round_seconds:.3g} s",
-            f"{c.utility:.3f}",
+            "-" if math.isnan(c.utility) else f"{c.utility:.3f}",
         )
     return table

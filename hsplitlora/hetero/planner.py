@@ -34,6 +34,7 @@ from hsplitlora.hetero.armsc import (
     plan_clients,
     server_load,
     should_replan,
+    synchronous_round,
 )
 from hsplitlora.hetero.costmodel import (
     ModelDims,
@@ -333,9 +334,12 @@ class Planner:
             sent = adapter_bytes(self.dims, c.ranks, self.work)
             fetched = sent if merged is None else sum(
                 merged[b] for b in client_blocks(c.cut, tail, self.dims.n_layers))
-            out[i] = replace(c, round_seconds=self.settings.interval * c.step_seconds
-                             + sent / up + fetched / down)
-        return Plan(out, server=server_load(out, self.server, self.dims, self.work,
+            aggregation = sent / up + fetched / down
+            out[i] = replace(c, aggregation_seconds=aggregation,
+                             round_seconds=self.settings.interval * c.step_seconds
+                             + aggregation)
+        return Plan(out, round_seconds=synchronous_round(out, self.settings.interval),
+                    server=server_load(out, self.server, self.dims, self.work,
                                             self.settings.interval,
                                             shared=self.settings.shared_server, tail=tail))
 

@@ -239,6 +239,37 @@ output: {{dir: {tmp_path / 'runs'}}}
                for c in plan.clients)  # nothing merged, nothing extra
 
 
+def test_a_uniform_plan_reports_the_round_the_engine_runs(tmp_path):
+    """SplitLoRA's one cut and rank, described by the cost model: the round is the
+    synchronous one (I steps of the slowest client or of the server serving everyone,
+    then the slowest aggregation), not NaN, and a utility it never computed reads '-'."""
+    from hsplitlora.config import load_config
+    from hsplitlora.hetero.armsc import format_plan_table
+    from hsplitlora.plan import plan_run
+
+    shapes = tmp_path / "shapes"
+    tiny_model("llama").config.save_pretrained(shapes)
+    cfg = tmp_path / "plan.yaml"
+    cfg.write_text(f"""
+model: {{name: {shapes}}}
+data: {{max_length: 64}}
+train: {{mode: splitlora, num_clients: 3, cut: 2, batch_size: 2, agg_interval: 5}}
+hetero: {{scenario: {{kind: heterogeneous, memory_range: ["1.2 MiB", "3 MiB"], seed: 1}}}}
+""")
+    plan, dims = plan_run(load_config(cfg), meta=True)
+    assert {c.cut for c in plan.clients} == {2}
+    for c in plan.clients:
+        assert c.aggregation_seconds > 0
+        assert c.round_seconds == pytest.approx(5 * c.step_seconds + c.aggregation_seconds)
+    steps = 5 * max(c.step_seconds for c in plan.clients)
+    served = 5 * sum(c.server_seconds for c in plan.clients)
+    assert plan.round_seconds == pytest.approx(
+        max(steps, served) + max(c.aggregation_seconds for c in plan.clients), rel=1e-12)
+    table = format_plan_table(plan, dims)
+    assert f"Round {plan.round_seconds:.4g} s" in table.caption
+    assert list(table.columns[-1].cells) == ["-"] * 3
+
+
 def test_federated_baseline_trains_the_whole_model_on_each_client(tmp_path, tiny_tokenizer):
     from hsplitlora.hetero.armsc import PlanError
 
