@@ -75,6 +75,25 @@ def test_shipped_configs_validate():
         assert isinstance(load_config(path), RunConfig)
 
 
+def test_shipped_experiments_validate_and_share_the_headline_base():
+    """Every experiment file expands to valid run configs; the capacity check's runs
+    differ from the headline grid's SplitLoRA runs only in what their variants set."""
+    from hsplitlora.experiment import _flat, load_experiment
+    from tests.conftest import REPO
+
+    files = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+    experiments = {p.stem: load_experiment(p) for p in files
+                   if not p.stem.endswith("_base")}
+    assert {"hsplitlora_table", "hsplitlora_capacity", "splitlora_table"} <= set(experiments)
+    table = {r.name: r.config for r in experiments["hsplitlora_table"].runs}
+    for run in experiments["hsplitlora_capacity"].runs:
+        twin = table[run.name.replace(run.values["variant"], "splitlora")]
+        ours, theirs = (_flat(c.model_dump(mode="json")) for c in (run.config, twin))
+        changed = {k for k in ours if ours[k] != theirs[k]} - {"output.dir", "output.name"}
+        assert changed == ({"lora.targets"} if "cut1" not in run.name
+                           else {"lora.targets", "train.cut"}), run.name
+
+
 def test_a_shared_server_side_is_refused_where_it_cannot_run():
     base = {"train": {"mode": "hsplitlora"}, "hetero": {"server_side": "shared"}}
     assert RunConfig.model_validate(base).server_side == "shared"
