@@ -4,8 +4,9 @@ The 48-run table one folder up was planned before ARMSC's merged downloads ran f
 starts; that change re-plans only the variants whose plans ARMSC makes with a merging
 aggregator (hsplitlora, no_iwi). Their runs of the seeds in this folder were trained
 again, with the same configs, into this folder; every other variant's runs are the
-table's own, of the same seeds. This prints the comparison as markdown, means (± sample
-sd) over those seeds:
+table's own, of the same seeds, and the capacity check's (SplitLoRA adapting all seven
+matrices, ../capacity) where it has them. This prints the comparison as markdown, means
+(± sample sd) over those seeds:
 
     PYTHONPATH=. python docs/results/hsplitlora_table/current_planner/make_table.py
 """
@@ -17,13 +18,14 @@ import re
 from pathlib import Path
 
 from hsplitlora.experiment import loss_curve
-from hsplitlora.experiment_table import headline, mean_spread
+from hsplitlora.experiment_table import headline, mean_spread, time_to_loss
 
 HERE = Path(__file__).parent
 TABLE = HERE.parent
 REPLANNED = ("hsplitlora", "no_iwi")
 BASELINES = ("splitlora", "hetlora", "flexlora", "flora")
 VARIANTS = (*REPLANNED, "no_armsc", "no_naa", *BASELINES)
+CAPACITY = ("splitlora_all", "splitlora_all_cut1")
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 PERCENT = ("BLEU", "ROUGE_L")
 
@@ -79,12 +81,40 @@ def main() -> None:
                 print(_line(v, "current", _runs(HERE, v, seeds, part)))
             else:
                 print(_line(v, "unchanged", _runs(TABLE, v, seeds, part)))
+        capacity = [v for v in CAPACITY
+                    if all((r / "scores.json").is_file()
+                           for r in _runs(TABLE / "capacity", v, seeds, part))]
+        for v in capacity:
+            print(_line(v, "capacity check", _runs(TABLE / "capacity", v, seeds, part)))
         for planner, where in (("before", TABLE), ("current", HERE)):
             runs = {v: _curves(_runs(where, v, seeds, part)) for v in REPLANNED}
             runs |= {b: _curves(_runs(TABLE, b, seeds, part)) for b in BASELINES}
             verdict = headline(part, "hsplitlora", BASELINES, runs, 0.8)
             assert verdict is not None
             print(f"\n{planner} planner: " + verdict.line(0.8))
+        for v in capacity:
+            print(f"\n{v}: " + _race(_runs(HERE, "hsplitlora", seeds, part),
+                                     _runs(TABLE / "capacity", v, seeds, part), v))
+
+
+def _race(ours: list[Path], theirs: list[Path], name: str) -> str:
+    """Each side's simulated time to the other's final held-out loss, as a share of the
+    other's whole run, per seed (None: never reached)."""
+    out = []
+    for a, b in zip(ours, theirs, strict=True):
+        ca, cb = loss_curve(a), loss_curve(b)
+        assert ca is not None and cb is not None
+        t_ab, t_ba = time_to_loss(ca, cb.final), time_to_loss(cb, ca.final)
+
+        def share(t: float | None, whole: float, whose: str) -> str:
+            return ("never reaches it" if t is None
+                    else f"reaches it in {t / whole:.2f}x of {whose} simulated time")
+
+        theirs_s, ours_s = name + "'s", "hsplitlora's"
+        out.append(f"against {theirs_s} final eval loss {cb.final:.4f} hsplitlora "
+                   f"{share(t_ab, cb.seconds[-1], theirs_s)}; against {ours_s} "
+                   f"{ca.final:.4f} {name} {share(t_ba, ca.seconds[-1], ours_s)}")
+    return "; ".join(out) + "."
 
 
 if __name__ == "__main__":
