@@ -662,16 +662,8 @@ def _as_run(plan: Plan, server: DeviceProfile, dims: ModelDims, work: Workload,
             s: PlannerSettings, p: np.ndarray) -> Plan:
     """``plan`` with its aggregations, rounds and objective costed from the merged updates
     its own ranks send (a pass plans against the previous pass's)."""
-    merged = merged_downloads(plan.clients, dims, s.shared_server)
-    clients = []
-    for c in plan.clients:
-        up = min(c.profile.uplink_bps, server.downlink_bps)
-        down = min(server.uplink_bps, c.profile.downlink_bps)
-        fetched = sum(merged[b] for b in client_blocks(c.cut, s.tail, dims.n_layers)
-                      if b < dims.n_layers)
-        agg = adapter_bytes(dims, c.ranks, work) / up + fetched / down
-        clients.append(replace(c, aggregation_seconds=agg,
-                               round_seconds=s.interval * c.step_seconds + agg))
+    clients = with_aggregations(plan.clients, server, dims, work, s.interval, s.tail,
+                                merged_downloads(plan.clients, dims, s.shared_server))
     if s.round_time_s is None:
         rounds = synchronous_round(clients, s.interval)
     else:
@@ -679,6 +671,25 @@ def _as_run(plan: Plan, server: DeviceProfile, dims: ModelDims, work: Workload,
                      s.interval * sum(c.server_seconds for c in clients))
     progress = float(np.dot(p, [c.utility for c in clients]))
     return replace(plan, clients=clients, round_seconds=rounds, objective=progress / rounds)
+
+
+def with_aggregations(clients: Sequence[ClientPlan], server: DeviceProfile, dims: ModelDims,
+                      work: Workload, interval: int, tail: int,
+                      merged: Sequence[float] | None) -> list[ClientPlan]:
+    """``clients`` with each one's aggregation (its adapter up; back down its adapter, or
+    with ``merged`` per block the merged updates of the blocks it holds) and its own round
+    (``interval`` steps and that aggregation)."""
+    out = []
+    for c in clients:
+        up = min(c.profile.uplink_bps, server.downlink_bps)
+        down = min(server.uplink_bps, c.profile.downlink_bps)
+        sent = adapter_bytes(dims, c.ranks, work)
+        fetched = sent if merged is None else sum(
+            merged[b] for b in client_blocks(c.cut, tail, dims.n_layers))
+        aggregation = sent / up + fetched / down
+        out.append(replace(c, aggregation_seconds=aggregation,
+                           round_seconds=interval * c.step_seconds + aggregation))
+    return out
 
 
 def synchronous_round(clients: Sequence[ClientPlan], interval: int) -> float:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -35,11 +34,11 @@ from hsplitlora.hetero.armsc import (
     server_load,
     should_replan,
     synchronous_round,
+    with_aggregations,
 )
 from hsplitlora.hetero.costmodel import (
     ModelDims,
     Workload,
-    adapter_bytes,
     client_memory,
     server_flops,
     step_time,
@@ -328,16 +327,8 @@ class Planner:
                                   server_seconds=served / self.server.flops))
         merged = (merged_downloads(out, self.dims, self.settings.shared_server)
                   if self.settings.merged_download else None)
-        for i, c in enumerate(out):
-            up = min(c.profile.uplink_bps, self.server.downlink_bps)
-            down = min(self.server.uplink_bps, c.profile.downlink_bps)
-            sent = adapter_bytes(self.dims, c.ranks, self.work)
-            fetched = sent if merged is None else sum(
-                merged[b] for b in client_blocks(c.cut, tail, self.dims.n_layers))
-            aggregation = sent / up + fetched / down
-            out[i] = replace(c, aggregation_seconds=aggregation,
-                             round_seconds=self.settings.interval * c.step_seconds
-                             + aggregation)
+        out = with_aggregations(out, self.server, self.dims, self.work,
+                                self.settings.interval, tail, merged)
         return Plan(out, round_seconds=synchronous_round(out, self.settings.interval),
                     server=server_load(out, self.server, self.dims, self.work,
                                             self.settings.interval,
