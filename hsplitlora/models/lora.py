@@ -278,9 +278,15 @@ def adapter_shapes(shapes: Mapping[str, tuple[int, int]], settings: LoraSettings
     return out
 
 
-def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The trained LoRA parameters, in a stable order (a frozen factor is left out)."""
-    return [p for n, p in module.named_parameters() if ".lora_" in n and p.requires_grad]
+def lora_parameters(module: nn.Module, skip: Collection[str] = ()) -> list[nn.Parameter]:
+    """The trained LoRA parameters, in a stable order (a frozen factor is left out);
+    ``skip``: modules (unsplit names) whose adapters are left out too."""
+    if not skip:
+        return [p for n, p in module.named_parameters() if ".lora_" in n and p.requires_grad]
+    kept = {id(p) for m, layer in _lora_layers(module).items() if m not in skip
+            for p in layer.parameters()}
+    return [p for n, p in module.named_parameters()
+            if ".lora_" in n and p.requires_grad and id(p) in kept]
 
 
 def _named_lora(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -394,9 +400,12 @@ def save_peft_adapter(
     return out_dir
 
 
-def restart_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
+def restart_lora(module: nn.Module, settings: LoraSettings,
+                 keep: Collection[str] = ()) -> nn.Module:
     """Fresh adapters (A random, B zero) as :func:`attach_lora` with ``settings`` would
-    put on ``module``, whatever adapters it carries now.
+    put on ``module``, whatever adapters it carries now; the adapters of the modules in
+    ``keep`` (unsplit names) go on as they are, which needs the ranks ``settings`` asks
+    for to be those they have.
 
     When the adapters there already have the ranks, scales and dropout ``settings`` asks
     for (a restart after a merge, with an unchanged plan), they are re-drawn in place:
@@ -416,16 +425,21 @@ def restart_lora(module: nn.Module, settings: LoraSettings) -> nn.Module:
         and getattr(layer.lora_dropout[_ADAPTER], "p", 0.0) == settings.dropout
         for m, layer in layers.items()))
     if not same:
+        if set(keep) & set(layers):
+            raise ValueError("restart_lora: adapters to keep need the ranks, scales and "
+                             "dropout they have, and a seeded restart")
         strip_lora(module)
         return attach_lora(module, settings)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(settings.init_seed)
-        for layer in layers.values():  # in module order, as peft injects them
+        for m, layer in layers.items():  # in module order, as peft injects them
             a, b = layer.lora_A[_ADAPTER].weight, layer.lora_B[_ADAPTER].weight
             for shape in (a.shape, b.shape):  # the nn.Linear default inits peft discards
                 nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
             fresh = torch.empty(a.shape)
             nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+            if m in keep:  # drawn all the same: the others get what a fresh attach gives
+                continue
             a.copy_(fresh)
             b.zero_()
     return module

@@ -19,16 +19,17 @@ no-op, so every party of a process may apply the same aggregation.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["MergeState", "adopt_merges", "merge_into", "merge_state", "merge_states",
+__all__ = ["MergeState", "added", "adopt_merges", "merge_into", "merge_state", "merge_states",
            "merged_delta", "restore_original", "set_delta", "share_frozen", "shared_memo"]
 
 M = TypeVar("M", bound=nn.Module)
@@ -143,6 +144,29 @@ def set_delta(weight: torch.Tensor, delta: torch.Tensor, version: int) -> None:
     state.delta = delta.to(device=weight.device, dtype=torch.float32).clone()
     state.version = version
     _write(weight, state)
+
+
+@contextlib.contextmanager
+def added(weights: Mapping[str, torch.Tensor], deltas: Mapping[str, torch.Tensor]
+          ) -> Iterator[None]:
+    """For the duration, each weight named in ``deltas`` reads ``round(original + merged
+    + delta)`` (fp32 deltas in the weight's layout): a global model of which a part is
+    not merged (a shared server side's own blocks), for an evaluation. Afterwards every
+    weight holds bit for bit what it held, merge states untouched."""
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                w = weights[name]
+                saved[name] = w.detach().clone()
+                state = _STATES.get(w)
+                full = w.float() if state is None else state.original.float() + state.delta
+                w.copy_((full + delta.to(full)).to(w.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for name, old in saved.items():
+                weights[name].copy_(old)
 
 
 def restore_original(weights: Mapping[str, torch.Tensor]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -123,12 +123,14 @@ class MainServer:
                 opt.reset(lora_parameters(self._widest(cids)))
 
     def apply_update(self, updates: Mapping[str, Update],
-                     settings: Mapping[int, LoraSettings], version: int) -> None:
+                     settings: Mapping[int, LoraSettings], version: int,
+                     keep: Collection[str] = ()) -> None:
         """Merge aggregation ``version``'s update into the base weights the server-side
         participants share (once: they share them) and restart each participant's
         adapters at the ranks planned for its client (those in ``settings``: a
         non-merging aggregation restarts only the participants it aggregated, before
-        loading their new adapters)."""
+        loading their new adapters). ``keep``: modules whose adapters, and their AdamW
+        moments, go on as they are (a shared side's blocks that no client holds)."""
         for segment in self.segments.values():
             merge_base_update(segment, updates, version,
                               fan_in_fan_out=segment.spec.fan_in_fan_out)
@@ -136,8 +138,11 @@ class MainServer:
             restarted = [c for c in cids if c in settings]
             if restarted:
                 widest = self._widest(cids)
-                restart_lora(widest, settings[restarted[0]])
-                opt.reset(lora_parameters(widest))
+                restart_lora(widest, settings[restarted[0]], keep)
+                if keep:
+                    opt.forget(lora_parameters(widest, skip=keep))
+                else:
+                    opt.reset(lora_parameters(widest))
 
     def _segment(self, client_id: int) -> ServerSegment:
         try:

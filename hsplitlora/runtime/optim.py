@@ -9,7 +9,7 @@ centralized LoRA step for step.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +58,13 @@ class Optimizer:
                                               lambda step: self._factor(step + self._offset))
             if self.opt else None
         )
+
+    def forget(self, params: Collection[nn.Parameter]) -> None:
+        """Fresh AdamW moments for ``params`` only (adapters re-drawn in place while the
+        others train on with theirs); the schedule goes on."""
+        if self.opt is not None:
+            for p in params:
+                self.opt.state.pop(p, None)
 
     def _factor(self, step: int) -> float:
         s = self.settings

@@ -64,7 +64,7 @@ from hsplitlora.train.placement import InProcess, PartyLost, Placement
 from hsplitlora.train.recorder import Recorder
 
 __all__ = ["AGGREGATORS", "Contribution", "FedAggregation", "HeteroSystem",
-           "PartyPlan", "PerParticipant", "SelfPruning", "Traffic", "combine",
+           "PartyPlan", "PerParticipant", "SelfPruning", "Traffic", "Unmerged", "combine",
            "prune_states", "run_hetero"]
 
 log = logging.getLogger(__name__)
@@ -287,17 +287,67 @@ class HeteroSystem:
         """A shared server side as aggregation participants: its adapters split into the
         block ranges between consecutive cuts, each weighted by the shards of the clients
         ``ids`` whose server side reaches it. With a client's own adapters weighted by its
-        shard, every block's contributors then weigh the whole data exactly once."""
-        state = agg.from_peft_state_dict(self.server.adapter_state(
-            min(range(len(self.plans)), key=lambda c: self.plans[c].cut)), self.alpha)
+        shard, every block's contributors then weigh the whole data exactly once. The
+        blocks behind the deepest cut take no part (:meth:`server_held`)."""
+        state = self._shared_state()
         cuts = sorted({plan.cut for plan in self.plans})
         out = []
-        for lo, hi in zip(cuts, [*cuts[1:], self._stop], strict=True):
+        for lo, hi in zip(cuts, cuts[1:], strict=False):
             part = {m: pair for m, pair in state.items() if lo <= self.spec.block_of(m) < hi}
             weight = sum(self.clients[c].num_samples for c in ids if self.plans[c].cut <= lo)
             if part and weight:
                 out.append((part, weight))
         return out
+
+    def _shared_state(self) -> dict[str, agg.LoraPair]:
+        """The shared server side's adapters, every block of it."""
+        widest = min(range(len(self.plans)), key=lambda c: self.plans[c].cut)
+        return agg.from_peft_state_dict(self.server.adapter_state(widest), self.alpha)
+
+    def server_held(self) -> set[str]:
+        """Candidate modules only a shared server side trains: those of the blocks behind
+        every client's cut (and before a tail). Its one adapter there has learned from
+        every batch that reached it, so there is nothing to aggregate: aggregations leave
+        it as it is (not merged, not restarted, its AdamW moments kept), as SplitLoRA's
+        server adapter trains on (docs/hsplitlora.md, "Shared server side"). A re-plan
+        folds it into the base first (:meth:`replan`)."""
+        if not self.shared_server:
+            return set()
+        deepest = max(plan.cut for plan in self.plans)
+        return {m for m in self.candidates if deepest <= self.spec.block_of(m) < self._stop}
+
+    def _held_deltas(self) -> dict[str, torch.Tensor]:
+        """``scale * B A`` (fp32, ``[d_out, d_in]``) of each server-held adapter that has
+        learned something: the part of the global model not merged into the base."""
+        held = self.server_held()
+        if not held:
+            return {}
+        return {m: agg.delta(pair).float() for m, pair in self._shared_state().items()
+                if m in held and bool(pair.B.any())}
+
+    def unmerged(self) -> Unmerged | None:
+        """What an evaluation of the global model adds to the merged base (None:
+        nothing, the merged base is the global model)."""
+        deltas = self._held_deltas()
+        if not deltas:
+            return None
+        return Unmerged({m: d.T if self.spec.fan_in_fan_out else d for m, d in deltas.items()})
+
+    def _fold_held(self) -> None:
+        """Merge what the server-held adapters learned into the base, as one more merge
+        (replayed on resume like the others), so that a re-plan may restart them, hand
+        their blocks to a client or change their ranks without losing it."""
+        held = self.server_held()
+        state = {m: pair for m, pair in self._shared_state().items()
+                 if m in held and bool(pair.B.any())} if held else {}
+        if not state:
+            return
+        updates = combine("noisefree", [state], [1.0])
+        assert isinstance(updates, dict)
+        self.merges.append(updates)
+        merge_base_update(self.base, updates, self.version,
+                          fan_in_fan_out=self.spec.fan_in_fan_out)
+        self.server.apply_update(updates, self._server_settings(), self.version)
 
     def participant_states(self, ids: Collection[int] | None = None
                            ) -> list[dict[str, agg.LoraPair]]:
@@ -315,6 +365,7 @@ class HeteroSystem:
 
     def replan(self, plans: Sequence[PartyPlan]) -> None:
         """Adopt new plans; only valid right after a merging aggregation."""
+        self._fold_held()
         old = self.plans
         self.plans = list(plans)
         self.restarts += 1
@@ -368,7 +419,8 @@ class HeteroSystem:
             self.restarts += 1
             for cid, client in enumerate(self.clients):
                 client.apply_update(updates, self.settings(cid), self.version)
-            self.server.apply_update(updates, self._server_settings(), self.version)
+            self.server.apply_update(updates, self._server_settings(), self.version,
+                                     self.server_held())
             # Each client downloads the update of the blocks it holds (present or not: it
             # is brought up to date when it rejoins); the main server gets everything once
             # and applies it to all of its copies.
@@ -516,8 +568,9 @@ class HeteroSystem:
         """The global model's total update to each adapted base weight (dense, fp32).
 
         Merging methods: what has been merged into the base so far (after the final
-        aggregation the adapters are fresh, B = 0, and add nothing). Other methods: the
-        latest aggregation's global model, ``scale * B A`` of each matrix: FlexLoRA's exact
+        aggregation the other adapters are fresh, B = 0, and add nothing) plus the
+        server-held adapters (:meth:`server_held`). Other methods: the latest
+        aggregation's global model, ``scale * B A`` of each matrix: FlexLoRA's exact
         weighted update, HetLoRA's rank-``r_max`` global adapter.
         """
         if self.aggregator in MERGING:
@@ -526,8 +579,18 @@ class HeteroSystem:
                 delta = merged_delta(weight)
                 if delta is not None and delta.abs().max() > 0:
                     out[module] = delta.T if self.spec.fan_in_fan_out else delta.clone()
+            for module, delta in self._held_deltas().items():
+                out[module] = out[module] + delta if module in out else delta
             return out
         return {m: agg.delta(pair).float() for m, pair in self.global_model.items()}
+
+
+class Unmerged(NamedTuple):
+    """Updates that belong to the global model but are not merged into the base (fp32,
+    each weight's own layout): what an evaluation adds for its duration
+    (:func:`hsplitlora.models.shared.added`)."""
+
+    deltas: dict[str, torch.Tensor]
 
 
 class PerParticipant(NamedTuple):
@@ -648,7 +711,7 @@ def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
                       plans=[{"cut": p.cut, "ranks": dict(p.ranks)} for p in system.plans])
         if system.aggregator not in MERGING:
             return None
-        rec.global_model(t, lambda: None)  # the global model is the merged base itself
+        rec.global_model(t, system.unmerged)  # the merged base, and what is not merged
         if replan is not None and not last:
             plans = replan(t)
             if plans is not None:

@@ -29,7 +29,14 @@ from hsplitlora.data.partition import partition
 from hsplitlora.data.tokenize import TokenizedDataset, pad_id_for
 from hsplitlora.eval.generate import GenerationSettings, generate
 from hsplitlora.eval.perplexity import perplexity
-from hsplitlora.models.lora import LoraSettings, attach_lora, load_lora_state, save_peft_adapter
+from hsplitlora.models.lora import (
+    LoraSettings,
+    attach_lora,
+    base_weights,
+    load_lora_state,
+    save_peft_adapter,
+)
+from hsplitlora.models.shared import added
 from hsplitlora.models.split import arch_spec, num_blocks
 from hsplitlora.models.structure import client_blocks
 from hsplitlora.privacy.accountant import privacy_report
@@ -40,6 +47,7 @@ from hsplitlora.runtime.process import keep_freed_memory, set_threads
 from hsplitlora.train import engine
 from hsplitlora.train.attendance import present
 from hsplitlora.train.clock import simulate, simulated_parts
+from hsplitlora.train.hetero import Unmerged
 from hsplitlora.train.parties import (
     client_recipes,
     fed_server,
@@ -393,10 +401,15 @@ def _eval_rounds(cfg: RunConfig) -> int:
     return cfg.mode.eval_rounds(cfg.eval.every, t.agg_interval, t.num_clients)
 
 
-def _held_out(p: Prepared, state: dict[str, torch.Tensor] | None) -> tuple[float, float]:
+def _held_out(p: Prepared, state: dict[str, torch.Tensor] | Unmerged | None
+              ) -> tuple[float, float]:
     """Held-out loss and perplexity of the unsplit model, with ``state`` as its adapters
-    (None: the model as it is, e.g. a merged heterogeneous base)."""
+    (None: the model as it is, e.g. a merged heterogeneous base; :class:`Unmerged`: that
+    base with updates not merged into it added for the evaluation)."""
     assert p.eval_features is not None
+    if isinstance(state, Unmerged):
+        with added(base_weights(p.model, state.deltas), state.deltas):
+            return _held_out(p, None)
     if state is not None:
         load_lora_state(p.model, state)
     return perplexity(p.model, p.eval_features.features, pad_id=pad_id_for(p.tokenizer),

@@ -9,6 +9,7 @@ import torch
 
 from hsplitlora.models.lora import LoraSettings, attach_lora, base_weights, merge_base_update
 from hsplitlora.models.shared import (
+    added,
     adopt_merges,
     merge_into,
     merge_state,
@@ -86,6 +87,28 @@ def test_bf16_weights_keep_every_merged_update_exactly_beside_them():
     assert torch.equal(w, torch.ones(4, 4, dtype=torch.bfloat16)) and merge_state(w) is None
 
 
+def test_an_added_update_reads_as_merged_and_leaves_every_weight_as_it_was():
+    """For an evaluation of a global model partly not merged: inside, the weight is
+    round(original + merged + extra), exactly as merging it would make it; after, every
+    bit and the merge state are back."""
+    merged = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16), requires_grad=False)
+    plain = torch.nn.Parameter(torch.full((4, 4), 2.0, dtype=torch.bfloat16),
+                               requires_grad=False)
+    for v in range(1, 51):
+        merge_into(merged, torch.full((4, 4), 1e-4), v)  # 5e-3: kept, not yet stored
+    stored, extra = merged.detach().clone(), torch.full((4, 4), 6e-3)
+    twin = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16), requires_grad=False)
+    merge_into(twin, torch.full((4, 4), 5e-3), 1)
+    merge_into(twin, extra, 2)  # what merging the extra would store
+    with added({"merged": merged, "plain": plain}, {"merged": extra, "plain": extra}):
+        assert torch.equal(merged, twin)
+        assert torch.equal(plain, (torch.full((4, 4), 2.0) + extra).bfloat16())
+    assert torch.equal(merged, stored) and torch.equal(plain, torch.full((4, 4), 2.0).bfloat16())
+    assert merge_state(merged).version == 50 and merge_state(plain) is None
+    torch.testing.assert_close(merged_delta(merged), torch.full((4, 4), 5e-3), atol=1e-7,
+                               rtol=0)
+
+
 def test_merge_states_travel_with_a_copy_and_catching_up_is_exact():
     model = tiny_model("llama")
     name = "model.layers.1.mlp.up_proj"
@@ -136,6 +159,29 @@ def test_restarting_adapters_in_place_draws_what_a_fresh_attach_draws():
             assert torch.equal(got[k], want[k]), (arch, k)
         assert [p for n, p in model.named_parameters() if ".lora_" in n] == params  # in place
         assert all(torch.equal(v, torch.zeros_like(v)) for k, v in got.items() if "lora_B" in k)
+    # adapters to keep go on as they are; the others get what a fresh attach draws
+    first = LoraSettings(r=4, alpha=8, ranks=ranks, init_seed=11)
+    again = LoraSettings(r=4, alpha=8, ranks=ranks, init_seed=12)
+    model = attach_lora(tiny_model("llama"), first)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_" in n:
+                p.add_(0.5)
+    kept = {"model.layers.1.self_attn.v_proj", "model.layers.3.self_attn.q_proj"}
+    fresh_again = lora_state(attach_lora(strip_lora(attach_lora(tiny_model("llama"), first)),
+                                         again))
+    trained = lora_state(model)
+    restart_lora(model, again, keep=kept)
+    got = lora_state(model)
+    for k, v in got.items():
+        want = trained[k] if k.rsplit(".lora_", 1)[0] in kept else fresh_again[k]
+        assert torch.equal(v, want), k
+    from hsplitlora.models.lora import lora_parameters
+
+    skipped = lora_parameters(model, skip=kept)
+    assert len(skipped) == len(lora_parameters(model)) - 2 * len(kept)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert not any(any(m.replace("model.", "") in names[id(p)] for m in kept) for p in skipped)
     # a different plan is attached anew
     model = attach_lora(tiny_model("llama"), first)
     restart_lora(model, LoraSettings(r=3, alpha=8, init_seed=12))

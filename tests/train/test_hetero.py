@@ -260,10 +260,20 @@ def test_a_shared_server_side_is_one_adapter_trained_by_every_client_that_reache
         assert moved == (".layers.3." in n), n
 
 
+def _moments(system: HeteroSystem) -> dict[str, torch.Tensor]:
+    """The shared server side's AdamW first moments, by adapter parameter name."""
+    opt = system.server.optimizers[0].opt
+    return {n: opt.state[p]["exp_avg"].clone()
+            for n, p in system.server.segments[0].named_full_parameters()
+            if "lora" in n and p in opt.state}
+
+
 def test_with_a_shared_server_side_noisefree_merges_the_exact_sum_by_block():
     """Each block's update: the clients that hold it weighted by their shards, plus the
     shared server adapter weighted by the shards of the clients whose server side reaches
-    that block (so the weights add up to the whole data)."""
+    that block (so the weights add up to the whole data). Behind the deepest cut (block
+    3) only the shared adapter trains: nothing is merged there, and it trains on with its
+    values and AdamW moments, while every other adapter restarts."""
     system = _system(shared_server=True)
     _train_locally(system, 2)
     n = [c.num_samples for c in system.clients]
@@ -271,10 +281,18 @@ def test_with_a_shared_server_side_noisefree_merges_the_exact_sum_by_block():
     server = agg.from_peft_state_dict(system.server.adapter_state(0), system.alpha)
     clients = [agg.from_peft_state_dict(c.adapter_state(), system.alpha) for c in system.clients]
     before = {m: _copies(system, m)[0].clone() for m in system.candidates}
+    lora_before, moments_before = _lora(system.server.segments[0]), _moments(system)
+    held = system.server_held()
+    assert held == {m for m in system.candidates if ".layers.3." in m}
     system.aggregate()
     checked = 0
     for module in system.candidates:
         block = system.spec.block_of(module)
+        copies = _copies(system, module)
+        assert all(torch.equal(copies[0], c) for c in copies[1:]), module
+        if module in held:
+            assert torch.equal(copies[0], before[module]), module
+            continue
         parts = [(n[i], clients[i][module]) for i in range(3) if module in clients[i]]
         if module in server:
             parts.append((sum(n[i] for i in range(3) if cuts[i] <= block), server[module]))
@@ -282,14 +300,81 @@ def test_with_a_shared_server_side_noisefree_merges_the_exact_sum_by_block():
             continue
         total = sum(w for w, _ in parts)
         want = sum(w / total * agg.delta(pair) for w, pair in parts)
-        copies = _copies(system, module)
-        assert all(torch.equal(copies[0], c) for c in copies[1:]), module
         torch.testing.assert_close(copies[0], before[module] + want, atol=1e-6, rtol=1e-5)
         checked += 1
-    assert checked >= 4
-    # restarted: every adapter, the shared one included, adds nothing now
-    assert all(float(p.abs().max()) == 0 for n_, p in _lora(system.server.segments[0]).items()
-               if "lora_B" in n_)
+    assert checked >= 3
+    after, moments = _lora(system.server.segments[0]), _moments(system)
+    kept = {name for name in after if ".layers.3." in name}
+    assert kept and any(float(lora_before[k].abs().max()) > 0 for k in kept if "lora_B" in k)
+    for name, value in after.items():
+        if name in kept:  # the same adapter, and the same moments, as before
+            assert torch.equal(value, lora_before[name]), name
+            assert torch.equal(moments[name], moments_before[name]), name
+        else:  # restarted: adds nothing now, and its AdamW starts afresh
+            assert name not in moments, name
+            if "lora_B" in name:
+                assert float(value.abs().max()) == 0, name
+    # the global model: what was merged plus the held adapter, exactly
+    update = system.global_update()
+    held_module = "model.layers.3.mlp.down_proj"
+    assert torch.equal(update[held_module], agg.delta(server[held_module]).float())
+
+
+def test_the_evaluated_global_model_is_the_split_model_after_an_aggregation():
+    """Right after an aggregation every adapter but the server-held ones adds nothing,
+    so the unsplit base with :meth:`unmerged` added (what the run evaluates) computes
+    what the split parties compute."""
+    from hsplitlora.models.lora import base_weights
+    from hsplitlora.models.shared import added
+
+    system = _system(shared_server=True)
+    _train_locally(system, 2)
+    system.aggregate()
+    batch = next(batch_stream(_features(4, seed=9), 4, seed=0, pad_id=0))
+    client = system.clients[0]
+    hidden = client.segment(batch["input_ids"], batch["attention_mask"])
+    split = causal_lm_loss(system.server.segments[0](hidden, batch["attention_mask"]),
+                           batch["labels"])[0]
+    extra = system.unmerged()
+    assert extra is not None and set(extra.deltas) == {"model.layers.3.mlp.down_proj"}
+
+    def unsplit() -> torch.Tensor:
+        with torch.no_grad():
+            logits = system.base(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"]).logits
+        return causal_lm_loss(logits, batch["labels"])[0]
+
+    plain = unsplit()
+    with added(base_weights(system.base, extra.deltas), extra.deltas):
+        torch.testing.assert_close(unsplit(), split.detach(), atol=1e-5, rtol=1e-5)
+    assert abs(float(plain) - float(split)) > 1e-4  # the held adapter matters
+    assert torch.equal(unsplit(), plain)  # and the base is as it was
+
+
+def test_a_replan_folds_the_server_held_adapters_into_the_base_first():
+    """A re-plan restarts every adapter and may change the held blocks' ranks or hand
+    them to a client: what the shared adapter learned there is merged first (one more
+    merge, as exact as an aggregation's), so the global model loses nothing."""
+    system = _system(shared_server=True)
+    _train_locally(system, 2)
+    system.aggregate()
+    module = "model.layers.3.mlp.down_proj"
+    learned = agg.delta(agg.from_peft_state_dict(system.server.adapter_state(0),
+                                                 system.alpha)[module]).float()
+    base = _copies(system, module)[0].clone()
+    version = system.version
+    global_before = system.global_update()[module]
+    new = copy.deepcopy(PLANS)
+    new[0] = PartyPlan(1, {**PLANS[0].ranks, module: 8})  # a wider held adapter
+    system.replan(new)
+    assert system.version == version + 1
+    assert system.settings(0, "server").rank_of(module) == 8
+    copies = _copies(system, module)
+    assert all(torch.equal(copies[0], c) for c in copies[1:])
+    torch.testing.assert_close(copies[0], base + learned, atol=1e-6, rtol=1e-5)
+    assert float(agg.from_peft_state_dict(system.server.adapter_state(0), system.alpha)[
+        module].B.abs().max()) == 0
+    torch.testing.assert_close(system.global_update()[module], global_before)
 
 
 def test_a_shared_server_side_needs_a_merging_aggregator():
