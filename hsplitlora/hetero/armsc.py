@@ -60,6 +60,12 @@ FLOPs are part of every option's fixed cost, their matrices are the client's to 
 of the round counts its FLOPs, not the time it holds a client's step while the tail runs
 (the simulated clock does).
 
+**The server's rank** (``PlannerSettings.server_rank``): fixed, or (None) planned with
+the rest: every positive rank of Q is planned for as above and the plans that progress
+fastest kept, ties to the smaller rank. Its adapters are worth their gains on every block
+the server holds for a client and cost the server's memory and its share of each step; a
+rank whose adapters the server cannot hold is skipped.
+
 **Tie-breaking.** Options of equal U (to 1e-9) go to the shallower cut, then to the
 smaller memory reservation; deadlines of equal Phi to the shorter round.
 
@@ -138,7 +144,9 @@ class PlannerSettings:
     ranks: tuple[int, ...] = DEFAULT_RANKS  # Q: candidate ranks, 0 = no adapter
     min_cut: int = 1  # the client always runs at least this many blocks
     max_cut: int | None = None  # None: all but the last block
-    server_rank: int = 8  # rank of the server's adapters on blocks [cut, L); 0 = none
+    # rank of the server's adapters on blocks [cut, L); 0 = none; None = planned: the
+    # positive rank of Q whose plans progress fastest
+    server_rank: int | None = 8
     time_budget_s: float | None = None  # hard per-step latency limit; None = unlimited
     interval: int = 10  # I: local steps per aggregation (adapters travel once per I steps)
     round_time_s: float | None = None  # fixed round deadline R; None = chosen; inf = memory only
@@ -155,7 +163,7 @@ class PlannerSettings:
                 f"planner ranks must be increasing, start at 0 (no adapter) and hold at least "
                 f"one positive rank, e.g. {DEFAULT_RANKS}; got {self.ranks}"
             )
-        if self.server_rank < 0 or self.min_cut < 0:
+        if (self.server_rank is not None and self.server_rank < 0) or self.min_cut < 0:
             raise ValueError("server_rank and min_cut must be >= 0")
         if self.max_cut is not None and self.max_cut < self.min_cut:
             raise ValueError(f"max_cut {self.max_cut} is below min_cut {self.min_cut}")
@@ -171,7 +179,8 @@ class PlannerSettings:
     @property
     def gain_ranks(self) -> tuple[int, ...]:
         """The ranks a gain map must cover: Q and the server's rank."""
-        return tuple(sorted({*self.ranks, self.server_rank}))
+        return tuple(sorted({*self.ranks, *([] if self.server_rank is None
+                                            else [self.server_rank])}))
 
 
 @dataclass(frozen=True)
@@ -615,6 +624,8 @@ def plan_clients(
     s = settings or PlannerSettings()
     if not profiles:
         raise ValueError("plan_clients needs at least one client profile")
+    if s.server_rank is None:
+        return _plan_server_rank(profiles, server, dims, gains, work, s, shares)
     top = dims.n_layers - s.tail - 1 if s.tail else dims.n_layers  # a middle block stays
     max_cut = min(dims.n_layers - 1, top) if s.max_cut is None else s.max_cut
     if not 0 <= s.min_cut <= max_cut <= top:
@@ -647,12 +658,37 @@ def plan_clients(
             if _shape(plan) in seen:
                 break
             seen.append(_shape(plan))
-    costed = [_as_run(plan, server, dims, work, s, p) for plan in passes]
+    return _best([_as_run(plan, server, dims, work, s, p) for plan in passes], s)
+
+
+def _best(plans: Sequence[Plan], s: PlannerSettings) -> Plan:
+    """The plan that progresses fastest (the first of equals), or under a fixed deadline
+    the most progress among those whose rounds, as run, meet it."""
     if s.round_time_s is None:
-        return max(costed, key=lambda c: c.objective)
-    # A fixed deadline: the most progress among the passes whose rounds, as run, meet it.
-    return max(costed, key=lambda c: (c.round_seconds <= s.round_time_s,
-                                      c.objective * c.round_seconds))
+        return max(plans, key=lambda c: c.objective)
+    deadline = s.round_time_s
+    return max(plans, key=lambda c: (c.round_seconds <= deadline,
+                                     c.objective * c.round_seconds))
+
+
+def _plan_server_rank(profiles: Sequence[DeviceProfile], server: DeviceProfile,
+                      dims: ModelDims, gains: RankGains | None, work: Workload,
+                      s: PlannerSettings, shares: Sequence[float] | None) -> Plan:
+    """The server's rank planned too: every positive rank of Q is planned for and the
+    fastest-progressing plans kept (ties to the smaller rank). The server's adapters are
+    worth their gains on every block it holds and cost its memory (once when shared, per
+    client otherwise) and its share of every step; a rank the server cannot hold is
+    skipped, and when none fits, the smallest one's error is raised."""
+    plans, errors = [], []
+    for rank in (r for r in s.ranks if r > 0):
+        try:
+            plans.append(plan_clients(profiles, server, dims, gains, work,
+                                      replace(s, server_rank=rank), shares))
+        except PlanError as e:
+            errors.append(e)
+    if not plans:
+        raise errors[0]
+    return _best(plans, s)
 
 
 _MERGED_ITERATIONS = 4

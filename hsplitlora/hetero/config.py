@@ -42,7 +42,9 @@ class HeteroConfig(Section):
                                    "aggregation a client prunes a matrix's trailing ranks "
                                    "when their share of its update, ||B_tail A_tail|| / "
                                    "||B A||, is below this; 0 = never prune")
-    server_rank: int = Field(8, ge=0, description="rank of the server-side adapters")
+    server_rank: int | None = Field(8, ge=0, description="rank of the server-side adapters "
+                                    "(0 = none); null = planned by ARMSC: the rank of "
+                                    "rank_set whose plans progress fastest")
     server_side: Literal["shared", "per_participant"] | None = Field(
         None, description="the main server's adapters: per_participant = one copy per "
         "client from its cut (SFL-V1), shared = one adapter per block trained on every "

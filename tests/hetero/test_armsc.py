@@ -745,3 +745,34 @@ def test_the_weakest_rank_counts_a_u_shaped_clients_tail():
     assert uniform_rank(dims, device(need(4, tail)), cut, modules, ranks, work, tail) == 4
     with pytest.raises(PlanError, match="cannot hold cut 1 and a tail of 2 .* or train.tail"):
         uniform_rank(dims, device(need(8, 0)), cut, modules, ranks, work, tail)
+
+
+def test_a_planned_server_rank_is_the_fastest_one_that_the_server_can_hold():
+    """``server_rank=None``: every positive rank of Q is planned for and the plans that
+    progress fastest kept; a main server too small for the wide ones gets the widest it
+    holds; none at all is the smallest rank's error."""
+    profiles = [_device(FLOOR * 3, flops=1e11), _device(ROOMY, flops=4e11), _device(10 * ROOMY)]
+    gains = _importance(3)
+    auto = PlannerSettings(server_rank=None)
+    fixed = {r: plan_clients(profiles, SERVER, DIMS, gains, WORK, replace(auto, server_rank=r))
+             for r in (2, 4, 8, 16)}
+    planned = plan_clients(profiles, SERVER, DIMS, gains, WORK, auto)
+    best = max(fixed.values(), key=lambda p: p.objective)
+    assert planned.objective == best.objective
+    assert planned.objective >= max(p.objective for p in fixed.values())
+    chosen = {r for c in planned.clients for r in c.server_ranks.values()}
+    assert len(chosen) == 1
+    rank = chosen.pop()
+    assert fixed[rank].objective == best.objective
+    print(f"objective by server rank: {({r: round(p.objective, 4) for r, p in fixed.items()})}"
+          f", planned {rank}")
+    # a server that holds rank 4 for these clients but not rank 8
+    need = {r: fixed[r].server.memory_bytes for r in fixed}
+    assert need[4] < need[16]
+    small = SERVER.model_copy(update={"memory_bytes": need[4]})
+    limited = plan_clients(profiles, small, DIMS, gains, WORK, auto)
+    assert limited.server.memory_bytes <= need[4]
+    assert limited.objective == max(p.objective for r, p in fixed.items() if need[r] <= need[4])
+    tiny = SERVER.model_copy(update={"memory_bytes": need[2] // 2})
+    with pytest.raises(PlanError, match="main server"):
+        plan_clients(profiles, tiny, DIMS, gains, WORK, auto)

@@ -5,8 +5,10 @@ starts; that change re-plans only the variants whose plans ARMSC makes with a me
 aggregator (hsplitlora, no_iwi). Their runs of the seeds in this folder were trained
 again, with the same configs, into this folder; every other variant's runs are the
 table's own, of the same seeds, and the capacity check's (SplitLoRA adapting all seven
-matrices, ../capacity) where it has them. This prints the comparison as markdown, means
-(± sample sd) over those seeds:
+matrices, ../capacity) where it has them. Runs in ../server_held (hsplitlora, no_iwi,
+no_armsc), trained after the shared server side stopped aggregating the blocks behind
+every cut, are shown as "server held" where they exist. This prints the comparison as
+markdown, means (± sample sd) over those seeds:
 
     PYTHONPATH=. python docs/results/hsplitlora_table/current_planner/make_table.py
 """
@@ -22,6 +24,7 @@ from hsplitlora.experiment_table import headline, mean_spread, time_to_loss
 
 HERE = Path(__file__).parent
 TABLE = HERE.parent
+HELD = TABLE / "server_held"
 REPLANNED = ("hsplitlora", "no_iwi")
 BASELINES = ("splitlora", "hetlora", "flexlora", "flora")
 VARIANTS = (*REPLANNED, "no_armsc", "no_naa", *BASELINES)
@@ -60,6 +63,10 @@ def _line(label: str, planner: str, runs: list[Path]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _have(runs: list[Path]) -> bool:
+    return all((r / "scores.json").is_file() for r in runs)
+
+
 def _curves(runs: list[Path]) -> list[tuple[float, object]]:
     return [(json.loads((r / "summary.json").read_text())["eval_ppl"], loss_curve(r))
             for r in runs]
@@ -81,20 +88,24 @@ def main() -> None:
                 print(_line(v, "current", _runs(HERE, v, seeds, part)))
             else:
                 print(_line(v, "unchanged", _runs(TABLE, v, seeds, part)))
-        capacity = [v for v in CAPACITY
-                    if all((r / "scores.json").is_file()
-                           for r in _runs(TABLE / "capacity", v, seeds, part))]
+            if _have(_runs(HELD, v, seeds, part)):
+                print(_line(v, "server held", _runs(HELD, v, seeds, part)))
+        capacity = [v for v in CAPACITY if _have(_runs(TABLE / "capacity", v, seeds, part))]
         for v in capacity:
             print(_line(v, "capacity check", _runs(TABLE / "capacity", v, seeds, part)))
-        for planner, where in (("before", TABLE), ("current", HERE)):
+        held = _have(_runs(HELD, "hsplitlora", seeds, part))
+        for planner, where in (("before planner", TABLE), ("current planner", HERE),
+                               *([("server held", HELD)] if held else [])):
             runs = {v: _curves(_runs(where, v, seeds, part)) for v in REPLANNED}
             runs |= {b: _curves(_runs(TABLE, b, seeds, part)) for b in BASELINES}
             verdict = headline(part, "hsplitlora", BASELINES, runs, 0.8)
             assert verdict is not None
-            print(f"\n{planner} planner: " + verdict.line(0.8))
-        for v in capacity:
-            print(f"\n{v}: " + _race(_runs(HERE, "hsplitlora", seeds, part),
-                                     _runs(TABLE / "capacity", v, seeds, part), v))
+            print(f"\n{planner}: " + verdict.line(0.8))
+        for label, where in (("current", HERE), *([("server held", HELD)] if held else [])):
+            for v in capacity:
+                print(f"\n{v} against {label}: " + _race(
+                    _runs(where, "hsplitlora", seeds, part),
+                    _runs(TABLE / "capacity", v, seeds, part), v))
 
 
 def _race(ours: list[Path], theirs: list[Path], name: str) -> str:
