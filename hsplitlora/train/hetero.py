@@ -316,14 +316,18 @@ class HeteroSystem:
         deepest = max(plan.cut for plan in self.plans)
         return {m for m in self.candidates if deepest <= self.spec.block_of(m) < self._stop}
 
-    def _held_deltas(self) -> dict[str, torch.Tensor]:
-        """``scale * B A`` (fp32, ``[d_out, d_in]``) of each server-held adapter that has
-        learned something: the part of the global model not merged into the base."""
+    def _held_state(self) -> dict[str, agg.LoraPair]:
+        """The server-held adapters (:meth:`server_held`) that have learned something."""
         held = self.server_held()
         if not held:
             return {}
-        return {m: agg.delta(pair).float() for m, pair in self._shared_state().items()
+        return {m: pair for m, pair in self._shared_state().items()
                 if m in held and bool(pair.B.any())}
+
+    def _held_deltas(self) -> dict[str, torch.Tensor]:
+        """``scale * B A`` (fp32, ``[d_out, d_in]``) of each server-held adapter that has
+        learned something: the part of the global model not merged into the base."""
+        return {m: agg.delta(pair).float() for m, pair in self._held_state().items()}
 
     def unmerged(self) -> Unmerged | None:
         """What an evaluation of the global model adds to the merged base (None:
@@ -337,9 +341,7 @@ class HeteroSystem:
         """Merge what the server-held adapters learned into the base, as one more merge
         (replayed on resume like the others), so that a re-plan may restart them, hand
         their blocks to a client or change their ranks without losing it."""
-        held = self.server_held()
-        state = {m: pair for m, pair in self._shared_state().items()
-                 if m in held and bool(pair.B.any())} if held else {}
+        state = self._held_state()
         if not state:
             return
         updates = combine("noisefree", [state], [1.0])
