@@ -330,9 +330,10 @@ class HeteroSystem:
         return {m: agg.delta(pair).float() for m, pair in self._held_state().items()}
 
     def unmerged(self) -> Unmerged | None:
-        """What an evaluation of the global model adds to the merged base (None:
-        nothing, the merged base is the global model)."""
-        deltas = self._held_deltas()
+        """What an evaluation of the global model adds to the base (None: nothing, the
+        merged base is the global model): the server-held adapters of a merging method,
+        the whole global model of the others, whose base stays as it was."""
+        deltas = self._held_deltas() if self.aggregator in MERGING else self.global_update()
         if not deltas:
             return None
         return Unmerged({m: d.T if self.spec.fan_in_fan_out else d for m, d in deltas.items()})
@@ -711,9 +712,9 @@ def run_hetero(system: HeteroSystem, steps: int, interval: int, rec: Recorder,
         if system.plans != before:  # HetLoRA's self-pruning lowered some ranks
             rec.event("replan", round=t, reason="self-pruning",
                       plans=[{"cut": p.cut, "ranks": dict(p.ranks)} for p in system.plans])
+        rec.global_model(t, system.unmerged)  # the base, and what is not merged into it
         if system.aggregator not in MERGING:
             return None
-        rec.global_model(t, system.unmerged)  # the merged base, and what is not merged
         if replan is not None and not last:
             plans = replan(t)
             if plans is not None:

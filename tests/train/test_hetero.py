@@ -351,6 +351,49 @@ def test_the_evaluated_global_model_is_the_split_model_after_an_aggregation():
     assert torch.equal(unsplit(), plain)  # and the base is as it was
 
 
+@pytest.mark.parametrize("aggregator,shared", [("noisefree", True), ("zeropad", False),
+                                                ("svd", False)])
+def test_a_mid_run_evaluation_sees_the_model_the_run_exports(aggregator, shared):
+    """What the run evaluates after an aggregation (the base with :meth:`unmerged`
+    added) is the model it would export at that point: the pristine base with the
+    global update as a PEFT adapter. HetLoRA's and FlexLoRA's base stays pristine, so
+    there the whole global model is added (rank ``r_max``; the exact weighted update)."""
+    from hsplitlora.models.lora import (
+        LoraSettings,
+        attach_lora,
+        base_weights,
+        load_lora_state,
+        updates_as_adapter,
+    )
+    from hsplitlora.models.shared import added
+
+    system = _system(aggregator, shared_server=shared)
+    _train_locally(system, 2)
+    system.aggregate()
+    batch = next(batch_stream(_features(4, seed=9), 4, seed=0, pad_id=0))
+
+    def loss(model) -> float:
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
+        return float(causal_lm_loss(logits, batch["labels"])[0])
+
+    extra = system.unmerged()
+    assert extra is not None
+    with added(base_weights(system.base, extra.deltas), extra.deltas):
+        evaluated = loss(system.base)
+    state, alphas = updates_as_adapter(system.global_update())
+    ranks = {k.removesuffix(".lora_A.weight"): int(v.shape[0])
+             for k, v in state.items() if k.endswith(".lora_A.weight")}
+    pristine = tiny_model("llama")  # _system's base before any merge
+    attach_lora(pristine, LoraSettings(r=max(ranks.values()), alpha=8.0,
+                                       targets=system.spec.targets, ranks={
+        **{m: 0 for m in system.candidates}, **ranks}, alphas=alphas))
+    load_lora_state(pristine, state)
+    assert abs(evaluated - loss(tiny_model("llama"))) > 1e-4  # the adapters matter
+    assert evaluated == pytest.approx(loss(pristine), abs=1e-5)
+
+
 def test_a_replan_folds_the_server_held_adapters_into_the_base_first():
     """A re-plan restarts every adapter and may change the held blocks' ranks or hand
     them to a client: what the shared adapter learned there is merged first (one more
