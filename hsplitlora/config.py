@@ -22,7 +22,7 @@ from hsplitlora.errors import UserError
 from hsplitlora.eval.config import EvalConfig
 from hsplitlora.hetero.config import HeteroConfig
 from hsplitlora.models.config import LoraConfig, ModelConfig
-from hsplitlora.modes import MERGING, MODES, Mode, mode_of
+from hsplitlora.modes import MODES, SHARED_SIDE, Mode, mode_of
 from hsplitlora.privacy.config import PrivacyConfig, delta_problem
 from hsplitlora.section import Section
 from hsplitlora.train.config import OutputConfig, RayConfig, TrainConfig
@@ -73,13 +73,13 @@ class RunConfig(Section):
                              f"{self.train.mode!r}")
         if self.mode.planned:
             aggregator = self.mode.aggregator or self.hetero.aggregator
-            if self.server_side == "shared" and (aggregator not in MERGING
+            if self.server_side == "shared" and (aggregator not in SHARED_SIDE
                                                  or self.hetero.federated):
                 whose = ("hetero.server_side 'shared'" if self.hetero.server_side else
                          f"{self.train.mode}'s shared server side")
                 raise ValueError(
-                    f"{whose} needs a split run with a merging aggregator "
-                    f"({', '.join(sorted(MERGING))}), not {aggregator!r}"
+                    f"{whose} needs a split run with an aggregator it can take part in "
+                    f"({', '.join(sorted(SHARED_SIDE))}), not {aggregator!r}"
                     f"{' with hetero.federated' if self.hetero.federated else ''}; set "
                     "hetero.server_side: per_participant")
         elif self.hetero.server_side is not None:

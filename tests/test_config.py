@@ -102,13 +102,20 @@ def test_a_shared_server_side_is_refused_where_it_cannot_run():
     assert RunConfig.model_validate({"train": {"mode": "hetlora"}}).server_side == (
         "per_participant")
     assert RunConfig.model_validate({"train": {"mode": "splitlora"}}).server_side == "shared"
+    for aggregator in ("zeropad", "svd"):  # a shared side takes part in their aggregations
+        assert RunConfig.model_validate({"train": {"mode": "hsplitlora"}, "hetero": {
+            "aggregator": aggregator}}).server_side == "shared"
+    assert RunConfig.model_validate({"train": {"mode": "flexlora"}, "hetero": {
+        "server_side": "shared"}}).server_side == "shared"
     for raw, message in [
-        ({**base, "hetero": {"server_side": "shared", "aggregator": "zeropad"}},
-         r"'shared' needs a split run with a merging aggregator \(noisefree, stack\), not "
-         r"'zeropad'; set hetero.server_side: per_participant"),
-        ({"train": {"mode": "hsplitlora"}, "hetero": {"aggregator": "svd"}},
-         r"hsplitlora's shared server side needs a split run with a merging aggregator"),
-        ({"train": {"mode": "flexlora"}, "hetero": {"server_side": "shared"}}, r"not 'svd'"),
+        ({**base, "hetero": {"server_side": "shared", "aggregator": "fedavg"}},
+         r"'shared' needs a split run with an aggregator it can take part in \(noisefree, "
+         r"stack, svd, zeropad\), not 'fedavg'; set hetero.server_side: per_participant"),
+        ({"train": {"mode": "hsplitlora"}, "hetero": {"aggregator": "fedavg"}},
+         r"hsplitlora's shared server side needs a split run with an aggregator"),
+        ({"train": {"mode": "flexlora"}, "hetero": {"federated": True,
+                                                   "server_side": "shared"}},
+         r"not 'svd' with hetero.federated"),
         ({"train": {"mode": "splitfed"}, "hetero": {"server_side": "shared"}},
          r"applies to the planned modes, not 'splitfed', whose server side is per participant"),
     ]:

@@ -13,13 +13,18 @@ import importlib
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["MERGING", "MODES", "Mode", "mode_names", "mode_of"]
+__all__ = ["MERGING", "MODES", "SHARED_SIDE", "Mode", "mode_names", "mode_of"]
 
 Schedule = Literal["centralized", "relay", "parallel"]
 # The aggregators that merge each aggregation's exact update into the base and restart the
 # adapters (HSplitLoRA's noise-free aggregation, FLoRA's stacking); the others hand each
 # participant adapters back.
 MERGING = frozenset({"noisefree", "stack"})
+# The aggregators a shared server side can take part in: the merging ones, and those that
+# hand back a per-matrix truncation of a global model (HetLoRA's zero-padding, FlexLoRA's
+# SVD), which the shared side takes like any participant of the blocks it serves. Not
+# FedAvg: it averages factors of one rank, and a shared side holds the largest rank.
+SHARED_SIDE = MERGING | {"zeropad", "svd"}
 ServerSide = Literal["none", "shared", "per_participant"]
 
 

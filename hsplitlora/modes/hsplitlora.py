@@ -8,8 +8,9 @@ batch that reaches it, each client served from its own cut. The published descri
 leave this open; measured on ``configs/experiments/server_side.yaml`` (SmolLM2-135M, 4
 heterogeneous clients, 30 steps), held-out perplexity 4.17 shared against 4.95 with one
 server-side copy per client, at the same plans, bytes and simulated time
-(docs/hsplitlora.md). ``hetero.server_side: per_participant`` gives the other; a
-non-merging ``hetero.aggregator`` needs it."""
+(docs/hsplitlora.md). ``hetero.server_side: per_participant`` gives the other; the
+shared side also takes part in HetLoRA's and FlexLoRA's aggregations (``zeropad``,
+``svd``), so an aggregator ablation keeps it."""
 
 from hsplitlora.modes import Mode
 

@@ -53,7 +53,7 @@ from hsplitlora.models.lora import (
 from hsplitlora.models.shared import merged_delta, restore_original
 from hsplitlora.models.split import arch_spec, num_blocks, server_view
 from hsplitlora.models.structure import client_blocks
-from hsplitlora.modes import MERGING
+from hsplitlora.modes import MERGING, SHARED_SIDE
 from hsplitlora.roles.client import Update
 from hsplitlora.roles.messages import nbytes
 from hsplitlora.runtime.batches import BatchStream
@@ -131,11 +131,11 @@ class HeteroSystem:
     ) -> None:
         if aggregator not in AGGREGATORS:
             raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {AGGREGATORS}")
-        if shared_server and aggregator not in MERGING:
-            raise ValueError(f"a shared server side needs a merging aggregator "
-                             f"({', '.join(sorted(MERGING))}), not {aggregator!r}: only a "
-                             "merge folds its adapters, trained by several clients at once, "
-                             "into the base")
+        if shared_server and aggregator not in SHARED_SIDE:
+            raise ValueError(f"a shared server side needs an aggregator it can take part in "
+                             f"({', '.join(sorted(SHARED_SIDE))}), not {aggregator!r}: "
+                             "FedAvg averages factors of one rank, and a shared side holds "
+                             "the largest rank of every block it serves")
         if tail and federated:
             raise ValueError("a U-shaped split (train.tail) needs a main server between the "
                              "client's cut and its tail: hetero.federated runs no server")
@@ -218,11 +218,13 @@ class HeteroSystem:
         truncation, instead of from an A of its own. Every client uploads its fresh
         adapters and downloads its truncation: that traffic is returned."""
         states = self.participant_states()
-        for state in states:
+        shared = ([part for part, _ in self._server_ranges(range(len(self.plans)))]
+                  if self.shared_server else [])
+        for state in states + shared:
             for m, pair in state.items():
                 self.r_max[m] = max(self.r_max.get(m, 0), pair.rank)
         glob: dict[str, agg.LoraPair] = {}
-        for state in states:
+        for state in states + shared:
             for m, pair in state.items():
                 if m not in glob and pair.rank == self.r_max[m]:
                     glob[m] = agg.LoraPair(A=pair.A.clone(), B=torch.zeros_like(pair.B),
@@ -236,10 +238,24 @@ class HeteroSystem:
             flat = agg.to_peft_state_dict(out)
             own = {k: flat[k] for k in self.client_layout(cid)}
             self.clients[cid].load_adapter_state(own)
-            self.server.load_adapter_state({k: v for k, v in flat.items() if k not in own},
-                                           cid)
+            if not self.shared_server:
+                self.server.load_adapter_state(
+                    {k: v for k, v in flat.items() if k not in own}, cid)
             links.append([cid, _layout_bytes(self.client_layout(cid)), nbytes(own)])
+        if shared:
+            self._load_shared({m: agg.truncate(glob[m], pair.rank, pair.alpha, m)
+                               for part in shared for m, pair in part.items()})
         return Traffic(links, 0, 0)
+
+    def _load_shared(self, new: Mapping[str, agg.LoraPair]) -> None:
+        """Give a shared server side its aggregated adapters on the blocks ``new`` covers,
+        with fresh AdamW moments there (the one optimizer policy); the blocks it alone
+        holds (:meth:`server_held`) go on as they are."""
+        widest = min(range(len(self.plans)), key=lambda c: self.plans[c].cut)
+        state = {**self.server.adapter_state(widest), **agg.to_peft_state_dict(dict(new))}
+        self.server.apply_update({}, {widest: self._shared_settings()}, self.version,
+                                 self.server_held())
+        self.server.load_adapter_state(state, widest)
 
     def settings(self, cid: int, side: str = "client") -> LoraSettings:
         """Participant ``cid``'s adapters on one side (client or server), seeded by run,
@@ -431,7 +447,7 @@ class HeteroSystem:
                       _update_bytes(updates, self._client_modules(c.client_id))]
                      for c in self.clients]
             return Traffic(links, up - sum(uploads.values()), _update_bytes(updates, set(updates)))
-        outputs, glob = result
+        outputs, glob, shared = result
         self.global_model = self._padded(glob)
         links, server_down = [], 0
         restart, server_side = {}, {}
@@ -444,11 +460,16 @@ class HeteroSystem:
             # the one optimizer policy: fresh AdamW moments after every aggregation
             client.reset_adapters(self.settings(cid))
             client.load_adapter_state(own)
-            restart[cid] = self.settings(cid, "server")
-            server_side[cid] = {k: v for k, v in flat.items() if k not in own}
             links.append([cid, uploads[cid], nbytes(own)])
-            server_down += nbytes(flat) - nbytes(own)
-        self.server.apply_update({}, restart, self.version)  # fresh AdamW, as the clients
+            if not self.shared_server:
+                restart[cid] = self.settings(cid, "server")
+                server_side[cid] = {k: v for k, v in flat.items() if k not in own}
+                server_down += nbytes(flat) - nbytes(own)
+        if shared:  # the shared side's block ranges, one participant each
+            self._load_shared(shared)
+            server_down += nbytes(agg.to_peft_state_dict(shared))
+        if restart:
+            self.server.apply_update({}, restart, self.version)  # fresh AdamW, as the clients
         for cid, state in server_side.items():
             self.server.load_adapter_state(state, cid)
         return Traffic(links, up - sum(uploads.values()), server_down)
@@ -488,6 +509,7 @@ class HeteroSystem:
             for cid, state in zip(uploads, states, strict=True):
                 self._adopt_ranks(cid, state)
         weights = [c.num_samples for c in members if c.client_id in uploads]
+        n = len(states)
         if self.shared_server:
             for part, weight in self._server_ranges(list(uploads)):
                 states.append(part)
@@ -495,9 +517,10 @@ class HeteroSystem:
         up = sum(nbytes(agg.to_peft_state_dict(s)) for s in states)
         result = combine(self.aggregator, states, weights,
                          sparsity_weights=self.sparsity_weights)
-        if isinstance(result, PerParticipant):
-            result = PerParticipant(dict(zip(uploads, result.outputs, strict=True)),
-                                    result.glob)
+        if isinstance(result, PerParticipant):  # the shared side's ranges come after
+            outputs = list(result.outputs)
+            result = PerParticipant(dict(zip(uploads, outputs[:n], strict=True)), result.glob,
+                                    {m: p for part in outputs[n:] for m, p in part.items()})
         return list(uploads), result, up
 
     def client_layout(self, cid: int) -> dict[str, tuple[int, int]]:
@@ -574,7 +597,8 @@ class HeteroSystem:
         aggregation the other adapters are fresh, B = 0, and add nothing) plus the
         server-held adapters (:meth:`server_held`). Other methods: the latest
         aggregation's global model, ``scale * B A`` of each matrix: FlexLoRA's exact
-        weighted update, HetLoRA's rank-``r_max`` global adapter.
+        weighted update, HetLoRA's rank-``r_max`` global adapter (and a shared server
+        side's held adapters, in no aggregation).
         """
         if self.aggregator in MERGING:
             out = {}
@@ -585,7 +609,8 @@ class HeteroSystem:
             for module, delta in self._held_deltas().items():
                 out[module] = out[module] + delta if module in out else delta
             return out
-        return {m: agg.delta(pair).float() for m, pair in self.global_model.items()}
+        out = {m: agg.delta(pair).float() for m, pair in self.global_model.items()}
+        return {**out, **self._held_deltas()}  # the held blocks are in no global model
 
 
 class Unmerged(NamedTuple):
@@ -602,6 +627,7 @@ class PerParticipant(NamedTuple):
 
     outputs: Any  # list (in the states' order) or dict by participant id
     glob: dict[str, agg.LoraPair]
+    shared: dict[str, agg.LoraPair] = {}  # a shared server side's new adapters, if any
 
 
 def prune_states(states: Sequence[Mapping[str, agg.LoraPair]], pruning: SelfPruning

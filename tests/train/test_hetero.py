@@ -351,8 +351,51 @@ def test_the_evaluated_global_model_is_the_split_model_after_an_aggregation():
     assert torch.equal(unsplit(), plain)  # and the base is as it was
 
 
+@pytest.mark.parametrize("aggregator", ["zeropad", "svd"])
+def test_a_shared_server_side_takes_part_in_a_non_merging_aggregation_by_block(aggregator):
+    """With HetLoRA's zero-padding (or FlexLoRA's SVD) the shared server side is one more
+    participant of each block range it serves, weighted by the shards of the clients
+    whose server side reaches it, as under noise-free merging: it gets back its rank's
+    share of the global model and the clients theirs, with fresh AdamW moments; behind
+    the deepest cut its adapter and moments go on untouched. So the ablation "NAA
+    off" changes the aggregator only, not the server side."""
+    system = _system(aggregator, shared_server=True)
+    _train_locally(system, 2)
+    n = [c.num_samples for c in system.clients]
+    module = "model.layers.2.self_attn.v_proj"  # client 0's server side (rank 4), client 2
+    server = agg.from_peft_state_dict(system.server.adapter_state(0), system.alpha)
+    clients = [agg.from_peft_state_dict(c.adapter_state(), system.alpha) for c in system.clients]
+    assert server[module].rank == 4 and clients[2][module].rank == 1
+    states = [*clients, {module: server[module]}]
+    weights = [*n, n[0] + n[1]]  # the clients at cuts 1 and 2 reach block 2 on the server
+    want = (agg.zeropad(states, weights) if aggregator == "zeropad"
+            else agg.svd(states, weights)[0])
+    lora_before, moments_before = _lora(system.server.segments[0]), _moments(system)
+    system.aggregate()
+    got = agg.from_peft_state_dict(system.server.adapter_state(0), system.alpha)
+    for side, expected in [(got, want[3]), *[
+            (agg.from_peft_state_dict(c.adapter_state(), system.alpha), want[i])
+            for i, c in enumerate(system.clients)]]:
+        for m, pair in expected.items():
+            torch.testing.assert_close(side[m].A, pair.A, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(side[m].B, pair.B, atol=1e-6, rtol=1e-5)
+    assert float(got[module].B.abs().max()) > 0
+    after, moments = _lora(system.server.segments[0]), _moments(system)
+    for name, value in after.items():
+        if ".layers.3." in name:  # held: the same adapter and moments as before
+            assert torch.equal(value, lora_before[name]), name
+            assert torch.equal(moments[name], moments_before[name]), name
+        else:
+            assert name not in moments, name
+    # the global model: the method's, and the held adapter, which no aggregation covers
+    held_module = "model.layers.3.mlp.down_proj"
+    update = system.global_update()
+    assert torch.equal(update[held_module], agg.delta(server[held_module]).float())
+    assert module in update and module in system.global_model
+
+
 @pytest.mark.parametrize("aggregator,shared", [("noisefree", True), ("zeropad", False),
-                                                ("svd", False)])
+                                                ("svd", False), ("zeropad", True)])
 def test_a_mid_run_evaluation_sees_the_model_the_run_exports(aggregator, shared):
     """What the run evaluates after an aggregation (the base with :meth:`unmerged`
     added) is the model it would export at that point: the pristine base with the
@@ -420,9 +463,10 @@ def test_a_replan_folds_the_server_held_adapters_into_the_base_first():
     torch.testing.assert_close(system.global_update()[module], global_before)
 
 
-def test_a_shared_server_side_needs_a_merging_aggregator():
-    with pytest.raises(ValueError, match="a shared server side needs a merging aggregator"):
-        _system("svd", shared_server=True)
+def test_a_shared_server_side_refuses_an_aggregator_of_one_rank():
+    with pytest.raises(ValueError, match="a shared server side needs an aggregator it can "
+                                         "take part in .* not 'fedavg'"):
+        _system("fedavg", shared_server=True)
 
 
 def test_a_shared_server_side_follows_a_replan_to_new_cuts():
