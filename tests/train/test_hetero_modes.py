@@ -56,11 +56,13 @@ def _run(tmp_path, tok, mode, **hetero):
                  show_progress=False)
 
 
-def test_hsplitlora_plans_per_client_and_exports_a_peft_adapter(tmp_path, tiny_tokenizer):
-    result = _run(tmp_path, tiny_tokenizer, "hsplitlora")
+@pytest.mark.parametrize("aggregator", ["noisefree", "zeropad"])  # zeropad: NAA off
+def test_hsplitlora_plans_per_client_and_exports_a_peft_adapter(tmp_path, tiny_tokenizer,
+                                                                aggregator):
+    result = _run(tmp_path, tiny_tokenizer, "hsplitlora", aggregator=aggregator)
     plan = next(r for r in result.records if r.get("event") == "plan")["plans"]
     assert len(plan) == 3 and all(1 <= p["cut"] <= 3 for p in plan)
-    assert any(r.get("event") == "aggregate" and r["method"] == "noisefree"
+    assert any(r.get("event") == "aggregate" and r["method"] == aggregator
                for r in result.records)
     # the adapter folder, loaded by PEFT on the untouched base, is the run's final model
     # (that this equals the split model that trained: test_hetero.py's export test)
