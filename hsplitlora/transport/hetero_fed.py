@@ -177,7 +177,7 @@ class HeteroFedService:
         if self.aggregator in MERGING:
             tensors = pack_updates(result)  # type: ignore[arg-type]
         else:  # each participant's adapter, and the method's global model
-            outputs, glob = result  # type: ignore[misc]
+            outputs, glob = result.outputs, result.glob  # type: ignore[union-attr]
             tensors = {f"{i}/{k}": v for i, out in zip(ids, outputs, strict=True)
                        for k, v in agg.to_peft_state_dict(out).items()}
             tensors.update({f"{GLOBAL}/{k}": v for k, v in agg.to_peft_state_dict(glob).items()})
