@@ -251,7 +251,7 @@ class HeteroSystem:
         """Give a shared server side its aggregated adapters on the blocks ``new`` covers,
         with fresh AdamW moments there (the one optimizer policy); the blocks it alone
         holds (:meth:`server_held`) go on as they are."""
-        widest = min(range(len(self.plans)), key=lambda c: self.plans[c].cut)
+        widest = self._widest_client
         state = {**self.server.adapter_state(widest), **agg.to_peft_state_dict(dict(new))}
         self.server.apply_update({}, {widest: self._shared_settings()}, self.version,
                                  self.server_held())
@@ -317,8 +317,13 @@ class HeteroSystem:
 
     def _shared_state(self) -> dict[str, agg.LoraPair]:
         """The shared server side's adapters, every block of it."""
-        widest = min(range(len(self.plans)), key=lambda c: self.plans[c].cut)
-        return agg.from_peft_state_dict(self.server.adapter_state(widest), self.alpha)
+        return agg.from_peft_state_dict(self.server.adapter_state(self._widest_client),
+                                        self.alpha)
+
+    @property
+    def _widest_client(self) -> int:
+        """The client at the shallowest cut: its view of a shared server side is all of it."""
+        return min(range(len(self.plans)), key=lambda c: self.plans[c].cut)
 
     def server_held(self) -> set[str]:
         """Candidate modules only a shared server side trains: those of the blocks behind
